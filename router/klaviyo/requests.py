@@ -1,0 +1,34 @@
+"""The request record every stage after transform passes around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Klaviyo API revision the router targets (the saved OpenAPI document's).
+REVISION = "2026-07-15"
+
+#: What a request does, so the batcher knows which bulk endpoint can carry it.
+KINDS = ("profile", "event", "subscribe", "unsubscribe", "list_add", "list_remove", "bulk")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KlaviyoRequest:
+    """One call to Klaviyo's API: ``method`` + ``path`` (no host) + JSON ``body``."""
+
+    #: HTTP method, upper case.
+    method: str
+    #: Path under the base URL, e.g. ``/api/events``.
+    path: str
+    #: The JSON:API document to send.
+    body: dict[str, Any]
+    #: One of :data:`KINDS`; ``bulk`` for an already merged bulk job.
+    kind: str = "bulk"
+    #: Index of the input message this request came from (several for bulk requests).
+    sources: tuple[int, ...] = field(default=())
+    #: Resolved identity used for per-profile ordering (external id, anonymous id, email or phone).
+    ordering_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``{"method", "path", "body"}`` line the CLI prints."""
+        return {"method": self.method, "path": self.path, "body": self.body}
