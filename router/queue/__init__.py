@@ -1,0 +1,158 @@
+"""The durable job queue: one :class:`Queue` protocol, several backends.
+
+A job is one accepted event for one destination. States::
+
+    pending ──claim──▶ in_flight ──ack──▶ done      (kept for the retention window)
+       ▲                  │
+       └──retry(at)───────┤
+                          └──dead_letter──▶ dead  (kept until revived or purged)
+
+Backends: ``sqlite:///path`` (default), ``postgresql://...``, ``memory://``; :func:`open_queue`
+picks one from a URL.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewJob:
+    """An event to enqueue for one destination."""
+
+    #: Name of the source (write key owner) the event came from.
+    source: str
+    #: Name of the destination it goes to.
+    destination: str
+    #: The event's messageId (generated at ingest when absent); dedupe key with ``source``.
+    message_id: str
+    #: Resolved identity (userId, else anonymousId, else email/phone) for per-profile ordering.
+    ordering_key: str | None
+    #: The normalised message, orjson bytes.
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    """A stored job, as claimed or listed."""
+
+    #: Queue-assigned id, increasing in enqueue order.
+    id: int
+    source: str
+    destination: str
+    message_id: str
+    ordering_key: str | None
+    payload: bytes = field(repr=False)
+    state: JobState
+    #: Delivery attempts made so far.
+    attempts: int
+    #: Unix time before which the job is not claimed.
+    next_attempt_at: float
+    #: Unix time the lease of an in-flight job expires.
+    lease_expires_at: float | None
+    #: Why the last attempt failed, or why the job is dead.
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+    def message(self) -> dict[str, Any]:
+        """The event as a dict."""
+        result: dict[str, Any] = orjson.loads(self.payload)
+        return result
+
+    def log_context(self) -> dict[str, Any]:
+        """Fields to bind on log lines about this job (never the payload)."""
+        return {
+            "job_id": self.id,
+            "message_id": self.message_id,
+            "source": self.source,
+            "destination": self.destination,
+            "attempt": self.attempts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    #: Jobs newly stored.
+    inserted: int
+    #: Jobs skipped because ``(source, message_id)`` was seen inside the dedupe window.
+    duplicates: int
+
+
+class Queue(Protocol):
+    """What every backend implements. All writes are durable when the call returns."""
+
+    async def open(self) -> None:
+        """Connect and apply schema migrations."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release resources."""
+
+    async def ping(self) -> None:
+        """Raise if the store is unreachable (used by ``/ready``)."""
+
+    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+
+    async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
+        """Store jobs directly as dead letters (events rejected before queueing)."""
+
+    async def claim(
+        self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
+    ) -> list[Job]:
+        """Lease up to ``limit`` due pending jobs of a destination, oldest first.
+
+        A job is skipped while an earlier job with the same ordering key is pending or in flight,
+        unless that key has more than the hot-key threshold of jobs waiting. Jobs whose lease
+        expired count as pending.
+        """
+
+    async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+        """Mark in-flight jobs done."""
+
+    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
+        """Return a job to pending, due at ``at``, counting one attempt."""
+
+    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
+        """Move a job to the dead letters with its reason."""
+
+    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+        """Give back leased jobs without counting an attempt (shutdown)."""
+
+    async def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+
+    async def list_jobs(
+        self,
+        state: JobState,
+        *,
+        limit: int = 100,
+        after_id: int = 0,
+        reason_contains: str | None = None,
+        destination: str | None = None,
+    ) -> list[Job]:
+        """Jobs in a state, by id, for dead-letter listing and inspection."""
+
+    async def revive(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Dead → pending with attempts reset; returns how many were revived."""
+
+    async def purge(self, job_ids: Sequence[int] | None = None) -> int:
+        """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
+
+    async def counts(self, destination: str | None = None) -> dict[JobState, int]:
+        """Number of jobs per state."""
+
+    async def cleanup(self, *, now: float | None = None) -> int:
+        """Delete done jobs past retention and dedupe entries past the window; returns rows deleted."""
