@@ -65,6 +65,10 @@ class Destination:
     send_page_as_track: bool = False
     #: With ``send_page_as_track``, add the page properties to the event.
     additional_page_info: bool = False
+    #: What a phone number that cannot be made E.164 does: ``reject`` the event (default) or
+    #: ``drop`` the number and send the rest. RudderStack configs of the legacy API (no
+    #: ``apiVersion``, or ``v1``), which never checked phones, default to ``drop``.
+    invalid_phone: str = "reject"
     #: ISO 3166 region used to read national phone numbers (``US``, ``GB``); none: E.164 only.
     default_phone_region: str | None = None
     #: Folder of user mapping files that extend or override the built-in ones.
@@ -78,6 +82,8 @@ class Destination:
         """
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
+        if "privateApiKey" in config and config.get("apiVersion") in (None, "", "v1"):
+            values["invalid_phone"] = "drop"
         for key, value in config.items():
             if key in IGNORED_KEYS:
                 continue
@@ -108,6 +114,10 @@ def _coerce(name: str, value: Any, *, where: str) -> Any:
         if not (isinstance(value, str) and len(value) == 2 and value.isalpha()):
             raise ConfigError(f"{where}: expected a two-letter region code such as 'US'")
         return value.upper()
+    if name == "invalid_phone":
+        if value not in ("reject", "drop"):
+            raise ConfigError(f"{where}: expected 'reject' or 'drop'")
+        return value
     if name == "list_id":
         return None if value in (None, "") else str(value)
     if not isinstance(value, str):

@@ -5,6 +5,7 @@
     ├── MappingError           a mapping file is invalid: stop at start-up (file, pointer, reason)
     ├── BadEvent               an incoming message is malformed: reject at ingest (4xx), keep as dead letter
     ├── TransformError         a message cannot become a Klaviyo request: dead letter, replayable
+    ├── Skipped                a message has no Klaviyo equivalent (alias; page when off): recorded, not sent
     └── DeliveryError          Klaviyo or the network failed a request
         ├── Retryable          429, 408, 5xx, timeouts, connection errors: back off and retry
         ├── Permanent          400/404/409/413/422: dead letter with Klaviyo's detail
@@ -44,6 +45,10 @@ class TransformError(RouterError):
 
     #: HTTP-like status reported for the rejected input (400: the event is at fault).
     status = 400
+
+
+class Skipped(RouterError):
+    """The message has no Klaviyo equivalent and is recorded as skipped."""
 
 
 class DeliveryError(RouterError):

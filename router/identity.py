@@ -7,7 +7,11 @@ from typing import Any
 
 
 def _first_trait(message: Mapping[str, Any], key: str) -> Any:
-    for holder in (message.get("traits"), (message.get("context") or {}).get("traits"), message.get("properties")):
+    for holder in (
+        message.get("traits"),
+        (message.get("context") or {}).get("traits"),
+        message.get("properties"),
+    ):
         if isinstance(holder, Mapping):
             value = holder.get(key)
             if value not in (None, ""):

@@ -24,8 +24,11 @@ class KlaviyoRequest:
     body: dict[str, Any]
     #: One of :data:`KINDS`; ``bulk`` for an already merged bulk job.
     kind: str = "bulk"
-    #: Index of the input message this request came from (several for bulk requests).
+    #: Index of the input message(s) this request came from, in input order.
     sources: tuple[int, ...] = field(default=())
+    #: For bulk requests: the input indexes behind each item of the bulk ``data`` array, so a
+    #: failure Klaviyo names by ``source.pointer`` is traced to the messages it concerns.
+    item_sources: tuple[tuple[int, ...], ...] = field(default=())
     #: Resolved identity used for per-profile ordering (external id, anonymous id, email or phone).
     ordering_key: str | None = None
 

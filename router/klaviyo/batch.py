@@ -1,0 +1,235 @@
+"""Merge single-endpoint requests into Klaviyo's bulk jobs (pure).
+
+What delivery sends for many events at once:
+
+- profile upserts → ``/api/profile-bulk-import-jobs`` (≤ 10 000 profiles, ≤ 5 MB), or
+  ``/api/profile-import`` when only one is waiting;
+- events → ``/api/event-bulk-create-jobs`` (≤ 1000 events, ≤ 5 MB, events grouped under their
+  profile, no ``unique_id`` twice for one profile and metric), or ``/api/events`` for one;
+- subscriptions → one subscribe job per list (≤ 1000 profiles), unsubscribe jobs (≤ 100);
+- list membership without consent → bulk import jobs with the list relationship.
+
+Profile upserts come first, then events, then list jobs, so a list job never runs before the
+upsert of its profile. Items keep their input order inside every job; when one profile is
+subscribed and unsubscribed from the same list in one batch, the jobs keep that order too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from router.klaviyo.requests import KlaviyoRequest
+
+MAX_EVENTS: Final = 1000
+MAX_PROFILES: Final = 10_000
+MAX_SUBSCRIBE: Final = 1000
+MAX_UNSUBSCRIBE: Final = 100
+#: Klaviyo's 5 MB payload cap, with headroom for the envelope.
+MAX_BYTES: Final = 4_900_000
+
+
+@dataclass(slots=True)
+class _Item:
+    """One bulk item: its JSON, size, and the inputs behind it."""
+
+    data: dict[str, Any]
+    sources: list[int]
+    size: int
+    #: Number of countable units inside (events of a profile entry; 1 otherwise).
+    units: int = 1
+
+
+@dataclass(slots=True)
+class _Group:
+    items: list[_Item] = field(default_factory=list)
+
+
+def batch(requests: Iterable[KlaviyoRequest]) -> list[KlaviyoRequest]:
+    """Bulk requests for ``requests`` (single-endpoint ones, in input order)."""
+    profiles: list[KlaviyoRequest] = []
+    events: list[KlaviyoRequest] = []
+    lists: list[KlaviyoRequest] = []
+    for request in requests:
+        {"profile": profiles, "event": events}.get(request.kind, lists).append(request)
+    return [*_profile_jobs(profiles), *_event_jobs(events), *_list_jobs(lists)]
+
+
+# ---------------------------------------------------------------- chunking
+
+
+def _chunks(items: Sequence[_Item], max_units: int) -> Iterator[list[_Item]]:
+    chunk: list[_Item] = []
+    units = size = 0
+    for item in items:
+        if chunk and (units + item.units > max_units or size + item.size > MAX_BYTES):
+            yield chunk
+            chunk, units, size = [], 0, 0
+        chunk.append(item)
+        units += item.units
+        size += item.size
+    if chunk:
+        yield chunk
+
+
+def _bulk(
+    path: str, body: dict[str, Any], chunk: Sequence[_Item], ordering_key: str | None
+) -> KlaviyoRequest:
+    item_sources = tuple(tuple(item.sources) for item in chunk)
+    sources = tuple(sorted({s for item in chunk for s in item.sources}))
+    return KlaviyoRequest(
+        method="POST",
+        path=path,
+        body=body,
+        kind="bulk",
+        sources=sources,
+        item_sources=item_sources,
+        ordering_key=ordering_key,
+    )
+
+
+def _size(data: Any) -> int:
+    return len(orjson.dumps(data))
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def _profile_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
+    if len(requests) == 1:
+        yield requests[0]
+        return
+    items = [_Item(r.body["data"], list(r.sources), _size(r.body["data"])) for r in requests]
+    for chunk in _chunks(items, MAX_PROFILES):
+        body = {
+            "data": {
+                "type": "profile-bulk-import-job",
+                "attributes": {"profiles": {"data": [item.data for item in chunk]}},
+            }
+        }
+        yield _bulk("/api/profile-bulk-import-jobs", body, chunk, None)
+
+
+# ---------------------------------------------------------------- events
+
+
+def _event_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
+    if len(requests) == 1:
+        yield requests[0]
+        return
+    pending = list(requests)
+    while pending:
+        chunk, pending = _take_events(pending)
+        yield _event_job(chunk)
+
+
+def _take_events(requests: list[KlaviyoRequest]) -> tuple[list[KlaviyoRequest], list[KlaviyoRequest]]:
+    """Up to MAX_EVENTS events with no repeated (metric, unique_id), within the size cap.
+
+    A repeated key is left for the next job: Klaviyo fails a whole job that repeats one, and
+    would record only the first of them anyway.
+    """
+    taken: list[KlaviyoRequest] = []
+    rest: list[KlaviyoRequest] = []
+    seen: set[tuple[str, str]] = set()
+    size = 0
+    for request in requests:
+        attributes = request.body["data"]["attributes"]
+        # Stricter than Klaviyo (which keys on profile too) and much cheaper to compute.
+        key = (attributes["metric"]["data"]["attributes"]["name"], str(attributes.get("unique_id")))
+        event_size = _size(attributes)
+        if key in seen or len(taken) >= MAX_EVENTS or size + event_size > MAX_BYTES:
+            rest.append(request)
+            continue
+        if attributes.get("unique_id") is not None:
+            seen.add(key)
+        taken.append(request)
+        size += event_size
+    return taken, rest
+
+
+def _event_job(requests: Sequence[KlaviyoRequest]) -> KlaviyoRequest:
+    entries: dict[bytes, _Item] = {}
+    for request in requests:
+        attributes = request.body["data"]["attributes"]
+        profile = attributes["profile"]["data"]
+        key = orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = _Item(
+                {
+                    "type": "event-bulk-create",
+                    "attributes": {"profile": {"data": _bulk_profile(profile)}, "events": {"data": []}},
+                },
+                [],
+                0,
+            )
+        event = {k: v for k, v in attributes.items() if k != "profile"}
+        entry.data["attributes"]["events"]["data"].append({"type": "event", "attributes": event})
+        entry.sources.append(request.sources[0])
+    chunk = list(entries.values())
+    body = {
+        "data": {
+            "type": "event-bulk-create-job",
+            "attributes": {"events-bulk-create": {"data": [item.data for item in chunk]}},
+        }
+    }
+    return _bulk("/api/event-bulk-create-jobs", body, chunk, None)
+
+
+def _bulk_profile(profile: dict[str, Any]) -> dict[str, Any]:
+    """In bulk events, a profile's ``meta`` sits beside ``attributes``, not inside."""
+    attributes = profile.get("attributes", {})
+    if "meta" not in attributes:
+        return profile
+    inner = {k: v for k, v in attributes.items() if k != "meta"}
+    return {**profile, "attributes": inner, "meta": attributes["meta"]}
+
+
+# ---------------------------------------------------------------- lists and subscriptions
+
+_LIMITS: Final = {"subscribe": MAX_SUBSCRIBE, "unsubscribe": MAX_UNSUBSCRIBE, "list_add": MAX_PROFILES}
+
+
+def _list_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
+    """One job per (round, kind, list); a profile that flips operation on a list starts a new round."""
+    groups: dict[tuple[int, str, str], list[KlaviyoRequest]] = {}
+    last: dict[tuple[str, str], tuple[int, str]] = {}
+    for request in requests:
+        list_id = _list_id(request)
+        who = orjson.dumps(_profiles_of(request)[0].get("attributes", {}), option=orjson.OPT_SORT_KEYS)
+        previous = last.get((list_id, who.decode()))
+        round_ = previous[0] + (previous[1] != request.kind) if previous else 0
+        last[(list_id, who.decode())] = (round_, request.kind)
+        groups.setdefault((round_, request.kind, list_id), []).append(request)
+    for (_, kind, _list), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        yield from _list_job(kind, members)
+
+
+def _list_job(kind: str, requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
+    if len(requests) == 1:
+        yield requests[0]
+        return
+    template = requests[0].body["data"]
+    items = [_Item(p, list(r.sources), _size(p)) for r in requests for p in _profiles_of(r)]
+    for chunk in _chunks(items, _LIMITS[kind]):
+        data = {
+            **template,
+            "attributes": {**template["attributes"], "profiles": {"data": [i.data for i in chunk]}},
+        }
+        yield _bulk(requests[0].path, {"data": data}, chunk, None)
+
+
+def _profiles_of(request: KlaviyoRequest) -> list[dict[str, Any]]:
+    profiles: list[dict[str, Any]] = request.body["data"]["attributes"]["profiles"]["data"]
+    return profiles
+
+
+def _list_id(request: KlaviyoRequest) -> str:
+    relationships = request.body["data"]["relationships"]
+    if "list" in relationships:
+        return str(relationships["list"]["data"]["id"])
+    return str(relationships["lists"]["data"][0]["id"])

@@ -1,0 +1,586 @@
+"""Mapping files: load, check against ``mappings/schema.json``, compile into fast callables.
+
+A mapping file is data (see ``mappings/schema.json``): it names where each Klaviyo field comes from
+in a RudderStack/Segment message (ordered fallback paths), how the value is converted, and which
+remaining properties pass through. :func:`load_mappings` reads the built-in files, lets a user folder
+extend or override them (same file name replaces, new names add), validates everything, and compiles
+it once into a :class:`Mappings` whose fields are plain callables. Any problem raises
+:class:`MappingError` naming the file, the JSON pointer and what is wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import jsonschema
+import orjson
+import phonenumbers
+
+from router.errors import MappingError, TransformError
+
+#: The built-in mappings and the schema, shipped inside the package.
+BUILTIN_DIR: Final = Path(__file__).resolve().parent / "builtin_mappings"
+SCHEMA_PATH: Final = BUILTIN_DIR / "schema.json"
+KLAVIYO_DIR: Final = BUILTIN_DIR / "klaviyo"
+
+
+class _Missing:
+    """Marker for 'no value found' (``None`` is a value a message may carry)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+Path_ = tuple[str, ...]
+Converter = Callable[[Any, str, "Context"], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Destination settings a converter may need."""
+
+    default_phone_region: str | None = None
+    #: Drop a phone that cannot be made E.164 instead of rejecting the message.
+    drop_invalid_phone: bool = False
+
+
+# ---------------------------------------------------------------- value converters (directive registry)
+
+
+def _as_any(value: Any, where: str, ctx: Context) -> Any:
+    return value
+
+
+def _as_string(value: Any, where: str, ctx: Context) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise TransformError(f"{where}: expected text, got {_kind(value)}")
+
+
+def _as_float(value: Any, where: str, ctx: Context) -> float:
+    if isinstance(value, bool):
+        raise TransformError(f"{where}: expected a number, got {_kind(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TransformError(f"{where}: expected a number, got {_show(value)}") from None
+    if not math.isfinite(number):
+        raise TransformError(f"{where}: expected a finite number, got {_show(value)}")
+    return number
+
+
+def _as_integer(value: Any, where: str, ctx: Context) -> int:
+    number = _as_float(value, where, ctx)
+    if not number.is_integer():
+        raise TransformError(f"{where}: expected a whole number, got {_show(value)}")
+    return int(number)
+
+
+def _as_round4(value: Any, where: str, ctx: Context) -> float:
+    return round(_as_float(value, where, ctx), 4)
+
+
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+def _as_boolean(value: Any, where: str, ctx: Context) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise TransformError(f"{where}: expected true or false, got {_show(value)}")
+
+
+def _as_iso8601(value: Any, where: str, ctx: Context) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value / 1000 if value > 1e11 else value
+        return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, str):
+        return _iso_text(value, where)
+    raise TransformError(f"{where}: expected an ISO 8601 time, got {_kind(value)}")
+
+
+@functools.lru_cache(maxsize=65536)
+def _iso_text(value: str, where: str) -> str:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise TransformError(f"{where}: {value!r} is not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    return value
+
+
+_PHONE_NOISE: Final = re.compile(r"[^\d+]")
+
+
+def _as_e164(value: Any, where: str, ctx: Context) -> Any:
+    try:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise TransformError(f"{where}: Phone number is not in E.164 format ({_kind(value)})")
+        return e164(str(value), ctx.default_phone_region, where)
+    except TransformError:
+        if ctx.drop_invalid_phone:
+            return MISSING
+        raise
+
+
+@functools.lru_cache(maxsize=65536)
+def e164(raw: str, region: str | None, where: str = "phone") -> str:
+    """Normalise a phone number to strict E.164 (``+12 345 578 900`` → ``+12345578900``).
+
+    A national number (no ``+``) is read in ``region`` when one is given. Anything that does
+    not come out as the same digits in E.164 raises :class:`TransformError`.
+    """
+    stripped = _PHONE_NOISE.sub("", raw)
+    error = TransformError(f"{where}: Phone number is not in E.164 format ({raw!r})")
+    if not stripped or "+" in stripped[1:]:
+        raise error
+    if not stripped.startswith("+") and region is None:
+        raise TransformError(
+            f"{where}: Phone number is not in E.164 format ({raw!r}); "
+            "set default_phone_region to accept national numbers"
+        )
+    try:
+        parsed = phonenumbers.parse(stripped, None if stripped.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        raise error from None
+    formatted: str = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if stripped.startswith("+"):
+        if formatted != stripped:
+            raise error
+    elif not phonenumbers.is_possible_number(parsed):
+        raise error
+    return formatted
+
+
+def _as_array(value: Any, where: str, ctx: Context) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    raise TransformError(f"{where}: expected a list, got {_kind(value)}")
+
+
+def _as_object(value: Any, where: str, ctx: Context) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    raise TransformError(f"{where}: expected an object, got {_kind(value)}")
+
+
+#: Every ``type`` a field may name; an unknown one is refused by the schema and here.
+CONVERTERS: Final[Mapping[str, Converter]] = {
+    "any": _as_any,
+    "string": _as_string,
+    "float": _as_float,
+    "integer": _as_integer,
+    "boolean": _as_boolean,
+    "iso8601": _as_iso8601,
+    "e164": _as_e164,
+    "round4": _as_round4,
+    "array": _as_array,
+    "object": _as_object,
+}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _show(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------- compiled fields
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value != ""
+
+
+def _getter(path: Path_) -> Callable[[Mapping[str, Any]], Any]:
+    """A fast lookup of one dotted path (unrolled for the common depths)."""
+    if len(path) == 1:
+        (a,) = path
+        return lambda m: m.get(a, MISSING)
+    if len(path) == 2:
+        a, b = path
+
+        def two(m: Mapping[str, Any]) -> Any:
+            x = m.get(a)
+            return x.get(b, MISSING) if isinstance(x, dict) else MISSING
+
+        return two
+
+    def deep(m: Mapping[str, Any]) -> Any:
+        x: Any = m
+        for key in path:
+            if not isinstance(x, dict):
+                return MISSING
+            x = x.get(key, MISSING)
+        return x
+
+    return deep
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One compiled field: ordered source paths, a converter, default, required text."""
+
+    #: Where the value goes, split on dots.
+    target: Path_
+    #: Source paths in fallback order (empty for a literal).
+    sources: tuple[Path_, ...]
+    getters: tuple[Callable[[Mapping[str, Any]], Any], ...]
+    convert: Converter
+    literal: Any
+    default: Any
+    required: str | None
+    each: tuple[Field, ...] | None
+
+    def resolve(self, message: Mapping[str, Any], ctx: Context) -> Any:
+        """The converted value, or :data:`MISSING`; raises :class:`TransformError` if required."""
+        if self.literal is not MISSING:
+            return self.literal
+        for path, get in zip(self.sources, self.getters, strict=True):
+            value = get(message)
+            if value is not MISSING and _present(value):
+                return self._convert(value, ".".join(path), ctx)
+        if self.default is not MISSING:
+            return self.default
+        if self.required is not None:
+            raise TransformError(self.required)
+        return MISSING
+
+    def _convert(self, value: Any, where: str, ctx: Context) -> Any:
+        value = self.convert(value, where, ctx)
+        if self.each is None or value is MISSING:
+            return value
+        items = value if isinstance(value, list) else [value]
+        mapped = [_map_item(self.each, item, f"{where}[{i}]", ctx) for i, item in enumerate(items)]
+        return [item for item in mapped if item]
+
+
+def _map_item(fields: tuple[Field, ...], item: Any, where: str, ctx: Context) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise TransformError(f"{where}: expected an object, got {_kind(item)}")
+    out: dict[str, Any] = {}
+    for field in fields:
+        try:
+            value = field.resolve(item, ctx)
+        except TransformError as exc:
+            raise TransformError(f"{where}.{exc.message}") from None
+        if value is not MISSING:
+            put(out, field.target, value)
+    return out
+
+
+def put(target: dict[str, Any], path: Path_, value: Any) -> None:
+    """Set ``value`` at a nested ``path`` of ``target``, creating objects on the way."""
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def apply_fields(fields: Iterable[Field], message: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
+    """Resolve every field into a new nested dict."""
+    out: dict[str, Any] = {}
+    for field in fields:
+        value = field.resolve(message, ctx)
+        if value is not MISSING:
+            put(out, field.target, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rest:
+    """Pass-through of the keys of one or more objects, later objects winning."""
+
+    sources: tuple[Path_, ...]
+    getters: tuple[Callable[[Mapping[str, Any]], Any], ...]
+    #: Keys never copied: the file's ``exclude`` plus keys that a field of the same mapping reads.
+    exclude: frozenset[str]
+
+    def collect(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        exclude = self.exclude
+        for get in self.getters:
+            holder = get(message)
+            if isinstance(holder, dict):
+                for key, value in holder.items():
+                    if key not in exclude:
+                        out[key] = value
+        return out
+
+
+# ---------------------------------------------------------------- compiled mappings
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileMapping:
+    file: str
+    fields: tuple[Field, ...]
+    properties: Rest | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventMapping:
+    file: str
+    types: frozenset[str]
+    #: Normalised event names matched, or empty for the type's fallback mapping.
+    events: frozenset[str]
+    metric: Field
+    #: value, value_currency, time, unique_id — those present in the file.
+    attributes: tuple[Field, ...]
+    properties: tuple[Field, ...]
+    rest: Rest | None
+    rest_when: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionMapping:
+    file: str
+    types: frozenset[str]
+    list_id: Field
+    use_default_list: bool
+    subscribe: Field
+    consent: Field | None
+    sms_consent: Field | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mappings:
+    """Every compiled mapping, indexed for the transform."""
+
+    profile: ProfileMapping
+    #: (type, normalised event name) → mapping for named events.
+    named_events: Mapping[tuple[str, str], EventMapping]
+    #: type → fallback event mapping.
+    fallback_events: Mapping[str, EventMapping]
+    #: type → subscription mapping.
+    subscriptions: Mapping[str, SubscriptionMapping]
+    #: file name → source path, for ``check-mappings`` output.
+    files: Mapping[str, Path]
+
+    def event_for(self, msg_type: str, name: str | None) -> EventMapping | None:
+        """The mapping for an event: a named one first, else the type's fallback."""
+        if name is not None:
+            found = self.named_events.get((msg_type, normalise_event_name(name)))
+            if found is not None:
+                return found
+        return self.fallback_events.get(msg_type)
+
+
+def normalise_event_name(name: str) -> str:
+    """Event names match ignoring case and extra spaces: ``' Product  Added'`` → ``'product added'``."""
+    return " ".join(name.split()).lower()
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = orjson.loads(SCHEMA_PATH.read_bytes())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
+
+
+def _pointer(parts: Iterable[Any]) -> str:
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def validate_document(document: Any, file: str) -> None:
+    """Check one parsed mapping file against the schema; raise :class:`MappingError` on the first problem."""
+    errors = list(_validator().iter_errors(document))
+    if not errors:
+        return
+    best = jsonschema.exceptions.best_match(errors)
+    raise MappingError(f"{file}: at {_pointer(best.absolute_path)}: {best.message}")
+
+
+def read_document(path: Path) -> Any:
+    """Parse one mapping file, reporting JSON syntax errors with their position."""
+    try:
+        return orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise MappingError(f"{path}: not valid JSON: {exc}") from None
+
+
+def mapping_files(user_dir: Path | None = None) -> dict[str, Path]:
+    """Built-in files, then the user's: a user file with the same name replaces the built-in one."""
+    files = {p.name: p for p in sorted(KLAVIYO_DIR.glob("*.json"))}
+    if user_dir is not None:
+        if not user_dir.is_dir():
+            raise MappingError(f"{user_dir}: mappings_dir is not a folder")
+        files.update({p.name: p for p in sorted(user_dir.glob("*.json"))})
+    return files
+
+
+def load_mappings(user_dir: Path | None = None) -> Mappings:
+    """Load, validate and compile the built-in mappings extended by ``user_dir``."""
+    return _load_cached(user_dir.resolve() if user_dir is not None else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(user_dir: Path | None) -> Mappings:
+    files = mapping_files(user_dir)
+    documents: dict[str, Any] = {}
+    for name, path in files.items():
+        document = read_document(path)
+        validate_document(document, str(path))
+        documents[name] = document
+    return _index(documents, files)
+
+
+def _index(documents: Mapping[str, Any], files: Mapping[str, Path]) -> Mappings:
+    profiles: list[ProfileMapping] = []
+    named: dict[tuple[str, str], EventMapping] = {}
+    fallback: dict[str, EventMapping] = {}
+    subscriptions: dict[str, SubscriptionMapping] = {}
+    for name, document in documents.items():
+        where = str(files[name])
+        kind = document["kind"]
+        if kind == "profile":
+            profiles.append(_compile_profile(document, where))
+        elif kind == "event":
+            _add_event(_compile_event(document, where), named, fallback)
+        else:
+            mapping = _compile_subscription(document, where)
+            for msg_type in sorted(mapping.types):
+                _claim(subscriptions, msg_type, mapping, f"subscription for {msg_type} calls")
+    if len(profiles) != 1:
+        found = ", ".join(p.file for p in profiles) or "none"
+        raise MappingError(f"exactly one mapping of kind 'profile' is needed, found {found}")
+    return Mappings(profiles[0], named, fallback, subscriptions, dict(files))
+
+
+def _add_event(
+    mapping: EventMapping,
+    named: dict[tuple[str, str], EventMapping],
+    fallback: dict[str, EventMapping],
+) -> None:
+    for msg_type in sorted(mapping.types):
+        if not mapping.events:
+            _claim(fallback, msg_type, mapping, f"every {msg_type} call")
+        for event in sorted(mapping.events):
+            _claim(named, (msg_type, event), mapping, f"{msg_type} {event!r}")
+
+
+def _claim(index: dict[Any, Any], key: Any, mapping: Any, what: str) -> None:
+    if key in index:
+        raise MappingError(
+            f"{mapping.file}: /match: {what} is already mapped by {index[key].file}; "
+            "give your file the same name to replace it, or match other events"
+        )
+    index[key] = mapping
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def _paths(spec: str | list[str]) -> tuple[Path_, ...]:
+    items = [spec] if isinstance(spec, str) else spec
+    return tuple(tuple(item.split(".")) for item in items)
+
+
+def compile_field(target: str, spec: Any, where: str) -> Field:
+    """Compile one field spec (a path string or an object) for ``target``."""
+    if isinstance(spec, str):
+        spec = {"from": spec}
+    sources = _paths(spec["from"]) if "from" in spec else ()
+    required = spec.get("required", False)
+    if required is True:
+        required = f"missing required value {target!r} (looked in {', '.join('.'.join(p) for p in sources)})"
+    each = spec.get("each")
+    type_name = spec.get("type", "array" if each is not None else "any")
+    if type_name not in CONVERTERS:
+        raise MappingError(f"{where}: unknown type {type_name!r}")
+    return Field(
+        target=tuple(target.split(".")),
+        sources=sources,
+        getters=tuple(_getter(p) for p in sources),
+        convert=CONVERTERS[type_name],
+        literal=spec.get("value", MISSING),
+        default=spec.get("default", MISSING),
+        required=required or None,
+        each=tuple(compile_field(k, v, f"{where}/each/{k}") for k, v in each.items()) if each else None,
+    )
+
+
+def _field_map(specs: Mapping[str, Any], where: str) -> tuple[Field, ...]:
+    return tuple(compile_field(target, spec, f"{where}/{target}") for target, spec in specs.items())
+
+
+def _compile_rest(spec: Mapping[str, Any] | None, fields: Iterable[Field]) -> Rest | None:
+    if spec is None:
+        return None
+    sources = _paths(spec["from"])
+    used = {path[-1] for field in fields for path in field.sources if path[:-1] in sources}
+    return Rest(sources, tuple(_getter(p) for p in sources), frozenset(spec.get("exclude", ())) | used)
+
+
+def _compile_profile(document: Mapping[str, Any], where: str) -> ProfileMapping:
+    fields = _field_map(document["fields"], f"{where}: /fields")
+    return ProfileMapping(where, fields, _compile_rest(document.get("properties"), ()))
+
+
+_EVENT_ATTRIBUTES: Final = ("value", "value_currency", "time", "unique_id")
+
+
+def _compile_event(document: Mapping[str, Any], where: str) -> EventMapping:
+    match = document["match"]
+    properties = document.get("properties", {})
+    fields = _field_map(properties.get("fields", {}), f"{where}: /properties/fields")
+    attributes = tuple(
+        compile_field(name, document[name], f"{where}: /{name}")
+        for name in _EVENT_ATTRIBUTES
+        if name in document
+    )
+    return EventMapping(
+        file=where,
+        types=frozenset(match["type"]),
+        events=frozenset(normalise_event_name(e) for e in match.get("event", ())),
+        metric=compile_field("name", document["metric"], f"{where}: /metric"),
+        attributes=attributes,
+        properties=fields,
+        rest=_compile_rest(properties.get("rest"), (*fields, *attributes)),
+        rest_when=properties.get("rest_when"),
+    )
+
+
+def _compile_subscription(document: Mapping[str, Any], where: str) -> SubscriptionMapping:
+    def optional(name: str) -> Field | None:
+        return compile_field(name, document[name], f"{where}: /{name}") if name in document else None
+
+    return SubscriptionMapping(
+        file=where,
+        types=frozenset(document["match"]["type"]),
+        list_id=compile_field("list_id", document["list_id"], f"{where}: /list_id"),
+        use_default_list=bool(document.get("use_default_list", False)),
+        subscribe=compile_field("subscribe", document["subscribe"], f"{where}: /subscribe"),
+        consent=optional("consent"),
+        sms_consent=optional("sms_consent"),
+    )

@@ -1,0 +1,360 @@
+"""Pure transform: one RudderStack/Segment message → the Klaviyo requests it means.
+
+``transform(message, destination)`` returns single-endpoint :class:`KlaviyoRequest` records
+(``/api/profile-import``, ``/api/events``, subscription jobs) or raises :class:`TransformError`
+with a text naming what is wrong, or :class:`Skipped` for messages Klaviyo has no use for.
+No I/O, no clock, no mutation of the input. Field names and renames come from the mapping
+files (:mod:`router.mapping`); this module holds only Klaviyo's semantics: identity, consent,
+and the JSON:API envelopes. :mod:`router.klaviyo.batch` merges many results into bulk jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from router.destination import Destination
+from router.errors import Skipped, TransformError
+from router.identity import ordering_key
+from router.klaviyo.requests import KlaviyoRequest
+from router.mapping import MISSING, Context, EventMapping, Mappings, apply_fields, load_mappings
+
+SUPPORTED_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+#: Klaviyo refuses metric names of 128 characters or more.
+MAX_METRIC_NAME: Final = 127
+#: Keys of ``integrations`` that address this destination.
+INTEGRATION_KEYS: Final = ("Klaviyo", "klaviyo", "KLAVIYO")
+PATCH_OPERATIONS: Final = {
+    "fieldsToUnset": "unset",
+    "fieldsToAppend": "append",
+    "fieldsToUnappend": "unappend",
+}
+
+
+def transform(
+    message: Mapping[str, Any],
+    destination: Destination,
+    mappings: Mappings | None = None,
+    *,
+    index: int = 0,
+) -> list[KlaviyoRequest]:
+    """The Klaviyo requests for one message, each on its single endpoint.
+
+    ``index`` is recorded in each request's ``sources`` so batching can trace items back.
+    """
+    if not isinstance(message, Mapping):
+        raise TransformError(f"message must be a JSON object, got {type(message).__name__}")
+    if "statusCode" in message and isinstance(message.get("output"), dict):
+        return [passthrough(message["output"], index)]
+    mappings = mappings or load_mappings(destination.mappings_dir)
+    msg_type = message.get("type")
+    if msg_type is None or msg_type == "":
+        raise TransformError("Event type is required")
+    if not isinstance(msg_type, str) or msg_type.lower() not in SUPPORTED_TYPES:
+        raise TransformError(f"Event type {msg_type} is not supported")
+    if (message.get("context") or {}).get("mappedToDestination"):
+        message = reverse_etl(message)
+    call = _Call(message, destination, mappings, index, msg_type.lower())
+    return call.run()
+
+
+#: Endpoint → request kind, for requests that arrive already transformed.
+PASSTHROUGH_KINDS: Final = {
+    "/api/profile-import": "profile",
+    "/api/events": "event",
+    "/api/profile-subscription-bulk-create-jobs": "subscribe",
+    "/api/profile-subscription-bulk-delete-jobs": "unsubscribe",
+    "/api/event-bulk-create-jobs": "bulk",
+    "/api/profile-bulk-import-jobs": "bulk",
+}
+
+
+def passthrough(output: Mapping[str, Any], index: int) -> KlaviyoRequest:
+    """A request RudderStack already transformed (``{"output": ..., "statusCode": ...}``), sent as it is."""
+    path = output.get("endpointPath")
+    body = (output.get("body") or {}).get("JSON")
+    if path not in PASSTHROUGH_KINDS or not isinstance(body, dict):
+        raise TransformError(
+            f"pre-transformed request for {path!r} is not one the router sends "
+            f"({', '.join(PASSTHROUGH_KINDS)}) or has no JSON body"
+        )
+    method = str(output.get("method", "POST")).upper()
+    return KlaviyoRequest(method=method, path=path, body=body, kind=PASSTHROUGH_KINDS[path], sources=(index,))
+
+
+def reverse_etl(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A warehouse (rETL) identify: its first ``context.externalId`` is the user's id and a trait,
+    and a list subscription defaults to on. Returns a changed copy."""
+    external = (message.get("context") or {}).get("externalId")
+    if not (isinstance(external, list) and external and isinstance(external[0], dict)):
+        return dict(message)
+    first = external[0]
+    out = dict(message)
+    where = "traits" if isinstance(message.get("traits"), dict) else "context"
+    traits = dict(_traits(message))
+    if first.get("identifierType") and first.get("id") is not None:
+        traits[str(first["identifierType"])] = first["id"]
+        out["userId"] = first["id"]
+    properties = traits.get("properties")
+    if not isinstance(properties, dict) or properties.get("subscribe") is None:
+        traits["properties"] = {**(properties if isinstance(properties, dict) else {}), "subscribe": True}
+    if where == "traits":
+        out["traits"] = traits
+    else:
+        out["context"] = {**message["context"], "traits": traits}
+    return out
+
+
+class _Call:
+    """The state of transforming one message; each method builds one part."""
+
+    def __init__(
+        self,
+        message: Mapping[str, Any],
+        destination: Destination,
+        mappings: Mappings,
+        index: int,
+        msg_type: str,
+    ) -> None:
+        self.message = message
+        self.destination = destination
+        self.mappings = mappings
+        self.index = index
+        self.type = msg_type
+        self.ctx = Context(destination.default_phone_region, destination.invalid_phone == "drop")
+        self.key = ordering_key(message)
+        self._profile: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def run(self) -> list[KlaviyoRequest]:
+        if self.type == "identify":
+            return [self.profile_import(), *self.subscription()]
+        if self.type in ("track", "screen"):
+            return [self.event()]
+        if self.type == "page":
+            if not self.destination.send_page_as_track:
+                raise Skipped("page call skipped: the destination's send_page_as_track is off")
+            return [self.event()]
+        if self.type == "group":
+            return self.subscription()
+        raise Skipped("alias call skipped: Klaviyo has no equivalent of alias")
+
+    def request(self, path: str, body: dict[str, Any], kind: str) -> KlaviyoRequest:
+        return KlaviyoRequest(
+            method="POST", path=path, body=body, kind=kind, sources=(self.index,), ordering_key=self.key
+        )
+
+    # ------------------------------------------------------------ profile
+
+    def profile(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The profile resource (``type``, ``id``?, ``attributes``) and its ``meta``; built once."""
+        if self._profile is None:
+            self._profile = self.build_profile()
+        return self._profile
+
+    def build_profile(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        mapping = self.mappings.profile
+        attributes = apply_fields(mapping.fields, self.message, self.ctx)
+        properties = mapping.properties.collect(self.message) if mapping.properties else {}
+        meta = self.patch_properties()
+        for names in meta.values():
+            for name in names:
+                properties.pop(name, None)
+        if self.destination.enforce_email_as_primary:
+            external_id = attributes.pop("external_id", None)
+            if external_id is not None:
+                properties["_id"] = external_id
+        if self.destination.flatten_properties:
+            properties = flatten(properties)
+        if properties:
+            attributes["properties"] = properties
+        resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
+        profile_id = self.klaviyo_profile_id()
+        if profile_id is not None:
+            resource["id"] = profile_id
+        self.check_identified(attributes, profile_id)
+        return resource, ({"patch_properties": meta} if meta else {})
+
+    def check_identified(self, attributes: Mapping[str, Any], profile_id: str | None) -> None:
+        if self.destination.enforce_email_as_primary:
+            if "email" not in attributes and "phone_number" not in attributes:
+                raise TransformError(
+                    "None of email and phone are present in the payload "
+                    "(enforce_email_as_primary needs one of them)"
+                )
+        elif profile_id is None and not any(
+            k in attributes for k in ("email", "phone_number", "external_id", "anonymous_id")
+        ):
+            raise TransformError(
+                "no usable identifier: the message has no userId, anonymousId, email or phone"
+            )
+
+    def klaviyo_profile_id(self) -> str | None:
+        external = (self.message.get("context") or {}).get("externalId")
+        if isinstance(external, list):
+            for entry in external:
+                if isinstance(entry, dict) and entry.get("type") == "klaviyo-profileId" and entry.get("id"):
+                    return str(entry["id"])
+        return None
+
+    def patch_properties(self) -> dict[str, Any]:
+        """``meta.patch_properties`` from ``integrations.Klaviyo.fieldsToUnset/Append/Unappend``."""
+        integrations = self.message.get("integrations")
+        if not isinstance(integrations, dict):
+            return {}
+        options = next(
+            (integrations[k] for k in INTEGRATION_KEYS if isinstance(integrations.get(k), dict)), {}
+        )
+        traits = _traits(self.message)
+        patch: dict[str, Any] = {}
+        for option, operation in PATCH_OPERATIONS.items():
+            names = options.get(option)
+            if not isinstance(names, list) or not names:
+                continue
+            if operation == "unset":
+                patch["unset"] = [str(n) for n in names]
+            else:
+                patch[operation] = {str(n): traits[n] for n in names if n in traits}
+        return patch
+
+    def profile_import(self) -> KlaviyoRequest:
+        resource, meta = self.profile()
+        return self.request(
+            "/api/profile-import", {"data": {**resource, **({"meta": meta} if meta else {})}}, "profile"
+        )
+
+    # ------------------------------------------------------------ events
+
+    def event(self) -> KlaviyoRequest:
+        name = self.message.get("event")
+        mapping = self.mappings.event_for(self.type, name if isinstance(name, str) else None)
+        if mapping is None:
+            raise TransformError(f"no mapping for {self.type} calls")
+        metric = mapping.metric.resolve(self.message, self.ctx)
+        if not isinstance(metric, str) or not metric.strip():
+            raise TransformError(f"{self.type} call has no event name")
+        if len(metric) > MAX_METRIC_NAME:
+            raise TransformError(
+                f"event name is {len(metric)} characters; Klaviyo allows at most {MAX_METRIC_NAME}"
+            )
+        attributes = apply_fields(mapping.attributes, self.message, self.ctx)
+        attributes["properties"] = self.event_properties(mapping)
+        attributes["metric"] = {"data": {"type": "metric", "attributes": {"name": metric}}}
+        resource, meta = self.profile()
+        if meta:
+            resource = {**resource, "attributes": {**resource["attributes"], "meta": meta}}
+        attributes["profile"] = {"data": resource}
+        return self.request("/api/events", {"data": {"type": "event", "attributes": attributes}}, "event")
+
+    def event_properties(self, mapping: EventMapping) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        if mapping.rest is not None and (
+            mapping.rest_when is None or getattr(self.destination, mapping.rest_when)
+        ):
+            properties = mapping.rest.collect(self.message)
+        properties.update(apply_fields(mapping.properties, self.message, self.ctx))
+        return flatten(properties) if self.destination.flatten_properties else properties
+
+    # ------------------------------------------------------------ lists and consent
+
+    def subscription(self) -> list[KlaviyoRequest]:
+        mapping = self.mappings.subscriptions.get(self.type)
+        if mapping is None:
+            return []
+        list_id = mapping.list_id.resolve(self.message, self.ctx)
+        if list_id is MISSING and mapping.use_default_list:
+            list_id = self.destination.list_id or MISSING
+        subscribe = mapping.subscribe.resolve(self.message, self.ctx)
+        if list_id is MISSING or subscribe is MISSING:
+            return []
+        resource, _ = self.profile()
+        identifiers = {
+            k: resource["attributes"][k] for k in ("email", "phone_number") if k in resource["attributes"]
+        }
+        channels = self.consent_channels(mapping.consent, mapping.sms_consent)
+        if not channels and subscribe:
+            return [self.list_membership(list_id, resource)]
+        subscriptions = _subscriptions(channels, identifiers, "SUBSCRIBED" if subscribe else "UNSUBSCRIBED")
+        if not subscriptions:
+            raise TransformError(
+                f"No subscriptions could be resolved: consent channels {list(channels) or '[]'} match none "
+                f"of the identifiers present ({', '.join(identifiers) or 'no email or phone'})"
+            )
+        profile: dict[str, Any] = {
+            "type": "profile",
+            "attributes": {**identifiers, "subscriptions": subscriptions},
+        }
+        if subscribe and "id" in resource:
+            profile["id"] = resource["id"]
+        job = "profile-subscription-bulk-create-job" if subscribe else "profile-subscription-bulk-delete-job"
+        body = {
+            "data": {
+                "type": job,
+                "attributes": {"profiles": {"data": [profile]}},
+                "relationships": {"list": {"data": {"type": "list", "id": list_id}}},
+            }
+        }
+        return [self.request(f"/api/{job}s", body, "subscribe" if subscribe else "unsubscribe")]
+
+    def consent_channels(self, consent_field: Any, sms_field: Any) -> tuple[str, ...]:
+        """The event's consent (string or list) else the destination's, plus ``sms`` for smsConsent."""
+        consent = consent_field.resolve(self.message, self.ctx) if consent_field else MISSING
+        if consent is MISSING:
+            channels = list(self.destination.consent)
+        else:
+            items = consent if isinstance(consent, list) else [consent]
+            channels = [str(c).strip().lower() for c in items if isinstance(c, str)]
+        sms = sms_field.resolve(self.message, self.ctx) if sms_field else MISSING
+        if sms is True or (sms is MISSING and self.destination.sms_consent):
+            channels.append("sms")
+        return tuple(dict.fromkeys(c for c in channels if c in ("email", "sms")))
+
+    def list_membership(self, list_id: str, resource: dict[str, Any]) -> KlaviyoRequest:
+        """Subscribe with no consent channel: list membership only, through a bulk import job."""
+        body = {
+            "data": {
+                "type": "profile-bulk-import-job",
+                "attributes": {"profiles": {"data": [resource]}},
+                "relationships": {"lists": {"data": [{"type": "list", "id": list_id}]}},
+            }
+        }
+        return self.request("/api/profile-bulk-import-jobs", body, "list_add")
+
+
+def _subscriptions(channels: tuple[str, ...], identifiers: Mapping[str, Any], consent: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "email" in channels and "email" in identifiers:
+        out["email"] = {"marketing": {"consent": consent}}
+    if "sms" in channels and "phone_number" in identifiers:
+        out["sms"] = {"marketing": {"consent": consent}}
+    return out
+
+
+def _traits(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    traits = message.get("traits")
+    if isinstance(traits, dict):
+        return traits
+    traits = (message.get("context") or {}).get("traits")
+    return traits if isinstance(traits, dict) else {}
+
+
+def flatten(properties: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested objects become ``a.b.c`` keys; arrays of objects become ``key[0].sub`` keys.
+
+    Arrays of plain values stay arrays (Klaviyo segments on them as lists).
+    """
+    out: dict[str, Any] = {}
+    for key, value in properties.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+            for i, item in enumerate(value):
+                if isinstance(item, dict | list):
+                    out.update(
+                        flatten(dict(enumerate(item)) if isinstance(item, list) else item, f"{name}[{i}].")
+                    )
+                else:
+                    out[f"{name}[{i}]"] = item
+        else:
+            out[name] = value
+    return out
