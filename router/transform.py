@@ -201,7 +201,7 @@ class _Call:
         integrations = self.message.get("integrations")
         if not isinstance(integrations, dict):
             return {}
-        options = next(
+        options: dict[str, Any] = next(
             (integrations[k] for k in INTEGRATION_KEYS if isinstance(integrations.get(k), dict)), {}
         )
         traits = _traits(self.message)
@@ -350,9 +350,8 @@ def flatten(properties: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
             for i, item in enumerate(value):
                 if isinstance(item, dict | list):
-                    out.update(
-                        flatten(dict(enumerate(item)) if isinstance(item, list) else item, f"{name}[{i}].")
-                    )
+                    nested = item if isinstance(item, dict) else {str(j): v for j, v in enumerate(item)}
+                    out.update(flatten(nested, f"{name}[{i}]."))
                 else:
                     out[f"{name}[{i}]"] = item
         else:
