@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import jsonschema
@@ -212,58 +213,85 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------- compiled fields
 
 
-def _present(value: Any) -> bool:
-    return value is not None and value != ""
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
-def _getter(path: Path_) -> Callable[[Mapping[str, Any]], Any]:
-    """A fast lookup of one dotted path (unrolled for the common depths)."""
-    if len(path) == 1:
-        (a,) = path
-        return lambda m: m.get(a, MISSING)
-    if len(path) == 2:
-        a, b = path
+def _define(lines: list[str], name: str, env: dict[str, Any]) -> Any:
+    """Compile generated source ``lines`` defining ``name``; only literals made by ``repr`` go in."""
+    namespace = dict(env)
+    exec(compile("\n".join(lines), f"<mapping {name}>", "exec"), namespace)
+    return namespace[name]
 
-        def two(m: Mapping[str, Any]) -> Any:
-            x = m.get(a)
-            return x.get(b, MISSING) if isinstance(x, dict) else MISSING
 
-        return two
+class PathTable:
+    """Every object a set of paths passes through (``context``, ``context.traits``, ...), numbered.
 
-    def deep(m: Mapping[str, Any]) -> Any:
-        x: Any = m
-        for key in path:
-            if not isinstance(x, dict):
-                return MISSING
-            x = x.get(key, MISSING)
-        return x
+    Compiling registers each source path's parent; :meth:`holders` then looks each parent up once
+    per message, so a source lookup is one ``dict.get`` however deep its path.
+    """
 
-    return deep
+    def __init__(self) -> None:
+        self._index: dict[Path_, int] = {(): 0}
+        #: (parent index, key) for every registered prefix after the root, parents first.
+        self._steps: list[tuple[int, str]] = []
+
+    def index(self, prefix: Path_) -> int:
+        """The slot of ``prefix`` (registering it and its parents)."""
+        found = self._index.get(prefix)
+        if found is None:
+            parent = self.index(prefix[:-1])
+            self._steps.append((parent, prefix[-1]))
+            found = self._index[prefix] = len(self._steps)
+        return found
+
+    def source(self, path: Path_) -> tuple[int, str, str]:
+        """(slot of the parent, last key, dotted path for error texts)."""
+        return self.index(path[:-1]), path[-1], ".".join(path)
+
+    def holders(self, root: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The object at every registered prefix of ``root`` (an empty mapping where absent)."""
+        return self.compiled(root)
+
+    @functools.cached_property
+    def compiled(self) -> Callable[[Mapping[str, Any]], list[Mapping[str, Any]]]:
+        """:meth:`holders` as one generated function (call after every path is registered)."""
+        lines = ["def holders(h0):"]
+        for n, (parent, key) in enumerate(self._steps, start=1):
+            lines.append(f"    h{n} = h{parent}.get({key!r})")
+            lines.append(f"    if h{n}.__class__ is not dict: h{n} = EMPTY")
+        lines.append(f"    return [{', '.join(f'h{n}' for n in range(len(self._steps) + 1))}]")
+        holders: Callable[[Mapping[str, Any]], list[Mapping[str, Any]]] = _define(
+            lines, "holders", {"EMPTY": _EMPTY}
+        )
+        return holders
+
+
+Holders = list[Mapping[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
 class Field:
-    """One compiled field: ordered source paths, a converter, default, required text."""
+    """One compiled field: ordered source lookups, a converter, default, required text."""
 
     #: Where the value goes, split on dots.
     target: Path_
-    #: Source paths in fallback order (empty for a literal).
-    sources: tuple[Path_, ...]
-    getters: tuple[Callable[[Mapping[str, Any]], Any], ...]
+    #: (holder slot, key, dotted path) in fallback order; empty for a literal.
+    sources: tuple[tuple[int, str, str], ...]
     convert: Converter
     literal: Any
     default: Any
     required: str | None
-    each: tuple[Field, ...] | None
+    #: For arrays of objects: the element fields and the table their paths use.
+    each: tuple[FieldSet, PathTable] | None
 
-    def resolve(self, message: Mapping[str, Any], ctx: Context) -> Any:
+    def resolve(self, holders: Holders, ctx: Context) -> Any:
         """The converted value, or :data:`MISSING`; raises :class:`TransformError` if required."""
         if self.literal is not MISSING:
             return self.literal
-        for path, get in zip(self.sources, self.getters, strict=True):
-            value = get(message)
-            if value is not MISSING and _present(value):
-                return self._convert(value, ".".join(path), ctx)
+        for slot, key, where in self.sources:
+            value = holders[slot].get(key)
+            if value is not None and value != "":
+                return self._convert(value, where, ctx)
         if self.default is not MISSING:
             return self.default
         if self.required is not None:
@@ -274,23 +302,19 @@ class Field:
         value = self.convert(value, where, ctx)
         if self.each is None or value is MISSING:
             return value
+        fields, table = self.each
         items = value if isinstance(value, list) else [value]
-        mapped = [_map_item(self.each, item, f"{where}[{i}]", ctx) for i, item in enumerate(items)]
+        mapped = [_map_item(fields, table, item, f"{where}[{i}]", ctx) for i, item in enumerate(items)]
         return [item for item in mapped if item]
 
 
-def _map_item(fields: tuple[Field, ...], item: Any, where: str, ctx: Context) -> dict[str, Any]:
+def _map_item(fields: FieldSet, table: PathTable, item: Any, where: str, ctx: Context) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise TransformError(f"{where}: expected an object, got {_kind(item)}")
-    out: dict[str, Any] = {}
-    for field in fields:
-        try:
-            value = field.resolve(item, ctx)
-        except TransformError as exc:
-            raise TransformError(f"{where}.{exc.message}") from None
-        if value is not MISSING:
-            put(out, field.target, value)
-    return out
+    try:
+        return fields(table.holders(item), ctx)
+    except TransformError as exc:
+        raise TransformError(f"{where}.{exc.message}") from None
 
 
 def put(target: dict[str, Any], path: Path_, value: Any) -> None:
@@ -300,34 +324,107 @@ def put(target: dict[str, Any], path: Path_, value: Any) -> None:
     target[path[-1]] = value
 
 
-def apply_fields(fields: Iterable[Field], message: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
+class FieldSet:
+    """Fields resolved together into one dict, compiled into a single generated function.
+
+    The function is what :meth:`Field.resolve` would do for each field in turn, unrolled:
+    a chain of ``dict.get`` per source path, the converter, then the assignment.
+    """
+
+    def __init__(self, fields: Iterable[Field]) -> None:
+        self.fields = tuple(fields)
+        self._run: Callable[[Holders, Context], dict[str, Any]] = self._generate()
+
+    def __call__(self, holders: Holders, ctx: Context) -> dict[str, Any]:
+        return self._run(holders, ctx)
+
+    def __iter__(self) -> Iterator[Field]:
+        return iter(self.fields)
+
+    def _generate(self) -> Callable[[Holders, Context], dict[str, Any]]:
+        env: dict[str, Any] = {"MISSING": MISSING, "TransformError": TransformError}
+        slots = sorted({slot for field in self.fields for slot, _, _ in field.sources})
+        lines = ["def run(h, ctx):", "    out = {}"]
+        lines += [f"    g{slot} = h[{slot}].get" for slot in slots]
+        for n, field in enumerate(self.fields):
+            env[f"f{n}"] = field
+            env[f"c{n}"] = field.convert
+            lines.extend(_field_lines(n, field))
+        lines.append("    return out")
+        run: Callable[[Holders, Context], dict[str, Any]] = _define(lines, "run", env)
+        return run
+
+
+def _field_lines(n: int, field: Field) -> list[str]:
+    """Source lookups nested so the branch that finds a value knows its path as a literal."""
+    if field.literal is not MISSING:
+        return [f"    x = f{n}.literal", *_store_lines(field.target, "    ")]
+    if not field.sources:
+        return []
+    lines: list[str] = []
+    indent = "    "
+    for slot, key, where in field.sources:
+        lines.append(f"{indent}v = g{slot}({key!r})")
+        lines.append(f"{indent}if v is not None and v != '':")
+        lines.extend(_convert_lines(n, field, where, indent + "    "))
+        lines.append(f"{indent}else:")
+        indent += "    "
+    if field.default is not MISSING:
+        lines += [f"{indent}x = f{n}.default", *_store_lines(field.target, indent)]
+    elif field.required is not None:
+        lines.append(f"{indent}raise TransformError(f{n}.required)")
+    else:
+        lines.append(f"{indent}pass")
+    return lines
+
+
+def _convert_lines(n: int, field: Field, where: str, indent: str) -> list[str]:
+    if field.each is not None:
+        convert = f"f{n}._convert(v, {where!r}, ctx)"
+    elif field.convert is _as_any:
+        convert = "v"
+    elif field.convert is _as_string:
+        convert = f"v if v.__class__ is str else c{n}(v, {where!r}, ctx)"
+    else:
+        convert = f"c{n}(v, {where!r}, ctx)"
+    store = _store_lines(field.target, indent + "    ")
+    if field.convert in (_as_any, _as_string) and field.each is None:
+        return [f"{indent}x = {convert}", *_store_lines(field.target, indent)]
+    return [f"{indent}x = {convert}", f"{indent}if x is not MISSING:", *store]
+
+
+def _store_lines(target: Path_, indent: str) -> list[str]:
+    """``out[a][b]... = x``, creating the nested objects on the way."""
+    if len(target) == 1:
+        return [f"{indent}out[{target[0]!r}] = x"]
+    lines = [f"{indent}o = out"]
+    for key in target[:-1]:
+        lines.append(f"{indent}o = o.get({key!r}) or o.setdefault({key!r}, {{}})")
+    lines.append(f"{indent}o[{target[-1]!r}] = x")
+    return lines
+
+
+def apply_fields(fields: FieldSet, holders: Holders, ctx: Context) -> dict[str, Any]:
     """Resolve every field into a new nested dict."""
-    out: dict[str, Any] = {}
-    for field in fields:
-        value = field.resolve(message, ctx)
-        if value is not MISSING:
-            put(out, field.target, value)
-    return out
+    return fields(holders, ctx)
 
 
 @dataclass(frozen=True, slots=True)
 class Rest:
     """Pass-through of the keys of one or more objects, later objects winning."""
 
-    sources: tuple[Path_, ...]
-    getters: tuple[Callable[[Mapping[str, Any]], Any], ...]
+    #: Holder slots of the objects copied.
+    slots: tuple[int, ...]
     #: Keys never copied: the file's ``exclude`` plus keys that a field of the same mapping reads.
     exclude: frozenset[str]
 
-    def collect(self, message: Mapping[str, Any]) -> dict[str, Any]:
+    def collect(self, holders: Holders) -> dict[str, Any]:
         out: dict[str, Any] = {}
         exclude = self.exclude
-        for get in self.getters:
-            holder = get(message)
-            if isinstance(holder, dict):
-                for key, value in holder.items():
-                    if key not in exclude:
-                        out[key] = value
+        for slot in self.slots:
+            for key, value in holders[slot].items():
+                if key not in exclude:
+                    out[key] = value
         return out
 
 
@@ -337,7 +434,7 @@ class Rest:
 @dataclass(frozen=True, slots=True)
 class ProfileMapping:
     file: str
-    fields: tuple[Field, ...]
+    fields: FieldSet
     properties: Rest | None
 
 
@@ -349,8 +446,8 @@ class EventMapping:
     events: frozenset[str]
     metric: Field
     #: value, value_currency, time, unique_id — those present in the file.
-    attributes: tuple[Field, ...]
-    properties: tuple[Field, ...]
+    attributes: FieldSet
+    properties: FieldSet
     rest: Rest | None
     rest_when: str | None
 
@@ -359,11 +456,9 @@ class EventMapping:
 class SubscriptionMapping:
     file: str
     types: frozenset[str]
-    list_id: Field
+    #: ``list_id``, ``subscribe`` and, when the file names them, ``consent`` and ``sms_consent``.
+    fields: FieldSet
     use_default_list: bool
-    subscribe: Field
-    consent: Field | None
-    sms_consent: Field | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +474,12 @@ class Mappings:
     subscriptions: Mapping[str, SubscriptionMapping]
     #: file name → source path, for ``check-mappings`` output.
     files: Mapping[str, Path]
+    #: The prefixes every message path goes through.
+    table: PathTable
+
+    def holders(self, message: Mapping[str, Any]) -> Holders:
+        """Look up, once, every object the mapping paths read from in ``message``."""
+        return self.table.holders(message)
 
     def event_for(self, msg_type: str, name: str | None) -> EventMapping | None:
         """The mapping for an event: a named one first, else the type's fallback."""
@@ -460,21 +561,22 @@ def _index(documents: Mapping[str, Any], files: Mapping[str, Path]) -> Mappings:
     named: dict[tuple[str, str], EventMapping] = {}
     fallback: dict[str, EventMapping] = {}
     subscriptions: dict[str, SubscriptionMapping] = {}
+    table = PathTable()
     for name, document in documents.items():
         where = str(files[name])
         kind = document["kind"]
         if kind == "profile":
-            profiles.append(_compile_profile(document, where))
+            profiles.append(_compile_profile(document, where, table))
         elif kind == "event":
-            _add_event(_compile_event(document, where), named, fallback)
+            _add_event(_compile_event(document, where, table), named, fallback)
         else:
-            mapping = _compile_subscription(document, where)
+            mapping = _compile_subscription(document, where, table)
             for msg_type in sorted(mapping.types):
                 _claim(subscriptions, msg_type, mapping, f"subscription for {msg_type} calls")
     if len(profiles) != 1:
         found = ", ".join(p.file for p in profiles) or "none"
         raise MappingError(f"exactly one mapping of kind 'profile' is needed, found {found}")
-    return Mappings(profiles[0], named, fallback, subscriptions, dict(files))
+    return Mappings(profiles[0], named, fallback, subscriptions, dict(files), table)
 
 
 def _add_event(
@@ -506,8 +608,8 @@ def _paths(spec: str | list[str]) -> tuple[Path_, ...]:
     return tuple(tuple(item.split(".")) for item in items)
 
 
-def compile_field(target: str, spec: Any, where: str) -> Field:
-    """Compile one field spec (a path string or an object) for ``target``."""
+def compile_field(target: str, spec: Any, where: str, table: PathTable) -> Field:
+    """Compile one field spec (a path string or an object) for ``target``, registering its paths."""
     if isinstance(spec, str):
         spec = {"from": spec}
     sources = _paths(spec["from"]) if "from" in spec else ()
@@ -518,44 +620,47 @@ def compile_field(target: str, spec: Any, where: str) -> Field:
     type_name = spec.get("type", "array" if each is not None else "any")
     if type_name not in CONVERTERS:
         raise MappingError(f"{where}: unknown type {type_name!r}")
+    compiled_each = None
+    if each:
+        item_table = PathTable()
+        compiled_each = (_field_map(each, f"{where}/each", item_table), item_table)
     return Field(
         target=tuple(target.split(".")),
-        sources=sources,
-        getters=tuple(_getter(p) for p in sources),
+        sources=tuple(table.source(p) for p in sources),
         convert=CONVERTERS[type_name],
         literal=spec.get("value", MISSING),
         default=spec.get("default", MISSING),
         required=required or None,
-        each=tuple(compile_field(k, v, f"{where}/each/{k}") for k, v in each.items()) if each else None,
+        each=compiled_each,
     )
 
 
-def _field_map(specs: Mapping[str, Any], where: str) -> tuple[Field, ...]:
-    return tuple(compile_field(target, spec, f"{where}/{target}") for target, spec in specs.items())
+def _field_map(specs: Mapping[str, Any], where: str, table: PathTable) -> FieldSet:
+    return FieldSet(compile_field(target, spec, f"{where}/{target}", table) for target, spec in specs.items())
 
 
-def _compile_rest(spec: Mapping[str, Any] | None, fields: Iterable[Field]) -> Rest | None:
+def _compile_rest(spec: Mapping[str, Any] | None, fields: Iterable[Field], table: PathTable) -> Rest | None:
     if spec is None:
         return None
-    sources = _paths(spec["from"])
-    used = {path[-1] for field in fields for path in field.sources if path[:-1] in sources}
-    return Rest(sources, tuple(_getter(p) for p in sources), frozenset(spec.get("exclude", ())) | used)
+    slots = tuple(table.index(p) for p in _paths(spec["from"]))
+    used = {key for field in fields for slot, key, _ in field.sources if slot in slots}
+    return Rest(slots, frozenset(spec.get("exclude", ())) | used)
 
 
-def _compile_profile(document: Mapping[str, Any], where: str) -> ProfileMapping:
-    fields = _field_map(document["fields"], f"{where}: /fields")
-    return ProfileMapping(where, fields, _compile_rest(document.get("properties"), ()))
+def _compile_profile(document: Mapping[str, Any], where: str, table: PathTable) -> ProfileMapping:
+    fields = _field_map(document["fields"], f"{where}: /fields", table)
+    return ProfileMapping(where, fields, _compile_rest(document.get("properties"), (), table))
 
 
 _EVENT_ATTRIBUTES: Final = ("value", "value_currency", "time", "unique_id")
 
 
-def _compile_event(document: Mapping[str, Any], where: str) -> EventMapping:
+def _compile_event(document: Mapping[str, Any], where: str, table: PathTable) -> EventMapping:
     match = document["match"]
     properties = document.get("properties", {})
-    fields = _field_map(properties.get("fields", {}), f"{where}: /properties/fields")
-    attributes = tuple(
-        compile_field(name, document[name], f"{where}: /{name}")
+    fields = _field_map(properties.get("fields", {}), f"{where}: /properties/fields", table)
+    attributes = FieldSet(
+        compile_field(name, document[name], f"{where}: /{name}", table)
         for name in _EVENT_ATTRIBUTES
         if name in document
     )
@@ -563,24 +668,19 @@ def _compile_event(document: Mapping[str, Any], where: str) -> EventMapping:
         file=where,
         types=frozenset(match["type"]),
         events=frozenset(normalise_event_name(e) for e in match.get("event", ())),
-        metric=compile_field("name", document["metric"], f"{where}: /metric"),
+        metric=compile_field("name", document["metric"], f"{where}: /metric", table),
         attributes=attributes,
         properties=fields,
-        rest=_compile_rest(properties.get("rest"), (*fields, *attributes)),
+        rest=_compile_rest(properties.get("rest"), (*fields, *attributes), table),
         rest_when=properties.get("rest_when"),
     )
 
 
-def _compile_subscription(document: Mapping[str, Any], where: str) -> SubscriptionMapping:
-    def optional(name: str) -> Field | None:
-        return compile_field(name, document[name], f"{where}: /{name}") if name in document else None
-
+def _compile_subscription(document: Mapping[str, Any], where: str, table: PathTable) -> SubscriptionMapping:
+    names = [n for n in ("list_id", "subscribe", "consent", "sms_consent") if n in document]
     return SubscriptionMapping(
         file=where,
         types=frozenset(document["match"]["type"]),
-        list_id=compile_field("list_id", document["list_id"], f"{where}: /list_id"),
+        fields=FieldSet(compile_field(n, document[n], f"{where}: /{n}", table) for n in names),
         use_default_list=bool(document.get("use_default_list", False)),
-        subscribe=compile_field("subscribe", document["subscribe"], f"{where}: /subscribe"),
-        consent=optional("consent"),
-        sms_consent=optional("sms_consent"),
     )

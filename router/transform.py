@@ -10,6 +10,7 @@ and the JSON:API envelopes. :mod:`router.klaviyo.batch` merges many results into
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -17,7 +18,7 @@ from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.identity import ordering_key
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import MISSING, Context, EventMapping, Mappings, apply_fields, load_mappings
+from router.mapping import Context, EventMapping, Mappings, apply_fields, load_mappings
 
 SUPPORTED_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 #: Klaviyo refuses metric names of 128 characters or more.
@@ -42,7 +43,7 @@ def transform(
 
     ``index`` is recorded in each request's ``sources`` so batching can trace items back.
     """
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         raise TransformError(f"message must be a JSON object, got {type(message).__name__}")
     if "statusCode" in message and isinstance(message.get("output"), dict):
         return [passthrough(message["output"], index)]
@@ -121,9 +122,10 @@ class _Call:
         self.mappings = mappings
         self.index = index
         self.type = msg_type
-        self.ctx = Context(destination.default_phone_region, destination.invalid_phone == "drop")
+        self.ctx = _context(destination.default_phone_region, destination.invalid_phone == "drop")
         self.key = ordering_key(message)
         self._profile: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.holders = mappings.holders(message)
 
     def run(self) -> list[KlaviyoRequest]:
         if self.type == "identify":
@@ -153,8 +155,8 @@ class _Call:
 
     def build_profile(self) -> tuple[dict[str, Any], dict[str, Any]]:
         mapping = self.mappings.profile
-        attributes = apply_fields(mapping.fields, self.message, self.ctx)
-        properties = mapping.properties.collect(self.message) if mapping.properties else {}
+        attributes = apply_fields(mapping.fields, self.holders, self.ctx)
+        properties = mapping.properties.collect(self.holders) if mapping.properties else {}
         meta = self.patch_properties()
         for names in meta.values():
             for name in names:
@@ -199,7 +201,7 @@ class _Call:
     def patch_properties(self) -> dict[str, Any]:
         """``meta.patch_properties`` from ``integrations.Klaviyo.fieldsToUnset/Append/Unappend``."""
         integrations = self.message.get("integrations")
-        if not isinstance(integrations, dict):
+        if not isinstance(integrations, dict) or not any(k in integrations for k in INTEGRATION_KEYS):
             return {}
         options: dict[str, Any] = next(
             (integrations[k] for k in INTEGRATION_KEYS if isinstance(integrations.get(k), dict)), {}
@@ -229,14 +231,14 @@ class _Call:
         mapping = self.mappings.event_for(self.type, name if isinstance(name, str) else None)
         if mapping is None:
             raise TransformError(f"no mapping for {self.type} calls")
-        metric = mapping.metric.resolve(self.message, self.ctx)
+        metric = mapping.metric.resolve(self.holders, self.ctx)
         if not isinstance(metric, str) or not metric.strip():
             raise TransformError(f"{self.type} call has no event name")
         if len(metric) > MAX_METRIC_NAME:
             raise TransformError(
                 f"event name is {len(metric)} characters; Klaviyo allows at most {MAX_METRIC_NAME}"
             )
-        attributes = apply_fields(mapping.attributes, self.message, self.ctx)
+        attributes = apply_fields(mapping.attributes, self.holders, self.ctx)
         attributes["properties"] = self.event_properties(mapping)
         attributes["metric"] = {"data": {"type": "metric", "attributes": {"name": metric}}}
         resource, meta = self.profile()
@@ -250,8 +252,8 @@ class _Call:
         if mapping.rest is not None and (
             mapping.rest_when is None or getattr(self.destination, mapping.rest_when)
         ):
-            properties = mapping.rest.collect(self.message)
-        properties.update(apply_fields(mapping.properties, self.message, self.ctx))
+            properties = mapping.rest.collect(self.holders)
+        properties.update(apply_fields(mapping.properties, self.holders, self.ctx))
         return flatten(properties) if self.destination.flatten_properties else properties
 
     # ------------------------------------------------------------ lists and consent
@@ -260,17 +262,17 @@ class _Call:
         mapping = self.mappings.subscriptions.get(self.type)
         if mapping is None:
             return []
-        list_id = mapping.list_id.resolve(self.message, self.ctx)
-        if list_id is MISSING and mapping.use_default_list:
-            list_id = self.destination.list_id or MISSING
-        subscribe = mapping.subscribe.resolve(self.message, self.ctx)
-        if list_id is MISSING or subscribe is MISSING:
+        decision = mapping.fields(self.holders, self.ctx)
+        list_id = decision.get("list_id")
+        if list_id is None and mapping.use_default_list:
+            list_id = self.destination.list_id
+        subscribe = decision.get("subscribe")
+        if list_id is None or subscribe is None:
             return []
         resource, _ = self.profile()
-        identifiers = {
-            k: resource["attributes"][k] for k in ("email", "phone_number") if k in resource["attributes"]
-        }
-        channels = self.consent_channels(mapping.consent, mapping.sms_consent)
+        attributes = resource["attributes"]
+        identifiers = {k: attributes[k] for k in ("email", "phone_number") if k in attributes}
+        channels = self.consent_channels(decision)
         if not channels and subscribe:
             return [self.list_membership(list_id, resource)]
         subscriptions = _subscriptions(channels, identifiers, "SUBSCRIBED" if subscribe else "UNSUBSCRIBED")
@@ -295,16 +297,16 @@ class _Call:
         }
         return [self.request(f"/api/{job}s", body, "subscribe" if subscribe else "unsubscribe")]
 
-    def consent_channels(self, consent_field: Any, sms_field: Any) -> tuple[str, ...]:
+    def consent_channels(self, decision: Mapping[str, Any]) -> tuple[str, ...]:
         """The event's consent (string or list) else the destination's, plus ``sms`` for smsConsent."""
-        consent = consent_field.resolve(self.message, self.ctx) if consent_field else MISSING
-        if consent is MISSING:
+        consent = decision.get("consent")
+        if consent is None:
             channels = list(self.destination.consent)
         else:
             items = consent if isinstance(consent, list) else [consent]
-            channels = [str(c).strip().lower() for c in items if isinstance(c, str)]
-        sms = sms_field.resolve(self.message, self.ctx) if sms_field else MISSING
-        if sms is True or (sms is MISSING and self.destination.sms_consent):
+            channels = [c.strip().lower() for c in items if isinstance(c, str)]
+        sms = decision.get("sms_consent")
+        if sms is True or (sms is None and self.destination.sms_consent):
             channels.append("sms")
         return tuple(dict.fromkeys(c for c in channels if c in ("email", "sms")))
 
@@ -318,6 +320,11 @@ class _Call:
             }
         }
         return self.request("/api/profile-bulk-import-jobs", body, "list_add")
+
+
+@functools.lru_cache(maxsize=64)
+def _context(region: str | None, drop_invalid_phone: bool) -> Context:
+    return Context(region, drop_invalid_phone)
 
 
 def _subscriptions(channels: tuple[str, ...], identifiers: Mapping[str, Any], consent: str) -> dict[str, Any]:

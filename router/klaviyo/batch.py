@@ -120,35 +120,44 @@ def _event_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
     if len(requests) == 1:
         yield requests[0]
         return
-    pending = list(requests)
-    while pending:
-        chunk, pending = _take_events(pending)
+    for chunk in _event_chunks(requests):
         yield _event_job(chunk)
 
 
-def _take_events(requests: list[KlaviyoRequest]) -> tuple[list[KlaviyoRequest], list[KlaviyoRequest]]:
-    """Up to MAX_EVENTS events with no repeated (metric, unique_id), within the size cap.
+@dataclass(slots=True)
+class _EventChunk:
+    requests: list[KlaviyoRequest] = field(default_factory=list)
+    size: int = 0
 
-    A repeated key is left for the next job: Klaviyo fails a whole job that repeats one, and
-    would record only the first of them anyway.
+
+def _event_chunks(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
+    """Chunks of ≤ MAX_EVENTS events within the size cap, never repeating a (metric, unique_id).
+
+    Klaviyo fails a whole job that repeats one (and would record only the first anyway), so a
+    repeat goes to a later chunk than the one holding its predecessor; order is kept per key.
     """
-    taken: list[KlaviyoRequest] = []
-    rest: list[KlaviyoRequest] = []
-    seen: set[tuple[str, str]] = set()
-    size = 0
+    chunks: list[_EventChunk] = []
+    last_chunk: dict[tuple[str, str], int] = {}
+    first_open = 0
     for request in requests:
         attributes = request.body["data"]["attributes"]
-        # Stricter than Klaviyo (which keys on profile too) and much cheaper to compute.
+        # Stricter than Klaviyo (which keys on the profile too) and much cheaper to compute.
         key = (attributes["metric"]["data"]["attributes"]["name"], str(attributes.get("unique_id")))
-        event_size = _size(attributes)
-        if key in seen or len(taken) >= MAX_EVENTS or size + event_size > MAX_BYTES:
-            rest.append(request)
-            continue
+        size = _size(attributes)
+        i = max(first_open, last_chunk.get(key, -1) + 1)
+        while i < len(chunks) and (
+            len(chunks[i].requests) >= MAX_EVENTS or chunks[i].size + size > MAX_BYTES
+        ):
+            i += 1
+        if i == len(chunks):
+            chunks.append(_EventChunk())
+        chunks[i].requests.append(request)
+        chunks[i].size += size
         if attributes.get("unique_id") is not None:
-            seen.add(key)
-        taken.append(request)
-        size += event_size
-    return taken, rest
+            last_chunk[key] = i
+        while first_open < len(chunks) and len(chunks[first_open].requests) >= MAX_EVENTS:
+            first_open += 1
+    return [chunk.requests for chunk in chunks]
 
 
 def _event_job(requests: Sequence[KlaviyoRequest]) -> KlaviyoRequest:
