@@ -13,12 +13,17 @@ picks one from a URL.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Sequence
+import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import orjson
+
+from router.errors import ConfigError
 
 
 class JobState(enum.StrEnum):
@@ -66,6 +71,29 @@ class Job:
     last_error: str | None
     created_at: float
     updated_at: float
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        """Build a job from a database row keyed by column name."""
+        return cls(
+            id=row["id"],
+            source=row["source"],
+            destination=row["destination"],
+            message_id=row["message_id"],
+            ordering_key=row["ordering_key"],
+            payload=bytes(row["payload"]),
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            next_attempt_at=row["next_attempt_at"],
+            lease_expires_at=row["lease_expires_at"],
+            last_error=row["last_error"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
     def message(self) -> dict[str, Any]:
         """The event as a dict."""
@@ -156,3 +184,71 @@ class Queue(Protocol):
 
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns rows deleted."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueOptions:
+    """Behaviour shared by every backend."""
+
+    #: Seconds during which a ``(source, message_id)`` pair counts as a duplicate.
+    dedupe_window: float = 24 * 3600.0
+    #: Seconds ``done`` jobs are kept (for replay) before :meth:`Queue.cleanup` deletes them.
+    retention: float = 7 * 24 * 3600.0
+    #: An ordering key with more jobs than this pending or in flight loses ordering.
+    hot_key_threshold: int = 200
+
+
+def open_queue(url: str, options: QueueOptions | None = None, **overrides: Any) -> Queue:
+    """The backend named by ``url``, not yet opened (call :meth:`Queue.open`).
+
+    ``memory://``; ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (the path is
+    what follows ``sqlite:///``, as in SQLAlchemy); ``postgresql://...`` (needs the ``postgres``
+    extra). ``overrides`` are :class:`QueueOptions` fields applied over ``options``.
+    """
+    opts = dataclasses.replace(options or QueueOptions(), **overrides)
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from router.queue.memory import MemoryQueue
+
+        return MemoryQueue(opts)
+    if scheme == "sqlite":
+        from router.queue.sqlite import SqliteQueue
+
+        return SqliteQueue(sqlite_path(url), opts)
+    if scheme in ("postgres", "postgresql"):
+        return _postgres_queue(url, opts)
+    raise ConfigError(f"unsupported queue URL scheme {scheme!r} (use sqlite, postgresql or memory)")
+
+
+def sqlite_path(url: str) -> str:
+    """The file path in a ``sqlite:///path`` URL."""
+    prefix = "sqlite:///"
+    path = url[len(prefix) :] if url.startswith(prefix) else ""
+    if not path or path == ":memory:" or "?" in path:
+        raise ConfigError(f"queue URL {url!r} must be sqlite:///relative/path or sqlite:////absolute/path")
+    return path
+
+
+def _postgres_queue(url: str, options: QueueOptions) -> Queue:
+    try:
+        module = importlib.import_module("router.queue.postgres")
+    except ImportError as exc:
+        raise ConfigError(f"the postgresql queue backend is unavailable: {exc}") from exc
+    return cast(Queue, module.PostgresQueue(url, options))
+
+
+def group_by_message(jobs: Sequence[NewJob]) -> tuple[list[list[NewJob]], int]:
+    """Split one enqueue call into groups sharing ``(source, message_id)``, in first-seen order.
+
+    A job repeating the source, message id and destination of an earlier job in the same call is
+    dropped; the second value is how many were dropped.
+    """
+    groups: dict[tuple[str, str], dict[str, NewJob]] = {}
+    dropped = 0
+    for job in jobs:
+        group = groups.setdefault((job.source, job.message_id), {})
+        if job.destination in group:
+            dropped += 1
+        else:
+            group[job.destination] = job
+    return [list(group.values()) for group in groups.values()], dropped

@@ -1,0 +1,211 @@
+-- Queries of the SQLite queue backend (router/queue/sqlite.py).
+-- Times are Unix seconds (REAL). The schema version is PRAGMA user_version: each migrate_<n>
+-- section ends by setting it to n, and runs in the same transaction as the version check.
+-- "Active" jobs are those pending or in flight; the partial indexes cover only them.
+
+-- name: migrate_1
+-- Create the jobs table, the dedupe table and their indexes.
+CREATE TABLE queue_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    ordering_key TEXT,
+    payload BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'in_flight', 'done', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_expires_at REAL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX queue_jobs_active ON queue_jobs (destination, id)
+    WHERE state IN ('pending', 'in_flight');
+CREATE INDEX queue_jobs_active_key ON queue_jobs (destination, ordering_key, id)
+    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL;
+CREATE INDEX queue_jobs_state ON queue_jobs (state, id);
+CREATE INDEX queue_jobs_done ON queue_jobs (updated_at) WHERE state = 'done';
+CREATE TABLE queue_dedupe (
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (source, message_id)
+) WITHOUT ROWID;
+CREATE INDEX queue_dedupe_seen ON queue_dedupe (seen_at);
+PRAGMA user_version = 1;
+
+-- name: configure_writer
+-- Write-ahead log, and an fsync on every commit so a returned write survives a power cut.
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+
+-- name: configure_reader
+-- The read connection never writes.
+PRAGMA query_only = ON;
+
+-- name: begin
+-- Start a write transaction, taking the write lock now (waits up to the busy timeout).
+BEGIN IMMEDIATE;
+
+-- name: commit
+-- Make the transaction durable.
+COMMIT;
+
+-- name: rollback
+-- Abandon the transaction.
+ROLLBACK;
+
+-- name: savepoint
+-- Isolate one operation of a group commit.
+SAVEPOINT operation;
+
+-- name: release_savepoint
+-- Keep the operation's changes in the transaction.
+RELEASE operation;
+
+-- name: rollback_to_savepoint
+-- Undo the operation's changes, keeping the rest of the transaction.
+ROLLBACK TO operation;
+
+-- name: schema_version
+-- The version of the schema in this file (0 when empty).
+PRAGMA user_version;
+
+-- name: ping
+-- Cheapest round trip through the database.
+SELECT 1;
+
+-- name: see_message
+-- Record (source, message_id) as accepted now; returns a row unless it was seen after :cutoff.
+INSERT INTO queue_dedupe (source, message_id, seen_at) VALUES (:source, :message_id, :now)
+ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
+    WHERE queue_dedupe.seen_at <= :cutoff
+RETURNING seen_at;
+
+-- name: insert_job
+-- Store one job in the given state, due now.
+INSERT INTO queue_jobs (
+    source, destination, message_id, ordering_key, payload, state,
+    next_attempt_at, last_error, created_at, updated_at
+) VALUES (
+    :source, :destination, :message_id, :ordering_key, :payload, :state,
+    :now, :last_error, :now, :now
+);
+
+-- name: claim_jobs
+-- Lease the oldest due jobs of a destination, at most one per ordering key unless the key is hot.
+-- A job waits while an earlier job with its ordering key is active, unless more than
+-- :hot_key_threshold jobs of that key are active. RETURNING gives no order: sort by id.
+UPDATE queue_jobs
+SET state = 'in_flight', lease_expires_at = :lease_expires_at, updated_at = :now
+WHERE id IN (
+    SELECT job.id
+    FROM queue_jobs AS job
+    WHERE job.destination = :destination
+        AND job.state IN ('pending', 'in_flight')
+        AND CASE job.state
+            WHEN 'pending' THEN job.next_attempt_at <= :now
+            ELSE job.lease_expires_at <= :now
+        END
+        AND (
+            job.ordering_key IS NULL
+            OR NOT EXISTS (
+                SELECT 1 FROM queue_jobs AS earlier
+                WHERE earlier.destination = job.destination
+                    AND earlier.ordering_key = job.ordering_key
+                    AND earlier.state IN ('pending', 'in_flight')
+                    AND earlier.ordering_key IS NOT NULL
+                    AND earlier.id < job.id
+            )
+            OR EXISTS (
+                SELECT 1 FROM queue_jobs AS same
+                WHERE same.destination = job.destination
+                    AND same.ordering_key = job.ordering_key
+                    AND same.state IN ('pending', 'in_flight')
+                    AND same.ordering_key IS NOT NULL
+                LIMIT 1 OFFSET :hot_key_threshold
+            )
+        )
+    ORDER BY job.id
+    LIMIT :limit
+)
+RETURNING *;
+
+-- name: ack_jobs
+-- Mark in-flight jobs (ids as a JSON array) done.
+UPDATE queue_jobs
+SET state = 'done', lease_expires_at = NULL, updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
+
+-- name: retry_job
+-- Return an in-flight job to pending, due at :at, counting one attempt.
+UPDATE queue_jobs
+SET state = 'pending', attempts = attempts + 1, next_attempt_at = :at, lease_expires_at = NULL,
+    last_error = :error, updated_at = :now
+WHERE id = :id AND state = 'in_flight';
+
+-- name: dead_letter_job
+-- Move a pending or in-flight job to the dead letters, counting one attempt.
+UPDATE queue_jobs
+SET state = 'dead', attempts = attempts + 1, lease_expires_at = NULL, last_error = :reason,
+    updated_at = :now
+WHERE id = :id AND state IN ('pending', 'in_flight');
+
+-- name: release_jobs
+-- Return in-flight jobs (ids as a JSON array) to pending without counting an attempt.
+UPDATE queue_jobs
+SET state = 'pending', lease_expires_at = NULL, updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
+
+-- name: revive_jobs
+-- Dead jobs (ids as a JSON array) back to pending, due now, with attempts reset.
+UPDATE queue_jobs
+SET state = 'pending', attempts = 0, next_attempt_at = :now, updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+
+-- name: purge_jobs
+-- Delete dead jobs (ids as a JSON array).
+DELETE FROM queue_jobs WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+
+-- name: purge_all_jobs
+-- Delete every dead job.
+DELETE FROM queue_jobs WHERE state = 'dead';
+
+-- name: delete_old_jobs
+-- Delete up to :batch done jobs last updated at or before :cutoff.
+DELETE FROM queue_jobs WHERE id IN (
+    SELECT id FROM queue_jobs INDEXED BY queue_jobs_done
+    WHERE state = 'done' AND updated_at <= :cutoff
+    LIMIT :batch
+);
+
+-- name: delete_old_dedupe
+-- Forget up to :batch (source, message_id) pairs last accepted at or before :cutoff.
+DELETE FROM queue_dedupe WHERE (source, message_id) IN (
+    SELECT source, message_id FROM queue_dedupe INDEXED BY queue_dedupe_seen
+    WHERE seen_at <= :cutoff
+    LIMIT :batch
+);
+
+-- name: get_job
+-- One job by id.
+SELECT * FROM queue_jobs WHERE id = :id;
+
+-- name: list_jobs
+-- Jobs in a state after :after_id, by id, optionally of one destination or with a matching error.
+SELECT * FROM queue_jobs
+WHERE state = :state
+    AND id > :after_id
+    AND (:destination IS NULL OR destination = :destination)
+    AND (:reason_contains IS NULL OR instr(last_error, :reason_contains) > 0)
+ORDER BY id
+LIMIT :limit;
+
+-- name: count_jobs
+-- Number of jobs per state.
+SELECT state, count(*) AS jobs FROM queue_jobs GROUP BY state;
+
+-- name: count_destination_jobs
+-- Number of jobs of one destination per state.
+SELECT state, count(*) AS jobs FROM queue_jobs WHERE destination = :destination GROUP BY state;

@@ -1,0 +1,454 @@
+"""The embedded default queue: one SQLite file in WAL mode, durable commits, group commit.
+
+Every write goes to one writer thread that owns the write connection. It takes whatever
+operations are waiting, runs them in one ``BEGIN IMMEDIATE`` transaction (each inside a
+savepoint, so one failing operation does not undo the others), commits once — one fsync for
+the whole group — and only then resolves each caller's future. Under load, many concurrent
+``enqueue`` calls therefore cost one commit. Reads (``get``, ``list_jobs``, ``counts``,
+``ping``) run on a second thread with its own read-only connection, so they never wait behind
+an fsync.
+
+``BEGIN IMMEDIATE`` plus the busy timeout make writes, claims included, safe against other
+processes using the same file. The queries are in ``sql/sqlite.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+
+from router.errors import ConfigError
+from router.queue import EnqueueResult, Job, JobState, NewJob, QueueOptions, group_by_message, sql
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], T]
+
+QUERIES = sql.load("sqlite")
+
+
+class SqliteQueue:
+    """:class:`router.queue.Queue` in one SQLite file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        options: QueueOptions | None = None,
+        *,
+        busy_timeout: float = 30.0,
+        max_batch: int = 1000,
+        cleanup_batch: int = 5000,
+    ) -> None:
+        """``busy_timeout``: seconds to wait for another process's write lock.
+        ``max_batch``: most operations committed together (1 turns group commit off).
+        ``cleanup_batch``: most rows :meth:`cleanup` deletes per transaction."""
+        self.path = os.fspath(path)
+        self._cleanup_batch = cleanup_batch
+        self.options = options or QueueOptions()
+        self._writer = _Writer(self.path, busy_timeout, max_batch)
+        self._reader = _Reader(self.path, busy_timeout)
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far."""
+        return self._writer.commits
+
+    @property
+    def writes(self) -> int:
+        """Write operations (method calls) committed so far."""
+        return self._writer.writes
+
+    async def open(self) -> None:
+        """Open the file (created if missing), apply migrations, start the threads."""
+        if self._writer.alive:
+            return
+        await self._writer.start()
+        try:
+            await self._writer.run(_migrate)
+            await self._reader.start()
+        except BaseException:
+            await self._writer.stop()
+            raise
+
+    async def close(self) -> None:
+        """Commit what was submitted, then close both connections."""
+        await self._reader.stop()
+        await self._writer.stop()
+
+    async def ping(self) -> None:
+        """Raise unless both connections answer."""
+        if not self._writer.alive:
+            raise RuntimeError("the sqlite queue writer is not running")
+        await self._reader.run(lambda conn: conn.execute(QUERIES["ping"]).fetchall())
+
+    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+        now = time.time() if now is None else now
+        groups, duplicates = group_by_message(jobs)
+        cutoff = now - self.options.dedupe_window
+
+        def operation(conn: sqlite3.Connection) -> EnqueueResult:
+            return _enqueue(conn, groups, duplicates, now, cutoff)
+
+        return await self._writer.run(operation)
+
+    async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
+        """Store jobs directly as dead letters; they do not count for dedupe."""
+        rows = [_job_row(job, JobState.DEAD, reason, time.time() if now is None else now) for job in jobs]
+        await self._writer.run(lambda conn: conn.executemany(QUERIES["insert_job"], rows))
+
+    async def claim(
+        self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
+    ) -> list[Job]:
+        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order."""
+        now = time.time() if now is None else now
+        params = {
+            "destination": destination,
+            "limit": limit,
+            "now": now,
+            "lease_expires_at": now + lease_seconds,
+            "hot_key_threshold": self.options.hot_key_threshold,
+        }
+        rows = await self._writer.run(lambda conn: conn.execute(QUERIES["claim_jobs"], params).fetchall())
+        return sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+
+    async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+        """Mark in-flight jobs done."""
+        await self._update("ack_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
+    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
+        """Return an in-flight job to pending, due at ``at``, counting one attempt."""
+        await self._update("retry_job", {"id": job_id, "at": at, "error": error, "now": _now(now)})
+
+    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
+        """Move a pending or in-flight job to the dead letters, counting one attempt."""
+        await self._update("dead_letter_job", {"id": job_id, "reason": reason, "now": _now(now)})
+
+    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+        """Give back leased jobs without counting an attempt."""
+        await self._update("release_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
+    async def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+        rows = await self._reader.run(
+            lambda conn: conn.execute(QUERIES["get_job"], {"id": job_id}).fetchall()
+        )
+        return Job.from_row(rows[0]) if rows else None
+
+    async def list_jobs(
+        self,
+        state: JobState,
+        *,
+        limit: int = 100,
+        after_id: int = 0,
+        reason_contains: str | None = None,
+        destination: str | None = None,
+    ) -> list[Job]:
+        """Jobs in a state with ids above ``after_id``, by id."""
+        params = {
+            "state": state.value,
+            "limit": limit,
+            "after_id": after_id,
+            "reason_contains": reason_contains,
+            "destination": destination,
+        }
+        rows = await self._reader.run(lambda conn: conn.execute(QUERIES["list_jobs"], params).fetchall())
+        return [Job.from_row(row) for row in rows]
+
+    async def revive(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Dead → pending, due now, with attempts reset; returns how many were revived."""
+        return await self._update("revive_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
+    async def purge(self, job_ids: Sequence[int] | None = None) -> int:
+        """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
+        if job_ids is None:
+            return await self._update("purge_all_jobs", {})
+        return await self._update("purge_jobs", {"ids": _ids(job_ids)})
+
+    async def counts(self, destination: str | None = None) -> dict[JobState, int]:
+        """Number of jobs per state."""
+        if destination is None:
+            query, params = QUERIES["count_jobs"], {}
+        else:
+            query, params = QUERIES["count_destination_jobs"], {"destination": destination}
+        rows = await self._reader.run(lambda conn: conn.execute(query, params).fetchall())
+        result = dict.fromkeys(JobState, 0)
+        result.update((JobState(row["state"]), row["jobs"]) for row in rows)
+        return result
+
+    async def cleanup(self, *, now: float | None = None) -> int:
+        """Delete done jobs past retention and dedupe entries past the window; returns how many.
+
+        Deletes in chunks, each its own transaction, so writers are never held up for long.
+        """
+        now = _now(now)
+        total = 0
+        for name, cutoff in (
+            ("delete_old_jobs", now - self.options.retention),
+            ("delete_old_dedupe", now - self.options.dedupe_window),
+        ):
+            params = {"cutoff": cutoff, "batch": self._cleanup_batch}
+            while True:
+                deleted = await self._update(name, params)
+                total += deleted
+                if deleted < self._cleanup_batch:
+                    break
+        return total
+
+    async def _update(self, name: str, params: dict[str, Any]) -> int:
+        return await self._writer.run(lambda conn: conn.execute(QUERIES[name], params).rowcount)
+
+
+def _enqueue(
+    conn: sqlite3.Connection, groups: list[list[NewJob]], duplicates: int, now: float, cutoff: float
+) -> EnqueueResult:
+    rows: list[dict[str, Any]] = []
+    for group in groups:
+        first = group[0]
+        seen = {"source": first.source, "message_id": first.message_id, "now": now, "cutoff": cutoff}
+        if conn.execute(QUERIES["see_message"], seen).fetchall():
+            rows.extend(_job_row(job, JobState.PENDING, None, now) for job in group)
+        else:
+            duplicates += len(group)
+    conn.executemany(QUERIES["insert_job"], rows)
+    return EnqueueResult(inserted=len(rows), duplicates=duplicates)
+
+
+def _job_row(job: NewJob, state: JobState, error: str | None, now: float) -> dict[str, Any]:
+    return {
+        "source": job.source,
+        "destination": job.destination,
+        "message_id": job.message_id,
+        "ordering_key": job.ordering_key,
+        "payload": job.payload,
+        "state": state.value,
+        "last_error": error,
+        "now": now,
+    }
+
+
+def _ids(job_ids: Sequence[int]) -> str:
+    return orjson.dumps(list(job_ids)).decode()
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute(QUERIES["schema_version"]).fetchone()["user_version"]
+    steps = sql.migrations(QUERIES)
+    if version > steps[-1][0]:
+        raise ConfigError(f"queue schema version {version} is newer than this router knows ({steps[-1][0]})")
+    for number, script in steps:
+        if number > version:
+            _execute_script(conn, script)
+            version = conn.execute(QUERIES["schema_version"]).fetchone()["user_version"]
+            if version != number:
+                raise RuntimeError(f"sqlite migration {number} left the schema at version {version}")
+    return version
+
+
+def _execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run statements one by one (``executescript`` would commit the open transaction)."""
+    for statement in _statements(script):
+        conn.execute(statement)
+
+
+def _statements(script: str) -> Iterator[str]:
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:60]!r}")
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def _connect(path: str, busy_timeout: float, configure: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        conn.row_factory = _dict_row
+        _execute_script(conn, QUERIES[configure])
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@dataclass(slots=True)
+class _Submitted:
+    """A write operation waiting for the writer thread, and where to send its outcome."""
+
+    operation: Operation[Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class _Writer:
+    """The writer thread: runs submitted operations, committing each group of them at once."""
+
+    def __init__(self, path: str, busy_timeout: float, max_batch: int) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._max_batch = max_batch
+        self._inbox: queue.SimpleQueue[_Submitted | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.commits = 0
+        self.writes = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        conn = await asyncio.to_thread(_connect, self._path, self._busy_timeout, "configure_writer")
+        self._thread = threading.Thread(target=self._main, args=(conn,), name="queue-writer", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Let the thread commit everything submitted so far, then close the connection."""
+        if self._thread is None:
+            return
+        self._closing = True
+        self._inbox.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        self._closing = False
+
+    async def run(self, operation: Operation[T]) -> T:
+        """Run ``operation`` in the next group commit; returns once it is durable."""
+        if self._thread is None or self._closing:
+            raise RuntimeError("the sqlite queue is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._inbox.put(_Submitted(operation, future, loop))
+        return await future
+
+    def _main(self, conn: sqlite3.Connection) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                batch, stopping = self._take_batch()
+                if batch:
+                    self._commit(conn, batch)
+        finally:
+            conn.close()
+            self._fail_leftovers()
+
+    def _take_batch(self) -> tuple[list[_Submitted], bool]:
+        """Wait for one operation, then take whatever else is already waiting."""
+        batch: list[_Submitted] = []
+        item = self._inbox.get()
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= self._max_batch:
+                return batch, False
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Submitted]) -> None:
+        try:
+            conn.execute(QUERIES["begin"])
+            outcomes = [_run_isolated(conn, item.operation) for item in batch]
+            conn.execute(QUERIES["commit"])
+        except Exception as exc:  # the transaction failed as a whole: so did every operation in it
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(QUERIES["rollback"])
+            _settle_all(batch, exc)
+            return
+        self.commits += 1
+        self.writes += len(batch)
+        for item, (result, error) in zip(batch, outcomes, strict=True):
+            _settle(item, result, error)
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _settle(item, None, RuntimeError("the sqlite queue is closed"))
+
+
+def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> tuple[Any, BaseException | None]:
+    conn.execute(QUERIES["savepoint"])
+    try:
+        result = operation(conn)
+    except Exception as exc:
+        conn.execute(QUERIES["rollback_to_savepoint"])
+        conn.execute(QUERIES["release_savepoint"])
+        return None, exc
+    conn.execute(QUERIES["release_savepoint"])
+    return result, None
+
+
+def _settle_all(batch: list[_Submitted], error: BaseException) -> None:
+    for item in batch:
+        _settle(item, None, error)
+
+
+def _settle(item: _Submitted, result: Any, error: BaseException | None) -> None:
+    def resolve() -> None:
+        if item.future.done():  # the caller was cancelled; the write stands anyway
+            return
+        if error is None:
+            item.future.set_result(result)
+        else:
+            item.future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+        item.loop.call_soon_threadsafe(resolve)
+
+
+class _Reader:
+    """A read-only connection used from one thread of its own."""
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-reader")
+        self._conn = await self._call(_connect, self._path, self._busy_timeout, "configure_reader")
+
+    async def stop(self) -> None:
+        if self._executor is None:
+            return
+        if self._conn is not None:
+            await self._call(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def run(self, operation: Operation[T]) -> T:
+        if self._conn is None:
+            raise RuntimeError("the sqlite queue is not open")
+        return await self._call(operation, self._conn)
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -1,0 +1,499 @@
+"""One behaviour suite for every :class:`router.queue.Queue` backend (the ``queue`` fixture),
+then what only the SQLite backend promises: group commit, crash durability, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.errors import ConfigError
+from router.queue import EnqueueResult, JobState, NewJob, Queue, QueueOptions, open_queue, sql, sqlite_path
+from router.queue.memory import MemoryQueue
+from router.queue.sqlite import SqliteQueue
+
+T0 = 1_700_000_000.0
+LEASE = 30.0
+
+
+def new_job(
+    message_id: str, *, destination: str = "klaviyo", key: str | None = None, source: str = "web"
+) -> NewJob:
+    return NewJob(
+        source=source,
+        destination=destination,
+        message_id=message_id,
+        ordering_key=key,
+        payload=b'{"messageId": "%s"}' % message_id.encode(),
+    )
+
+
+def enqueued(inserted: int, duplicates: int) -> EnqueueResult:
+    return EnqueueResult(inserted=inserted, duplicates=duplicates)
+
+
+async def claim_ids(
+    queue: Queue, now: float = T0, limit: int = 100, destination: str = "klaviyo"
+) -> list[int]:
+    return [job.id for job in await queue.claim(destination, limit, lease_seconds=LEASE, now=now)]
+
+
+async def state_of(queue: Queue, job_id: int) -> JobState | None:
+    job = await queue.get(job_id)
+    return job.state if job else None
+
+
+# --- enqueue, claim, ack ---------------------------------------------------------------------
+
+
+async def test_enqueue_claim_ack(queue: Queue) -> None:
+    result = await queue.enqueue([new_job("a"), new_job("b"), new_job("c")], now=T0)
+    assert (result.inserted, result.duplicates) == (3, 0)
+
+    claimed = await queue.claim("klaviyo", 2, lease_seconds=LEASE, now=T0)
+    assert [job.id for job in claimed] == [1, 2]
+    first = claimed[0]
+    assert (first.state, first.lease_expires_at, first.attempts) == (JobState.IN_FLIGHT, T0 + LEASE, 0)
+    assert (first.source, first.message_id, first.message()) == ("web", "a", {"messageId": "a"})
+    assert await claim_ids(queue) == [3]
+
+    await queue.ack([1, 2], now=T0 + 1)
+    done = await queue.get(1)
+    assert done is not None
+    assert (done.state, done.lease_expires_at, done.updated_at) == (JobState.DONE, None, T0 + 1)
+    assert await claim_ids(queue, now=T0 + 1000) == [3]  # only its expired lease brings 3 back
+    assert await queue.get(99) is None
+
+
+async def test_claim_takes_only_due_jobs_of_its_destination(queue: Queue) -> None:
+    await queue.enqueue([new_job("a", destination="other"), new_job("b")], now=T0)
+    assert await claim_ids(queue, now=T0 - 1) == []
+    assert await claim_ids(queue) == [2]
+    assert await claim_ids(queue, destination="other") == [1]
+
+
+async def test_ack_retry_release_ignore_jobs_not_in_flight(queue: Queue) -> None:
+    await queue.enqueue([new_job("a")], now=T0)
+    await queue.ack([1], now=T0)
+    await queue.retry(1, at=T0, error="boom", now=T0)
+    await queue.release([1], now=T0)
+    job = await queue.get(1)
+    assert job is not None
+    assert (job.state, job.attempts) == (JobState.PENDING, 0)
+
+
+# --- dedupe ----------------------------------------------------------------------------------
+
+
+async def test_one_event_for_several_destinations_dedupes_as_one(queue: Queue) -> None:
+    batch = [new_job("a", destination="klaviyo"), new_job("a", destination="eu"), new_job("b")]
+    assert await queue.enqueue(batch, now=T0) == enqueued(3, 0)
+    # The same pair again in a later call, for any destination, is a duplicate; another source is not.
+    repeat = [new_job("a"), new_job("a", destination="eu"), new_job("a", destination="new")]
+    assert await queue.enqueue(repeat, now=T0 + 1) == enqueued(0, 3)
+    assert await queue.enqueue([new_job("a", source="app")], now=T0 + 1) == enqueued(1, 0)
+
+
+async def test_duplicates_inside_one_batch(queue: Queue) -> None:
+    batch = [new_job("a"), new_job("a", destination="eu"), new_job("a"), new_job("b"), new_job("b")]
+    assert await queue.enqueue(batch, now=T0) == enqueued(3, 2)
+    assert [j.message_id for j in await queue.list_jobs(JobState.PENDING)] == ["a", "a", "b"]
+
+
+async def test_dedupe_outlives_delivery(queue: Queue) -> None:
+    await queue.enqueue([new_job("a")], now=T0)
+    await claim_ids(queue)
+    await queue.ack([1], now=T0 + 1)
+    assert await queue.enqueue([new_job("a")], now=T0 + 2) == enqueued(0, 1)
+
+
+@pytest.mark.parametrize("queue_options", [QueueOptions(dedupe_window=100)])
+async def test_dedupe_window_expires(queue: Queue) -> None:
+    await queue.enqueue([new_job("a")], now=T0)
+    assert await queue.enqueue([new_job("a")], now=T0 + 99) == enqueued(0, 1)
+    assert await queue.enqueue([new_job("a")], now=T0 + 100) == enqueued(1, 0)
+    # Accepting it again restarted the window.
+    assert await queue.enqueue([new_job("a")], now=T0 + 150) == enqueued(0, 1)
+
+
+async def test_dead_letters_do_not_count_for_dedupe(queue: Queue) -> None:
+    await queue.add_dead([new_job("a")], "missing userId", now=T0)
+    assert await queue.enqueue([new_job("a")], now=T0 + 1) == enqueued(1, 0)
+    dead = await queue.list_jobs(JobState.DEAD)
+    assert [(j.id, j.message_id, j.last_error, j.attempts) for j in dead] == [(1, "a", "missing userId", 0)]
+    assert await claim_ids(queue, now=T0 + 1) == [2]
+
+
+# --- ordering --------------------------------------------------------------------------------
+
+
+async def test_ordering_key_lets_one_job_per_key_through(queue: Queue) -> None:
+    jobs = [
+        new_job("u1", key="u"),
+        new_job("u2", key="u"),
+        new_job("v1", key="v"),
+        new_job("n1"),
+        new_job("n2"),
+    ]
+    await queue.enqueue(jobs, now=T0)
+    assert await claim_ids(queue) == [1, 3, 4, 5]
+    assert await claim_ids(queue) == []  # 2 waits while 1 is in flight
+    await queue.ack([3, 4, 5], now=T0)
+
+    await queue.retry(1, at=T0 + 60, error="429", now=T0 + 1)
+    assert await claim_ids(queue, now=T0 + 59) == []  # ... and while 1 is pending retry
+    assert await claim_ids(queue, now=T0 + 60) == [1]
+    await queue.ack([1], now=T0 + 61)
+    assert await claim_ids(queue, now=T0 + 61) == [2]
+
+
+async def test_ordering_is_per_destination(queue: Queue) -> None:
+    await queue.enqueue([new_job("a", key="u"), new_job("b", key="u", destination="eu")], now=T0)
+    assert await claim_ids(queue) == [1]
+    assert await claim_ids(queue, destination="eu") == [2]
+
+
+async def test_dead_job_stops_blocking_its_key(queue: Queue) -> None:
+    await queue.enqueue([new_job("a", key="u"), new_job("b", key="u")], now=T0)
+    await claim_ids(queue)
+    await queue.dead_letter(1, reason="422 invalid email", now=T0)
+    assert await claim_ids(queue) == [2]
+
+
+@pytest.mark.parametrize("queue_options", [QueueOptions(hot_key_threshold=3)])
+async def test_hot_key_loses_ordering(queue: Queue) -> None:
+    await queue.enqueue([new_job(f"u{i}", key="u") for i in range(3)], now=T0)
+    assert await claim_ids(queue) == [1]
+    await queue.enqueue([new_job("u3", key="u"), new_job("v0", key="v"), new_job("v1", key="v")], now=T0)
+    assert await claim_ids(queue) == [2, 3, 4, 5]  # 4 waiting for "u" > 3: anything goes
+    await queue.ack([1, 2, 3], now=T0)
+    await queue.release([4], now=T0)
+    assert await claim_ids(queue) == [4]  # "u" cooled down to one job
+
+
+# --- leases, retry, release ------------------------------------------------------------------
+
+
+async def test_expired_lease_is_claimed_again(queue: Queue) -> None:
+    await queue.enqueue([new_job("a", key="u"), new_job("b", key="u")], now=T0)
+    assert await claim_ids(queue) == [1]
+    assert await claim_ids(queue, now=T0 + LEASE - 1) == []
+    again = await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0 + LEASE)
+    assert [(j.id, j.attempts, j.lease_expires_at) for j in again] == [(1, 0, T0 + 2 * LEASE)]
+
+
+async def test_retry_counts_an_attempt_and_waits(queue: Queue) -> None:
+    await queue.enqueue([new_job("a")], now=T0)
+    await claim_ids(queue)
+    await queue.retry(1, at=T0 + 10, error="503 from Klaviyo", now=T0 + 1)
+    job = await queue.get(1)
+    assert job is not None
+    assert (job.state, job.attempts, job.next_attempt_at, job.last_error) == (
+        JobState.PENDING,
+        1,
+        T0 + 10,
+        "503 from Klaviyo",
+    )
+    assert job.lease_expires_at is None
+    assert await claim_ids(queue, now=T0 + 9) == []
+    assert [j.attempts for j in await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0 + 10)] == [1]
+
+
+async def test_release_returns_jobs_without_an_attempt(queue: Queue) -> None:
+    await queue.enqueue([new_job("a"), new_job("b")], now=T0)
+    await claim_ids(queue)
+    await queue.release([1, 2], now=T0 + 1)
+    assert [(j.id, j.attempts, j.lease_expires_at) for j in await queue.list_jobs(JobState.PENDING)] == [
+        (1, 0, None),
+        (2, 0, None),
+    ]
+    assert await claim_ids(queue, now=T0 + 1) == [1, 2]
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+async def test_dead_letter_revive_purge(queue: Queue) -> None:
+    await queue.enqueue([new_job("a"), new_job("b", destination="eu"), new_job("c")], now=T0)
+    await claim_ids(queue)
+    await queue.dead_letter(1, reason="400 invalid phone", now=T0 + 1)
+    await queue.dead_letter(2, reason="404 no such list", now=T0 + 1)  # still pending: allowed
+    dead = await queue.get(1)
+    assert dead is not None
+    assert (dead.state, dead.attempts, dead.last_error, dead.lease_expires_at) == (
+        JobState.DEAD,
+        1,
+        "400 invalid phone",
+        None,
+    )
+
+    assert await queue.revive([1, 3, 42], now=T0 + 5) == 1  # 3 is in flight, 42 does not exist
+    revived = await queue.get(1)
+    assert revived is not None
+    assert (revived.state, revived.attempts, revived.next_attempt_at) == (JobState.PENDING, 0, T0 + 5)
+    assert await claim_ids(queue, now=T0 + 5) == [1]
+
+    await queue.add_dead([new_job("d"), new_job("e")], "bad event", now=T0)
+    assert await queue.purge([2, 1]) == 1  # 1 is no longer dead
+    assert await state_of(queue, 2) is None
+    assert await queue.purge() == 2
+    assert await queue.list_jobs(JobState.DEAD) == []
+
+
+async def test_list_jobs_filters_and_pages(queue: Queue) -> None:
+    await queue.add_dead(
+        [new_job(f"m{i}", destination=("eu" if i % 2 else "klaviyo")) for i in range(6)], "x", now=T0
+    )
+    await queue.add_dead([new_job("late")], "429 too many", now=T0)
+    ids = [j.id for j in await queue.list_jobs(JobState.DEAD, limit=3)]
+    assert ids == [1, 2, 3]
+    assert [j.id for j in await queue.list_jobs(JobState.DEAD, limit=3, after_id=3)] == [4, 5, 6]
+    assert [j.id for j in await queue.list_jobs(JobState.DEAD, destination="eu")] == [2, 4, 6]
+    assert [j.id for j in await queue.list_jobs(JobState.DEAD, reason_contains="429")] == [7]
+    assert await queue.list_jobs(JobState.DEAD, reason_contains="too MANY") == []  # case-sensitive
+    assert await queue.list_jobs(JobState.PENDING) == []
+
+
+# --- counts and cleanup ----------------------------------------------------------------------
+
+
+async def test_counts(queue: Queue) -> None:
+    assert await queue.counts() == dict.fromkeys(JobState, 0)
+    await queue.enqueue([new_job(f"m{i}") for i in range(4)] + [new_job("eu", destination="eu")], now=T0)
+    await queue.add_dead([new_job("bad")], "bad", now=T0)
+    await claim_ids(queue, limit=2)
+    await queue.ack([1], now=T0)
+    expected = {JobState.PENDING: 3, JobState.IN_FLIGHT: 1, JobState.DONE: 1, JobState.DEAD: 1}
+    assert await queue.counts() == expected
+    assert await queue.counts("eu") == {**dict.fromkeys(JobState, 0), JobState.PENDING: 1}
+
+
+@pytest.mark.parametrize("queue_options", [QueueOptions(dedupe_window=100, retention=1000)])
+async def test_cleanup_deletes_old_done_jobs_and_dedupe_entries(queue: Queue) -> None:
+    await queue.enqueue([new_job("a"), new_job("b")], now=T0)
+    await queue.add_dead([new_job("c")], "bad", now=T0)
+    await claim_ids(queue, limit=1)
+    await queue.ack([1], now=T0)
+    assert await queue.cleanup(now=T0 + 99) == 0
+    assert await queue.cleanup(now=T0 + 100) == 2  # the two dedupe entries
+    assert await state_of(queue, 1) == JobState.DONE
+    assert await queue.cleanup(now=T0 + 1000) == 1  # the done job
+    assert [await state_of(queue, i) for i in (1, 2, 3)] == [None, JobState.PENDING, JobState.DEAD]
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+async def test_concurrent_enqueues_are_all_stored(queue: Queue) -> None:
+    calls = 200
+    results = await asyncio.gather(*(queue.enqueue([new_job(f"m{i}")], now=T0) for i in range(calls)))
+    assert sum(r.inserted for r in results) == calls
+    stored = await queue.list_jobs(JobState.PENDING, limit=calls + 1)
+    assert sorted(j.message_id for j in stored) == sorted(f"m{i}" for i in range(calls))
+    if isinstance(queue, SqliteQueue):
+        assert queue.commits < calls  # group commit: many enqueues per transaction
+
+
+async def test_concurrent_claims_never_share_a_job(queue: Queue) -> None:
+    await queue.enqueue([new_job(f"m{i}", key=f"u{i % 40}") for i in range(100)], now=T0)
+    batches = await asyncio.gather(*(claim_ids(queue, limit=7) for _ in range(10)))
+    claimed = [job_id for batch in batches for job_id in batch]
+    assert sorted(claimed) == list(range(1, 41))  # one per key, none twice
+
+
+async def test_ping(queue: Queue) -> None:
+    await queue.ping()
+
+
+# --- open_queue ------------------------------------------------------------------------------
+
+
+def test_open_queue_picks_the_backend(tmp_path: Path) -> None:
+    memory = open_queue("memory://", hot_key_threshold=5)
+    assert isinstance(memory, MemoryQueue)
+    assert memory.options == QueueOptions(hot_key_threshold=5)
+    assert isinstance(open_queue(f"sqlite:///{tmp_path}/q.db"), SqliteQueue)
+    with pytest.raises(ConfigError, match="unsupported"):
+        open_queue("redis://localhost")
+    with pytest.raises(TypeError):
+        open_queue("memory://", no_such_option=1)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [("sqlite:///data/q.db", "data/q.db"), ("sqlite:////var/lib/q.db", "/var/lib/q.db")],
+)
+def test_sqlite_path(url: str, path: str) -> None:
+    assert sqlite_path(url) == path
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite://host/q.db"])
+def test_sqlite_path_rejects(url: str) -> None:
+    with pytest.raises(ConfigError):
+        sqlite_path(url)
+
+
+# --- sqlite only -----------------------------------------------------------------------------
+
+
+async def test_sqlite_group_commit_keeps_failures_apart(tmp_path: Path) -> None:
+    queue = SqliteQueue(tmp_path / "queue.db")
+    await queue.open()
+    try:
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO queue_dedupe VALUES ('s', 'm', 1)")
+            raise RuntimeError("operation failed half way")
+
+        commits = queue.commits
+        outcomes = await asyncio.gather(
+            queue.enqueue([new_job("a")], now=T0),
+            queue._writer.run(broken),
+            queue.enqueue([new_job("b")], now=T0),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], RuntimeError)
+        assert queue.commits == commits + 1
+        assert [j.message_id for j in await queue.list_jobs(JobState.PENDING)] == ["a", "b"]
+        # The failed operation's own writes were rolled back.
+        assert await queue.enqueue([new_job("m", source="s")], now=T0) == enqueued(1, 0)
+    finally:
+        await queue.close()
+
+
+async def test_sqlite_cleanup_deletes_in_chunks(tmp_path: Path) -> None:
+    queue = SqliteQueue(
+        tmp_path / "queue.db", QueueOptions(dedupe_window=100, retention=100), cleanup_batch=2
+    )
+    await queue.open()
+    try:
+        await queue.enqueue([new_job(f"m{i}") for i in range(5)], now=T0)
+        await queue.ack(await claim_ids(queue), now=T0)
+        commits = queue.commits
+        assert await queue.cleanup(now=T0 + 100) == 10
+        assert queue.commits == commits + 6  # 2 + 2 + 1 jobs, then 2 + 2 + 1 dedupe entries
+        assert await queue.counts() == dict.fromkeys(JobState, 0)
+    finally:
+        await queue.close()
+
+
+async def test_sqlite_writes_from_two_connections(tmp_path: Path) -> None:
+    """Two queues on one file stand for two processes: claims stay disjoint."""
+    first, second = SqliteQueue(tmp_path / "queue.db"), SqliteQueue(tmp_path / "queue.db")
+    await first.open()
+    await second.open()
+    try:
+        await asyncio.gather(
+            first.enqueue([new_job(f"a{i}") for i in range(50)], now=T0),
+            second.enqueue([new_job(f"b{i}") for i in range(50)], now=T0),
+        )
+        claims = await asyncio.gather(
+            *(q.claim("klaviyo", 30, lease_seconds=LEASE, now=T0) for q in (first, second) * 2)
+        )
+        ids = [job.id for batch in claims for job in batch]
+        assert sorted(ids) == list(range(1, 101))
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    for _ in range(2):
+        queue = SqliteQueue(path)
+        await queue.open()
+        await queue.enqueue([new_job("a")], now=T0)
+        await queue.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    newer = SqliteQueue(path)
+    with pytest.raises(ConfigError, match="newer"):
+        await newer.open()
+
+
+async def test_sqlite_closed_queue_refuses_work(tmp_path: Path) -> None:
+    queue = SqliteQueue(tmp_path / "queue.db")
+    with pytest.raises(RuntimeError, match="not open"):
+        await queue.enqueue([new_job("a")])
+    await queue.open()
+    await queue.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        await queue.get(1)
+    await queue.close()  # twice is fine
+
+
+CHILD = """
+import asyncio, sys
+from router.queue import NewJob
+from router.queue.sqlite import SqliteQueue
+
+async def enqueue(queue, i):
+    job = NewJob(source="s", destination="d", message_id=f"m{i}", ordering_key=None, payload=b"{}")
+    await queue.enqueue([job])
+    sys.stdout.write(f"m{i}\\n")
+    sys.stdout.flush()
+
+async def main():
+    queue = SqliteQueue(sys.argv[1])
+    await queue.open()
+    for start in range(0, 10**9, 16):
+        await asyncio.gather(*(enqueue(queue, i) for i in range(start, start + 16)))
+
+asyncio.run(main())
+"""
+
+
+def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stderr is not None
+        acknowledged = [child.stdout.readline() for _ in range(300)]
+        child.send_signal(signal.SIGKILL)
+        acknowledged += child.stdout.readlines()
+        stderr = child.stderr.read()
+    assert child.returncode == -signal.SIGKILL, stderr
+    message_ids = {line.strip() for line in acknowledged if line.endswith("\n")}
+    assert len(message_ids) >= 300, stderr
+
+    async def stored() -> set[str]:
+        queue = SqliteQueue(path)
+        await queue.open()
+        try:
+            return {job.message_id for job in await queue.list_jobs(JobState.PENDING, limit=10**6)}
+        finally:
+            await queue.close()
+
+    assert message_ids <= asyncio.run(stored())
+
+
+# --- the SQL file loader ---------------------------------------------------------------------
+
+
+def test_sql_sections() -> None:
+    queries = sql.load("sqlite")
+    assert queries["ping"] == "SELECT 1;"
+    assert [number for number, _ in sql.migrations(queries)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("SELECT 1;\n-- name: a\n-- A.\nSELECT 1;\n", "only comments"),
+        ("-- name: a\n--\nSELECT 1;\n", "description"),
+        ("-- name: a\n-- A.\nSELECT 1;\n-- name: a\n-- A.\nSELECT 2;\n", "twice"),
+    ],
+)
+def test_sql_file_mistakes(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        sql.parse(text)
