@@ -132,24 +132,33 @@ async def test_dead_letters_do_not_count_for_dedupe(queue: Queue) -> None:
 # --- ordering --------------------------------------------------------------------------------
 
 
-async def test_ordering_key_lets_one_job_per_key_through(queue: Queue) -> None:
-    jobs = [
-        new_job("u1", key="u"),
-        new_job("u2", key="u"),
-        new_job("v1", key="v"),
-        new_job("n1"),
-        new_job("n2"),
-    ]
+async def test_consecutive_due_jobs_of_a_key_are_claimed_together_in_order(queue: Queue) -> None:
+    jobs = [new_job("u1", key="u"), new_job("u2", key="u"), new_job("v1", key="v"), new_job("n1")]
     await queue.enqueue(jobs, now=T0)
-    assert await claim_ids(queue) == [1, 3, 4, 5]
-    assert await claim_ids(queue) == []  # 2 waits while 1 is in flight
-    await queue.ack([3, 4, 5], now=T0)
+    assert await claim_ids(queue) == [1, 2, 3, 4]
 
+
+async def test_in_flight_job_blocks_later_jobs_of_its_key(queue: Queue) -> None:
+    await queue.enqueue([new_job("u1", key="u"), new_job("v1", key="v")], now=T0)
+    assert await claim_ids(queue) == [1, 2]
+    await queue.enqueue([new_job("u2", key="u"), new_job("v2", key="v"), new_job("n1")], now=T0)
+    await queue.ack([2], now=T0)
+    assert await claim_ids(queue) == [4, 5]  # u2 waits while u1 is in flight
+
+
+async def test_job_waiting_for_retry_blocks_later_jobs_of_its_key(queue: Queue) -> None:
+    await queue.enqueue([new_job("u1", key="u")], now=T0)
+    await claim_ids(queue)
+    await queue.enqueue([new_job("u2", key="u")], now=T0)
     await queue.retry(1, at=T0 + 60, error="429", now=T0 + 1)
-    assert await claim_ids(queue, now=T0 + 59) == []  # ... and while 1 is pending retry
-    assert await claim_ids(queue, now=T0 + 60) == [1]
-    await queue.ack([1], now=T0 + 61)
-    assert await claim_ids(queue, now=T0 + 61) == [2]
+    assert await claim_ids(queue, now=T0 + 59) == []  # 2 waits while 1 is pending retry
+    assert await claim_ids(queue, now=T0 + 60) == [1, 2]  # both due: together, in order
+
+
+async def test_claim_limit_never_skips_ahead_within_a_key(queue: Queue) -> None:
+    await queue.enqueue([new_job(f"u{i}", key="u") for i in range(3)], now=T0)
+    assert await claim_ids(queue, limit=2) == [1, 2]
+    assert await claim_ids(queue) == []  # 3 waits for 1 and 2
 
 
 async def test_ordering_is_per_destination(queue: Queue) -> None:
@@ -160,7 +169,7 @@ async def test_ordering_is_per_destination(queue: Queue) -> None:
 
 async def test_dead_job_stops_blocking_its_key(queue: Queue) -> None:
     await queue.enqueue([new_job("a", key="u"), new_job("b", key="u")], now=T0)
-    await claim_ids(queue)
+    await claim_ids(queue, limit=1)
     await queue.dead_letter(1, reason="422 invalid email", now=T0)
     assert await claim_ids(queue) == [2]
 
@@ -168,12 +177,12 @@ async def test_dead_job_stops_blocking_its_key(queue: Queue) -> None:
 @pytest.mark.parametrize("queue_options", [QueueOptions(hot_key_threshold=3)])
 async def test_hot_key_loses_ordering(queue: Queue) -> None:
     await queue.enqueue([new_job(f"u{i}", key="u") for i in range(3)], now=T0)
-    assert await claim_ids(queue) == [1]
-    await queue.enqueue([new_job("u3", key="u"), new_job("v0", key="v"), new_job("v1", key="v")], now=T0)
+    assert await claim_ids(queue, limit=1) == [1]
+    await queue.enqueue([new_job("u3", key="u"), new_job("v0", key="v")], now=T0)
     assert await claim_ids(queue) == [2, 3, 4, 5]  # 4 waiting for "u" > 3: anything goes
     await queue.ack([1, 2, 3], now=T0)
-    await queue.release([4], now=T0)
-    assert await claim_ids(queue) == [4]  # "u" cooled down to one job
+    await queue.enqueue([new_job("u4", key="u")], now=T0)
+    assert await claim_ids(queue) == []  # "u" cooled down: 6 waits for 4 in flight
 
 
 # --- leases, retry, release ------------------------------------------------------------------
@@ -181,9 +190,9 @@ async def test_hot_key_loses_ordering(queue: Queue) -> None:
 
 async def test_expired_lease_is_claimed_again(queue: Queue) -> None:
     await queue.enqueue([new_job("a", key="u"), new_job("b", key="u")], now=T0)
-    assert await claim_ids(queue) == [1]
+    assert await claim_ids(queue, limit=1) == [1]
     assert await claim_ids(queue, now=T0 + LEASE - 1) == []
-    again = await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0 + LEASE)
+    again = await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0 + LEASE)
     assert [(j.id, j.attempts, j.lease_expires_at) for j in again] == [(1, 0, T0 + 2 * LEASE)]
 
 
@@ -303,7 +312,11 @@ async def test_concurrent_claims_never_share_a_job(queue: Queue) -> None:
     await queue.enqueue([new_job(f"m{i}", key=f"u{i % 40}") for i in range(100)], now=T0)
     batches = await asyncio.gather(*(claim_ids(queue, limit=7) for _ in range(10)))
     claimed = [job_id for batch in batches for job_id in batch]
-    assert sorted(claimed) == list(range(1, 41))  # one per key, none twice
+    assert len(claimed) == len(set(claimed)) >= 40  # none twice
+    for key in range(40):  # a key's claimed jobs are its earliest, never one skipped
+        ids = [i for i in range(1, 101) if (i - 1) % 40 == key]
+        mine = sorted(i for i in claimed if (i - 1) % 40 == key)
+        assert mine == ids[: len(mine)]
 
 
 async def test_ping(queue: Queue) -> None:

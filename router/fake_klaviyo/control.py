@@ -3,7 +3,9 @@
 =======  ==========================  ==========================================================================
 method   path                        what
 =======  ==========================  ==========================================================================
+POST     ``/__fake__/lists``         create lists with chosen ids (``{"lists": [{"id", "name"}]}``)
 GET      ``/__fake__/state``         profiles, events, lists, memberships, subscriptions, jobs, counters
+                                     (``?summary=1``: counts only)
 GET      ``/__fake__/requests``      the request log (``?since=N`` skips the first N entries)
 POST     ``/__fake__/reset``         forget all data, counters, rate-limit windows and faults
 GET      ``/__fake__/faults``        the configured faults
@@ -15,6 +17,7 @@ POST     ``/__fake__/config``        ``{"rate_limits"?: bool, "rate_limit_scale"
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -42,7 +45,8 @@ def add_control_routes(app: web.Application, key: web.AppKey[FakeKlaviyo]) -> No
     """Register the ``/__fake__/...`` routes on ``app`` for the state stored under ``key``."""
 
     async def state(request: web.Request) -> web.Response:
-        return _json(request.app[key].to_json())
+        fake = request.app[key]
+        return _json(fake.summary() if request.query.get("summary") else fake.to_json())
 
     async def requests(request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))
@@ -84,9 +88,27 @@ def add_control_routes(app: web.Application, key: web.AppKey[FakeKlaviyo]) -> No
         return _json({"rate_limits": fake.rate_limits, "rate_limit_scale": fake.rate_limit_scale})
 
     app.router.add_get("/__fake__/state", state)
+    app.router.add_post("/__fake__/lists", _create_lists(key))
     app.router.add_get("/__fake__/requests", requests)
     app.router.add_post("/__fake__/reset", reset)
     app.router.add_get("/__fake__/faults", get_faults)
     app.router.add_post("/__fake__/faults", set_faults)
     app.router.add_delete("/__fake__/faults", clear_faults)
     app.router.add_post("/__fake__/config", config)
+
+
+def _create_lists(key: web.AppKey[FakeKlaviyo]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def create_lists(request: web.Request) -> web.Response:
+        """Create lists with chosen ids: ``{"lists": [{"id", "name", "opt_in_process"?}, ...]}``."""
+        fake = request.app[key]
+        payload = await _payload(request)
+        created = []
+        for item in payload.get("lists") or []:
+            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"] not in fake.lists:
+                fake.create_list(
+                    str(item.get("name") or item["id"]), item.get("opt_in_process"), list_id=item["id"]
+                )
+                created.append(item["id"])
+        return _json({"created": created})
+
+    return create_lists

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
+_TO_CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD)
+
+
 class IdFactory:
     """Klaviyo-looking ids, reproducible for a seed: 26-char ULID-like profile/job ids, 6-char list ids."""
 
@@ -31,8 +35,9 @@ class IdFactory:
         self._rng = random.Random(seed)
 
     def ulid(self) -> str:
-        """``01`` + 24 Crockford base-32 characters."""
-        return "01" + "".join(self._rng.choice(_CROCKFORD) for _ in range(24))
+        """``01`` + 24 Crockford base-32 characters (120 random bits)."""
+        raw = base64.b32encode(self._rng.getrandbits(120).to_bytes(15, "big")).decode()
+        return "01" + raw.translate(_TO_CROCKFORD)
 
     def list_id(self) -> str:
         """Six letters and digits, like ``Y6nRLr``."""

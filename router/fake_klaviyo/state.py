@@ -327,10 +327,14 @@ class FakeKlaviyo:
 
     # -- lists ---------------------------------------------------------------------------------------
 
-    def create_list(self, name: str, opt_in_process: str | None = None) -> KlaviyoList:
-        """A new list (double opt-in unless told otherwise)."""
+    def create_list(
+        self, name: str, opt_in_process: str | None = None, *, list_id: str | None = None
+    ) -> KlaviyoList:
+        """A new list (double opt-in unless told otherwise); ``list_id`` picks its id (tests, sandbox)."""
         stamp = now_iso()
-        new = KlaviyoList(self.ids.list_id(), name, opt_in_process or "double_opt_in", stamp, stamp)
+        new = KlaviyoList(
+            list_id or self.ids.list_id(), name, opt_in_process or "double_opt_in", stamp, stamp
+        )
         self.lists[new.id] = new
         self.memberships[new.id] = {}
         return new
@@ -375,6 +379,29 @@ class FakeKlaviyo:
 
     # -- snapshot --------------------------------------------------------------------------------------
 
+    def summary(self) -> dict[str, Any]:
+        """Counts only, for ``GET /__fake__/state?summary=1`` (cheap with many events)."""
+        return {
+            "counters": {
+                **self._counters(),
+                "profiles": len(self.profiles),
+                "events": len(self.events),
+                "lists": len(self.lists),
+                "members": sum(len(members) for members in self.memberships.values()),
+                "jobs": len(self.jobs),
+            },
+            "rate_limits": {"enabled": self.rate_limits, "scale": self.rate_limit_scale},
+        }
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "requests": len(self.requests),
+            "throttled": self.throttled,
+            "sent_early": dict(self.sent_early),
+            "duplicate_events": self.duplicate_events,
+            "global_unsubscribes": list(self.global_unsubscribes),
+        }
+
     def to_json(self) -> dict[str, Any]:
         """Everything the account holds, for ``GET /__fake__/state``."""
         return {
@@ -387,13 +414,7 @@ class FakeKlaviyo:
                 for profile_id, channels in self.subscriptions.items()
             },
             "jobs": [job.to_json() for job in self.jobs.values()],
-            "counters": {
-                "requests": len(self.requests),
-                "throttled": self.throttled,
-                "sent_early": dict(self.sent_early),
-                "duplicate_events": self.duplicate_events,
-                "global_unsubscribes": list(self.global_unsubscribes),
-            },
+            "counters": self._counters(),
             "rate_limits": {"enabled": self.rate_limits, "scale": self.rate_limit_scale},
         }
 

@@ -10,14 +10,14 @@ What delivery sends for many events at once:
 - list membership without consent → bulk import jobs with the list relationship.
 
 Profile upserts come first, then events, then list jobs, so a list job never runs before the
-upsert of its profile. Items keep their input order inside every job; when one profile is
-subscribed and unsubscribed from the same list in one batch, the jobs keep that order too.
+upsert of its profile. Items keep their input order inside every job; a profile's operations on
+one list inside one batch collapse to the last of them (same end state, fewer jobs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import orjson
@@ -204,17 +204,29 @@ _LIMITS: Final = {"subscribe": MAX_SUBSCRIBE, "unsubscribe": MAX_UNSUBSCRIBE, "l
 
 
 def _list_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
-    """One job per (round, kind, list); a profile that flips operation on a list starts a new round."""
-    groups: dict[tuple[int, str, str], list[KlaviyoRequest]] = {}
-    last: dict[tuple[str, str], tuple[int, str]] = {}
-    for request in requests:
-        list_id = _list_id(request)
-        who = orjson.dumps(_profiles_of(request)[0].get("attributes", {}), option=orjson.OPT_SORT_KEYS)
-        previous = last.get((list_id, who.decode()))
-        round_ = previous[0] + (previous[1] != request.kind) if previous else 0
-        last[(list_id, who.decode())] = (round_, request.kind)
-        groups.setdefault((round_, request.kind, list_id), []).append(request)
-    for (_, kind, _list), members in sorted(groups.items(), key=lambda kv: kv[0][0]):
+    """One job per (kind, list), after collapsing each profile's operations on a list to its last.
+
+    Subscribing then unsubscribing one profile (or the reverse) inside one batch has the same end
+    state as its last operation alone; sending only that one also spares the profile a double
+    opt-in message for a subscription it already withdrew. The superseded inputs ride along in the
+    last request's ``sources``, so they are settled by its outcome.
+    """
+    last: dict[tuple[str, str], int] = {}
+    superseded: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        who = (_list_id(request), _who(request))
+        if who in last:
+            superseded.setdefault(index, []).extend(
+                [*superseded.pop(last[who], []), *requests[last[who]].sources]
+            )
+        last[who] = index
+    groups: dict[tuple[str, str], list[KlaviyoRequest]] = {}
+    for index in sorted(last.values()):
+        request = requests[index]
+        if index in superseded:
+            request = replace(request, sources=(*superseded[index], *request.sources))
+        groups.setdefault((request.kind, _list_id(request)), []).append(request)
+    for (kind, _list), members in groups.items():
         yield from _list_job(kind, members)
 
 
@@ -230,6 +242,14 @@ def _list_job(kind: str, requests: Sequence[KlaviyoRequest]) -> Iterator[Klaviyo
             "attributes": {**template["attributes"], "profiles": {"data": [i.data for i in chunk]}},
         }
         yield _bulk(requests[0].path, {"data": data}, chunk, None)
+
+
+def _who(request: KlaviyoRequest) -> str:
+    """The profile a list request is about: its email and phone (not its ``subscriptions``, which
+    differ between a subscribe and an unsubscribe of the same profile), else all its attributes."""
+    attributes = _profiles_of(request)[0].get("attributes", {})
+    identifiers = {k: attributes[k] for k in ("email", "phone_number") if k in attributes}
+    return orjson.dumps(identifiers or attributes, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _profiles_of(request: KlaviyoRequest) -> list[dict[str, Any]]:

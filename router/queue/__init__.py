@@ -142,9 +142,10 @@ class Queue(Protocol):
     ) -> list[Job]:
         """Lease up to ``limit`` due pending jobs of a destination, oldest first.
 
-        A job is skipped while an earlier job with the same ordering key is pending or in flight,
-        unless that key has more than the hot-key threshold of jobs waiting. Jobs whose lease
-        expired count as pending.
+        A job is skipped while an earlier job with the same ordering key is in flight or waiting
+        for a retry (pending, not yet due), unless that key has more than the hot-key threshold of
+        jobs waiting; consecutive due jobs of one key are leased together, in order. Jobs whose
+        lease expired count as pending.
         """
 
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:

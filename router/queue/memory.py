@@ -67,19 +67,28 @@ class MemoryQueue:
     async def claim(
         self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
     ) -> list[Job]:
-        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order."""
+        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order.
+
+        Consecutive due jobs of one key are leased together (the batch keeps their order); a job
+        waits while an earlier job of its key is in flight or waiting for a retry.
+        """
         now = time.time() if now is None else now
         active = sorted(i for i in self._active if self._jobs[i].destination == destination)
         waiting = Counter(self._jobs[i].ordering_key for i in active)
-        heads: set[str] = set()
+        # keys with an earlier job in flight or waiting for a retry: their later jobs wait
+        blocked: set[str] = set()
         claimed: list[Job] = []
         for job_id in active:
+            if len(claimed) >= limit:
+                break
             job = self._jobs[job_id]
             key = job.ordering_key
-            blocked = key is not None and key in heads and waiting[key] <= self.options.hot_key_threshold
-            if key is not None:
-                heads.add(key)
-            if blocked or not _due(job, now) or len(claimed) >= limit:
+            ordered = key is not None and waiting[key] <= self.options.hot_key_threshold
+            if ordered and key in blocked:
+                continue
+            if not _due(job, now):
+                if key is not None:
+                    blocked.add(key)
                 continue
             claimed.append(
                 self._put(job, state=JobState.IN_FLIGHT, lease_expires_at=now + lease_seconds, updated_at=now)

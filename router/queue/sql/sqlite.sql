@@ -94,9 +94,10 @@ INSERT INTO queue_jobs (
 );
 
 -- name: claim_jobs
--- Lease the oldest due jobs of a destination, at most one per ordering key unless the key is hot.
--- A job waits while an earlier job with its ordering key is active, unless more than
--- :hot_key_threshold jobs of that key are active. RETURNING gives no order: sort by id.
+-- Lease the oldest due jobs of a destination, keeping each ordering key's order.
+-- A job waits while an earlier job with its ordering key is in flight or waiting for a retry
+-- (consecutive due jobs of one key are leased together), unless more than :hot_key_threshold
+-- jobs of that key are active. RETURNING gives no order: sort by id.
 UPDATE queue_jobs
 SET state = 'in_flight', lease_expires_at = :lease_expires_at, updated_at = :now
 WHERE id IN (
@@ -117,6 +118,10 @@ WHERE id IN (
                     AND earlier.state IN ('pending', 'in_flight')
                     AND earlier.ordering_key IS NOT NULL
                     AND earlier.id < job.id
+                    AND CASE earlier.state
+                        WHEN 'pending' THEN earlier.next_attempt_at > :now
+                        ELSE earlier.lease_expires_at > :now
+                    END
             )
             OR EXISTS (
                 SELECT 1 FROM queue_jobs AS same

@@ -1,0 +1,261 @@
+"""Delivery throughput against Klaviyo's rate limits: queue → workers → fake Klaviyo.
+
+Usage: python bench/deliver.py [--events N] [--workers N] [--queue sqlite|memory]
+
+The event mix is repeated to N events (default 100 000) with fresh messageIds and queued. A fake
+Klaviyo runs in a subprocess (its own core) enforcing Klaviyo's documented burst/steady limits per
+endpoint; the router's delivery workers run in this process until every job is settled. Printed:
+
+- achieved events/s, from the first claim to the last settle;
+- the bound: the fastest ANY client could deliver the same requests' content under those limits,
+  packing every bulk job as full as Klaviyo allows (1000 events, 10 000 profiles, 1000 subscribe /
+  100 unsubscribe profiles per job), and the achieved share of it;
+- the share of requests Klaviyo answered 429, dead letters, and this process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import resource
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from router.deliver import Deliverer, DeliverySettings
+from router.destination import Destination
+from router.identity import ordering_key
+from router.klaviyo.client import KlaviyoClient
+from router.klaviyo.spec import Endpoint, endpoint_for
+from router.mapping import load_mappings
+from router.queue import JobState, NewJob, Queue, open_queue
+from router.transform import transform
+
+DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
+#: Most items one bulk request may carry, per endpoint path (Klaviyo's documented caps).
+IDEAL_PACKING = {
+    "/api/event-bulk-create-jobs": 1000,
+    "/api/profile-bulk-import-jobs": 10_000,
+    "/api/profile-subscription-bulk-create-jobs": 1000,
+    "/api/profile-subscription-bulk-delete-jobs": 100,
+}
+BULK_OF = {
+    "/api/events": "/api/event-bulk-create-jobs",
+    "/api/profile-import": "/api/profile-bulk-import-jobs",
+}
+
+
+def messages(mix: Path, count: int) -> Iterator[dict[str, Any]]:
+    base = orjson.loads(mix.read_bytes())
+    for i in range(count):
+        message = dict(base[i % len(base)])
+        message["messageId"] = str(uuid.UUID(int=i))
+        yield message
+
+
+# ---------------------------------------------------------------- the bound
+
+
+def seconds_needed(requests: int, endpoint: Endpoint) -> float:
+    """Least time to send ``requests`` to an endpoint keeping both fixed windows.
+
+    Each minute takes at most ``steady`` requests, each second at most ``burst``; the last
+    request goes out at the start of its second, so ``n ≤ burst`` requests take 0 s.
+    """
+    if requests <= 0:
+        return 0.0
+    full_minutes, rest = divmod(requests - 1, endpoint.steady_per_minute)
+    return full_minutes * 60.0 + rest // endpoint.burst_per_second
+
+
+def bound(sample: list[dict[str, Any]], destination: Destination, total: int) -> tuple[float, dict[str, int]]:
+    """Events/s the rate limits allow for ``total`` events of this mix, with ideal packing."""
+    mappings = load_mappings(destination.mappings_dir)
+    items: Counter[tuple[str, str]] = Counter()
+    for message in sample:
+        for request in transform(message, destination, mappings):
+            path = BULK_OF.get(request.path, request.path)
+            relationships = request.body["data"].get("relationships") or {}
+            list_id = ((relationships.get("list") or {}).get("data") or {}).get("id", "")
+            items[(path, list_id)] += 1
+    scale = total / len(sample)
+    per_path: Counter[str] = Counter()
+    for (path, _list_id), count in items.items():
+        per_path[path] += math.ceil(count * scale / IDEAL_PACKING[path])
+    slowest = max(seconds_needed(n, endpoint_for("POST", path)) for path, n in per_path.items())
+    # n requests in the same second still take that second to be answered: count at least 1 s
+    return total / max(slowest, 1.0), dict(per_path)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def start_fake(port: int) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "fake-klaviyo",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/__fake__/state?summary=1") as response:
+                    if response.status == 200:
+                        return process
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    process.kill()
+    raise SystemExit("fake Klaviyo did not start")
+
+
+async def fill(queue: Queue, stream: Iterator[dict[str, Any]], destination: str) -> tuple[int, set[str]]:
+    lists: set[str] = set()
+    chunk: list[NewJob] = []
+    total = 0
+    for message in stream:
+        if message.get("type") == "group":
+            lists.add(str(message["groupId"]))
+        listed = (((message.get("traits") or {}).get("properties")) or {}).get("listId")
+        if listed:
+            lists.add(str(listed))
+        chunk.append(
+            NewJob(
+                source="bench",
+                destination=destination,
+                message_id=message["messageId"],
+                ordering_key=ordering_key(message),
+                payload=orjson.dumps(message),
+            )
+        )
+        if len(chunk) == 5000:
+            total += (await queue.enqueue(chunk)).inserted
+            chunk = []
+    if chunk:
+        total += (await queue.enqueue(chunk)).inserted
+    return total, lists
+
+
+async def run(args: argparse.Namespace) -> int:
+    port = free_port()
+    fake = await start_fake(port)
+    base_url = f"http://127.0.0.1:{port}"
+    destination = Destination(name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK")
+    sample = list(messages(args.mix, 1000))
+    events_per_s_bound, per_path = bound(sample, destination, args.events)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/queue.db" if args.queue == "sqlite" else "memory://"
+        queue = open_queue(url)
+        await queue.open()
+        try:
+            queued, lists = await fill(queue, messages(args.mix, args.events), destination.name)
+            async with aiohttp.ClientSession() as session:
+                await session.post(
+                    f"{base_url}/__fake__/lists",
+                    json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
+                )
+                settings = DeliverySettings(workers=args.workers, idle_poll=0.05)
+                timings: list[tuple[str, float, int]] = []
+                client = KlaviyoClient(
+                    session,
+                    destination,
+                    timeout=60,
+                    observe=lambda e, o, t: timings.append((e.operation_id, t, o.status)),
+                )
+                deliverer = Deliverer(queue, destination, client, settings=settings)
+                stop = asyncio.Event()
+                print(
+                    f"{queued:,} events queued ({args.queue}); {args.workers} workers; fake Klaviyo on {base_url}"
+                )
+                started = time.perf_counter()
+                task = asyncio.create_task(deliverer.run(stop))
+                counts = await wait_settled(queue, destination.name)
+                elapsed = time.perf_counter() - started
+                stop.set()
+                await task
+                async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
+                    state = await response.json()
+        finally:
+            await queue.close()
+    fake.terminate()
+    await fake.wait()
+    if os.environ.get("BENCH_DEBUG"):
+        by_op: dict[str, list[float]] = {}
+        for op, t, _ in timings:
+            by_op.setdefault(op, []).append(t)
+        for op, ts in by_op.items():
+            print(f"  {op}: {len(ts)} requests, {sum(ts):.1f} s in flight, max {max(ts):.2f} s")
+    report(args.events, elapsed, events_per_s_bound, per_path, counts, state)
+    return 0
+
+
+async def wait_settled(queue: Queue, destination: str) -> dict[JobState, int]:
+    while True:
+        counts = await queue.counts(destination)
+        if not counts.get(JobState.PENDING) and not counts.get(JobState.IN_FLIGHT):
+            return counts
+        await asyncio.sleep(0.05)
+
+
+def report(
+    events: int,
+    elapsed: float,
+    bound_rate: float,
+    per_path: dict[str, int],
+    counts: dict[JobState, int],
+    state: dict[str, Any],
+) -> None:
+    counters = state.get("counters") or {}
+    requests = int(counters.get("requests") or 0)
+    throttled = int(counters.get("throttled") or 0)
+    rate = events / elapsed
+    print(f"achieved   {rate:>10,.0f} events/s  ({elapsed:.1f} s)")
+    print(
+        f"bound      {bound_rate:>10,.0f} events/s  (ideal packing: "
+        + ", ".join(f"{n} x {p.removeprefix('/api/')}" for p, n in sorted(per_path.items()))
+        + ")"
+    )
+    print(f"share      {rate / bound_rate:>10.0%} of the bound")
+    print(f"429s       {throttled:>10} of {requests} requests ({throttled / max(requests, 1):.2%})")
+    print(f"settled    done {counts.get(JobState.DONE, 0):,}, dead {counts.get(JobState.DEAD, 0):,}")
+    print(f"fake saw   {counters.get('profiles', '?')} profiles, {counters.get('events', '?')} events")
+    print(
+        f"peak RSS   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:>10.0f} MiB (router process)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=100_000, help="events to deliver (default 100000)")
+    parser.add_argument("--workers", type=int, default=4, help="delivery workers (default 4)")
+    parser.add_argument("--queue", choices=("sqlite", "memory"), default="sqlite", help="queue backend")
+    parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix, a JSON array")
+    args = parser.parse_args()
+    os.environ.setdefault("KLAVIYO_ROUTER_LOG_LEVEL", "warning")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

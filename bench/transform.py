@@ -1,0 +1,103 @@
+"""Batch-transform throughput: the event mix, repeated, through the delivery worker's CPU path.
+
+Usage: python bench/transform.py [--events N] [--chunk N] [--mix PATH]
+
+The mix is repeated to N events (default 100 000), each copy with a fresh messageId, and stored
+as the queue stores payloads (orjson bytes). The timed loop does what a delivery worker does per
+claimed chunk: decode the payloads, transform every message, merge the results into bulk jobs,
+and serialise the bodies. One process, one core. Printed: events/s, the same figure for a
+baseline in the same run (decode + encode only: the floor any Python worker pays), and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from router.destination import Destination
+from router.errors import RouterError
+from router.klaviyo.batch import batch
+from router.klaviyo.requests import KlaviyoRequest
+from router.mapping import load_mappings
+from router.transform import transform
+
+DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
+
+
+def payloads(mix: Path, count: int) -> list[bytes]:
+    """The mix repeated to ``count`` events with fresh messageIds, as queue payloads."""
+    base = orjson.loads(mix.read_bytes())
+    out = []
+    for i in range(count):
+        message = dict(base[i % len(base)])
+        message["messageId"] = str(uuid.UUID(int=i))
+        out.append(orjson.dumps(message))
+    return out
+
+
+def chunks(items: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def worker_path(data: Sequence[bytes], destination: Destination, chunk: int) -> tuple[int, int, int]:
+    """Decode, transform, batch, serialise; returns (requests, rejected, body bytes)."""
+    mappings = load_mappings(destination.mappings_dir)
+    requests = rejected = size = 0
+    for part in chunks(data, chunk):
+        produced: list[KlaviyoRequest] = []
+        for index, payload in enumerate(part):
+            try:
+                produced.extend(transform(orjson.loads(payload), destination, mappings, index=index))
+            except RouterError:
+                rejected += 1
+        for request in batch(produced):
+            requests += 1
+            size += len(orjson.dumps(request.body))
+    return requests, rejected, size
+
+
+def baseline(data: Sequence[bytes], destination: Destination, chunk: int) -> tuple[int, int, int]:
+    """Decode and re-encode every payload: no transform."""
+    return 0, 0, sum(len(orjson.dumps(orjson.loads(p))) for p in data)
+
+
+def timed(
+    label: str, fn: Callable[[Sequence[bytes], Destination, int], tuple[int, int, int]], *args: object
+) -> tuple[float, tuple[int, int, int]]:
+    data, destination, chunk = args
+    assert isinstance(data, list) and isinstance(destination, Destination) and isinstance(chunk, int)
+    start = time.perf_counter()
+    result = fn(data, destination, chunk)
+    rate = len(data) / (time.perf_counter() - start)
+    print(f"{label:<44} {rate:>10,.0f} events/s")
+    return rate, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=100_000, help="events (default 100000)")
+    parser.add_argument("--chunk", type=int, default=1000, help="events per claimed chunk (default 1000)")
+    parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix, a JSON array")
+    args = parser.parse_args()
+    data = payloads(args.mix, args.events)
+    destination = Destination(private_key="bench", list_id="XUepkK")
+    load_mappings(None)
+    print(f"{args.events:,} events ({args.mix.name} repeated), chunks of {args.chunk}, one core")
+    base, _ = timed("baseline: decode + encode only", baseline, data, destination, args.chunk)
+    rate, (requests, rejected, size) = timed(
+        "decode + transform + batch + serialise", worker_path, data, destination, args.chunk
+    )
+    print(f"  {requests} requests ({size / 1e6:.0f} MB of bodies), {rejected} rejected")
+    print(f"  transform path runs at {rate / base:.0%} of the baseline's speed")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""Delivery workers: claim → transform → batch → send → settle, for one destination.
+
+Each claimed batch of jobs is transformed with the current mappings, merged into Klaviyo's bulk
+jobs (:mod:`router.klaviyo.batch`), sent in order (profile upserts before the list jobs that need
+them), and every job is settled by the worst outcome among the requests that carried it:
+
+- every request done → ``ack``;
+- a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
+  (never before Klaviyo's ``Retry-After``), or dead letter once attempts or age run out;
+- a permanent refusal (400, 404, 409, 413, 422) → dead letter with Klaviyo's detail; for a bulk
+  job that names items by ``source.pointer``, only those items' jobs — the others are retried at once;
+- 401/403 → the destination is paused (``/ready`` reports it), the batch's jobs are released
+  untouched, and one worker probes now and then until Klaviyo takes the key again.
+
+A message the transform refuses is dead-lettered with the reason; one with no Klaviyo equivalent
+(alias, page when off) is acknowledged as skipped. Per-profile order comes from the queue (a job
+waits while an earlier one of its profile is in flight or waiting for a retry; consecutive ones are
+leased together, in order) and from :func:`hold_back` (a profile's later jobs in a batch are retried
+behind an earlier one that is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from router.destination import Destination
+from router.errors import MappingError, Skipped, TransformError
+from router.health import PausedDestinations
+from router.klaviyo.batch import batch
+from router.klaviyo.client import KlaviyoClient, Outcome
+from router.klaviyo.requests import KlaviyoRequest
+from router.mapping import Mappings, load_mappings
+from router.queue import Job, Queue
+from router.retry import RetryPolicy
+from router.transform import transform
+
+log = structlog.get_logger("router.deliver")
+
+#: Settle states, worst last: a job takes the worst of its requests' outcomes.
+OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
+RANK: Final = {"ok": OK, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliverySettings:
+    """How hard and how patiently to deliver."""
+
+    #: Concurrent workers per destination (each sends one claimed batch at a time).
+    workers: int = 4
+    #: Jobs claimed per batch (bulk jobs carry up to 1000 events / 10 000 profiles).
+    batch_size: int = 1000
+    #: How long a claimed job stays leased before another worker may take it.
+    lease_seconds: float = 600.0
+    #: Pause between claims when the queue is empty.
+    idle_poll: float = 0.2
+    #: While a destination is paused, how often one worker tries again.
+    pause_probe: float = 30.0
+    #: Seconds to wait for Klaviyo's answer.
+    timeout: float = 30.0
+    #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
+    rate_limit_scale: float = 1.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(slots=True)
+class _Verdict:
+    """The running settle state of one claimed job."""
+
+    job: Job
+    state: int = OK
+    reason: str = ""
+    retry_after: float | None = None
+    #: Retry at once: the job was refused only because another item of its bulk job was bad.
+    innocent: bool = False
+
+    def worsen(
+        self, state: int, reason: str, retry_after: float | None = None, innocent: bool = False
+    ) -> None:
+        if state > self.state or (state == self.state == RETRY and not innocent):
+            self.state, self.reason, self.innocent = state, reason, innocent
+            if retry_after is not None:
+                self.retry_after = max(self.retry_after or 0.0, retry_after)
+
+
+@dataclass(slots=True)
+class Plan:
+    """A claimed batch turned into requests; ``verdicts[i]`` is the settle state of ``jobs[i]``."""
+
+    verdicts: list[_Verdict]
+    requests: list[KlaviyoRequest]
+    skipped: int = 0
+
+
+def plan(jobs: Sequence[Job], destination: Destination, mappings: Mappings) -> Plan:
+    """Transform every job and merge the results into bulk requests (pure)."""
+    verdicts = [_Verdict(job) for job in jobs]
+    produced: list[KlaviyoRequest] = []
+    skipped = 0
+    for index, job in enumerate(jobs):
+        try:
+            produced.extend(transform(job.message(), destination, mappings, index=index))
+        except TransformError as exc:
+            verdicts[index].worsen(DEAD, f"transform: {exc.message}")
+        except Skipped as exc:
+            verdicts[index].reason = exc.message
+            skipped += 1
+        except ValueError as exc:  # an unreadable payload
+            verdicts[index].worsen(DEAD, f"payload is not valid JSON: {exc}")
+    return Plan(verdicts, batch(produced), skipped)
+
+
+def apply_outcome(plan: Plan, request: KlaviyoRequest, outcome: Outcome) -> None:
+    """Record what one request's answer means for each job it carried."""
+    state = RANK[outcome.kind]
+    if state == OK:
+        return
+    if state == DEAD and outcome.failed_items and request.item_sources:
+        named = {s for i in outcome.failed_items for s in request.item_sources[i]}
+        for i, sources in enumerate(request.item_sources):
+            for source in sources:
+                if i in outcome.failed_items:
+                    plan.verdicts[source].worsen(DEAD, outcome.failed_items[i])
+                elif source not in named:
+                    plan.verdicts[source].worsen(
+                        RETRY,
+                        f"retried: another item of the same bulk job was refused ({outcome.detail})",
+                        innocent=True,
+                    )
+        return
+    for source in request.sources:
+        plan.verdicts[source].worsen(state, outcome.detail, outcome.retry_after)
+
+
+def hold_back(plan: Plan) -> None:
+    """Retry a profile's later jobs behind an earlier job of the batch that is retried (pure).
+
+    The queue leases consecutive jobs of one ordering key together. When an earlier one must be
+    retried, the later ones (already applied) go back too, due at once: the queue keeps them behind
+    the earlier one, and sending them again after it leaves Klaviyo as if applied in order.
+    """
+    waiting: set[str] = set()
+    for verdict in plan.verdicts:
+        key = verdict.job.ordering_key
+        if key is None:
+            continue
+        if verdict.state in (RETRY, RELEASE):
+            waiting.add(key)
+        elif verdict.state == OK and key in waiting and not verdict.reason:  # a reason: skipped
+            verdict.worsen(
+                RETRY, "retried: an earlier job of the same profile is retried first", innocent=True
+            )
+
+
+class Deliverer:
+    """Delivers one destination's queued jobs until stopped."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        destination: Destination,
+        client: KlaviyoClient,
+        *,
+        settings: DeliverySettings | None = None,
+        paused: PausedDestinations | None = None,
+        on_settled: Callable[[str, str, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.destination = destination
+        self.client = client
+        self.settings = settings or DeliverySettings()
+        self.paused = paused or PausedDestinations()
+        #: Called as ``on_settled(destination, result, count)`` with result delivered/retried/dead/skipped.
+        self._on_settled = on_settled
+        self._clock = clock
+        self._mappings: Mappings | None = None
+        self._probe = asyncio.Lock()
+        self.log = log.bind(destination=destination.name)
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the configured number of workers until ``stop`` is set."""
+        self.log.info("delivery_started", workers=self.settings.workers)
+        async with asyncio.TaskGroup() as group:
+            for n in range(self.settings.workers):
+                group.create_task(self._worker(stop, n))
+        self.log.info("delivery_stopped")
+
+    async def _worker(self, stop: asyncio.Event, number: int) -> None:
+        while not stop.is_set():
+            if self.paused.is_paused(self.destination.name):
+                # one worker at a time tries again after the probe interval; the others wait
+                if not await _sleep_unless(stop, self.settings.pause_probe) or self._probe.locked():
+                    continue
+                async with self._probe:
+                    await self.deliver_once()
+                continue
+            try:
+                done = await self.deliver_once()
+            except Exception:
+                self.log.exception("delivery_batch_failed", worker=number)
+                done = 0
+            if not done:
+                await _sleep_unless(stop, self.settings.idle_poll)
+
+    async def deliver_once(self) -> int:
+        """Claim one batch, deliver it and settle every job; returns the number of jobs claimed."""
+        jobs = await self.queue.claim(
+            self.destination.name, self.settings.batch_size, lease_seconds=self.settings.lease_seconds
+        )
+        if not jobs:
+            return 0
+        try:
+            work = plan(jobs, self.destination, self.mappings())
+            await self._send(work)
+        except BaseException:
+            await self.queue.release([job.id for job in jobs])
+            raise
+        await self._settle(work)
+        return len(jobs)
+
+    def mappings(self) -> Mappings:
+        """The current mappings: reloaded when the files change; a broken edit keeps the last good set."""
+        try:
+            self._mappings = load_mappings(self.destination.mappings_dir)
+        except MappingError as exc:
+            if self._mappings is None:
+                raise
+            self.log.error("mappings_invalid_kept_previous", error=exc.message)
+        assert self._mappings is not None
+        return self._mappings
+
+    # ------------------------------------------------------------ send and settle
+
+    async def _send(self, work: Plan) -> None:
+        for request in work.requests:
+            outcome = await self.client.send(request)
+            apply_outcome(work, request, outcome)
+            if outcome.kind == "auth":
+                self.paused.pause(self.destination.name, outcome.detail)
+                self.log.error("destination_paused", status=outcome.status, reason=outcome.detail)
+                for verdict in work.verdicts:
+                    verdict.worsen(RELEASE, outcome.detail)
+                return
+            if outcome.kind != "ok":
+                self.log.warning(
+                    "klaviyo_request_failed",
+                    path=request.path,
+                    status=outcome.status,
+                    result=outcome.kind,
+                    jobs=len(request.sources),
+                    detail=outcome.detail,
+                )
+        if self.paused.is_paused(self.destination.name):
+            self.paused.resume(self.destination.name)
+            self.log.info("destination_resumed")
+
+    async def _settle(self, work: Plan) -> None:
+        hold_back(work)
+        now = self._clock()
+        done = [v.job.id for v in work.verdicts if v.state == OK]
+        released = [v.job.id for v in work.verdicts if v.state == RELEASE]
+        if done:
+            await self.queue.ack(done)
+        if released:
+            await self.queue.release(released)
+        retried = dead = 0
+        for verdict in work.verdicts:
+            if verdict.state == RETRY:
+                if await self._retry(verdict, now):
+                    retried += 1
+                else:
+                    dead += 1
+            elif verdict.state == DEAD:
+                await self.queue.dead_letter(verdict.job.id, reason=verdict.reason)
+                self.log.warning("job_dead_lettered", **verdict.job.log_context(), reason=verdict.reason)
+                dead += 1
+        counts = {
+            "delivered": len(done) - work.skipped,
+            "skipped": work.skipped,
+            "retried": retried,
+            "dead": dead,
+        }
+        if self._on_settled is not None:
+            for result, count in counts.items():
+                if count:
+                    self._on_settled(self.destination.name, result, count)
+        self.log.info("batch_settled", jobs=len(work.verdicts), requests=len(work.requests), **counts)
+
+    async def _retry(self, verdict: _Verdict, now: float) -> bool:
+        job = verdict.job
+        attempts = job.attempts + 1
+        policy = self.settings.retry
+        if verdict.innocent:
+            at: float | None = now
+        else:
+            at = policy.decide(
+                attempts=attempts, created_at=job.created_at, now=now, retry_after=verdict.retry_after
+            )
+        if at is None:
+            reason = f"{policy.give_up_reason(attempts=attempts, created_at=job.created_at, now=now)}; last error: {verdict.reason}"
+            await self.queue.dead_letter(job.id, reason=reason)
+            self.log.warning("job_dead_lettered", **job.log_context(), reason=reason)
+            return False
+        await self.queue.retry(job.id, at=at, error=verdict.reason)
+        return True
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True when the time ran out, False when ``stop`` was set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+        return False
+    return True
