@@ -1,0 +1,381 @@
+"""The aiohttp application (:func:`build_app`) and the ``serve`` command (:func:`serve`).
+
+Routes: the ingest paths of :mod:`router.ingest`, ``GET /health`` (the process answers),
+``GET /ready`` (queue reachable, no destination paused, not shutting down), ``GET /metrics``
+(Prometheus text, the app's own registry) and the admin API of :mod:`router.admin`.
+
+Resources live in ``cleanup_ctx``: the queue is opened before the first request and closed after
+the last commit; the backpressure sampler runs in between. Extra contexts (the delivery worker)
+are entered after those and left before them, so they always see an open queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from router import __version__
+from router.admin import add_admin_routes
+from router.deliver import DeliverySettings, deliver_all
+from router.errors import ConfigError
+from router.health import Backpressure, PausedDestinations
+from router.ingest import Ingest, json_response
+from router.logs import configure_logging
+from router.metrics import Metrics
+from router.queue import Queue, open_queue
+from router.retry import RetryPolicy
+from router.sandbox import sandbox_klaviyo
+from router.settings import Settings
+
+log = structlog.get_logger("router.app")
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+SETTINGS = web.AppKey("settings", Settings)
+QUEUE: web.AppKey[Queue] = web.AppKey("queue")
+METRICS = web.AppKey("metrics", Metrics)
+PAUSED = web.AppKey("paused", PausedDestinations)
+PRESSURE = web.AppKey("pressure", Backpressure)
+INGEST = web.AppKey("ingest", Ingest)
+
+#: Seconds between two backpressure samples (queue depth, free disk); a count can scan the queue.
+SAMPLE_INTERVAL = 5.0
+#: Seconds shutdown waits for in-flight requests before cancelling them.
+SHUTDOWN_TIMEOUT = 30.0
+
+
+def build_app(
+    settings: Settings,
+    queue: Queue,
+    *,
+    paused: PausedDestinations | None = None,
+    contexts: Sequence[CleanupContext] = (),
+    manage_queue: bool = True,
+    sample_interval: float = SAMPLE_INTERVAL,
+) -> web.Application:
+    """The router's web application.
+
+    ``queue`` is opened and closed by the app unless ``manage_queue`` is False. ``paused`` is the
+    registry the delivery worker updates (a new one by default). ``contexts`` are extra cleanup
+    contexts (the delivery worker) run inside the app's own.
+    """
+    metrics = Metrics()
+    paused = paused if paused is not None else PausedDestinations(metrics)
+    pressure = Backpressure(
+        queue,
+        data_dir=settings.data_dir,
+        max_queue_depth=settings.max_queue_depth,
+        min_free_disk_bytes=settings.min_free_disk_bytes,
+        metrics=metrics,
+    )
+    ingest = Ingest(settings, queue, metrics=metrics, pressure=pressure)
+    # Ingest decompresses gzip bodies itself (capped, with JSON errors), so aiohttp must not.
+    app = web.Application(
+        client_max_size=settings.max_request_bytes + 1, handler_args={"auto_decompress": False}
+    )
+    app[SETTINGS] = settings
+    app[QUEUE] = queue
+    app[METRICS] = metrics
+    app[PAUSED] = paused
+    app[PRESSURE] = pressure
+    app[INGEST] = ingest
+    app.add_routes(ingest.routes())
+    app.add_routes([web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics_text)])
+    add_admin_routes(app, queue, settings.admin_token)
+    if manage_queue:
+        app.cleanup_ctx.append(_queue_context)
+    app.cleanup_ctx.append(_sampler_context(sample_interval))
+    app.cleanup_ctx.extend(contexts)
+    app.on_shutdown.append(_start_draining)
+    return app
+
+
+async def _queue_context(app: web.Application) -> AsyncIterator[None]:
+    queue = app[QUEUE]
+    await queue.open()
+    try:
+        yield
+    finally:
+        await app[INGEST].wait_idle()
+        await queue.close()
+
+
+def _sampler_context(interval: float) -> CleanupContext:
+    async def sampler(app: web.Application) -> AsyncIterator[None]:
+        pressure = app[PRESSURE]
+        await pressure.refresh()
+        task = asyncio.create_task(pressure.run(interval), name="backpressure-sampler")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return sampler
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[INGEST].draining = True
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: 200 while the process answers."""
+    return json_response({"status": "ok", "version": __version__})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """``GET /ready``: 200 when the queue answers and no destination is paused, else 503 with why."""
+    app = request.app
+    problems: list[str] = []
+    if app[INGEST].draining:
+        problems.append("shutting down")
+    try:
+        await app[QUEUE].ping()
+    except Exception as exc:  # any failure of the backend means "not ready"
+        problems.append(f"queue unreachable: {type(exc).__name__}: {exc}")
+    paused = app[PAUSED].snapshot()
+    problems.extend(f"destination {name} paused: {reason}" for name, reason in sorted(paused.items()))
+    overloaded = app[PRESSURE].overloaded()
+    body: dict[str, Any] = {"ready": not problems, "problems": problems, "paused": paused}
+    if overloaded:
+        body["backpressure"] = overloaded
+    return json_response(body, status=200 if not problems else 503)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    """``GET /metrics``: the app's Prometheus registry."""
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def serve(config_path: Path | None, *, host: str | None = None, port: int | None = None) -> int:
+    """Run the ingest server until SIGINT/SIGTERM; the exit status (2: unusable configuration).
+
+    Without ``config_path`` the embedded default applies (see :meth:`Settings.embedded_default`).
+    """
+    try:
+        settings = Settings.load(config_path)
+    except ConfigError as exc:
+        print(f"klaviyo-router: {exc.message}", file=sys.stderr)
+        return 2
+    settings = replace(
+        settings, host=settings.host if host is None else host, port=settings.port if port is None else port
+    )
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
+    try:
+        return asyncio.run(_serve(settings))
+    except ConfigError as exc:
+        print(f"klaviyo-router: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def delivery_settings(settings: Settings) -> DeliverySettings:
+    """The ``[delivery]`` part of the settings, as the workers take it."""
+    return DeliverySettings(
+        workers=settings.delivery_workers,
+        batch_size=settings.delivery_batch_size,
+        lease_seconds=settings.delivery_lease,
+        timeout=settings.delivery_timeout,
+        rate_limit_scale=settings.delivery_rate_limit_scale,
+        pause_probe=settings.delivery_pause_probe,
+        retry=RetryPolicy(max_attempts=settings.delivery_max_attempts, max_age=settings.delivery_max_age),
+    )
+
+
+def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
+    """The cleanup context that runs the delivery workers inside ``serve``.
+
+    None without destinations, or with ``[delivery] workers = 0`` (an ingest-only node).
+
+    On shutdown the workers finish the batch they are sending (up to :data:`SHUTDOWN_TIMEOUT`);
+    a batch still unfinished then is cancelled and its jobs are released to the queue.
+    """
+    if not settings.destinations or settings.delivery_workers == 0:
+        return ()
+
+    async def delivery(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            deliver_all(
+                app[QUEUE],
+                settings.destinations,
+                stop,
+                settings=delivery_settings(settings),
+                paused=app[PAUSED],
+                metrics=app[METRICS],
+            ),
+            name="delivery",
+        )
+        try:
+            yield
+        finally:
+            await _stop_delivery(stop, task)
+
+    return (delivery,)
+
+
+async def _stop_delivery(stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    stop.set()
+    try:
+        await asyncio.wait_for(task, SHUTDOWN_TIMEOUT)
+    except TimeoutError:
+        log.warning("delivery_stop_timed_out", seconds=SHUTDOWN_TIMEOUT)
+
+
+def work(config_path: Path | None) -> int:
+    """Run delivery workers only (``klaviyo-router work``) until SIGINT/SIGTERM."""
+    try:
+        settings = Settings.load(config_path)
+    except ConfigError as exc:
+        print(f"klaviyo-router: {exc.message}", file=sys.stderr)
+        return 2
+    if settings.delivery_workers == 0 or not settings.destinations:
+        print("klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
+    return asyncio.run(_work(settings))
+
+
+async def _work(settings: Settings) -> int:
+    queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
+    await queue.open()
+    try:
+        async with sandbox_klaviyo(settings) as (settings, sandbox_url):
+            if sandbox_url:
+                print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", flush=True)
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                deliver_all(queue, settings.destinations, stop, settings=delivery_settings(settings))
+            )
+            log.info("worker_started", destinations=[d.name for d in settings.destinations])
+            await _wait_for_signal()
+            log.info("worker_stopping")
+            await _stop_delivery(stop, task)
+    finally:
+        await queue.close()
+    log.info("worker_stopped")
+    return 0
+
+
+async def _serve(settings: Settings) -> int:
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {settings.data_dir}: {exc.strerror}") from exc
+    queue = open_queue(
+        settings.resolved_queue_url,
+        dedupe_window=settings.dedupe_window,
+        retention=settings.retention,
+        hot_key_threshold=settings.hot_key_threshold,
+    )
+    async with sandbox_klaviyo(settings) as (settings, sandbox_url):
+        app = build_app(settings, queue, contexts=delivery_contexts(settings))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        try:
+            await runner.setup()
+        except Exception as exc:
+            print(f"klaviyo-router: cannot open the queue: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+            await site.start()
+            print(banner(settings, runner.addresses, sandbox_url), flush=True)
+            log.info(
+                "server_started",
+                address=_address(runner.addresses),
+                queue=_safe_url(settings.resolved_queue_url),
+            )
+            await _wait_for_signal()
+            log.info("server_stopping")
+            app[INGEST].draining = True
+        finally:
+            await runner.cleanup()
+        log.info("server_stopped")
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _address(addresses: Sequence[Any]) -> str:
+    if not addresses:
+        return "?"
+    host, port = addresses[0][0], addresses[0][1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def banner(settings: Settings, addresses: Sequence[Any], sandbox_url: str | None) -> str:
+    """The start-up text for the operator's terminal (the one place a generated write key is shown)."""
+    lines = [
+        f"klaviyo-router {__version__} listening on {_address(addresses)}",
+        f"  queue: {_safe_url(settings.resolved_queue_url)}",
+        f"  config: {settings.config_path or 'none (embedded default)'}",
+    ]
+    lines += [f"  source {s.name} -> {', '.join(s.destinations)}" for s in settings.sources]
+    lines += [f"  destination {d.name}: {d.base_url}" for d in settings.destinations]
+    if settings.config_path is None:
+        source = settings.sources[0]
+        lines.append(
+            f"  write key of source {source.name}: {source.write_key}"
+            f"  (kept in {settings.data_dir / 'write_key'})"
+        )
+    if settings.sandbox:
+        lines.append(
+            "  SANDBOX: KLAVIYO_PRIVATE_KEY is not set, so nothing is sent to Klaviyo. "
+            + (
+                f"Events go to a fake Klaviyo at {sandbox_url}."
+                if sandbox_url
+                else "Events are queued but not delivered (no fake Klaviyo available)."
+            )
+            + " Set KLAVIYO_PRIVATE_KEY or use --config to deliver for real."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m router.app [--config FILE] [--host HOST] [--port PORT]`` (``klaviyo-router serve``)."""
+    parser = argparse.ArgumentParser(prog="python -m router.app", description="Run the ingest server.")
+    parser.add_argument("--config", type=Path, help="TOML config file (default: the embedded default)")
+    parser.add_argument("--host", help="address to listen on (KLAVIYO_ROUTER_HOST)")
+    parser.add_argument("--port", type=int, help="TCP port, 0 for any free one (KLAVIYO_ROUTER_PORT)")
+    args = parser.parse_args(argv)
+    return serve(args.config, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

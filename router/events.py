@@ -1,0 +1,245 @@
+"""The RudderStack/Segment message model: normalisation and JSON Schema validation.
+
+Ingest turns each raw event into a message in two steps:
+
+1. :func:`normalize` (never looks at more than it needs): the type comes from the path of a
+   single call, batch-level ``sentAt``/``context``/``integrations`` fill what the event lacks,
+   numeric ids become strings, ``messageId`` is generated when absent, ``receivedAt`` is stamped
+   and ``timestamp`` is derived (clock-skew corrected) when the event has none.
+2. :func:`validate` checks the result against ``router/schemas/message.json``: one definition per
+   call type, each compiled once (fastjsonschema) at import. Errors name the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import fastjsonschema
+
+from router.errors import BadEvent
+
+#: The JSON Schema of a message (draft-07), as shipped in the package.
+SCHEMA: dict[str, Any] = json.loads(
+    resources.files("router").joinpath("schemas/message.json").read_text(encoding="utf-8")
+)
+#: Call types, in the schema's order.
+TYPES: tuple[str, ...] = tuple(SCHEMA["properties"]["type"]["enum"])
+_ID_FIELDS = ("userId", "anonymousId", "groupId", "previousId")
+_BATCH_OBJECTS = ("context", "integrations")
+
+
+def is_timestamp(value: str) -> bool:
+    """True for an ISO 8601 date or date-time string (the schema's ``iso-timestamp`` format)."""
+    return parse_timestamp(value) is not None
+
+
+def parse_timestamp(value: Any) -> datetime | None:
+    """An aware datetime from an ISO 8601 string (no zone means UTC), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds: ``2026-11-20T08:00:00.246Z``."""
+    return _format_utc(moment.astimezone(UTC))
+
+
+@functools.lru_cache(maxsize=16)
+def _format_utc(moment: datetime) -> str:
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def _inline(node: Any) -> Any:
+    """``node`` with every ``#/definitions/...`` reference replaced by its target (faster code)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]])
+        return {key: _inline(value) for key, value in node.items() if key != "description"}
+    if isinstance(node, list):
+        return [_inline(item) for item in node]
+    return node
+
+
+def _compile(call_type: str) -> Callable[[Any], Any]:
+    document = {"$schema": SCHEMA["$schema"], **_inline(SCHEMA["definitions"][call_type])}
+    validator: Callable[[Any], Any] = fastjsonschema.compile(
+        document, formats={"iso-timestamp": is_timestamp}, use_default=False
+    )
+    return validator
+
+
+_VALIDATORS: dict[str, Callable[[Any], Any]] = {t: _compile(t) for t in TYPES}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDefaults:
+    """Top-level fields of a batch body that apply to every event lacking them."""
+
+    sent_at: str | None = None
+    context: Mapping[str, Any] | None = None
+    integrations: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BatchDefaults:
+        """Read ``sentAt``, ``context`` and ``integrations`` of a batch body; BadEvent if mistyped."""
+        sent_at = body.get("sentAt")
+        if sent_at is not None and not (isinstance(sent_at, str) and is_timestamp(sent_at)):
+            raise BadEvent(f'"sentAt" must be an ISO 8601 date-time string, got {_describe(sent_at)}')
+        objects: dict[str, Mapping[str, Any] | None] = {}
+        for key in _BATCH_OBJECTS:
+            value = body.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise BadEvent(f'"{key}" must be an object, got {_kind(value)}')
+            objects[key] = value or None
+        return cls(sent_at=sent_at, context=objects["context"], integrations=objects["integrations"])
+
+
+NO_DEFAULTS = BatchDefaults()
+
+
+def normalize(
+    raw: Any,
+    *,
+    path_type: str | None = None,
+    batch_defaults: BatchDefaults = NO_DEFAULTS,
+    received_at: datetime,
+    where: str = "",
+) -> dict[str, Any]:
+    """The message for a raw event (a new dict; ``raw`` is not changed).
+
+    ``path_type`` is the call type of a single-call path (it overrides the event's ``type``),
+    ``received_at`` the server's arrival time. ``writeKey`` is removed. Raises :class:`BadEvent`
+    when ``raw`` is not an object.
+    """
+    if not isinstance(raw, dict):
+        raise BadEvent(f"{_prefix(where)}an event must be a JSON object, got {_kind(raw)}")
+    message = dict(raw)
+    message.pop("writeKey", None)
+    if path_type is not None:
+        message["type"] = path_type
+    if batch_defaults is not NO_DEFAULTS:
+        _merge_defaults(message, batch_defaults)
+    for key in _ID_FIELDS:
+        value = message.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            message[key] = str(value)
+    message_id = message.get("messageId")
+    if message_id is None or message_id == "":
+        message["messageId"] = str(uuid.uuid4())
+    elif isinstance(message_id, int | float) and not isinstance(message_id, bool):
+        message["messageId"] = str(message_id)
+    received = format_timestamp(received_at)
+    message["receivedAt"] = received
+    if message.get("timestamp") in (None, ""):
+        message["timestamp"] = _timestamp(message, received_at, received)
+    return message
+
+
+def _merge_defaults(message: dict[str, Any], defaults: BatchDefaults) -> None:
+    if defaults.sent_at is not None and message.get("sentAt") in (None, ""):
+        message["sentAt"] = defaults.sent_at
+    for key, value in (("context", defaults.context), ("integrations", defaults.integrations)):
+        if value is None:
+            continue
+        own = message.get(key)
+        if own is None:
+            message[key] = dict(value)
+        elif isinstance(own, dict):
+            message[key] = {**value, **own}
+
+
+def _timestamp(message: Mapping[str, Any], received_at: datetime, received: str) -> str:
+    """``receivedAt - (sentAt - originalTimestamp)``, else ``originalTimestamp``, else ``receivedAt``."""
+    original = message.get("originalTimestamp")
+    original_at = parse_timestamp(original)
+    sent_at = parse_timestamp(message.get("sentAt"))
+    if original_at is not None and sent_at is not None:
+        return format_timestamp(received_at - (sent_at - original_at))
+    if original_at is not None:
+        return str(original)
+    return received
+
+
+def validate(message: Mapping[str, Any], *, where: str = "") -> None:
+    """Check a normalised message against the schema; :class:`BadEvent` names the field and the problem."""
+    call_type = message.get("type")
+    validator = _VALIDATORS.get(call_type) if isinstance(call_type, str) else None
+    if validator is None:
+        if call_type is None:
+            raise BadEvent(f'{_prefix(where)}"type" is required')
+        choices = ", ".join(TYPES)
+        raise BadEvent(f'{_prefix(where)}"type" must be one of {choices}, got {_describe(call_type)}')
+    try:
+        validator(message)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise BadEvent(_prefix(where) + _explain(exc, str(call_type))) from None
+
+
+def _explain(exc: fastjsonschema.JsonSchemaValueException, call_type: str) -> str:
+    name = (exc.name or "data").removeprefix("data").removeprefix(".")
+    rule = exc.rule
+    if rule == "anyOf" and not name:
+        return '"userId" or "anonymousId" is required'
+    if rule == "required":
+        missing = [
+            k for k in (exc.rule_definition or []) if not isinstance(exc.value, dict) or k not in exc.value
+        ]
+        field = missing[0] if missing else "?"
+        return f'"{field}" is required for {call_type}'
+    if rule == "type":
+        return f'"{name}" must be {_expected(exc.rule_definition)}, got {_kind(exc.value)}'
+    if rule == "minLength":
+        return f'"{name}" must not be empty'
+    if rule == "maxLength":
+        return f'"{name}" is longer than {exc.rule_definition} characters'
+    if rule == "format":
+        return f'"{name}" must be an ISO 8601 date-time string, got {_describe(exc.value)}'
+    return f'"{name or "event"}" is invalid: {exc.message}'
+
+
+_TYPE_NAMES = {"object": "an object", "string": "a string", "number": "a number", "null": "null"}
+
+
+def _expected(definition: Any) -> str:
+    kinds = [definition] if isinstance(definition, str) else list(definition or [])
+    names = [_TYPE_NAMES.get(k, k) for k in kinds if k != "null"]
+    return " or ".join(names) or "null"
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of a value, for error texts: ``a string``, ``an array``, ..."""
+    if isinstance(value, str):
+        return "a string"
+    return _describe(value)
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for error texts (a string's first 40 characters at most)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, int | float):
+        return "a number"
+    text = str(value)
+    return json.dumps(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""

@@ -1,0 +1,121 @@
+"""What ``/ready`` reports: destinations paused by delivery, and queue depth / disk pressure.
+
+:class:`PausedDestinations` is written by the delivery worker (401/403 from Klaviyo pauses a
+destination) and read by ``/ready`` and the metrics. :class:`Backpressure` samples the queue depth
+and the free disk space once a second so that ingest decides on ``503`` without a query per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import structlog
+
+from router.metrics import Metrics
+from router.queue import JobState, Queue
+
+log = structlog.get_logger("router.health")
+
+
+class PausedDestinations:
+    """Destinations delivery has paused, with the reason; thread-unsafe, event-loop only."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._paused: dict[str, str] = {}
+        self._metrics = metrics
+
+    def pause(self, destination: str, reason: str) -> None:
+        """Mark ``destination`` paused (e.g. Klaviyo answered 401/403); ``/ready`` turns 503."""
+        if destination not in self._paused:
+            log.warning("destination_paused", destination=destination, reason=reason)
+        self._paused[destination] = reason
+        if self._metrics is not None:
+            self._metrics.destination_paused.labels(destination).set(1)
+
+    def resume(self, destination: str) -> None:
+        """Clear the pause of ``destination``."""
+        if self._paused.pop(destination, None) is not None:
+            log.info("destination_resumed", destination=destination)
+        if self._metrics is not None:
+            self._metrics.destination_paused.labels(destination).set(0)
+
+    def is_paused(self, destination: str) -> bool:
+        """True while ``destination`` is paused."""
+        return destination in self._paused
+
+    def snapshot(self) -> dict[str, str]:
+        """Paused destinations and why."""
+        return dict(self._paused)
+
+
+class Backpressure:
+    """Sampled queue depth and free disk space, and whether ingest must answer 503."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        data_dir: Path,
+        max_queue_depth: int,
+        min_free_disk_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.queue = queue
+        self.data_dir = data_dir
+        self.max_queue_depth = max_queue_depth
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self.metrics = metrics
+        #: Jobs pending or in flight at the last sample.
+        self.depth = 0
+        #: Free bytes on the data folder's disk at the last sample.
+        self.disk_free: int | None = None
+        self.sampled_at = 0.0
+
+    async def refresh(self) -> None:
+        """Sample the queue depth and the free disk space now."""
+        counts = await self.queue.counts()
+        self.depth = counts.get(JobState.PENDING, 0) + counts.get(JobState.IN_FLIGHT, 0)
+        self.disk_free = _free_bytes(self.data_dir)
+        self.sampled_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth)
+            if self.disk_free is not None:
+                self.metrics.disk_free.set(self.disk_free)
+
+    def overloaded(self) -> str | None:
+        """Why new events cannot be taken now, or None."""
+        if self.depth >= self.max_queue_depth:
+            return (
+                f"the queue holds {self.depth} jobs, at its limit of {self.max_queue_depth} (max_queue_depth)"
+            )
+        if self.disk_free is not None and self.disk_free < self.min_free_disk_bytes:
+            return (
+                f"{self.disk_free} bytes free on the data disk, under {self.min_free_disk_bytes} "
+                "(min_free_disk_bytes)"
+            )
+        return None
+
+    def note_enqueued(self, jobs: int) -> None:
+        """Count jobs enqueued since the last sample, so a burst cannot overshoot the limit by much."""
+        self.depth += jobs
+
+    async def run(self, interval: float) -> None:
+        """Sample every ``interval`` seconds until cancelled; a failed sample is logged and retried."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
+                log.warning("backpressure_sample_failed", error=str(exc))
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk holding ``path`` (its nearest existing parent), None if unknown."""
+    for candidate in (path, *path.absolute().parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None

@@ -1,0 +1,494 @@
+"""HTTP ingest: ``POST /v1/{identify,track,page,screen,group,alias,batch,import}``.
+
+Per request: auth (HTTP Basic with the write key as user name, or ``writeKey`` in the body) →
+backpressure → body (gzip, size capped while reading) → JSON → per event: normalise, validate,
+size check → one queue job per destination of the source, and the rejected events as dead letters,
+committed together → answer. The answer comes only after the queue's durable commit.
+
+Answers (JSON; errors carry ``code`` and ``message``, which the RudderStack and Segment SDKs log):
+
+- ``200 {"accepted": N, "duplicates": D, "rejected": [{"index", "messageId", "error"}]}`` when at
+  least one event was accepted (rudder-sdk-python retries anything but exactly 200);
+- ``400`` with the same fields when every event was rejected, or for an unusable body;
+- ``401`` no or unknown write key; ``413`` request or single event over its limit;
+- ``503`` + ``Retry-After`` when the queue is full, the disk is nearly full, the queue fails, or
+  the server is shutting down. Never a 5xx for a client's mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+import uuid
+import zlib
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web, web_protocol
+
+from router.errors import BadEvent
+from router.events import NO_DEFAULTS, BatchDefaults, normalize, validate
+from router.health import Backpressure
+from router.identity import ordering_key
+from router.metrics import Metrics
+from router.queue import EnqueueResult, NewJob, Queue
+from router.settings import Settings, Source
+
+log = structlog.get_logger("router.ingest")
+
+#: Single-call paths: the path names the call type.
+CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+#: Batch paths: ``{"batch": [...], "sentAt"?, "context"?, "integrations"?}``.
+BATCH_PATHS = ("batch", "import")
+#: Dead-letter reasons of events rejected here start with this.
+REASON_PREFIX = "rejected at ingest: "
+
+
+class RequestRefused(Exception):
+    """The whole request is refused: answered with ``status`` and ``{"code", "message"}``."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    def response(self) -> web.Response:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return json_response(
+            {"code": self.code, "message": self.message}, status=self.status, headers=headers
+        )
+
+
+def json_response(
+    body: Mapping[str, Any], *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON response serialised with orjson."""
+    response = web.Response(body=orjson.dumps(body), status=status, headers=headers)
+    response.content_type = "application/json"
+    return response
+
+
+@dataclass(slots=True)
+class _Rejected:
+    index: int
+    message_id: str | None
+    #: What the client is told (``batch[3]: ...``).
+    error: str
+    #: The dead-letter reason (without the request-relative index).
+    reason: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _Accepted:
+    message_id: str
+    ordering_key: str | None
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _Prepared:
+    accepted: list[_Accepted] = field(default_factory=list)
+    rejected: list[_Rejected] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int
+    body: dict[str, Any]
+    source: Source
+    accepted: int
+    rejected: int
+    duplicates: int
+
+
+class Ingest:
+    """The ingest handlers of one app, with the state they share."""
+
+    def __init__(self, settings: Settings, queue: Queue, *, metrics: Metrics, pressure: Backpressure) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.metrics = metrics
+        self.pressure = pressure
+        self._sources = {source.write_key: source for source in settings.sources}
+        #: Set when shutdown starts: new requests get 503 while in-flight commits finish.
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        #: One ``request_handled`` line per request only at debug level (cheap otherwise).
+        self._log_requests = settings.log_level == "debug"
+        self._request_metrics: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def routes(self) -> list[web.RouteDef]:
+        """The ingest routes: one per call type and batch path."""
+        return [
+            web.post(f"/v1/{name}", self.handle, name=f"ingest_{name}") for name in CALL_TYPES + BATCH_PATHS
+        ]
+
+    async def wait_idle(self) -> None:
+        """Return once no commit is in flight (shutdown, before the queue is closed)."""
+        await self._idle.wait()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one ingest request (any of :data:`CALL_TYPES` and :data:`BATCH_PATHS`)."""
+        started = time.perf_counter()
+        name = request.path.rsplit("/", 1)[-1]
+        source: Source | None = None
+        try:
+            outcome = await self._ingest(request, name)
+        except RequestRefused as refused:
+            response = refused.response()
+            # A client's mistake is worth a line; 503s come in floods and are counted in the metrics.
+            (log.debug if refused.status == 503 else log.info)(
+                "request_refused", path=request.path, status=refused.status, code=refused.code
+            )
+        else:
+            source = outcome.source
+            response = json_response(outcome.body, status=outcome.status)
+            self._count(outcome, name)
+        elapsed = time.perf_counter() - started
+        self._observe(name, response.status, elapsed)
+        if self._log_requests:
+            log.debug(
+                "request_handled",
+                path=request.path,
+                status=response.status,
+                source=source.name if source else None,
+                duration_ms=round(elapsed * 1000, 3),
+            )
+        return response
+
+    # --- the steps of one request -------------------------------------------------------------
+
+    async def _ingest(self, request: web.Request, name: str) -> _Outcome:
+        if self.draining:
+            raise RequestRefused(503, "shutting_down", "the router is shutting down", retry_after=1)
+        source = self._source_from_header(request.headers.get("Authorization"))
+        overloaded = self.pressure.overloaded()
+        if overloaded:
+            raise RequestRefused(
+                503,
+                "overloaded",
+                f"not accepting events: {overloaded}",
+                retry_after=self.settings.retry_after,
+            )
+        body = await self._read_body(request)
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if source is not None:
+                await self._dead_body(source, body, f"the body is not valid JSON: {exc}")
+            raise RequestRefused(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        if source is None:
+            source = self._source_from_body(parsed)
+        if name in BATCH_PATHS:
+            events, defaults = await self._batch_events(source, parsed, body)
+            prepared = self._prepare(events, path_type=None, defaults=defaults, single=False)
+        else:
+            await self._check_single(source, parsed, body)
+            prepared = self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, single=True)
+        result = await self._commit(source, prepared)
+        return _outcome(source, prepared, result, single=name not in BATCH_PATHS)
+
+    def _source_from_header(self, header: str | None) -> Source | None:
+        if not header:
+            return None
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise RequestRefused(
+                401, "invalid_authorization", "the Authorization header is not valid HTTP Basic credentials"
+            ) from None
+        write_key = decoded.partition(":")[0]
+        if not write_key:
+            return None
+        source = self._sources.get(write_key)
+        if source is None:
+            raise RequestRefused(401, "invalid_write_key", "unknown write key (HTTP Basic user name)")
+        return source
+
+    def _source_from_body(self, parsed: Any) -> Source:
+        write_key = parsed.get("writeKey") if isinstance(parsed, dict) else None
+        if not write_key:
+            raise RequestRefused(
+                401,
+                "missing_write_key",
+                "no write key: send it as the HTTP Basic user name (empty password) or as writeKey in the body",
+            )
+        source = self._sources.get(write_key) if isinstance(write_key, str) else None
+        if source is None:
+            raise RequestRefused(401, "invalid_write_key", "unknown write key (writeKey in the body)")
+        return source
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, gunzipped when ``Content-Encoding: gzip``; 413 as soon as it passes the limit."""
+        limit = self.settings.max_request_bytes
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity", "gzip", "x-gzip"):
+            raise RequestRefused(
+                415,
+                "unsupported_encoding",
+                f"Content-Encoding {encoding!r} is not supported (use gzip or none)",
+            )
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except web.HTTPException:
+            raise
+        except (OSError, aiohttp.ClientPayloadError, web_protocol.RequestPayloadError) as exc:
+            raise RequestRefused(400, "invalid_body", f"the body could not be read: {exc}") from exc
+        body = b"".join(chunks)
+        return gunzip(body, limit) if encoding in ("gzip", "x-gzip") else body
+
+    async def _batch_events(
+        self, source: Source, parsed: Any, body: bytes
+    ) -> tuple[list[Any], BatchDefaults]:
+        if not isinstance(parsed, dict):
+            await self._dead_body(source, body, "a batch body must be a JSON object with a batch array")
+            raise RequestRefused(400, "invalid_batch", 'the body must be a JSON object: {"batch": [...]}')
+        events = parsed.get("batch")
+        if not isinstance(events, list):
+            await self._dead_body(source, body, '"batch" is missing or not an array')
+            raise RequestRefused(400, "invalid_batch", '"batch" must be an array of events')
+        if not events:
+            raise RequestRefused(400, "empty_batch", '"batch" is empty')
+        try:
+            defaults = BatchDefaults.from_body(parsed)
+        except BadEvent as exc:
+            await self._dead_body(source, body, exc.message)
+            raise RequestRefused(400, "invalid_batch", exc.message) from None
+        return events, defaults
+
+    async def _check_single(self, source: Source, parsed: Any, body: bytes) -> None:
+        limit = self.settings.max_event_bytes
+        if len(body) > limit:
+            reason = f"the event is {len(body)} bytes, over the limit of {limit} bytes (max_event_bytes)"
+            await self._dead_body(source, body, reason)
+            raise RequestRefused(413, "event_too_large", reason)
+        if not isinstance(parsed, dict):
+            await self._dead_body(source, body, "the body is not a JSON object")
+            raise RequestRefused(400, "invalid_event", "the body must be a JSON object (one event)")
+
+    def _prepare(
+        self, events: Sequence[Any], *, path_type: str | None, defaults: BatchDefaults, single: bool
+    ) -> _Prepared:
+        """Normalise, validate and serialise every event; collect the rejected ones."""
+        prepared = _Prepared()
+        received_at = datetime.now(UTC)
+        limit = self.settings.max_event_bytes
+        for index, raw in enumerate(events):
+            message: dict[str, Any] | None = None
+            try:
+                message = normalize(
+                    raw, path_type=path_type, batch_defaults=defaults, received_at=received_at
+                )
+                validate(message)
+                payload = orjson.dumps(message)
+                if len(payload) > limit:
+                    raise BadEvent(
+                        f"the event is {len(payload)} bytes, over the limit of {limit} bytes (max_event_bytes)"
+                    )
+            except (BadEvent, orjson.JSONEncodeError) as exc:
+                prepared.rejected.append(_reject(index, raw, message, exc, single=single))
+                continue
+            prepared.accepted.append(_Accepted(message["messageId"], ordering_key(message), payload))
+        return prepared
+
+    async def _commit(self, source: Source, prepared: _Prepared) -> EnqueueResult:
+        """Enqueue the accepted events and dead-letter the rejected ones, durably, in one go."""
+        jobs = [
+            NewJob(
+                source=source.name,
+                destination=destination,
+                message_id=event.message_id,
+                ordering_key=event.ordering_key,
+                payload=event.payload,
+            )
+            for event in prepared.accepted
+            for destination in source.destinations
+        ]
+        dead: dict[str, list[NewJob]] = {}
+        for rejected in prepared.rejected:
+            dead.setdefault(REASON_PREFIX + rejected.reason, []).extend(
+                _dead_jobs(source, rejected.message_id, rejected.payload)
+            )
+        writes: list[Coroutine[Any, Any, Any]] = [self.queue.add_dead(group, r) for r, group in dead.items()]
+        if jobs:
+            writes.insert(0, self.queue.enqueue(jobs))
+        results = await self._durably(writes)
+        result = results[0] if jobs else EnqueueResult(inserted=0, duplicates=0)
+        self.pressure.note_enqueued(result.inserted)
+        if self._log_requests:
+            for rejected in prepared.rejected:
+                log.debug(
+                    "event_rejected",
+                    source=source.name,
+                    index=rejected.index,
+                    message_id=rejected.message_id,
+                    error=rejected.reason,
+                )
+        return result
+
+    async def _dead_body(self, source: Source, body: bytes, reason: str) -> None:
+        """Keep an unusable request body as a dead letter (raw text, the write key masked)."""
+        text = body.decode("utf-8", errors="replace").replace(source.write_key, "***")
+        payload = orjson.dumps({"raw_body": text})
+        await self._durably([self.queue.add_dead(_dead_jobs(source, None, payload), REASON_PREFIX + reason)])
+        log.info("body_rejected", source=source.name, error=reason, bytes=len(body))
+
+    async def _durably(self, writes: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+        """Run queue writes concurrently (they share one group commit); 503 if the queue fails."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if len(writes) == 1:
+                return [await writes[0]]
+            return list(await asyncio.gather(*writes))
+        except Exception as exc:
+            log.error("queue_write_failed", error=str(exc), error_type=type(exc).__name__)
+            raise RequestRefused(
+                503,
+                "queue_unavailable",
+                "the queue could not store the events; retry later",
+                retry_after=self.settings.retry_after,
+            ) from exc
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _observe(self, name: str, status: int, elapsed: float) -> None:
+        children = self._request_metrics.get((name, status))
+        if children is None:
+            children = (
+                self.metrics.requests.labels(name, str(status)),
+                self.metrics.request_latency.labels(name),
+            )
+            self._request_metrics[name, status] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+
+    def _count(self, outcome: _Outcome, name: str) -> None:
+        """Metrics per request; one info line per batch, and per rejected single call."""
+        source = outcome.source.name
+        self.metrics.events_accepted.labels(source).inc(outcome.accepted)
+        if outcome.rejected:
+            self.metrics.events_rejected.labels(source).inc(outcome.rejected)
+        if outcome.duplicates:
+            self.metrics.events_duplicate.labels(source).inc(outcome.duplicates)
+        first_error = outcome.body["rejected"][0]["error"] if outcome.rejected else None
+        if name in BATCH_PATHS:
+            log.info(
+                "batch_accepted" if outcome.accepted else "batch_rejected",
+                source=source,
+                path=name,
+                accepted=outcome.accepted,
+                rejected=outcome.rejected,
+                duplicates=outcome.duplicates,
+                first_error=first_error,
+            )
+        elif first_error is not None:
+            log.info("event_rejected", source=source, path=name, error=first_error)
+
+
+def _too_large(limit: int) -> RequestRefused:
+    return RequestRefused(
+        413, "request_too_large", f"the request body is over the limit of {limit} bytes (max_request_bytes)"
+    )
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress gzip ``data`` (one or more members) without ever holding more than ``limit`` + 1 bytes.
+
+    Raises :class:`RequestRefused`: 413 past ``limit``, 400 for data that is not gzip or is cut short.
+    """
+    out: list[bytes] = []
+    size = 0
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            piece = inflater.decompress(data, limit + 1 - size)
+        except zlib.error as exc:
+            raise RequestRefused(
+                400, "invalid_gzip", f"the body is not valid gzip data (Content-Encoding: gzip): {exc}"
+            ) from None
+        size += len(piece)
+        if size > limit or inflater.unconsumed_tail:
+            raise _too_large(limit)
+        if not inflater.eof:
+            raise RequestRefused(400, "invalid_gzip", "the gzip body is cut short (Content-Encoding: gzip)")
+        out.append(piece)
+        data = inflater.unused_data
+    return b"".join(out)
+
+
+def _reject(
+    index: int, raw: Any, message: dict[str, Any] | None, exc: Exception, *, single: bool
+) -> _Rejected:
+    reason = exc.message if isinstance(exc, BadEvent) else f"the event cannot be stored as JSON: {exc}"
+    holder = message if message is not None else raw
+    message_id = holder.get("messageId") if isinstance(holder, dict) else None
+    message_id = str(message_id) if message_id not in (None, "") else None
+    return _Rejected(
+        index=index,
+        message_id=message_id,
+        error=reason if single else f"batch[{index}]: {reason}",
+        reason=reason,
+        payload=_dead_payload(message if message is not None else raw),
+    )
+
+
+def _dead_payload(value: Any) -> bytes:
+    """JSON bytes for a dead letter: the event when it is an object, else wrapped in ``raw_event``."""
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "writeKey"}
+    else:
+        value = {"raw_event": value}
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return orjson.dumps({"raw_text": repr(value)[:65536]})
+
+
+def _dead_jobs(source: Source, message_id: str | None, payload: bytes) -> list[NewJob]:
+    message_id = message_id or str(uuid.uuid4())
+    return [
+        NewJob(source=source.name, destination=d, message_id=message_id, ordering_key=None, payload=payload)
+        for d in source.destinations
+    ]
+
+
+def _outcome(source: Source, prepared: _Prepared, result: EnqueueResult, *, single: bool) -> _Outcome:
+    destinations = max(1, len(source.destinations))
+    accepted = len(prepared.accepted)
+    duplicates = min(accepted, result.duplicates // destinations)
+    rejected = [{"index": r.index, "messageId": r.message_id, "error": r.error} for r in prepared.rejected]
+    body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+    if accepted:
+        return _Outcome(200, body, source, accepted, len(rejected), duplicates)
+    first = prepared.rejected[0].error
+    if single:
+        body = {"code": "invalid_event", "message": first, **body}
+    else:
+        body = {"code": "all_rejected", "message": f"every event was rejected; the first: {first}", **body}
+    return _Outcome(400, body, source, 0, len(rejected), 0)

@@ -1,0 +1,289 @@
+"""Settings: the TOML file, KLAVIYO_ROUTER_* overrides, errors naming the key, the embedded default."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from router.destination import KLAVIYO_BASE_URL
+from router.errors import ConfigError
+from router.settings import ENV_VARS, SANDBOX_BASE_URL, Settings
+
+FULL = """
+data_dir = "{data_dir}"
+admin_token = "env:TEST_ADMIN_TOKEN"
+
+[server]
+host = "0.0.0.0"
+port = 9090
+
+[queue]
+url = "memory://"
+dedupe_window = 3600
+max_depth = 500
+
+[limits]
+max_request_bytes = 1000000
+max_event_bytes = 10000
+min_free_disk_bytes = 0
+retry_after = 7
+
+[log]
+level = "DEBUG"
+format = "console"
+
+[[sources]]
+name = "web"
+write_key = "env:TEST_WEB_KEY"
+destinations = ["main", "eu"]
+
+[[sources]]
+name = "backend"
+write_key = "literal-backend-key"
+destinations = "main"
+
+[[destinations]]
+name = "main"
+private_key = "pk_main_literal"
+list_id = "XyZ123"
+consent = ["email", "sms"]
+
+[[destinations]]
+name = "eu"
+privateApiKey = "env:TEST_EU_KEY"
+enforceEmailAsPrimary = true
+"""
+
+MINIMAL = """
+[[sources]]
+name = "web"
+write_key = "wk"
+destinations = ["klaviyo"]
+
+[[destinations]]
+name = "klaviyo"
+private_key = "pk"
+"""
+
+
+@pytest.fixture
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-token-value")
+    monkeypatch.setenv("TEST_WEB_KEY", "web-key-from-env")
+    monkeypatch.setenv("TEST_EU_KEY", "pk_eu_from_env")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "router.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(write(tmp_path, text), env=env or {})
+    return caught.value.message
+
+
+@pytest.mark.usefixtures("secrets_env")
+class TestConfigFile:
+    """A TOML file sets every field; env:VAR secrets are resolved."""
+
+    def test_every_section(self, tmp_path: Path) -> None:
+        """All documented keys land in the matching Settings fields."""
+        settings = Settings.load(write(tmp_path, FULL.format(data_dir=tmp_path / "d")), env={})
+        assert settings.data_dir == tmp_path / "d"
+        assert (settings.host, settings.port) == ("0.0.0.0", 9090)
+        assert (settings.queue_url, settings.dedupe_window, settings.max_queue_depth) == (
+            "memory://",
+            3600.0,
+            500,
+        )
+        assert (settings.max_request_bytes, settings.max_event_bytes) == (1_000_000, 10_000)
+        assert (settings.min_free_disk_bytes, settings.retry_after) == (0, 7)
+        assert (settings.log_level, settings.log_format) == ("debug", "console")
+        assert settings.admin_token == "admin-token-value"
+        web, backend = settings.sources
+        assert (web.name, web.write_key, web.destinations) == ("web", "web-key-from-env", ("main", "eu"))
+        assert (backend.write_key, backend.destinations) == ("literal-backend-key", ("main",))
+        main, eu = settings.destinations
+        assert (main.private_key, main.list_id, main.consent) == (
+            "pk_main_literal",
+            "XyZ123",
+            ("email", "sms"),
+        )
+        assert (eu.private_key, eu.enforce_email_as_primary, eu.base_url) == (
+            "pk_eu_from_env",
+            True,
+            KLAVIYO_BASE_URL,
+        )
+        assert settings.config_path is not None and not settings.sandbox
+
+    def test_defaults(self, tmp_path: Path) -> None:
+        """Only sources and destinations are required; the rest has documented defaults."""
+        settings = Settings.load(write(tmp_path, MINIMAL), env={})
+        assert (settings.port, settings.max_request_bytes, settings.max_event_bytes) == (
+            8080,
+            4 << 20,
+            32 << 10,
+        )
+        assert settings.dedupe_window == 24 * 3600
+        assert settings.resolved_queue_url == f"sqlite:///{(Path('data') / 'queue.db').absolute()}"
+
+    def test_secrets_stay_out_of_repr(self, tmp_path: Path) -> None:
+        """repr() shows no write key, private key or admin token; secrets() lists them all."""
+        settings = Settings.load(write(tmp_path, FULL.format(data_dir=tmp_path)), env={})
+        text = repr(settings)
+        for secret in (
+            "web-key-from-env",
+            "literal-backend-key",
+            "pk_main_literal",
+            "pk_eu_from_env",
+            "admin-token",
+        ):
+            assert secret not in text
+        assert set(settings.secrets()) == {
+            "web-key-from-env",
+            "literal-backend-key",
+            "pk_main_literal",
+            "pk_eu_from_env",
+            "admin-token-value",
+        }
+
+
+class TestEnvironment:
+    """KLAVIYO_ROUTER_* variables override the file."""
+
+    def test_overrides(self, tmp_path: Path) -> None:
+        """Env values win over the file and are parsed like it."""
+        env = {
+            "KLAVIYO_ROUTER_PORT": "7000",
+            "KLAVIYO_ROUTER_QUEUE_URL": "memory://",
+            "KLAVIYO_ROUTER_MAX_EVENT_BYTES": "2048",
+            "KLAVIYO_ROUTER_DEDUPE_WINDOW": "60.5",
+            "KLAVIYO_ROUTER_LOG_LEVEL": "warning",
+            "KLAVIYO_ROUTER_DATA_DIR": str(tmp_path / "elsewhere"),
+        }
+        settings = Settings.load(write(tmp_path, "[server]\nport = 1\n" + MINIMAL), env=env)
+        assert (settings.port, settings.queue_url, settings.max_event_bytes) == (7000, "memory://", 2048)
+        assert (settings.dedupe_window, settings.log_level) == (60.5, "warning")
+        assert settings.data_dir == tmp_path / "elsewhere"
+
+    def test_config_file_from_env(self, tmp_path: Path) -> None:
+        """KLAVIYO_ROUTER_CONFIG names the file when no path is given."""
+        path = write(tmp_path, MINIMAL)
+        settings = Settings.load(None, env={"KLAVIYO_ROUTER_CONFIG": str(path)})
+        assert settings.config_path == path and settings.sources[0].name == "web"
+
+    def test_bad_value_names_the_variable(self, tmp_path: Path) -> None:
+        """A malformed env value is reported under the variable's name."""
+        message = load_error(tmp_path, MINIMAL, env={"KLAVIYO_ROUTER_PORT": "eighty"})
+        assert message == "KLAVIYO_ROUTER_PORT: expected an integer, got 'eighty'"
+
+    def test_documented_mapping(self) -> None:
+        """Every scalar key has a variable named after its field."""
+        assert ENV_VARS["KLAVIYO_ROUTER_QUEUE_URL"] == "queue.url"
+        assert ENV_VARS["KLAVIYO_ROUTER_PORT"] == "server.port"
+        assert ENV_VARS["KLAVIYO_ROUTER_MAX_QUEUE_DEPTH"] == "queue.max_depth"
+        assert ENV_VARS["KLAVIYO_ROUTER_DATA_DIR"] == "data_dir"
+
+
+class TestErrors:
+    """Every config error names the key and the reason."""
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("colour = 'red'\n" + MINIMAL, "colour: unknown key"),
+            ("[server]\nprot = 1\n" + MINIMAL, "server.prot: unknown key"),
+            ("[server]\nport = 'x'\n" + MINIMAL, "server.port: expected an integer ≥ 0, got 'x'"),
+            ("[server]\nport = 70000\n" + MINIMAL, "server.port: expected a TCP port (0-65535)"),
+            ("server = 1\n" + MINIMAL, "server: expected a table ([server])"),
+            ("[queue]\nurl = 'redis://x'\n" + MINIMAL, "queue.url: expected sqlite:///path"),
+            (
+                "[limits]\nmax_event_bytes = 0\n" + MINIMAL,
+                "limits.max_event_bytes: expected a positive integer",
+            ),
+            ("[log]\nlevel = 'loud'\n" + MINIMAL, "log.level: expected one of debug, info, warning, error"),
+            (
+                MINIMAL.replace('write_key = "wk"', 'write_key = "env:NOT_SET_ANYWHERE"'),
+                "sources[0].write_key: environment variable NOT_SET_ANYWHERE is not set",
+            ),
+            (
+                MINIMAL.replace('["klaviyo"]', '["nope"]'),
+                "sources[0].destinations: no [[destinations]] named 'nope'",
+            ),
+            (
+                MINIMAL.replace('name = "web"\n', 'name = "web"\ncolour = 1\n'),
+                "sources[0].colour: unknown key",
+            ),
+            (MINIMAL.replace('write_key = "wk"\n', ""), "sources[0].write_key: required"),
+            (MINIMAL.replace('private_key = "pk"\n', ""), "destinations[0].private_key: required"),
+            (
+                MINIMAL.replace('private_key = "pk"', 'private_key = "pk"\nsend_page_as_track = "yes"'),
+                "destinations[0].send_page_as_track: expected true or false",
+            ),
+            (
+                MINIMAL.replace('private_key = "pk"', 'private_key = "pk"\ncolour = 1'),
+                "destinations[0]: unknown key 'colour'",
+            ),
+            (
+                MINIMAL.split("[[destinations]]")[0],
+                "destinations: at least one [[destinations]] table is required",
+            ),
+            (
+                MINIMAL + MINIMAL.split("[[destinations]]")[0].replace('"web"', '"app"'),
+                "sources[1].write_key: the same key is used by source 'web'",
+            ),
+            ("[[sources]\n", "not valid TOML"),
+        ],
+    )
+    def test_message(self, tmp_path: Path, text: str, expected: str) -> None:
+        """The ConfigError text starts with (or contains) the key path and the reason."""
+        assert expected in load_error(tmp_path, text)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """An unreadable config file is a ConfigError naming the file."""
+        with pytest.raises(ConfigError, match="cannot read the config file"):
+            Settings.load(tmp_path / "absent.toml", env={})
+
+
+class TestEmbeddedDefault:
+    """No config: SQLite in the data folder, a persisted generated write key, sandbox or real Klaviyo."""
+
+    def test_sandbox_without_private_key(self, tmp_path: Path) -> None:
+        """Without KLAVIYO_PRIVATE_KEY the one destination is the announced sandbox."""
+        settings = Settings.embedded_default(tmp_path / "data", env={})
+        assert settings.sandbox
+        (source,) = settings.sources
+        (destination,) = settings.destinations
+        assert (source.name, source.destinations, destination.name) == ("default", ("klaviyo",), "klaviyo")
+        assert destination.base_url == SANDBOX_BASE_URL
+        assert settings.resolved_queue_url == f"sqlite:///{(tmp_path / 'data' / 'queue.db').absolute()}"
+        assert settings.config_path is None
+        assert settings.secrets() == (source.write_key,)
+
+    def test_real_klaviyo_with_private_key(self, tmp_path: Path) -> None:
+        """KLAVIYO_PRIVATE_KEY makes the destination real Klaviyo."""
+        settings = Settings.embedded_default(tmp_path, env={"KLAVIYO_PRIVATE_KEY": "pk_live_1"})
+        assert not settings.sandbox
+        assert settings.destinations[0].private_key == "pk_live_1"
+        assert settings.destinations[0].base_url == KLAVIYO_BASE_URL
+
+    def test_write_key_generated_once(self, tmp_path: Path) -> None:
+        """The key is generated on first start, stored with mode 0600 and reused afterwards."""
+        first = Settings.embedded_default(tmp_path / "data", env={}).sources[0].write_key
+        again = Settings.embedded_default(tmp_path / "data", env={}).sources[0].write_key
+        key_file = tmp_path / "data" / "write_key"
+        assert first == again == key_file.read_text().strip()
+        assert len(first) >= 24
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    def test_load_without_file(self, tmp_path: Path) -> None:
+        """Settings.load(None) is the embedded default in KLAVIYO_ROUTER_DATA_DIR, with env overrides."""
+        env = {"KLAVIYO_ROUTER_DATA_DIR": str(tmp_path / "d"), "KLAVIYO_ROUTER_PORT": "0"}
+        settings = Settings.load(None, env=env)
+        assert settings.data_dir == tmp_path / "d" and settings.port == 0
+        assert (tmp_path / "d" / "write_key").exists()
