@@ -182,7 +182,7 @@ async def run(args: argparse.Namespace) -> int:
                     session,
                     destination,
                     timeout=60,
-                    observe=lambda e, o, t: timings.append((e.operation_id, t, o.status)),
+                    observe=lambda op, result, status, t: timings.append((op, t, status)),
                 )
                 deliverer = Deliverer(queue, destination, client, settings=settings)
                 stop = asyncio.Event()

@@ -8,6 +8,7 @@ reason on stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -221,9 +222,117 @@ def run_fake_klaviyo(args: argparse.Namespace) -> int:
     return run(args.host, args.port, rate_limits=not args.no_rate_limits)
 
 
+# ---------------------------------------------------------------- work
+
+
+def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "work",
+        help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
+        description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
+        "Run as many as you like against one PostgreSQL queue; with SQLite, on the same machine.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
+    p.set_defaults(run=run_work)
+
+
+def run_work(args: argparse.Namespace) -> int:
+    from router.app import work
+
+    return work(args.config)
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+def configure_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dead-letters",
+        help="list, show, retry or purge events that could not be delivered",
+        description="Dead letters are events Klaviyo refused, the transform rejected, or ingest "
+        "could not accept; each keeps its reason. A retried dead letter goes back to the queue and "
+        "is transformed again with the current mappings.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default: the embedded default's queue)")
+    actions = p.add_subparsers(title="actions", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="one line per dead letter")
+    listing.add_argument("--reason", help="only those whose reason contains TEXT")
+    listing.add_argument("--destination", help="only this destination's")
+    listing.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    listing.add_argument("--json", action="store_true", help="NDJSON instead of a table")
+    listing.set_defaults(action="list")
+    show = actions.add_parser("show", help="one dead letter with its event, as JSON")
+    show.add_argument("id", type=int)
+    show.set_defaults(action="show")
+    for name, text in (("retry", "send back to the queue"), ("purge", "delete for good")):
+        act = actions.add_parser(name, help=f"{text}: the ids given, --all, or --reason TEXT")
+        act.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+        act.add_argument("--all", action="store_true", help="every dead letter")
+        act.add_argument("--reason", help="those whose reason contains TEXT")
+        act.set_defaults(action=name)
+    p.set_defaults(run=run_dead_letters)
+
+
+def run_dead_letters(args: argparse.Namespace) -> int:
+    from router import deadletters
+    from router.queue import open_queue
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+
+    async def act() -> int:
+        queue = open_queue(settings.resolved_queue_url)
+        await queue.open()
+        try:
+            return await _dead_letter_action(args, queue, deadletters)
+        finally:
+            await queue.close()
+
+    return asyncio.run(act())
+
+
+async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters: Any) -> int:
+    if args.action == "list":
+        jobs = await deadletters.list_dead(
+            queue, limit=args.limit, reason=args.reason, destination=args.destination
+        )
+        for job in jobs:
+            row = deadletters.summary(job)
+            if args.json:
+                _emit(sys.stdout.buffer, row)
+            else:
+                what = row["event"] or row["type"] or "?"
+                print(
+                    f"{row['id']:>8}  {row['dead_since']}  {row['destination']:<12} {what!s:<24} {row['reason']}"
+                )
+        if not args.json:
+            print(f"{len(jobs)} dead letters" + (" (limit reached)" if len(jobs) == args.limit else ""))
+        sys.stdout.flush()
+        return 0
+    if args.action == "show":
+        job = await queue.get(args.id)
+        if job is None or job.state.value != "dead":
+            raise UsageError(f"no dead letter {args.id}")
+        print(orjson.dumps(deadletters.detail(job), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    selection = deadletters.Selection(tuple(args.ids), args.all, args.reason)
+    if problem := selection.problem():
+        raise UsageError(problem)
+    count = await getattr(deadletters, args.action)(queue, selection)
+    print(f"{'retried' if args.action == 'retry' else 'purged'} {count} dead letters")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-CONFIGURE = (configure_serve, configure_transform, configure_check_mappings, configure_fake_klaviyo)
+CONFIGURE = (
+    configure_serve,
+    configure_work,
+    configure_transform,
+    configure_check_mappings,
+    configure_dead_letters,
+    configure_fake_klaviyo,
+)
 
 
 def parser() -> argparse.ArgumentParser:

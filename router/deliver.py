@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import aiohttp
 import structlog
 
 from router.destination import Destination
@@ -35,8 +36,10 @@ from router.errors import MappingError, Skipped, TransformError
 from router.health import PausedDestinations
 from router.klaviyo.batch import batch
 from router.klaviyo.client import KlaviyoClient, Outcome
+from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, load_mappings
+from router.metrics import Metrics
 from router.queue import Job, Queue
 from router.retry import RetryPolicy
 from router.transform import transform
@@ -121,7 +124,8 @@ def apply_outcome(plan: Plan, request: KlaviyoRequest, outcome: Outcome) -> None
     state = RANK[outcome.kind]
     if state == OK:
         return
-    if state == DEAD and outcome.failed_items and request.item_sources:
+    items = len(request.item_sources)
+    if state == DEAD and outcome.failed_items and items and all(0 <= i < items for i in outcome.failed_items):
         named = {s for i in outcome.failed_items for s in request.item_sources[i]}
         for i, sources in enumerate(request.item_sources):
             for source in sources:
@@ -169,7 +173,7 @@ class Deliverer:
         *,
         settings: DeliverySettings | None = None,
         paused: PausedDestinations | None = None,
-        on_settled: Callable[[str, str, int], None] | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
@@ -177,11 +181,11 @@ class Deliverer:
         self.client = client
         self.settings = settings or DeliverySettings()
         self.paused = paused or PausedDestinations()
-        #: Called as ``on_settled(destination, result, count)`` with result delivered/retried/dead/skipped.
-        self._on_settled = on_settled
+        self._metrics = metrics
         self._clock = clock
         self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
+        self._last_probe = 0.0
         self.log = log.bind(destination=destination.name)
 
     # ------------------------------------------------------------ running
@@ -197,11 +201,7 @@ class Deliverer:
     async def _worker(self, stop: asyncio.Event, number: int) -> None:
         while not stop.is_set():
             if self.paused.is_paused(self.destination.name):
-                # one worker at a time tries again after the probe interval; the others wait
-                if not await _sleep_unless(stop, self.settings.pause_probe) or self._probe.locked():
-                    continue
-                async with self._probe:
-                    await self.deliver_once()
+                await self._probe_paused(stop, number)
                 continue
             try:
                 done = await self.deliver_once()
@@ -210,6 +210,19 @@ class Deliverer:
                 done = 0
             if not done:
                 await _sleep_unless(stop, self.settings.idle_poll)
+
+    async def _probe_paused(self, stop: asyncio.Event, number: int) -> None:
+        """While paused, one batch per probe interval (by whichever worker gets there first)."""
+        if not await _sleep_unless(stop, self.settings.pause_probe) or self._probe.locked():
+            return
+        if self._clock() - self._last_probe < self.settings.pause_probe:
+            return
+        async with self._probe:
+            self._last_probe = self._clock()
+            try:
+                await self.deliver_once()
+            except Exception:
+                self.log.exception("delivery_probe_failed", worker=number)
 
     async def deliver_once(self) -> int:
         """Claim one batch, deliver it and settle every job; returns the number of jobs claimed."""
@@ -283,16 +296,20 @@ class Deliverer:
                 await self.queue.dead_letter(verdict.job.id, reason=verdict.reason)
                 self.log.warning("job_dead_lettered", **verdict.job.log_context(), reason=verdict.reason)
                 dead += 1
+        skipped = sum(1 for v in work.verdicts if v.state == OK and v.reason)  # not released (401)
         counts = {
-            "delivered": len(done) - work.skipped,
-            "skipped": work.skipped,
+            "delivered": len(done) - skipped,
+            "skipped": skipped,
             "retried": retried,
             "dead": dead,
         }
-        if self._on_settled is not None:
+        if self._metrics is not None:
+            lags = [now - v.job.created_at for v in work.verdicts if v.state == OK and not v.reason]
             for result, count in counts.items():
                 if count:
-                    self._on_settled(self.destination.name, result, count)
+                    self._metrics.observe_settled(
+                        self.destination.name, result, count, lags if result == "delivered" else []
+                    )
         self.log.info("batch_settled", jobs=len(work.verdicts), requests=len(work.requests), **counts)
 
     async def _retry(self, verdict: _Verdict, now: float) -> bool:
@@ -320,3 +337,31 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
         await asyncio.wait_for(stop.wait(), seconds)
         return False
     return True
+
+
+async def deliver_all(
+    queue: Queue,
+    destinations: Sequence[Destination],
+    stop: asyncio.Event,
+    *,
+    settings: DeliverySettings | None = None,
+    paused: PausedDestinations | None = None,
+    metrics: Metrics | None = None,
+) -> None:
+    """Deliver every destination's jobs until ``stop`` is set (``serve`` and ``work`` run this)."""
+    settings = settings or DeliverySettings()
+    paused = paused or PausedDestinations()
+    connector = aiohttp.TCPConnector(limit=max(8, settings.workers * 2 * len(destinations)))
+    async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
+        for destination in destinations:
+            client = KlaviyoClient(
+                session,
+                destination,
+                limits=RateLimits(scale=settings.rate_limit_scale),
+                timeout=settings.timeout,
+                observe=metrics.observe_request if metrics is not None else None,
+            )
+            deliverer = Deliverer(
+                queue, destination, client, settings=settings, paused=paused, metrics=metrics
+            )
+            group.create_task(deliverer.run(stop))

@@ -281,6 +281,7 @@ def build_fake_app(
     max_lists: int = DEFAULT_MAX_LISTS,
     seed: int = 0,
     state: FakeKlaviyo | None = None,
+    auto_create_lists: bool = False,
 ) -> web.Application:
     """An aiohttp application emulating the Klaviyo API subset in :mod:`router.klaviyo.spec`.
 
@@ -288,7 +289,8 @@ def build_fake_app(
     enforce the documented limits, multiplied by the scale. ``clock``: seconds, for rate-limit windows and
     ``Retry-After`` bookkeeping. ``faults``: a :class:`Faults` or its JSON form (see
     :meth:`Faults.configure`). ``state``: reuse an existing :class:`FakeKlaviyo` (the other options are then
-    ignored). The state is reachable as ``app[FAKE_KLAVIYO]`` or :func:`fake_of`.
+    ignored). ``auto_create_lists``: a list id never seen before is created rather than refused (the
+    sandbox of ``serve``). The state is reachable as ``app[FAKE_KLAVIYO]`` or :func:`fake_of`.
     """
     if state is None:
         configured = faults if isinstance(faults, Faults) else Faults()
@@ -302,6 +304,7 @@ def build_fake_app(
             faults=configured,
             max_lists=max_lists,
             seed=seed,
+            auto_create_lists=auto_create_lists,
         )
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[FAKE_KLAVIYO] = state

@@ -204,6 +204,10 @@ def create_or_update_profile(call: Call) -> web.Response:
 
 def _check_lists(call: Call, references: list[tuple[str, str]]) -> list[str]:
     """The list ids of ``(pointer, id)`` references; 400 naming the pointer of any list that does not exist."""
+    if call.fake.auto_create_lists:
+        for _, list_id in references:
+            if list_id not in call.fake.lists:
+                call.fake.create_list(list_id, "single_opt_in", list_id=list_id)
     problems = [
         (pointer, f"List {list_id!r} does not exist.")
         for pointer, list_id in references

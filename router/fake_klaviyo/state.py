@@ -77,7 +77,10 @@ class FakeKlaviyo:
         faults: Faults | None = None,
         max_lists: int = DEFAULT_MAX_LISTS,
         seed: int = 0,
+        auto_create_lists: bool = False,
     ) -> None:
+        #: Create a list the first time a request names an unknown id (the sandbox), instead of 400.
+        self.auto_create_lists = auto_create_lists
         #: Accepted private keys; ``None`` accepts any ``Klaviyo-API-Key <key>``.
         self.api_keys: frozenset[str] | None = None if api_keys is None else frozenset(api_keys)
         self.rate_limits = rate_limits

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -117,7 +117,7 @@ class KlaviyoClient:
         limits: RateLimits | None = None,
         timeout: float = 30.0,
         revision: str = REVISION,
-        observe: Any = None,
+        observe: Callable[[str, str, int, float], None] | None = None,
     ) -> None:
         self._session = session
         self._base_url = destination.base_url.rstrip("/")
@@ -129,7 +129,7 @@ class KlaviyoClient:
         }
         self.limits = limits or RateLimits()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        #: Called as ``observe(endpoint, outcome, seconds)`` after every request (metrics).
+        #: Called as ``observe(operation_id, result, status, seconds)`` after every request (metrics).
         self._observe = observe
 
     async def send(self, request: KlaviyoRequest) -> Outcome:
@@ -140,7 +140,7 @@ class KlaviyoClient:
         started = time.perf_counter()
         outcome = await self._exchange(request, endpoint, window)
         if self._observe is not None:
-            self._observe(endpoint, outcome, time.perf_counter() - started)
+            self._observe(endpoint.operation_id, outcome.kind, outcome.status, time.perf_counter() - started)
         return outcome
 
     async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: Any) -> Outcome:
@@ -156,7 +156,7 @@ class KlaviyoClient:
                 window.observe(response.headers, response.status)
                 return classify(response.status, response.headers, body, request, endpoint)
         except TimeoutError:
-            return Outcome("retry", 0, f"no answer from Klaviyo within {self._timeout.total:.0f} s")
+            return Outcome("retry", 0, f"no answer from Klaviyo within {self._timeout.total:g} s")
         except aiohttp.ClientError as exc:
             return Outcome("retry", 0, f"cannot reach Klaviyo: {type(exc).__name__}: {_safe(exc)}")
         except asyncio.CancelledError:

@@ -67,7 +67,7 @@ class SlidingWindow:
         """Learn from Klaviyo's answer: ``Retry-After`` on 429, ``RateLimit-*`` otherwise."""
         now = self._clock()
         if status == 429:
-            pass
+            self.block_until(now + retry_after(headers, default=1.0))
             return
         remaining = headers.get("RateLimit-Remaining")
         reset = headers.get("RateLimit-Reset")

@@ -1,0 +1,120 @@
+"""The admin HTTP API: dead letters over HTTP, behind a bearer token of its own.
+
+=======  ==============================  ===============================================
+GET      ``/admin/dead-letters``         list (``?reason=``, ``?destination=``, ``?limit=``, ``?after=``)
+GET      ``/admin/dead-letters/{id}``    one dead letter with its event
+POST     ``/admin/dead-letters/retry``   ``{"ids": [..]}`` | ``{"all": true}`` | ``{"reason": "..."}``
+POST     ``/admin/dead-letters/purge``   the same selections
+=======  ==============================  ===============================================
+
+Every request needs ``Authorization: Bearer <admin_token>``. With no ``admin_token`` configured the
+API is off and answers 404, so it is never open by accident.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router import deadletters
+from router.queue import Queue
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token", str | None)  # type: ignore[arg-type]
+ADMIN_QUEUE: web.AppKey[Queue] = web.AppKey("admin_queue")
+
+
+def add_admin_routes(app: web.Application, queue: Queue, token: str | None) -> None:
+    """Register the admin API on ``app`` (``token`` None: every admin path answers 404)."""
+    app[ADMIN_TOKEN] = token
+    app[ADMIN_QUEUE] = queue
+    app.router.add_get("/admin/dead-letters", _guard(list_dead_letters))
+    app.router.add_get("/admin/dead-letters/{id:[0-9]+}", _guard(show_dead_letter))
+    app.router.add_post("/admin/dead-letters/retry", _guard(retry_dead_letters))
+    app.router.add_post("/admin/dead-letters/purge", _guard(purge_dead_letters))
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error(status: int, text: str) -> web.Response:
+    return _json({"error": text}, status)
+
+
+def _guard(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        token = request.app[ADMIN_TOKEN]
+        if not token:
+            return _error(404, "the admin API is off: set admin_token to turn it on")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "admin API: missing or wrong bearer token")
+        return await handler(request)
+
+    return guarded
+
+
+async def list_dead_letters(request: web.Request) -> web.StreamResponse:
+    query = request.query
+    try:
+        limit = min(int(query.get("limit", "100")), 1000)
+        after = int(query.get("after", "0"))
+    except ValueError:
+        return _error(400, "limit and after must be whole numbers")
+    jobs = await deadletters.list_dead(
+        request.app[ADMIN_QUEUE],
+        limit=limit,
+        after_id=after,
+        reason=query.get("reason"),
+        destination=query.get("destination"),
+    )
+    return _json(
+        {
+            "dead_letters": [deadletters.summary(job) for job in jobs],
+            "next_after": jobs[-1].id if jobs else None,
+        }
+    )
+
+
+async def show_dead_letter(request: web.Request) -> web.StreamResponse:
+    job = await request.app[ADMIN_QUEUE].get(int(request.match_info["id"]))
+    if job is None or job.state.value != "dead":
+        return _error(404, f"no dead letter {request.match_info['id']}")
+    return _json(deadletters.detail(job))
+
+
+async def _selection(request: web.Request) -> deadletters.Selection | web.Response:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        return _error(400, f"body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        return _error(400, "body must be a JSON object")
+    ids = body.get("ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return _error(400, '"ids" must be a list of dead-letter ids')
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        return _error(400, '"reason" must be text')
+    selection = deadletters.Selection(tuple(ids), body.get("all") is True, reason)
+    problem = selection.problem()
+    return _error(400, problem) if problem else selection
+
+
+async def retry_dead_letters(request: web.Request) -> web.StreamResponse:
+    selection = await _selection(request)
+    if isinstance(selection, web.Response):
+        return selection
+    return _json({"retried": await deadletters.retry(request.app[ADMIN_QUEUE], selection)})
+
+
+async def purge_dead_letters(request: web.Request) -> web.StreamResponse:
+    selection = await _selection(request)
+    if isinstance(selection, web.Response):
+        return selection
+    return _json({"purged": await deadletters.purge(request.app[ADMIN_QUEUE], selection)})
