@@ -164,10 +164,9 @@ def e164(raw: str, region: str | None, where: str = "phone") -> str:
     except phonenumbers.NumberParseException:
         raise error from None
     formatted: str = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    if stripped.startswith("+"):
-        if formatted != stripped:
-            raise error
-    elif not phonenumbers.is_possible_number(parsed):
+    if stripped.startswith("+") and formatted != stripped:
+        raise error
+    if not phonenumbers.is_possible_number(parsed):
         raise error
     return formatted
 
@@ -344,21 +343,26 @@ class FieldSet:
     def _generate(self) -> Callable[[Holders, Context], dict[str, Any]]:
         env: dict[str, Any] = {"MISSING": MISSING, "TransformError": TransformError}
         slots = sorted({slot for field in self.fields for slot, _, _ in field.sources})
+        targets = {field.target for field in self.fields}
         lines = ["def run(h, ctx):", "    out = {}"]
         lines += [f"    g{slot} = h[{slot}].get" for slot in slots]
         for n, field in enumerate(self.fields):
             env[f"f{n}"] = field
             env[f"c{n}"] = field.convert
-            lines.extend(_field_lines(n, field))
+            nested = any(field.target[:i] in targets for i in range(1, len(field.target)))
+            lines.extend(_field_lines(n, field, nested))
         lines.append("    return out")
         run: Callable[[Holders, Context], dict[str, Any]] = _define(lines, "run", env)
         return run
 
 
-def _field_lines(n: int, field: Field) -> list[str]:
-    """Source lookups nested so the branch that finds a value knows its path as a literal."""
+def _field_lines(n: int, field: Field, nested: bool = False) -> list[str]:
+    """Source lookups nested so the branch that finds a value knows its path as a literal.
+
+    ``nested``: another field of the set writes the object this one goes into (see :func:`_store_lines`).
+    """
     if field.literal is not MISSING:
-        return [f"    x = f{n}.literal", *_store_lines(field.target, "    ")]
+        return [f"    x = f{n}.literal", *_store_lines(field.target, "    ", nested)]
     if not field.sources:
         return []
     lines: list[str] = []
@@ -366,11 +370,11 @@ def _field_lines(n: int, field: Field) -> list[str]:
     for slot, key, where in field.sources:
         lines.append(f"{indent}v = g{slot}({key!r})")
         lines.append(f"{indent}if v is not None and v != '':")
-        lines.extend(_convert_lines(n, field, where, indent + "    "))
+        lines.extend(_convert_lines(n, field, where, indent + "    ", nested))
         lines.append(f"{indent}else:")
         indent += "    "
     if field.default is not MISSING:
-        lines += [f"{indent}x = f{n}.default", *_store_lines(field.target, indent)]
+        lines += [f"{indent}x = f{n}.default", *_store_lines(field.target, indent, nested)]
     elif field.required is not None:
         lines.append(f"{indent}raise TransformError(f{n}.required)")
     else:
@@ -378,7 +382,7 @@ def _field_lines(n: int, field: Field) -> list[str]:
     return lines
 
 
-def _convert_lines(n: int, field: Field, where: str, indent: str) -> list[str]:
+def _convert_lines(n: int, field: Field, where: str, indent: str, nested: bool = False) -> list[str]:
     if field.each is not None:
         convert = f"f{n}._convert(v, {where!r}, ctx)"
     elif field.convert is _as_any:
@@ -387,19 +391,28 @@ def _convert_lines(n: int, field: Field, where: str, indent: str) -> list[str]:
         convert = f"v if v.__class__ is str else c{n}(v, {where!r}, ctx)"
     else:
         convert = f"c{n}(v, {where!r}, ctx)"
-    store = _store_lines(field.target, indent + "    ")
+    store = _store_lines(field.target, indent + "    ", nested)
     if field.convert in (_as_any, _as_string) and field.each is None:
-        return [f"{indent}x = {convert}", *_store_lines(field.target, indent)]
+        return [f"{indent}x = {convert}", *_store_lines(field.target, indent, nested)]
     return [f"{indent}x = {convert}", f"{indent}if x is not MISSING:", *store]
 
 
-def _store_lines(target: Path_, indent: str) -> list[str]:
-    """``out[a][b]... = x``, creating the nested objects on the way."""
+def _store_lines(target: Path_, indent: str, nested: bool = False) -> list[str]:
+    """``out[a][b]... = x``, creating the nested objects on the way.
+
+    With ``nested`` another field stores a value at a prefix of ``target``: that value may be an
+    object of the message (copied, never written into) or not an object at all (replaced).
+    """
     if len(target) == 1:
         return [f"{indent}out[{target[0]!r}] = x"]
     lines = [f"{indent}o = out"]
     for key in target[:-1]:
-        lines.append(f"{indent}o = o.get({key!r}) or o.setdefault({key!r}, {{}})")
+        if nested:
+            lines.append(f"{indent}p = o.get({key!r})")
+            lines.append(f"{indent}p = o[{key!r}] = dict(p) if p.__class__ is dict else {{}}")
+            lines.append(f"{indent}o = p")
+        else:
+            lines.append(f"{indent}o = o.get({key!r}) or o.setdefault({key!r}, {{}})")
     lines.append(f"{indent}o[{target[-1]!r}] = x")
     return lines
 
@@ -541,13 +554,26 @@ def mapping_files(user_dir: Path | None = None) -> dict[str, Path]:
 
 
 def load_mappings(user_dir: Path | None = None) -> Mappings:
-    """Load, validate and compile the built-in mappings extended by ``user_dir``."""
-    return _load_cached(user_dir.resolve() if user_dir is not None else None)
+    """Load, validate and compile the built-in mappings extended by ``user_dir``.
+
+    Compiled sets are cached by the files' names, sizes and modification times, so calling this
+    again is cheap and picks up edited files (a worker always transforms with the current ones).
+    """
+    files = mapping_files(user_dir.resolve() if user_dir is not None else None)
+    return _load_cached(tuple((name, path, _stamp(path)) for name, path in files.items()))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
+    return stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(user_dir: Path | None) -> Mappings:
-    files = mapping_files(user_dir)
+def _load_cached(signature: tuple[tuple[str, Path, tuple[int, int]], ...]) -> Mappings:
+    files = {name: path for name, path, _ in signature}
     documents: dict[str, Any] = {}
     for name, path in files.items():
         document = read_document(path)

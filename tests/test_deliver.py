@@ -1,0 +1,755 @@
+"""Delivery end to end: a real queue (every backend) → Deliverer → KlaviyoClient → the fake Klaviyo on loopback.
+
+Each test drives the deliverer one batch at a time with ``deliver_once`` (or runs its workers), so every
+step is observable: what the fake received, and the state, attempts and error of every job. Retries
+use a fast policy (tens of milliseconds); the one real wait is the 1-second ``Retry-After`` of a 429.
+The pure parts, :func:`plan`, :func:`apply_outcome` and :func:`hold_back`, are tested without HTTP
+at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from pytest_aiohttp import AiohttpServer
+
+from router.deliver import (
+    DEAD,
+    OK,
+    RELEASE,
+    RETRY,
+    Deliverer,
+    DeliverySettings,
+    apply_outcome,
+    hold_back,
+    plan,
+)
+from router.destination import Destination
+from router.fake_klaviyo import FakeKlaviyo, FakeKlaviyoServer, build_fake_app, fake_of
+from router.health import PausedDestinations
+from router.identity import ordering_key
+from router.klaviyo.batch import batch
+from router.klaviyo.client import KlaviyoClient, Outcome
+from router.klaviyo.requests import KlaviyoRequest
+from router.mapping import load_mappings
+from router.metrics import Metrics
+from router.queue import Job, JobState, NewJob, Queue
+from router.retry import RetryPolicy
+from router.transform import transform
+
+DEST = "klaviyo"
+LIST_ID = "XUepkK"
+KEY = "pk_test_0123456789abcdef"
+#: Retries due within tens of milliseconds, so a test can wait for them.
+FAST = RetryPolicy(base_delay=0.02, max_delay=0.05)
+SETTINGS = DeliverySettings(
+    workers=3, batch_size=100, idle_poll=0.01, pause_probe=0.05, timeout=5.0, retry=FAST
+)
+PENDING, IN_FLIGHT, DONE, DEAD_STATE = JobState.PENDING, JobState.IN_FLIGHT, JobState.DONE, JobState.DEAD
+
+
+# -- messages --------------------------------------------------------------------------------------------------
+
+
+def identify(user: str, email: str, message_id: str, **traits: Any) -> dict[str, Any]:
+    return {"type": "identify", "userId": user, "messageId": message_id, "traits": {"email": email, **traits}}
+
+
+def track(user: str, event: str, message_id: str, **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": user,
+        "event": event,
+        "messageId": message_id,
+        "timestamp": "2025-03-01T10:00:00Z",
+        "properties": {"email": f"{user}@example.com", **properties},
+    }
+
+
+def group(user: str, email: str, list_id: str, message_id: str) -> dict[str, Any]:
+    return {
+        "type": "group",
+        "userId": user,
+        "groupId": list_id,
+        "messageId": message_id,
+        "traits": {"email": email, "subscribe": True},
+    }
+
+
+# -- the rig ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    """A real queue and the fake Klaviyo over loopback, deliverers wired to both, and what they settled."""
+
+    queue: Queue
+    fake: FakeKlaviyo
+    url: str
+    session: aiohttp.ClientSession
+    paused: PausedDestinations = field(default_factory=PausedDestinations)
+    prometheus: Metrics = field(default_factory=Metrics)
+
+    def destination(self, mappings_dir: Path | None = None) -> Destination:
+        return Destination(name=DEST, private_key=KEY, base_url=self.url, mappings_dir=mappings_dir)
+
+    def deliverer(
+        self, settings: DeliverySettings = SETTINGS, *, mappings_dir: Path | None = None
+    ) -> Deliverer:
+        destination = self.destination(mappings_dir)
+        client = KlaviyoClient(self.session, destination, timeout=settings.timeout)
+        return Deliverer(
+            self.queue, destination, client, settings=settings, paused=self.paused, metrics=self.prometheus
+        )
+
+    @property
+    def settled(self) -> Counter[str]:
+        """Jobs settled per result, as the ``router_jobs_settled`` metric counts them."""
+        counts: Counter[str] = Counter()
+        for result in ("delivered", "skipped", "retried", "dead"):
+            value = self.prometheus.registry.get_sample_value(
+                "router_jobs_settled_total", {"destination": DEST, "result": result}
+            )
+            if value:
+                counts[result] = int(value)
+        return counts
+
+    async def enqueue(self, *messages: dict[str, Any]) -> list[int]:
+        """Enqueue messages the way ingest does; their job ids, in order."""
+        jobs = [
+            NewJob(
+                source="web",
+                destination=DEST,
+                message_id=message["messageId"],
+                ordering_key=ordering_key(message),
+                payload=orjson.dumps(message),
+            )
+            for message in messages
+        ]
+        return await self.enqueue_jobs(jobs)
+
+    async def enqueue_jobs(self, jobs: Sequence[NewJob]) -> list[int]:
+        result = await self.queue.enqueue(jobs)
+        assert result.inserted == len(jobs)
+        ids = {job.message_id: job.id for job in await self.queue.list_jobs(PENDING, limit=10_000)}
+        return [ids[job.message_id] for job in jobs]
+
+    async def job(self, job_id: int) -> Job:
+        found = await self.queue.get(job_id)
+        assert found is not None
+        return found
+
+    async def states(self, ids: Sequence[int]) -> list[JobState]:
+        return [(await self.job(job_id)).state for job_id in ids]
+
+    async def until_due(self, ids: Sequence[int]) -> None:
+        """Wait (a few milliseconds with :data:`FAST`) until every job's next attempt is due."""
+        due = max([(await self.job(job_id)).next_attempt_at for job_id in ids])
+        await asyncio.sleep(max(0.0, due - time.time()) + 0.005)
+
+    def statuses(self) -> list[int]:
+        return [record.status for record in self.fake.requests]
+
+    def metrics(self) -> Counter[str]:
+        return Counter(event.metric for event in self.fake.events)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[object] | object], expected: object = True, *, within: float = 5.0
+) -> None:
+    """Poll ``probe`` (sync or async) until it returns ``expected``."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value == expected:
+            return
+        assert time.monotonic() < deadline, f"still {value!r}, wanted {expected!r}"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def rig(queue: Queue, fake_klaviyo: FakeKlaviyoServer, session: aiohttp.ClientSession) -> Rig:
+    """The shared fake (rate-limit windows on a manual clock) with list :data:`LIST_ID`."""
+    assert fake_klaviyo.api_key == KEY
+    fake_klaviyo.state.create_list("Newsletter", list_id=LIST_ID)
+    return Rig(queue, fake_klaviyo.state, fake_klaviyo.url, session)
+
+
+@pytest.fixture
+async def realtime_rig(queue: Queue, aiohttp_server: AiohttpServer, session: aiohttp.ClientSession) -> Rig:
+    """A fake on the real monotonic clock, the one the client's pacing uses: Retry-After is real time."""
+    app = build_fake_app(api_keys=[KEY], clock=time.monotonic)
+    server = await aiohttp_server(app)
+    return Rig(queue, fake_of(app), str(server.make_url("")).rstrip("/"), session)
+
+
+# -- classifications -------------------------------------------------------------------------------------------
+
+
+async def test_happy_path_delivers_what_transform_and_batch_say(rig: Rig) -> None:
+    messages = [
+        identify(
+            "u1", "a@example.com", "m1", firstName="Ada", properties={"listId": LIST_ID, "subscribe": True}
+        ),
+        identify("u2", "b@example.com", "m2", phone="+14155550123", plan="pro"),
+        track("u3", "Product Added", "m3", value=9.5, name="Socks", product_id="p-1"),
+        track("u4", "Order Completed", "m4", revenue=42.0, currency="EUR"),
+        group("u5", "e@example.com", LIST_ID, "m5"),
+        {"type": "screen", "userId": "u6", "name": "Home", "messageId": "m6"},
+    ]
+    ids = await rig.enqueue(*messages)
+    assert await rig.deliverer().deliver_once() == len(messages)
+
+    assert await rig.states(ids) == [DONE] * len(messages)
+    assert rig.settled == {"delivered": len(messages)}
+    # the fake received exactly the requests the pure pipeline makes of these messages ...
+    expected = batch(
+        chain.from_iterable(transform(m, rig.destination(), index=i) for i, m in enumerate(messages))
+    )
+    assert [(r.method, r.path, r.json) for r in rig.fake.requests] == [
+        (q.method, q.path, q.body) for q in expected
+    ]
+    assert [r.path for r in rig.fake.requests] == [
+        "/api/profile-bulk-import-jobs",
+        "/api/event-bulk-create-jobs",
+        "/api/profile-subscription-bulk-create-jobs",
+    ]
+    assert all(200 <= status < 300 for status in rig.statuses())
+    # ... and holds what they mean
+    fake = rig.fake
+    ada = fake.find_profile(external_id="u1")
+    assert ada is not None and ada.attributes["email"] == "a@example.com"
+    assert ada.attributes["first_name"] == "Ada"
+    bob = fake.find_profile(email="b@example.com")
+    assert bob is not None and bob.attributes["phone_number"] == "+14155550123"
+    assert bob.attributes["properties"] == {"plan": "pro"}
+    assert {(e.metric, e.unique_id, e.value) for e in fake.events} == {
+        ("Added to Cart", "m3", 9.5),
+        ("Order Completed", "m4", 42.0),
+        ("Home", "m6", None),
+    }
+    [cart] = fake.events_for(metric="Added to Cart", external_id="u3")
+    assert cart.properties["AddedItemProductName"] == "Socks"
+    eve = fake.find_profile(email="e@example.com")
+    assert eve is not None
+    assert fake.consent(ada.id) == fake.consent(eve.id) == "SUBSCRIBED"
+    assert fake.consent(bob.id) == "NEVER_SUBSCRIBED"
+    assert fake.members(LIST_ID) == [ada.id, eve.id]
+    assert fake.duplicate_events == 0
+
+
+async def test_429_retry_after_is_never_sent_early(realtime_rig: Rig) -> None:
+    rig = realtime_rig
+    rig.fake.script("create_event", [{"status": 429, "retry_after": 1}])
+    first, second = await rig.enqueue(track("ua", "Viewed", "m1"), track("ub", "Viewed", "m2"))
+    deliverer = rig.deliverer(DeliverySettings(batch_size=1, retry=FAST))
+
+    before = time.time()
+    assert await deliverer.deliver_once() == 1  # the first job: 429, Retry-After 1
+    job = await rig.job(first)
+    assert (job.state, job.attempts) == (PENDING, 1)
+    assert job.last_error is not None and job.last_error.startswith("Klaviyo 429 on POST /api/events")
+    assert job.next_attempt_at >= before + 1.0
+
+    # the queue holds the throttled job back; the limiter holds back the other job to that endpoint
+    assert await deliverer.deliver_once() == 1
+    assert await rig.states([first, second]) == [PENDING, DONE]
+
+    await rig.until_due([first])
+    assert await deliverer.deliver_once() == 1
+    assert await rig.states([first, second]) == [DONE, DONE]
+    assert (await rig.job(first)).attempts == 1
+
+    throttled, *later = rig.fake.requests
+    assert [throttled.status] + [r.status for r in later] == [429, 202, 202]
+    assert all(r.at >= throttled.at + 1.0 for r in later)
+    assert (rig.fake.throttled, rig.fake.sent_early_total) == (1, 0)
+    assert sorted(e.unique_id for e in rig.fake.events) == ["m1", "m2"]
+    assert rig.settled == {"retried": 1, "delivered": 2}
+
+
+async def test_5xx_is_retried_with_backoff_then_delivered(rig: Rig) -> None:
+    rig.fake.script("POST /api/events", [503, 502])
+    [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+    deliverer = rig.deliverer()
+
+    for attempt, status in enumerate([503, 502], start=1):
+        before = time.time()
+        assert await deliverer.deliver_once() == 1
+        job = await rig.job(job_id)
+        assert (job.state, job.attempts) == (PENDING, attempt)
+        assert job.last_error is not None and job.last_error.startswith(
+            f"Klaviyo {status} on POST /api/events"
+        )
+        ceiling = FAST.base_delay * 2 ** (attempt - 1)
+        assert before + ceiling / 2 <= job.next_attempt_at <= time.time() + ceiling
+        await rig.until_due([job_id])
+
+    assert await deliverer.deliver_once() == 1
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts) == (DONE, 2)
+    assert rig.statuses() == [503, 502, 202]
+    assert [e.unique_id for e in rig.fake.events] == ["m1"]
+    assert rig.settled == {"retried": 2, "delivered": 1}
+
+
+async def test_400_dead_letters_with_klaviyos_detail(rig: Rig) -> None:
+    bad, good = await rig.enqueue(
+        identify("u1", "a@example.com", "m1", properties={"listId": "NoSuch", "subscribe": True}),
+        track("u2", "Viewed", "m2"),
+    )
+    assert await rig.deliverer().deliver_once() == 2
+
+    job = await rig.job(bad)
+    assert (job.state, job.attempts) == (DEAD_STATE, 1)
+    assert job.last_error == (
+        "Klaviyo 400 on POST /api/profile-subscription-bulk-create-jobs: "
+        "invalid: List 'NoSuch' does not exist. (at /data/relationships/list/data/id)"
+    )
+    assert (await rig.job(good)).state == DONE
+    assert [j.id for j in await rig.queue.list_jobs(DEAD_STATE)] == [bad]
+    assert rig.settled == {"dead": 1, "delivered": 1}
+
+
+async def test_partial_bulk_failure_dead_letters_only_the_named_items(rig: Rig) -> None:
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"m{n}") for n in range(4)))
+    rig.fake.fail_bulk_items("bulk_create_events", indices=[1, 3], detail="Invalid email domain.")
+    deliverer = rig.deliverer()
+
+    assert await deliverer.deliver_once() == 4
+    assert await rig.states(ids) == [PENDING, DEAD_STATE, PENDING, DEAD_STATE]
+    for n in (1, 3):
+        assert (await rig.job(ids[n])).last_error == (
+            f"Klaviyo 400: invalid: Invalid email domain. (at /data/attributes/events-bulk-create/data/{n})"
+        )
+    for n in (0, 2):
+        job = await rig.job(ids[n])
+        assert job.attempts == 1 and job.next_attempt_at <= time.time()  # retried at once
+        assert job.last_error is not None
+        assert job.last_error.startswith(
+            "retried: another item of the same bulk job was refused (Klaviyo 400"
+        )
+
+    assert await deliverer.deliver_once() == 2
+    assert await rig.states(ids) == [DONE, DEAD_STATE, DONE, DEAD_STATE]
+    assert rig.statuses() == [400, 202]
+    assert sorted(e.unique_id for e in rig.fake.events) == ["m0", "m2"]
+    assert rig.fake.duplicate_events == 0
+    assert rig.settled == {"dead": 2, "retried": 2, "delivered": 2}
+
+
+async def test_partial_bulk_profile_import_failure_dead_letters_only_that_profile(rig: Rig) -> None:
+    ids = await rig.enqueue(
+        identify("u0", "a@example.com", "m0"),
+        identify("u1", "bad@example.com", "m1"),
+        identify("u2", "c@example.com", "m2"),
+    )
+    rig.fake.fail_bulk_items("bulk_import_profiles", values=["bad@example.com"], detail="Invalid email.")
+    deliverer = rig.deliverer()
+
+    assert await deliverer.deliver_once() == 3
+    assert await rig.states(ids) == [PENDING, DEAD_STATE, PENDING]
+    assert (await rig.job(ids[1])).last_error == (
+        "Klaviyo 400: invalid: Invalid email. (at /data/attributes/profiles/data/1/attributes/email)"
+    )
+    assert await deliverer.deliver_once() == 2
+    assert await rig.states(ids) == [DONE, DEAD_STATE, DONE]
+    emails = sorted(p.attributes["email"] for p in rig.fake.profiles.values())
+    assert emails == ["a@example.com", "c@example.com"]
+
+
+async def test_transform_refusal_is_dead_and_alias_is_skipped(rig: Rig) -> None:
+    phone, alias, good = await rig.enqueue(
+        identify("u1", "a@example.com", "m1", phone="12345"),
+        {"type": "alias", "userId": "u2", "previousId": "anon-2", "messageId": "m2"},
+        track("u3", "Viewed", "m3"),
+    )
+    [garbled] = await rig.enqueue_jobs(
+        [NewJob(source="web", destination=DEST, message_id="m4", ordering_key=None, payload=b"{not json")]
+    )
+    assert await rig.deliverer().deliver_once() == 4
+
+    assert await rig.states([phone, alias, good, garbled]) == [DEAD_STATE, DONE, DONE, DEAD_STATE]
+    assert (await rig.job(phone)).last_error == (
+        "transform: traits.phone: Phone number is not in E.164 format ('12345'); "
+        "set default_phone_region to accept national numbers"
+    )
+    reason = (await rig.job(garbled)).last_error
+    assert reason is not None and reason.startswith("payload is not valid JSON: ")
+    assert [r.path for r in rig.fake.requests] == ["/api/events"]  # only the good one went out
+    assert rig.settled == {"dead": 2, "skipped": 1, "delivered": 1}
+
+
+async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> None:
+    ids = await rig.enqueue(track("u1", "Viewed", "m1"), track("u2", "Viewed", "m2"))
+    rig.fake.revoke_key(KEY)
+    deliverer = rig.deliverer()
+
+    for _ in range(2):  # a second try while the key is still refused changes nothing
+        assert await deliverer.deliver_once() == 2
+        assert rig.paused.is_paused(DEST)
+        assert rig.paused.snapshot()[DEST].startswith("Klaviyo 401 on POST /api/event-bulk-create-jobs")
+        for job_id in ids:
+            job = await rig.job(job_id)
+            assert (job.state, job.attempts, job.lease_expires_at) == (PENDING, 0, None)
+    assert rig.settled == {}
+    assert rig.fake.events == []
+
+    rig.fake.clear_faults()  # the key works again
+    assert await deliverer.deliver_once() == 2  # the probe
+    assert not rig.paused.is_paused(DEST)
+    assert await rig.states(ids) == [DONE, DONE]
+    assert sorted(e.unique_id for e in rig.fake.events) == ["m1", "m2"]
+    assert rig.statuses() == [401, 401, 202]
+
+
+async def test_401_counts_nothing_as_settled(rig: Rig) -> None:
+    ids = await rig.enqueue(
+        {"type": "alias", "userId": "u1", "previousId": "a1", "messageId": "m1"}, track("u2", "Viewed", "m2")
+    )
+    rig.fake.revoke_key(KEY)
+    assert await rig.deliverer().deliver_once() == 2
+    assert await rig.states(ids) == [PENDING, PENDING]
+    assert rig.settled == {}  # the released alias is not "skipped" yet, nor anything "delivered"
+    rig.fake.clear_faults()
+    assert await rig.deliverer().deliver_once() == 2
+    assert rig.settled == {"skipped": 1, "delivered": 1}
+
+
+async def test_paused_workers_probe_and_resume(rig: Rig) -> None:
+    ids = await rig.enqueue(track("u1", "Viewed", "m1"))
+    rig.fake.revoke_key(KEY)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer().run(stop))
+    try:
+        await eventually(lambda: rig.paused.is_paused(DEST))
+        await asyncio.sleep(0.2)  # four probe intervals of 0.05 s; idle_poll alone would allow ~60 tries
+        probes = rig.statuses().count(401)
+        assert 2 <= probes <= 1 + 3 * 5  # at most one probe per worker and interval (3 workers)
+        assert (await rig.job(ids[0])).attempts == 0
+        rig.fake.clear_faults()
+        await eventually(lambda: rig.states(ids), [DONE])
+        assert not rig.paused.is_paused(DEST)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 2.0)
+
+
+async def test_dead_letter_retried_after_a_mapping_fix(rig: Rig, tmp_path: Path) -> None:
+    mapping = tmp_path / "order-completed.json"
+
+    def write_mapping(sources: list[str]) -> None:
+        document = {
+            "kind": "event",
+            "match": {"type": ["track"], "event": ["order completed"]},
+            "metric": {"value": "Placed Order"},
+            "value": {"from": sources, "type": "float", "required": "Placed Order needs an order total"},
+            "unique_id": {"from": "messageId", "type": "string"},
+        }
+        mapping.write_bytes(orjson.dumps(document))
+
+    write_mapping(["properties.order_total"])
+    [job_id] = await rig.enqueue(track("u1", "Order Completed", "m1", total=42.5))
+    deliverer = rig.deliverer(mappings_dir=tmp_path)
+    assert await deliverer.deliver_once() == 1
+    job = await rig.job(job_id)
+    assert (job.state, job.last_error) == (DEAD_STATE, "transform: Placed Order needs an order total")
+
+    write_mapping(["properties.order_total", "properties.total"])
+    later = mapping.stat().st_mtime + 10  # a new mtime, whatever the file system's resolution
+    os.utime(mapping, (later, later))
+    assert await rig.queue.revive([job_id]) == 1
+    assert await deliverer.deliver_once() == 1
+
+    assert (await rig.job(job_id)).state == DONE
+    [event] = rig.fake.events
+    assert (event.metric, event.value, event.unique_id) == ("Placed Order", 42.5, "m1")
+    assert rig.settled == {"dead": 1, "delivered": 1}
+
+
+async def test_retries_exhausted_become_a_dead_letter(rig: Rig) -> None:
+    rig.fake.script("POST /api/events", [503, 503])
+    [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+    deliverer = rig.deliverer(
+        DeliverySettings(retry=RetryPolicy(max_attempts=2, base_delay=0.02, max_delay=0.05))
+    )
+
+    assert await deliverer.deliver_once() == 1
+    assert (await rig.job(job_id)).state == PENDING
+    await rig.until_due([job_id])
+    assert await deliverer.deliver_once() == 1
+
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts) == (DEAD_STATE, 2)
+    assert job.last_error is not None
+    assert job.last_error.startswith(
+        "gave up after 2 attempts; last error: Klaviyo 503 on POST /api/events: "
+    )
+    assert "Injected fault: HTTP 503." in job.last_error
+    assert rig.settled == {"retried": 1, "dead": 1}
+
+
+# -- running, shutdown, ordering -------------------------------------------------------------------------------
+
+
+async def test_run_delivers_everything_and_stops_when_told(rig: Rig) -> None:
+    messages = []
+    for n in range(20):  # one identify and one track per user: two claims per user at least
+        messages += [identify(f"u{n}", f"u{n}@example.com", f"i{n}"), track(f"u{n}", "Viewed", f"t{n}")]
+    ids = await rig.enqueue(*messages)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        rig.deliverer(DeliverySettings(workers=3, batch_size=7, idle_poll=0.01)).run(stop)
+    )
+
+    await eventually(lambda: rig.queue.counts(DEST), {PENDING: 0, IN_FLIGHT: 0, DONE: 40, DEAD_STATE: 0})
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+    assert task.done() and task.exception() is None
+    assert rig.settled == {"delivered": 40}
+    assert sorted(e.unique_id for e in rig.fake.events) == sorted(f"t{n}" for n in range(20))
+    assert len(rig.fake.profiles) == 20
+    assert await rig.states(ids) == [DONE] * 40
+
+
+async def test_cancelled_run_releases_its_leases(rig: Rig) -> None:
+    rig.fake.faults.hold_seconds = 5.0
+    rig.fake.script("POST /api/events", ["timeout"])  # the request hangs until the worker is cancelled
+    [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer().run(stop))
+
+    await eventually(lambda: rig.states([job_id]), [IN_FLIGHT])
+    stop.set()  # a worker busy with a request finishes it first: the shutdown grace period ...
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()  # ... after which it is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts, job.lease_expires_at) == (PENDING, 0, None)
+    assert rig.fake.events == []
+
+
+async def test_a_profiles_job_waits_while_an_earlier_one_is_in_flight(rig: Rig) -> None:
+    first, second, other = await rig.enqueue(
+        identify("u1", "u1@example.com", "m1"), track("u1", "Viewed", "m2"), track("u2", "Viewed", "m3")
+    )
+    [held] = await rig.queue.claim(DEST, 1, lease_seconds=60.0)  # another worker holds u1's identify
+    assert held.id == first
+    deliverer = rig.deliverer()
+    assert await deliverer.deliver_once() == 1  # u2 only: u1's track waits for its identify
+    assert await rig.states([first, second, other]) == [IN_FLIGHT, PENDING, DONE]
+    await rig.queue.ack([first])
+    assert await deliverer.deliver_once() == 1
+    assert await rig.states([first, second, other]) == [DONE, DONE, DONE]
+
+
+async def test_a_profiles_job_waits_while_an_earlier_one_waits_for_a_retry(rig: Rig) -> None:
+    rig.fake.script("POST /api/profile-import", [503])
+    [first] = await rig.enqueue(identify("u1", "u1@example.com", "m1", plan="pro"))
+    # a retry 0.25-0.5 s away: time enough for the checks below however slow the machine
+    deliverer = rig.deliverer(DeliverySettings(retry=RetryPolicy(base_delay=0.5)))
+    assert await deliverer.deliver_once() == 1
+    assert await rig.states([first]) == [PENDING]  # waiting for its retry
+
+    second, other = await rig.enqueue(track("u1", "Viewed", "m2"), track("u2", "Viewed", "m3"))
+    assert await deliverer.deliver_once() == 1  # u2 only
+    assert await rig.states([first, second, other]) == [PENDING, PENDING, DONE]
+
+    await rig.until_due([first])
+    while await deliverer.deliver_once():
+        pass
+    assert await rig.states([first, second, other]) == [DONE, DONE, DONE]
+    u1 = [r for r in rig.fake.requests if "u1@example.com" in orjson.dumps(r.json).decode()]
+    assert [(r.path, r.status) for r in u1] == [
+        ("/api/profile-import", 503),
+        ("/api/profile-import", 201),
+        ("/api/events", 202),  # the event went after the retried identify, never before
+    ]
+
+
+async def test_one_batch_keeps_a_profiles_order(rig: Rig) -> None:
+    await rig.enqueue(identify("u1", "u1@example.com", "m1", plan="pro"), track("u1", "Viewed", "m2"))
+    deliverer = rig.deliverer()
+    while await deliverer.deliver_once():
+        pass
+    assert [r.path for r in rig.fake.requests] == ["/api/profile-import", "/api/events"]
+    profile = rig.fake.find_profile(external_id="u1")
+    assert profile is not None and profile.attributes["properties"] == {"plan": "pro"}
+
+
+async def test_a_profiles_later_job_is_retried_behind_an_earlier_one(rig: Rig) -> None:
+    rig.fake.script("POST /api/profile-import", [503])
+    ids = await rig.enqueue(identify("u1", "u1@example.com", "m1", plan="pro"), track("u1", "Viewed", "m2"))
+    deliverer = rig.deliverer()
+    await deliverer.deliver_once()
+    await rig.until_due(ids)
+    while await deliverer.deliver_once():
+        pass
+    assert await rig.states(ids) == [DONE, DONE]
+    sent = [(r.path, r.status) for r in rig.fake.requests]
+    last_identify = max(i for i, (path, status) in enumerate(sent) if path == "/api/profile-import")
+    assert sent[last_identify] == ("/api/profile-import", 200)  # an update: the first event made the profile
+    assert sent[-1] == ("/api/events", 202)  # the event is (re)applied after the identify that failed
+    assert last_identify < len(sent) - 1
+    assert [e.unique_id for e in rig.fake.events] == ["m2"]  # and Klaviyo keeps it once
+    profile = rig.fake.find_profile(external_id="u1")
+    assert profile is not None and profile.attributes["properties"] == {"plan": "pro"}
+
+
+# -- plan and apply_outcome are pure ---------------------------------------------------------------------------
+
+
+def leased(job_id: int, message: dict[str, Any] | bytes) -> Job:
+    payload = message if isinstance(message, bytes) else orjson.dumps(message)
+    return Job(
+        id=job_id,
+        source="web",
+        destination=DEST,
+        message_id=f"m{job_id}",
+        ordering_key=None,
+        payload=payload,
+        state=IN_FLIGHT,
+        attempts=0,
+        next_attempt_at=0.0,
+        lease_expires_at=60.0,
+        last_error=None,
+        created_at=0.0,
+        updated_at=0.0,
+    )
+
+
+JOBS = [
+    leased(1, track("u1", "Viewed", "e1")),
+    leased(2, track("u2", "Viewed", "e2")),
+    leased(3, identify("u3", "c@example.com", "p3")),
+    leased(4, {"type": "alias", "userId": "u4", "previousId": "a4", "messageId": "x4"}),
+    leased(5, identify("u5", "e@example.com", "p5", phone="nope")),
+    leased(6, b"[oops"),
+    leased(7, track("u7", "Viewed", "e7")),
+]
+
+
+def test_plan_is_pure() -> None:
+    destination = Destination()
+    mappings = load_mappings()
+    payloads = [j.payload for j in JOBS]
+    first = plan(JOBS, destination, mappings)
+    assert plan(JOBS, destination, mappings) == first
+    assert [j.payload for j in JOBS] == payloads
+
+    assert [v.state for v in first.verdicts] == [OK, OK, OK, OK, DEAD, DEAD, OK]
+    assert first.verdicts[3].reason.startswith("alias call skipped")
+    assert first.skipped == 1
+    assert first.verdicts[4].reason.startswith("transform: traits.phone: Phone number is not in E.164 format")
+    assert first.verdicts[5].reason.startswith("payload is not valid JSON")
+    [profile, events] = first.requests
+    assert (profile.path, profile.sources) == ("/api/profile-import", (2,))
+    assert (events.path, events.sources, events.item_sources) == (
+        "/api/event-bulk-create-jobs",
+        (0, 1, 6),
+        ((0,), (1,), (6,)),
+    )
+
+
+def fresh() -> tuple[Any, KlaviyoRequest]:
+    """A plan of JOBS and its bulk events request (three items: jobs 1, 2 and 7)."""
+    work = plan(JOBS, Destination(), load_mappings())
+    return work, work.requests[1]
+
+
+def test_apply_ok_changes_nothing() -> None:
+    work, events = fresh()
+    before = [(v.state, v.reason) for v in work.verdicts]
+    apply_outcome(work, events, Outcome("ok", 202))
+    assert [(v.state, v.reason) for v in work.verdicts] == before
+
+
+def test_apply_retry_keeps_the_longest_retry_after() -> None:
+    work, events = fresh()
+    apply_outcome(work, events, Outcome("retry", 429, "slow down", retry_after=3.0))
+    apply_outcome(work, events, Outcome("retry", 503, "later", retry_after=1.0))
+    for index in (0, 1, 6):
+        verdict = work.verdicts[index]
+        assert (verdict.state, verdict.reason, verdict.retry_after, verdict.innocent) == (
+            RETRY,
+            "later",
+            3.0,
+            False,
+        )
+    assert work.verdicts[2].state == OK  # not in this request
+
+
+def test_apply_permanent_without_items_kills_every_job_of_the_request() -> None:
+    work, events = fresh()
+    apply_outcome(work, events, Outcome("permanent", 400, "bad job"))
+    assert [work.verdicts[i].state for i in (0, 1, 6)] == [DEAD] * 3
+    assert {work.verdicts[i].reason for i in (0, 1, 6)} == {"bad job"}
+
+
+def test_apply_permanent_with_items_kills_only_those() -> None:
+    work, events = fresh()
+    apply_outcome(work, events, Outcome("permanent", 400, "bulk refused", failed_items={1: "item 1 is bad"}))
+    named, *others = (work.verdicts[i] for i in (1, 0, 6))
+    assert (named.state, named.reason) == (DEAD, "item 1 is bad")
+    for verdict in others:
+        assert (verdict.state, verdict.innocent) == (RETRY, True)
+        assert verdict.reason == "retried: another item of the same bulk job was refused (bulk refused)"
+
+
+def test_apply_worst_outcome_wins() -> None:
+    work, events = fresh()
+    apply_outcome(work, events, Outcome("permanent", 400, "bulk refused", failed_items={1: "bad"}))
+    apply_outcome(work, events, Outcome("retry", 503, "server error"))  # a real retry beats an innocent one
+    assert (work.verdicts[0].state, work.verdicts[0].innocent, work.verdicts[0].reason) == (
+        RETRY,
+        False,
+        "server error",
+    )
+    assert work.verdicts[1].state == DEAD  # dead stays dead
+    apply_outcome(work, events, Outcome("auth", 401, "key refused"))
+    assert [work.verdicts[i].state for i in (0, 1, 6)] == [RELEASE] * 3
+
+
+def test_hold_back_retries_a_profiles_later_jobs_only() -> None:
+    jobs = [
+        leased(1, identify("u1", "a@example.com", "p1")).evolve(ordering_key="u:u1"),
+        leased(2, track("u2", "Viewed", "e2")).evolve(ordering_key="u:u2"),
+        leased(3, track("u1", "Viewed", "e3")).evolve(ordering_key="u:u1"),
+        leased(4, {"type": "alias", "userId": "u1", "previousId": "a", "messageId": "x4"}).evolve(
+            ordering_key="u:u1"
+        ),
+        leased(5, track("u0", "Viewed", "e5")).evolve(ordering_key=None),
+    ]
+    work = plan(jobs, Destination(), load_mappings())
+    work.verdicts[0].worsen(RETRY, "Klaviyo 503")
+    hold_back(work)
+    assert [(v.state, v.innocent) for v in work.verdicts] == [
+        (RETRY, False),
+        (OK, False),  # another profile
+        (RETRY, True),  # u1's later track goes back behind the identify
+        (OK, False),  # skipped: nothing was sent, nothing to reorder
+        (OK, False),  # no ordering key
+    ]
+    assert work.verdicts[2].reason == "retried: an earlier job of the same profile is retried first"
