@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from router.app import tune_gc
 from router.destination import Destination
 from router.errors import RouterError
 from router.klaviyo.batch import batch
@@ -86,6 +87,7 @@ def main() -> int:
     parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix, a JSON array")
     args = parser.parse_args()
     data = payloads(args.mix, args.events)
+    tune_gc()  # as serve and work do
     destination = Destination(private_key="bench", list_id="XUepkK")
     load_mappings(None)
     print(f"{args.events:,} events ({args.mix.name} repeated), chunks of {args.chunk}, one core")

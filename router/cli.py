@@ -213,13 +213,18 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
     p.add_argument("--no-rate-limits", action="store_true", help="never answer 429")
+    p.add_argument(
+        "--no-store",
+        action="store_true",
+        help="validate, rate-limit and count writes without keeping them (for load tests)",
+    )
     p.set_defaults(run=run_fake_klaviyo)
 
 
 def run_fake_klaviyo(args: argparse.Namespace) -> int:
     from router.fake_klaviyo import run
 
-    return run(args.host, args.port, rate_limits=not args.no_rate_limits)
+    return run(args.host, args.port, rate_limits=not args.no_rate_limits, store=not args.no_store)
 
 
 # ---------------------------------------------------------------- work

@@ -142,6 +142,28 @@ def apply_outcome(plan: Plan, request: KlaviyoRequest, outcome: Outcome) -> None
         plan.verdicts[source].worsen(state, outcome.detail, outcome.retry_after)
 
 
+#: Paths of requests that act on list membership or consent: they go after the profile upserts.
+LIST_PATHS: Final = frozenset(
+    {"/api/profile-subscription-bulk-create-jobs", "/api/profile-subscription-bulk-delete-jobs"}
+)
+
+
+def phases(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
+    """Requests that may go out together: profile upserts and events first, then list jobs.
+
+    A list job (subscribe, unsubscribe, membership through a bulk import with a list) must not
+    reach Klaviyo before the upsert of its profile; nothing else in one batch depends on order
+    (a profile's list operations were already collapsed to one by :func:`batch`).
+    """
+    first = [r for r in requests if not _is_list_job(r)]
+    second = [r for r in requests if _is_list_job(r)]
+    return [phase for phase in (first, second) if phase]
+
+
+def _is_list_job(request: KlaviyoRequest) -> bool:
+    return request.path in LIST_PATHS or bool(request.body.get("data", {}).get("relationships"))
+
+
 def hold_back(plan: Plan) -> None:
     """Retry a profile's later jobs behind an earlier job of the batch that is retried (pure).
 
@@ -254,24 +276,27 @@ class Deliverer:
     # ------------------------------------------------------------ send and settle
 
     async def _send(self, work: Plan) -> None:
-        for request in work.requests:
-            outcome = await self.client.send(request)
-            apply_outcome(work, request, outcome)
-            if outcome.kind == "auth":
-                self.paused.pause(self.destination.name, outcome.detail)
-                self.log.error("destination_paused", status=outcome.status, reason=outcome.detail)
+        """Send the batch in phases: profiles and events together, then every list job together."""
+        for phase in phases(work.requests):
+            outcomes = await asyncio.gather(*(self.client.send(request) for request in phase))
+            for request, outcome in zip(phase, outcomes, strict=True):
+                apply_outcome(work, request, outcome)
+                if outcome.kind not in ("ok", "auth"):
+                    self.log.warning(
+                        "klaviyo_request_failed",
+                        path=request.path,
+                        status=outcome.status,
+                        result=outcome.kind,
+                        jobs=len(request.sources),
+                        detail=outcome.detail,
+                    )
+            refused = next((o for o in outcomes if o.kind == "auth"), None)
+            if refused is not None:
+                self.paused.pause(self.destination.name, refused.detail)
+                self.log.error("destination_paused", status=refused.status, reason=refused.detail)
                 for verdict in work.verdicts:
-                    verdict.worsen(RELEASE, outcome.detail)
+                    verdict.worsen(RELEASE, refused.detail)
                 return
-            if outcome.kind != "ok":
-                self.log.warning(
-                    "klaviyo_request_failed",
-                    path=request.path,
-                    status=outcome.status,
-                    result=outcome.kind,
-                    jobs=len(request.sources),
-                    detail=outcome.detail,
-                )
         if self.paused.is_paused(self.destination.name):
             self.paused.resume(self.destination.name)
             self.log.info("destination_resumed")

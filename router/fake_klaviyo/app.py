@@ -27,7 +27,7 @@ from aiohttp import web
 from router.fake_klaviyo.control import add_control_routes
 from router.fake_klaviyo.faults import Faults, Scripted
 from router.fake_klaviyo.handlers import HANDLERS, Call
-from router.fake_klaviyo.jsonapi import ApiError, error_object, error_response
+from router.fake_klaviyo.jsonapi import ApiError, error_object, error_response, json_response
 from router.fake_klaviyo.ratelimit import Decision, Limit, limits_for
 from router.fake_klaviyo.records import RequestRecord
 from router.fake_klaviyo.state import DEFAULT_MAX_LISTS, FakeKlaviyo, client_label
@@ -209,11 +209,23 @@ async def _answer(fake: FakeKlaviyo, request: web.Request, raw: bytes, client: s
     try:
         body = _parse_body(request, endpoint, raw)
         _check_body(endpoint, body)
-        response = HANDLERS[endpoint.operation_id](Call(fake, request, endpoint, params, body))
+        if fake.store or request.method == "GET":
+            response = HANDLERS[endpoint.operation_id](Call(fake, request, endpoint, params, body))
+        else:
+            response = _accept_unstored(fake, endpoint, body)
     except ApiError as exc:
         response = exc.response()
     response.headers.update(headers)
     return response
+
+
+def _accept_unstored(fake: FakeKlaviyo, endpoint: Endpoint, body: Any) -> web.Response:
+    """``store=False``: a valid write is answered like Klaviyo would, counted, and not kept."""
+    fake.items_accepted[endpoint.operation_id] += max(1, count_items(endpoint, body))
+    status = endpoint.success_statuses[0] if endpoint.success_statuses else 202
+    if status in (202, 204):
+        return web.Response(status=status)
+    return json_response({"data": {"type": "profile", "id": fake.ids.ulid()}}, status=status)
 
 
 def _logged_headers(request: web.Request) -> dict[str, str]:
@@ -250,7 +262,7 @@ def _log(
     fake: FakeKlaviyo, request: web.Request, raw: bytes, status: int, at: float, client: str | None
 ) -> None:
     try:
-        parsed: Any = orjson.loads(raw) if raw else None
+        parsed: Any = orjson.loads(raw) if raw and fake.store else None
     except orjson.JSONDecodeError:
         parsed = None
     try:
@@ -282,6 +294,7 @@ def build_fake_app(
     seed: int = 0,
     state: FakeKlaviyo | None = None,
     auto_create_lists: bool = False,
+    store: bool = True,
 ) -> web.Application:
     """An aiohttp application emulating the Klaviyo API subset in :mod:`router.klaviyo.spec`.
 
@@ -290,7 +303,9 @@ def build_fake_app(
     ``Retry-After`` bookkeeping. ``faults``: a :class:`Faults` or its JSON form (see
     :meth:`Faults.configure`). ``state``: reuse an existing :class:`FakeKlaviyo` (the other options are then
     ignored). ``auto_create_lists``: a list id never seen before is created rather than refused (the
-    sandbox of ``serve``). The state is reachable as ``app[FAKE_KLAVIYO]`` or :func:`fake_of`.
+    sandbox of ``serve``). ``store=False``: writes are validated, rate-limited and counted
+    (``items_accepted``) but not kept, and the request log keeps no bodies — a load-test target that,
+    like Klaviyo's bulk endpoints, answers before processing. The state is reachable as ``app[FAKE_KLAVIYO]`` or :func:`fake_of`.
     """
     if state is None:
         configured = faults if isinstance(faults, Faults) else Faults()
@@ -305,6 +320,7 @@ def build_fake_app(
             max_lists=max_lists,
             seed=seed,
             auto_create_lists=auto_create_lists,
+            store=store,
         )
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)
     app[FAKE_KLAVIYO] = state

@@ -63,11 +63,13 @@ def run(
     *,
     rate_limits: bool = True,
     api_keys: Sequence[str] | None = None,
+    store: bool = True,
 ) -> int:
     """Run the fake Klaviyo until SIGINT/SIGTERM; logs one line with its URL. Returns the exit status.
 
     ``port=0`` picks a free port (the logged URL says which). ``api_keys=None`` accepts any private key.
+    ``store=False`` validates, rate-limits and counts writes without keeping them (load tests).
     """
-    app = build_fake_app(rate_limits=rate_limits, api_keys=api_keys)
+    app = build_fake_app(rate_limits=rate_limits, api_keys=api_keys, store=store)
     asyncio.run(serve(app, host, port))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -78,7 +79,10 @@ class FakeKlaviyo:
         max_lists: int = DEFAULT_MAX_LISTS,
         seed: int = 0,
         auto_create_lists: bool = False,
+        store: bool = True,
     ) -> None:
+        #: Keep what writes carry (False: validate, rate-limit and count only; see ``build_fake_app``).
+        self.store = store
         #: Create a list the first time a request names an unknown id (the sandbox), instead of 400.
         self.auto_create_lists = auto_create_lists
         #: Accepted private keys; ``None`` accepts any ``Klaviyo-API-Key <key>``.
@@ -115,6 +119,8 @@ class FakeKlaviyo:
         self.global_unsubscribes: list[str] = []
         #: 429 responses sent (rate limiter and scripted).
         self.throttled = 0
+        #: With ``store=False``: items of valid writes, per operation (events, profiles, ...).
+        self.items_accepted: Counter[str] = Counter()
         #: Per client: requests that arrived before the ``Retry-After`` they were given had expired.
         self.sent_early: dict[str, int] = {}
         self._retry_deadlines: dict[tuple[str, str], float] = {}
@@ -398,6 +404,7 @@ class FakeKlaviyo:
 
     def _counters(self) -> dict[str, Any]:
         return {
+            "items_accepted": dict(self.items_accepted),
             "requests": len(self.requests),
             "throttled": self.throttled,
             "sent_early": dict(self.sent_early),

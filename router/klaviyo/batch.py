@@ -16,7 +16,7 @@ one list inside one batch collapse to the last of them (same end state, fewer jo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -34,13 +34,10 @@ MAX_BYTES: Final = 4_900_000
 
 @dataclass(slots=True)
 class _Item:
-    """One bulk item: its JSON, size, and the inputs behind it."""
+    """One bulk item: its JSON and the inputs behind it."""
 
     data: dict[str, Any]
     sources: list[int]
-    size: int
-    #: Number of countable units inside (events of a profile entry; 1 otherwise).
-    units: int = 1
 
 
 @dataclass(slots=True)
@@ -61,18 +58,26 @@ def batch(requests: Iterable[KlaviyoRequest]) -> list[KlaviyoRequest]:
 # ---------------------------------------------------------------- chunking
 
 
-def _chunks(items: Sequence[_Item], max_units: int) -> Iterator[list[_Item]]:
-    chunk: list[_Item] = []
-    units = size = 0
-    for item in items:
-        if chunk and (units + item.units > max_units or size + item.size > MAX_BYTES):
-            yield chunk
-            chunk, units, size = [], 0, 0
-        chunk.append(item)
-        units += item.units
-        size += item.size
-    if chunk:
-        yield chunk
+def _chunks(items: Sequence[_Item], max_items: int) -> Iterator[Sequence[_Item]]:
+    for start in range(0, len(items), max_items):
+        yield items[start : start + max_items]
+
+
+def _within_cap(
+    build: Callable[[Sequence[_Item]], KlaviyoRequest], items: Sequence[_Item]
+) -> Iterator[KlaviyoRequest]:
+    """``build(items)``, or, when its body is over Klaviyo's payload cap, the same for each half.
+
+    Sizing the finished body (once per job, not per item) keeps the common case cheap; a single
+    item over the cap is sent as it is and Klaviyo's refusal dead-letters it.
+    """
+    request = build(items)
+    if len(items) > 1 and len(orjson.dumps(request.body)) > MAX_BYTES:
+        half = len(items) // 2
+        yield from _within_cap(build, items[:half])
+        yield from _within_cap(build, items[half:])
+    else:
+        yield request
 
 
 def _bulk(
@@ -91,10 +96,6 @@ def _bulk(
     )
 
 
-def _size(data: Any) -> int:
-    return len(orjson.dumps(data))
-
-
 # ---------------------------------------------------------------- profiles
 
 
@@ -102,15 +103,19 @@ def _profile_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest
     if len(requests) == 1:
         yield requests[0]
         return
-    items = [_Item(r.body["data"], list(r.sources), _size(r.body["data"])) for r in requests]
+    items = [_Item(r.body["data"], list(r.sources)) for r in requests]
     for chunk in _chunks(items, MAX_PROFILES):
-        body = {
-            "data": {
-                "type": "profile-bulk-import-job",
-                "attributes": {"profiles": {"data": [item.data for item in chunk]}},
-            }
+        yield from _within_cap(_profile_job, chunk)
+
+
+def _profile_job(chunk: Sequence[_Item]) -> KlaviyoRequest:
+    body = {
+        "data": {
+            "type": "profile-bulk-import-job",
+            "attributes": {"profiles": {"data": [item.data for item in chunk]}},
         }
-        yield _bulk("/api/profile-bulk-import-jobs", body, chunk, None)
+    }
+    return _bulk("/api/profile-bulk-import-jobs", body, chunk, None)
 
 
 # ---------------------------------------------------------------- events
@@ -121,51 +126,43 @@ def _event_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
         yield requests[0]
         return
     for chunk in _event_chunks(requests):
-        yield _event_job(chunk)
-
-
-@dataclass(slots=True)
-class _EventChunk:
-    requests: list[KlaviyoRequest] = field(default_factory=list)
-    size: int = 0
+        yield from _within_cap(_event_job, _event_entries(chunk))
 
 
 def _event_chunks(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
-    """Chunks of ≤ MAX_EVENTS events within the size cap, never repeating a (metric, unique_id).
+    """Chunks of ≤ MAX_EVENTS events, never repeating a (metric, unique_id) within one.
 
     Klaviyo fails a whole job that repeats one (and would record only the first anyway), so a
     repeat goes to a later chunk than the one holding its predecessor; order is kept per key.
     """
-    chunks: list[_EventChunk] = []
+    chunks: list[list[KlaviyoRequest]] = []
     last_chunk: dict[tuple[str, str], int] = {}
     first_open = 0
     for request in requests:
         attributes = request.body["data"]["attributes"]
         # Stricter than Klaviyo (which keys on the profile too) and much cheaper to compute.
         key = (attributes["metric"]["data"]["attributes"]["name"], str(attributes.get("unique_id")))
-        size = _size(attributes)
         i = max(first_open, last_chunk.get(key, -1) + 1)
-        while i < len(chunks) and (
-            len(chunks[i].requests) >= MAX_EVENTS or chunks[i].size + size > MAX_BYTES
-        ):
+        while i < len(chunks) and len(chunks[i]) >= MAX_EVENTS:
             i += 1
         if i == len(chunks):
-            chunks.append(_EventChunk())
-        chunks[i].requests.append(request)
-        chunks[i].size += size
+            chunks.append([])
+        chunks[i].append(request)
         if attributes.get("unique_id") is not None:
             last_chunk[key] = i
-        while first_open < len(chunks) and len(chunks[first_open].requests) >= MAX_EVENTS:
+        while first_open < len(chunks) and len(chunks[first_open]) >= MAX_EVENTS:
             first_open += 1
-    return [chunk.requests for chunk in chunks]
+    return chunks
 
 
-def _event_job(requests: Sequence[KlaviyoRequest]) -> KlaviyoRequest:
+def _event_entries(requests: Sequence[KlaviyoRequest]) -> list[_Item]:
+    """One ``event-bulk-create`` entry per profile, holding that profile's events in order."""
     entries: dict[bytes, _Item] = {}
     for request in requests:
         attributes = request.body["data"]["attributes"]
         profile = attributes["profile"]["data"]
-        key = orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
+        # the transform builds profiles in a fixed key order: equal profiles serialise alike
+        key = orjson.dumps(profile)
         entry = entries.get(key)
         if entry is None:
             entry = entries[key] = _Item(
@@ -174,12 +171,14 @@ def _event_job(requests: Sequence[KlaviyoRequest]) -> KlaviyoRequest:
                     "attributes": {"profile": {"data": _bulk_profile(profile)}, "events": {"data": []}},
                 },
                 [],
-                0,
             )
         event = {k: v for k, v in attributes.items() if k != "profile"}
         entry.data["attributes"]["events"]["data"].append({"type": "event", "attributes": event})
         entry.sources.append(request.sources[0])
-    chunk = list(entries.values())
+    return list(entries.values())
+
+
+def _event_job(chunk: Sequence[_Item]) -> KlaviyoRequest:
     body = {
         "data": {
             "type": "event-bulk-create-job",
@@ -210,6 +209,10 @@ def _list_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
     state as its last operation alone; sending only that one also spares the profile a double
     opt-in message for a subscription it already withdrew. The superseded inputs ride along in the
     last request's ``sources``, so they are settled by its outcome.
+
+    Consent is per profile, not per list, so a profile's operations on different lists keep their
+    input order: its n-th remaining operation goes out in round n, after every job of the earlier
+    rounds (unsubscribing from one list, then subscribing to another, ends subscribed).
     """
     last: dict[tuple[str, str], int] = {}
     superseded: dict[int, list[int]] = {}
@@ -220,14 +223,19 @@ def _list_jobs(requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
                 [*superseded.pop(last[who], []), *requests[last[who]].sources]
             )
         last[who] = index
-    groups: dict[tuple[str, str], list[KlaviyoRequest]] = {}
-    for index in sorted(last.values()):
+    rounds: list[dict[tuple[str, str], list[KlaviyoRequest]]] = []
+    operations: dict[str, int] = {}
+    for (_list, profile), index in sorted(last.items(), key=lambda entry: entry[1]):
         request = requests[index]
         if index in superseded:
             request = replace(request, sources=(*superseded[index], *request.sources))
-        groups.setdefault((request.kind, _list_id(request)), []).append(request)
-    for (kind, _list), members in groups.items():
-        yield from _list_job(kind, members)
+        n = operations[profile] = operations.get(profile, -1) + 1
+        if n == len(rounds):
+            rounds.append({})
+        rounds[n].setdefault((request.kind, _list_id(request)), []).append(request)
+    for groups in rounds:
+        for (kind, _list), members in groups.items():
+            yield from _list_job(kind, members)
 
 
 def _list_job(kind: str, requests: Sequence[KlaviyoRequest]) -> Iterator[KlaviyoRequest]:
@@ -235,13 +243,18 @@ def _list_job(kind: str, requests: Sequence[KlaviyoRequest]) -> Iterator[Klaviyo
         yield requests[0]
         return
     template = requests[0].body["data"]
-    items = [_Item(p, list(r.sources), _size(p)) for r in requests for p in _profiles_of(r)]
-    for chunk in _chunks(items, _LIMITS[kind]):
+    path = requests[0].path
+
+    def job(chunk: Sequence[_Item]) -> KlaviyoRequest:
         data = {
             **template,
             "attributes": {**template["attributes"], "profiles": {"data": [i.data for i in chunk]}},
         }
-        yield _bulk(requests[0].path, {"data": data}, chunk, None)
+        return _bulk(path, {"data": data}, chunk, None)
+
+    items = [_Item(p, list(r.sources)) for r in requests for p in _profiles_of(r)]
+    for chunk in _chunks(items, _LIMITS[kind]):
+        yield from _within_cap(job, chunk)
 
 
 def _who(request: KlaviyoRequest) -> str:
