@@ -34,7 +34,7 @@ import structlog
 from router.destination import Destination
 from router.errors import MappingError, Skipped, TransformError
 from router.health import PausedDestinations
-from router.klaviyo.batch import batch
+from router.klaviyo.batch import batch, profiles_in
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
@@ -152,12 +152,23 @@ def phases(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
     """Requests that may go out together: profile upserts and events first, then list jobs.
 
     A list job (subscribe, unsubscribe, membership through a bulk import with a list) must not
-    reach Klaviyo before the upsert of its profile; nothing else in one batch depends on order
-    (a profile's list operations were already collapsed to one by :func:`batch`).
+    reach Klaviyo before the upsert of its profile. :func:`batch` collapses a profile's operations
+    on one list to the last, but consent is per profile, so its jobs on different lists keep their
+    order: a list job goes in the phase after the last one holding any of its profiles.
     """
     first = [r for r in requests if not _is_list_job(r)]
-    second = [r for r in requests if _is_list_job(r)]
-    return [phase for phase in (first, second) if phase]
+    later: list[list[KlaviyoRequest]] = []
+    last_phase: dict[str, int] = {}
+    for request in requests:
+        if not _is_list_job(request):
+            continue
+        profiles = profiles_in(request)
+        n = max((last_phase[p] + 1 for p in profiles if p in last_phase), default=0)
+        if n == len(later):
+            later.append([])
+        later[n].append(request)
+        last_phase.update(dict.fromkeys(profiles, n))
+    return [phase for phase in (first, *later) if phase]
 
 
 def _is_list_job(request: KlaviyoRequest) -> bool:

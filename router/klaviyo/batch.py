@@ -258,11 +258,21 @@ def _list_job(kind: str, requests: Sequence[KlaviyoRequest]) -> Iterator[Klaviyo
 
 
 def _who(request: KlaviyoRequest) -> str:
-    """The profile a list request is about: its email and phone (not its ``subscriptions``, which
-    differ between a subscribe and an unsubscribe of the same profile), else all its attributes."""
-    attributes = _profiles_of(request)[0].get("attributes", {})
-    identifiers = {k: attributes[k] for k in ("email", "phone_number") if k in attributes}
+    """The profile a list request is about (its first; single requests carry one)."""
+    return profile_identity(_profiles_of(request)[0])
+
+
+def profile_identity(profile: dict[str, Any]) -> str:
+    """Who a profile in a list job is: its email and phone (not its ``subscriptions``, which differ
+    between a subscribe and an unsubscribe of the same profile), else all its attributes."""
+    attributes = profile.get("attributes") or {}
+    identifiers = {k: attributes[k] for k in ("email", "phone_number") if attributes.get(k)}
     return orjson.dumps(identifiers or attributes, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def profiles_in(request: KlaviyoRequest) -> list[str]:
+    """The identities of every profile a list job carries."""
+    return [profile_identity(p) for p in _profiles_of(request)]
 
 
 def _profiles_of(request: KlaviyoRequest) -> list[dict[str, Any]]:

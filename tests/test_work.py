@@ -1,0 +1,141 @@
+"""``klaviyo-router work``: refuses to start with nothing to deliver; delivers, then stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from router.cli import main
+from router.fake_klaviyo import FakeKlaviyoServer
+from router.identity import ordering_key
+from router.queue import JobState, NewJob, open_queue
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = """
+data_dir = "{folder}"
+[queue]
+url = "sqlite:///{folder}/queue.db"
+[delivery]
+workers = {workers}
+[log]
+level = "info"
+[[sources]]
+name = "web"
+write_key = "wk_work_test_0123456789"
+destinations = ["klaviyo"]
+[[destinations]]
+name = "klaviyo"
+private_key = "{private_key}"
+base_url = "{base_url}"
+"""
+NOTHING_TO_DO = "klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0\n"
+
+
+def write_config(
+    folder: Path, *, workers: int = 2, base_url: str = "http://127.0.0.1:9", private_key: str = "pk_work_0123"
+) -> Path:
+    path = folder / "router.toml"
+    path.write_text(CONFIG.format(folder=folder, workers=workers, base_url=base_url, private_key=private_key))
+    return path
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the test's config (and what the test sets) only."""
+    for name in list(os.environ):
+        if name.startswith("KLAVIYO_ROUTER_"):
+            monkeypatch.delenv(name)
+
+
+class TestNothingToDo:
+    """Without delivery workers there is nothing for ``work`` to do: exit status 2 and why."""
+
+    def test_workers_zero_in_the_config(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """``[delivery] workers = 0`` (an ingest-only setting) is refused before anything starts."""
+        assert main(["work", "--config", str(write_config(tmp_path, workers=0))]) == 2
+        assert capsys.readouterr() == ("", NOTHING_TO_DO)
+        assert not (tmp_path / "queue.db").exists()
+
+    def test_workers_zero_from_the_environment(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The environment variable wins over the file, here too."""
+        monkeypatch.setenv("KLAVIYO_ROUTER_DELIVERY_WORKERS", "0")
+        assert main(["work", "--config", str(write_config(tmp_path, workers=3))]) == 2
+        assert capsys.readouterr() == ("", NOTHING_TO_DO)
+
+    def test_unusable_config(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A config error is exit status 2 naming the key."""
+        config = write_config(tmp_path)
+        config.write_text(config.read_text().replace("workers = 2", "workers = -1"))
+        assert main(["work", "--config", str(config)]) == 2
+        assert capsys.readouterr().err == (
+            "klaviyo-router: delivery.workers: expected an integer ≥ 0, got -1\n"
+        )
+
+
+class TestSignals:
+    """A running ``work`` process delivers what is queued and exits 0 on SIGTERM."""
+
+    @pytest.mark.timeout(60)
+    async def test_sigterm_stops_it(self, tmp_path: Path, fake_klaviyo: FakeKlaviyoServer) -> None:
+        """The queued event reaches the fake; SIGTERM then stops the worker with status 0."""
+        config = write_config(tmp_path, base_url=fake_klaviyo.url, private_key=fake_klaviyo.api_key)
+        queue = open_queue(f"sqlite:///{tmp_path / 'queue.db'}")
+        await queue.open()
+        log = tmp_path / "work.log"
+        message = {"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "m1"}
+        try:
+            job = NewJob(
+                source="web",
+                destination="klaviyo",
+                message_id="m1",
+                ordering_key=ordering_key(message),
+                payload=orjson.dumps(message),
+            )
+            await queue.enqueue([job])
+            with log.open("wb") as out:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "router",
+                    "work",
+                    "--config",
+                    str(config),
+                    cwd=ROOT,
+                    env=child_env(),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            try:
+                deadline = time.monotonic() + 30
+                while (await queue.counts())[JobState.DONE] != 1:
+                    assert process.returncode is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 30) == 0
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        finally:
+            await queue.close()
+        assert [event.unique_id for event in fake_klaviyo.state.events] == ["m1"]
+        logged = [orjson.loads(line)["event"] for line in log.read_bytes().splitlines()]
+        assert logged[0] == "worker_started" and logged[-1] == "worker_stopped"
+        assert "worker_stopping" in logged
+        assert fake_klaviyo.api_key not in log.read_text()
