@@ -7,7 +7,10 @@ Ingest turns each raw event into a message in two steps:
    numeric ids become strings, ``messageId`` is generated when absent, ``receivedAt`` is stamped
    and ``timestamp`` is derived (clock-skew corrected) when the event has none.
 2. :func:`validate` checks the result against ``router/schemas/message.json``: one definition per
-   call type, each compiled once (fastjsonschema) at import. Errors name the field.
+   call type, each compiled once (fastjsonschema) at import. Errors name the field. A hand-written
+   check (:func:`_plainly_valid`) lets the common, valid message through first without the
+   compiled validator (which raises and catches an exception for every anonymous event); it only
+   ever says "valid" for what the schema accepts, and anything else goes to the schema.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ _BATCH_OBJECTS = ("context", "integrations")
 
 def is_timestamp(value: str) -> bool:
     """True for an ISO 8601 date or date-time string (the schema's ``iso-timestamp`` format)."""
-    return parse_timestamp(value) is not None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -51,14 +58,13 @@ def parse_timestamp(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds: ``2026-11-20T08:00:00.246Z``."""
-    return _format_utc(moment.astimezone(UTC))
-
-
 @functools.lru_cache(maxsize=16)
-def _format_utc(moment: datetime) -> str:
-    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds: ``2026-11-20T08:00:00.246Z``.
+
+    Cached: every event of a request is stamped with the same ``receivedAt``. (Aware datetimes
+    that are equal name the same instant, so they share one UTC text.)"""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def _inline(node: Any) -> Any:
@@ -81,6 +87,72 @@ def _compile(call_type: str) -> Callable[[Any], Any]:
 
 
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {t: _compile(t) for t in TYPES}
+
+_ABSENT = object()
+#: Fields the ``common`` definition types, as checked by :func:`_plainly_valid`.
+_OBJECT_FIELDS = ("traits", "properties", "context", "integrations")
+_NULLABLE_STRING_FIELDS = ("name", "category")
+_TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+#: Per call type, the field that must hold a present id (``presentId``), if any.
+_REQUIRED_ID: dict[object, str] = {"group": "groupId", "alias": "previousId"}
+
+
+def _present_id(value: Any) -> bool:
+    """``presentId``: a non-empty string or a number."""
+    kind = type(value)
+    return (kind is str and value != "") or kind is int or kind is float
+
+
+def _plainly_valid(message: Mapping[str, Any], call_type: object) -> bool:
+    """True only for a message the schema's definition of ``call_type`` accepts (the common case).
+
+    False means "not sure": the compiled schema decides and explains. Types are compared exactly
+    (a subclass is left to the schema). Kept in step with ``schemas/message.json`` by
+    ``tests/test_events.py``, which compares both on mutated events.
+    """
+    if type(message) is not dict or message.get("type") != call_type:
+        return False
+    get = message.get
+    message_id = get("messageId")
+    if type(message_id) is not str or not 0 < len(message_id) <= 255:
+        return False
+    if not all(map(_plain_id, map(get, _ID_FIELDS))):
+        return False
+    if not (_present_id(get("userId")) or _present_id(get("anonymousId"))):
+        return False
+    event = get("event", _ABSENT)
+    if call_type == "track":
+        if type(event) is not str or event == "":
+            return False
+    elif event is not _ABSENT and type(event) is not str:
+        return False
+    required_id = _REQUIRED_ID.get(call_type)
+    if required_id is not None and not _present_id(get(required_id)):
+        return False
+    return _plain_fields(get)
+
+
+def _plain_id(value: Any) -> bool:
+    """``id``: absent, null, a string of at most 255 characters, or a number."""
+    kind = type(value)
+    return value is None or (kind is str and len(value) <= 255) or kind is int or kind is float
+
+
+def _plain_fields(get: Callable[..., Any]) -> bool:
+    """The optional typed fields of ``common``: right type when present."""
+    for key in _NULLABLE_STRING_FIELDS:
+        value = get(key)
+        if value is not None and type(value) is not str:
+            return False
+    for key in _OBJECT_FIELDS:
+        value = get(key, _ABSENT)
+        if value is not _ABSENT and type(value) is not dict:
+            return False
+    for key in _TIMESTAMP_FIELDS:
+        value = get(key, _ABSENT)
+        if value is not _ABSENT and not (type(value) is str and is_timestamp(value)):
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +253,8 @@ def validate(message: Mapping[str, Any], *, where: str = "") -> None:
             raise BadEvent(f'{_prefix(where)}"type" is required')
         choices = ", ".join(TYPES)
         raise BadEvent(f'{_prefix(where)}"type" must be one of {choices}, got {_describe(call_type)}')
+    if _plainly_valid(message, call_type):
+        return
     try:
         validator(message)
     except fastjsonschema.JsonSchemaValueException as exc:

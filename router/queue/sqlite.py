@@ -8,6 +8,15 @@ the whole group — and only then resolves each caller's future. Under load, man
 ``ping``) run on a second thread with its own read-only connection, so they never wait behind
 an fsync.
 
+``enqueue`` is the hot path, and the writer thread shares the GIL with the HTTP event loop:
+every statement it steps releases the GIL and must win it back, which costs up to the switch
+interval while the loop is busy. So an ``enqueue`` call is serialised on the caller's side (one
+JSON array of jobs, their payloads in one blob), and the writer stores a whole run of them with
+three statements however many jobs they hold: find the duplicates (usually none), insert every
+job, record every messageId. When that run meets a duplicate, a messageId that SQLite's JSON
+functions cannot carry (NUL) or an error, it falls back to one call at a time, each in its own
+savepoint, row by row.
+
 ``BEGIN IMMEDIATE`` plus the busy timeout make writes, claims included, safe against other
 processes using the same file. The queries are in ``sql/sqlite.sql``.
 """
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import queue
 import sqlite3
@@ -33,6 +43,8 @@ from router.queue import EnqueueResult, Job, JobState, NewJob, QueueOptions, gro
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
+#: What one operation of a group commit came to: its result, or the error it raised.
+_Outcome = tuple[Any, BaseException | None]
 
 QUERIES = sql.load("sqlite")
 
@@ -93,18 +105,14 @@ class SqliteQueue:
 
     async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
         """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
-        now = time.time() if now is None else now
         groups, duplicates = group_by_message(jobs)
-        cutoff = now - self.options.dedupe_window
-
-        def operation(conn: sqlite3.Connection) -> EnqueueResult:
-            return _enqueue(conn, groups, duplicates, now, cutoff)
-
-        return await self._writer.run(operation)
+        call = _EnqueueCall.build(groups, duplicates, now, self.options.dedupe_window)
+        result: EnqueueResult = await self._writer.run(call)
+        return result
 
     async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
         """Store jobs directly as dead letters; they do not count for dedupe."""
-        rows = [_job_row(job, JobState.DEAD, reason, time.time() if now is None else now) for job in jobs]
+        rows = [_job_row(job, JobState.DEAD, reason, _now(now)) for job in jobs]
         await self._writer.run(lambda conn: conn.executemany(QUERIES["insert_job"], rows))
 
     async def claim(
@@ -209,11 +217,94 @@ class SqliteQueue:
         return await self._writer.run(lambda conn: conn.execute(QUERIES[name], params).rowcount)
 
 
-def _enqueue(
-    conn: sqlite3.Connection, groups: list[list[NewJob]], duplicates: int, now: float, cutoff: float
-) -> EnqueueResult:
-    rows: list[dict[str, Any]] = []
-    for group in groups:
+@dataclass(slots=True)
+class _EnqueueCall:
+    """One :meth:`SqliteQueue.enqueue` call, serialised on the caller's side for the writer."""
+
+    groups: list[list[NewJob]]
+    #: Jobs dropped as repeats inside the call.
+    dropped: int
+    #: Unix time of the call; None: the writer's clock when it stores the call.
+    now: float | None
+    dedupe_window: float
+    #: JSON ``[[source, message_id], ...]``, one per group.
+    messages: bytes
+    #: JSON ``[[source, destination, message_id, ordering_key, payload_bytes], ...]``, one per job.
+    jobs: bytes
+    #: The payloads one after the other.
+    payloads: bytes
+    count: int
+    #: False when a string holds NUL, which SQLite's JSON functions cut short: store row by row.
+    json_safe: bool
+
+    @classmethod
+    def build(
+        cls, groups: list[list[NewJob]], dropped: int, now: float | None, dedupe_window: float
+    ) -> _EnqueueCall:
+        flat = [job for group in groups for job in group]
+        messages = orjson.dumps([(group[0].source, group[0].message_id) for group in groups])
+        jobs = orjson.dumps(
+            [(j.source, j.destination, j.message_id, j.ordering_key, len(j.payload)) for j in flat]
+        )
+        return cls(
+            groups=groups,
+            dropped=dropped,
+            now=now,
+            dedupe_window=dedupe_window,
+            messages=messages,
+            jobs=jobs,
+            payloads=b"".join([job.payload for job in flat]),
+            count=len(flat),
+            json_safe=b"\\u0000" not in jobs,
+        )
+
+    def mergeable(self, other: _EnqueueCall) -> bool:
+        """Whether both calls can be stored by the same three statements."""
+        return (
+            self.json_safe
+            and other.json_safe
+            and self.now == other.now
+            and self.dedupe_window == other.dedupe_window
+        )
+
+
+def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[_Outcome]:
+    """Store a run of enqueue calls (all :meth:`_EnqueueCall.mergeable`) in one group commit."""
+    now = time.time() if calls[0].now is None else calls[0].now
+    cutoff = now - calls[0].dedupe_window
+    stored = [call for call in calls if call.count]
+    # One message alone (a single call at low load) is cheaper row by row: fewer, simpler steps.
+    if calls[0].json_safe and (len(stored) > 1 or (stored and len(stored[0].groups) > 1)):
+        conn.execute(QUERIES["savepoint"])
+        try:
+            messages, jobs = _join_json([c.messages for c in stored]), _join_json([c.jobs for c in stored])
+            duplicates = conn.execute(QUERIES["find_duplicates"], {"messages": messages, "cutoff": cutoff})
+            if not duplicates.fetchall():
+                payloads = stored[0].payloads if len(stored) == 1 else b"".join([c.payloads for c in stored])
+                conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "payloads": payloads, "now": now})
+                conn.execute(QUERIES["see_messages"], {"messages": messages, "now": now, "cutoff": cutoff})
+                conn.execute(QUERIES["release_savepoint"])
+                return [(EnqueueResult(inserted=c.count, duplicates=c.dropped), None) for c in calls]
+        except Exception:  # retried call by call below, where the error lands on its own call
+            pass
+        conn.execute(QUERIES["rollback_to_savepoint"])
+        conn.execute(QUERIES["release_savepoint"])
+    return [
+        _run_isolated(conn, functools.partial(_store_rows, call=call, now=now, cutoff=cutoff))
+        for call in calls
+    ]
+
+
+def _join_json(arrays: list[bytes]) -> bytes:
+    """One JSON array holding the items of several non-empty ones."""
+    return arrays[0] if len(arrays) == 1 else b"[" + b",".join([a[1:-1] for a in arrays]) + b"]"
+
+
+def _store_rows(conn: sqlite3.Connection, *, call: _EnqueueCall, now: float, cutoff: float) -> EnqueueResult:
+    """Store one enqueue call statement by statement (duplicates, NUL in a string, errors)."""
+    rows: list[tuple[Any, ...]] = []
+    duplicates = call.dropped
+    for group in call.groups:
         first = group[0]
         seen = {"source": first.source, "message_id": first.message_id, "now": now, "cutoff": cutoff}
         if conn.execute(QUERIES["see_message"], seen).fetchall():
@@ -224,17 +315,18 @@ def _enqueue(
     return EnqueueResult(inserted=len(rows), duplicates=duplicates)
 
 
-def _job_row(job: NewJob, state: JobState, error: str | None, now: float) -> dict[str, Any]:
-    return {
-        "source": job.source,
-        "destination": job.destination,
-        "message_id": job.message_id,
-        "ordering_key": job.ordering_key,
-        "payload": job.payload,
-        "state": state.value,
-        "last_error": error,
-        "now": now,
-    }
+def _job_row(job: NewJob, state: JobState, error: str | None, now: float) -> tuple[Any, ...]:
+    """Parameters of ``insert_job``."""
+    return (
+        job.source,
+        job.destination,
+        job.message_id,
+        job.ordering_key,
+        job.payload,
+        state.value,
+        now,
+        error,
+    )
 
 
 def _ids(job_ids: Sequence[int]) -> str:
@@ -295,7 +387,8 @@ def _connect(path: str, busy_timeout: float, configure: str) -> sqlite3.Connecti
 class _Submitted:
     """A write operation waiting for the writer thread, and where to send its outcome."""
 
-    operation: Operation[Any]
+    #: A function of the connection, or an enqueue call (stored with the calls next to it).
+    operation: Operation[Any] | _EnqueueCall
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
@@ -332,7 +425,7 @@ class _Writer:
         self._thread = None
         self._closing = False
 
-    async def run(self, operation: Operation[T]) -> T:
+    async def run(self, operation: Operation[T] | _EnqueueCall) -> T:
         """Run ``operation`` in the next group commit; returns once it is durable."""
         if self._thread is None or self._closing:
             raise RuntimeError("the sqlite queue is not open")
@@ -369,7 +462,7 @@ class _Writer:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Submitted]) -> None:
         try:
             conn.execute(QUERIES["begin"])
-            outcomes = [_run_isolated(conn, item.operation) for item in batch]
+            outcomes = _run_batch(conn, batch)
             conn.execute(QUERIES["commit"])
         except Exception as exc:  # the transaction failed as a whole: so did every operation in it
             if conn.in_transaction:
@@ -379,8 +472,7 @@ class _Writer:
             return
         self.commits += 1
         self.writes += len(batch)
-        for item, (result, error) in zip(batch, outcomes, strict=True):
-            _settle(item, result, error)
+        _settle_batch(batch, outcomes)
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -392,7 +484,29 @@ class _Writer:
                 _settle(item, None, RuntimeError("the sqlite queue is closed"))
 
 
-def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> tuple[Any, BaseException | None]:
+def _run_batch(conn: sqlite3.Connection, batch: list[_Submitted]) -> list[_Outcome]:
+    """Run the operations of one group commit in order; consecutive enqueue calls together."""
+    outcomes: list[_Outcome] = []
+    start = 0
+    while start < len(batch):
+        operation = batch[start].operation
+        if not isinstance(operation, _EnqueueCall):
+            outcomes.append(_run_isolated(conn, operation))
+            start += 1
+            continue
+        end = start + 1
+        while end < len(batch):
+            following = batch[end].operation
+            if not isinstance(following, _EnqueueCall) or not operation.mergeable(following):
+                break
+            end += 1
+        calls = [item.operation for item in batch[start:end]]
+        outcomes.extend(_store_calls(conn, calls))  # type: ignore[arg-type]
+        start = end
+    return outcomes
+
+
+def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> _Outcome:
     conn.execute(QUERIES["savepoint"])
     try:
         result = operation(conn)
@@ -405,21 +519,36 @@ def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> tuple[
 
 
 def _settle_all(batch: list[_Submitted], error: BaseException) -> None:
-    for item in batch:
-        _settle(item, None, error)
+    _settle_batch(batch, [(None, error)] * len(batch))
+
+
+def _settle_batch(batch: list[_Submitted], outcomes: list[_Outcome]) -> None:
+    """Resolve the futures of a group commit: one wake-up per event loop, not one per operation."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Submitted, Any, BaseException | None]]] = {}
+    for item, (result, error) in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(item.loop, []).append((item, result, error))
+
+    for loop, settled in by_loop.items():
+
+        def resolve(settled: list[tuple[_Submitted, Any, BaseException | None]] = settled) -> None:
+            for item, result, error in settled:
+                _resolve(item, result, error)
+
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+            loop.call_soon_threadsafe(resolve)
+
+
+def _resolve(item: _Submitted, result: Any, error: BaseException | None) -> None:
+    if item.future.done():  # the caller was cancelled; the write stands anyway
+        return
+    if error is None:
+        item.future.set_result(result)
+    else:
+        item.future.set_exception(error)
 
 
 def _settle(item: _Submitted, result: Any, error: BaseException | None) -> None:
-    def resolve() -> None:
-        if item.future.done():  # the caller was cancelled; the write stands anyway
-            return
-        if error is None:
-            item.future.set_result(result)
-        else:
-            item.future.set_exception(error)
-
-    with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
-        item.loop.call_soon_threadsafe(resolve)
+    _settle_batch([item], [(result, error)])
 
 
 class _Reader:

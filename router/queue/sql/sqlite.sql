@@ -83,15 +83,57 @@ ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
     WHERE queue_dedupe.seen_at <= :cutoff
 RETURNING seen_at;
 
--- name: insert_job
--- Store one job in the given state, due now.
+-- name: find_duplicates
+-- Positions in :messages (a JSON array of [source, message_id]) of the pairs that are duplicates:
+-- seen after :cutoff, or repeating an earlier pair of the array. Usually none: one step.
+SELECT message.key
+FROM (
+    SELECT key, value ->> 0 AS source, value ->> 1 AS message_id,
+        row_number() OVER (PARTITION BY value ->> 0, value ->> 1 ORDER BY key) AS nth
+    FROM json_each(:messages)
+) AS message
+WHERE message.nth > 1
+    OR EXISTS (
+        SELECT 1 FROM queue_dedupe AS seen
+        WHERE seen.source = message.source
+            AND seen.message_id = message.message_id
+            AND seen.seen_at > :cutoff
+    );
+
+-- name: see_messages
+-- Record every pair of :messages (a JSON array of [source, message_id], none of them a
+-- duplicate: see find_duplicates) as accepted now, in one statement.
+INSERT INTO queue_dedupe (source, message_id, seen_at)
+SELECT value ->> 0, value ->> 1, :now FROM json_each(:messages) WHERE true
+ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
+    WHERE queue_dedupe.seen_at <= :cutoff;
+
+-- name: insert_pending_jobs
+-- Store jobs as pending, due now, in one statement: :jobs is a JSON array of
+-- [source, destination, message_id, ordering_key, payload_bytes] and :payloads the payloads one
+-- after the other (each job's is the next payload_bytes bytes). Ids follow the array's order.
 INSERT INTO queue_jobs (
     source, destination, message_id, ordering_key, payload, state,
     next_attempt_at, last_error, created_at, updated_at
-) VALUES (
-    :source, :destination, :message_id, :ordering_key, :payload, :state,
-    :now, :last_error, :now, :now
-);
+)
+SELECT
+    source, destination, message_id, ordering_key,
+    substr(:payloads, payload_end - payload_bytes + 1, payload_bytes),
+    'pending', :now, NULL, :now, :now
+FROM (
+    SELECT key, value ->> 0 AS source, value ->> 1 AS destination, value ->> 2 AS message_id,
+        value ->> 3 AS ordering_key, value ->> 4 AS payload_bytes,
+        sum(value ->> 4) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS payload_end
+    FROM json_each(:jobs)
+)
+ORDER BY key;
+
+-- name: insert_job
+-- Store one job in the given state, due now (parameters in this order).
+INSERT INTO queue_jobs (
+    source, destination, message_id, ordering_key, payload, state,
+    next_attempt_at, last_error, created_at, updated_at
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, ?7);
 
 -- name: claim_jobs
 -- Lease the oldest due jobs of a destination, keeping each ordering key's order.
