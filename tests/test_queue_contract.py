@@ -423,7 +423,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -496,7 +496,32 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2]
+
+
+async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    version_1 = dict(sql.migrations(sql.load("sqlite")))[1]
+    with sqlite3.connect(path) as conn:
+        conn.executescript(version_1)
+        conn.execute(
+            "INSERT INTO queue_jobs (source, destination, message_id, ordering_key, payload, state,"
+            " attempts, next_attempt_at, created_at, updated_at)"
+            " VALUES ('web', 'klaviyo', 'm1', 'u', x'7b7d', 'pending', 0, ?, ?, ?)",
+            (T0, T0, T0),
+        )
+    conn.close()
+    queue = SqliteQueue(path)
+    await queue.open()
+    try:
+        assert await claim_ids(queue) == [1]
+    finally:
+        await queue.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "queue_jobs_retrying" in names
+    conn.close()
 
 
 @pytest.mark.parametrize(

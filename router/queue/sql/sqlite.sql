@@ -35,6 +35,14 @@ CREATE TABLE queue_dedupe (
 CREATE INDEX queue_dedupe_seen ON queue_dedupe (seen_at);
 PRAGMA user_version = 1;
 
+-- name: migrate_2
+-- Jobs waiting for a retry, so a claim finds the keys they block without scanning the backlog.
+-- Only retry_job sets a future next_attempt_at, and it always counts an attempt: new jobs
+-- (attempts = 0) never enter this index, which stays as small as the set of retrying jobs.
+CREATE INDEX queue_jobs_retrying ON queue_jobs (destination, next_attempt_at)
+    WHERE state = 'pending' AND attempts > 0;
+PRAGMA user_version = 2;
+
 -- name: configure_writer
 -- Write-ahead log, and an fsync on every commit so a returned write survives a power cut.
 PRAGMA journal_mode = WAL;
@@ -139,12 +147,38 @@ INSERT INTO queue_jobs (
 -- Lease the oldest due jobs of a destination, keeping each ordering key's order.
 -- A job waits while an earlier job with its ordering key is in flight or waiting for a retry
 -- (consecutive due jobs of one key are leased together), unless more than :hot_key_threshold
--- jobs of that key are active. RETURNING gives no order: sort by id.
+-- jobs of that key are active. The keys that block, and which of them are hot, are worked out
+-- once per claim, not per candidate row. RETURNING gives no order: sort by id.
+WITH blockers AS (
+    SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_state
+    WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at > :now
+        AND ordering_key IS NOT NULL
+    UNION ALL
+    SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_retrying
+    WHERE state = 'pending' AND attempts > 0 AND destination = :destination AND next_attempt_at > :now
+        AND ordering_key IS NOT NULL
+),
+blocking AS (
+    SELECT ordering_key, min(id) AS first_id FROM blockers GROUP BY ordering_key
+),
+hot AS (
+    SELECT blocking.ordering_key
+    FROM blocking
+    WHERE EXISTS (
+        SELECT 1 FROM queue_jobs AS same
+        WHERE same.destination = :destination
+            AND same.ordering_key = blocking.ordering_key
+            AND same.state IN ('pending', 'in_flight')
+            AND same.ordering_key IS NOT NULL
+        LIMIT 1 OFFSET :hot_key_threshold
+    )
+)
 UPDATE queue_jobs
 SET state = 'in_flight', lease_expires_at = :lease_expires_at, updated_at = :now
 WHERE id IN (
     SELECT job.id
     FROM queue_jobs AS job
+    LEFT JOIN blocking ON blocking.ordering_key = job.ordering_key
     WHERE job.destination = :destination
         AND job.state IN ('pending', 'in_flight')
         AND CASE job.state
@@ -152,27 +186,9 @@ WHERE id IN (
             ELSE job.lease_expires_at <= :now
         END
         AND (
-            job.ordering_key IS NULL
-            OR NOT EXISTS (
-                SELECT 1 FROM queue_jobs AS earlier
-                WHERE earlier.destination = job.destination
-                    AND earlier.ordering_key = job.ordering_key
-                    AND earlier.state IN ('pending', 'in_flight')
-                    AND earlier.ordering_key IS NOT NULL
-                    AND earlier.id < job.id
-                    AND CASE earlier.state
-                        WHEN 'pending' THEN earlier.next_attempt_at > :now
-                        ELSE earlier.lease_expires_at > :now
-                    END
-            )
-            OR EXISTS (
-                SELECT 1 FROM queue_jobs AS same
-                WHERE same.destination = job.destination
-                    AND same.ordering_key = job.ordering_key
-                    AND same.state IN ('pending', 'in_flight')
-                    AND same.ordering_key IS NOT NULL
-                LIMIT 1 OFFSET :hot_key_threshold
-            )
+            blocking.first_id IS NULL
+            OR blocking.first_id > job.id
+            OR job.ordering_key IN (SELECT ordering_key FROM hot)
         )
     ORDER BY job.id
     LIMIT :limit
