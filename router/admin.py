@@ -62,10 +62,12 @@ def _guard(handler: Handler) -> Handler:
 async def list_dead_letters(request: web.Request) -> web.StreamResponse:
     query = request.query
     try:
-        limit = min(int(query.get("limit", "100")), 1000)
+        limit = int(query.get("limit", "100"))
         after = int(query.get("after", "0"))
     except ValueError:
         return _error(400, "limit and after must be whole numbers")
+    if not 1 <= limit <= 1000:
+        return _error(400, "limit must be between 1 and 1000")
     jobs = await deadletters.list_dead(
         request.app[ADMIN_QUEUE],
         limit=limit,

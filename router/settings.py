@@ -165,7 +165,17 @@ class Settings:
         _check_keys(raw, _TOP_LEVEL, where="")
         destinations = _destinations(raw.get("destinations"))
         sources = _sources(raw.get("sources"), {d.name for d in destinations})
-        return cls(sources=sources, destinations=destinations, config_path=path, **_scalars(raw, env))
+        settings = cls(sources=sources, destinations=destinations, config_path=path, **_scalars(raw, env))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations of values that are each fine alone."""
+        if self.delivery_lease <= self.delivery_timeout:
+            raise ConfigError(
+                f"delivery.lease: {self.delivery_lease:g} s must be longer than delivery.timeout "
+                f"({self.delivery_timeout:g} s), or a batch still being sent is handed to another worker"
+            )
 
     @classmethod
     def embedded_default(cls, data_dir: Path, *, env: Mapping[str, str] | None = None) -> Settings:

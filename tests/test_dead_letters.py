@@ -406,6 +406,11 @@ class TestAdminDeadLetters:
             400,
             {"error": "limit and after must be whole numbers"},
         )
+        for limit in ("-1", "0", "1001"):  # SQLite would read a negative LIMIT as "no limit"
+            assert await admin.call("GET", f"?limit={limit}") == (
+                400,
+                {"error": "limit must be between 1 and 1000"},
+            )
 
     async def test_show(self, admin: Admin) -> None:
         """One dead letter with its event, ``writeKey`` removed; 404 for jobs that are not dead."""

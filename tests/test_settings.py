@@ -287,3 +287,17 @@ class TestEmbeddedDefault:
         settings = Settings.load(None, env=env)
         assert settings.data_dir == tmp_path / "d" and settings.port == 0
         assert (tmp_path / "d" / "write_key").exists()
+
+
+class TestDeliveryChecks:
+    """Delivery settings that contradict each other stop start-up."""
+
+    def test_lease_must_outlast_the_timeout(self, tmp_path: Path) -> None:
+        """A lease no longer than one Klaviyo call would hand a batch in flight to another worker."""
+        config = tmp_path / "router.toml"
+        config.write_text(
+            '[delivery]\nlease = 30\ntimeout = 30\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            'destinations = ["klaviyo"]\n[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
+        )
+        with pytest.raises(ConfigError, match=r"delivery.lease: 30 s must be longer than delivery.timeout"):
+            Settings.load(config, env={})
