@@ -45,7 +45,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +54,7 @@ import pytest
 import rudderstack.analytics.client as rudder_client
 import rudderstack.analytics.request as rudder_request
 from pytest_aiohttp import AiohttpClient
+from sdk_replay import replay
 
 from router.cli import main
 from router.deliver import phases
@@ -466,27 +466,7 @@ def send_with_sdk(url: str, events: Sequence[Mapping[str, Any]]) -> list[str]:
         max_retries=2,
         on_error=lambda exc, batch: errors.append(f"rudder: {exc}"),
     )
-    try:
-        for raw in events:
-            event = orjson.loads(orjson.dumps(raw))  # the SDK mutates context
-            common = {
-                "user_id": event.get("userId"),
-                "anonymous_id": event.get("anonymousId"),
-                "context": event.get("context") or {},
-                "integrations": event.get("integrations") or {},
-                "timestamp": datetime.fromisoformat(event["timestamp"]),
-                "message_id": event["messageId"],
-            }
-            if event["type"] == "identify":
-                client.identify(traits=event.get("traits") or {}, **common)
-            elif event["type"] == "track":
-                client.track(event=event["event"], properties=event.get("properties") or {}, **common)
-            elif event["type"] == "group":
-                client.group(group_id=event["groupId"], traits=event.get("traits") or {}, **common)
-            else:
-                raise AssertionError(f"unexpected type in the mix: {event['type']}")
-    finally:
-        client.shutdown()
+    replay(client, events)
     assert not any(consumer.is_alive() for consumer in client.consumers)
     return errors
 

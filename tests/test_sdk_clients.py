@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import segment.analytics.client as segment_client
 import segment.analytics.request as segment_request
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
+from sdk_replay import replay
 
 from router.app import build_app
 from router.destination import Destination
@@ -40,31 +40,6 @@ SEGMENT_KEY = "wk_segment_sdk_9876543210"
 def load_mix() -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = orjson.loads(gzip.decompress(MIX.read_bytes()))
     return events
-
-
-def send_with(client: Any, events: list[dict[str, Any]]) -> None:
-    """Replay the mix through the SDK's public calls (identify / track / group), then shut it down."""
-    try:
-        for event in events:
-            event = orjson.loads(orjson.dumps(event))  # the SDKs mutate context
-            common = {
-                "user_id": event.get("userId"),
-                "anonymous_id": event.get("anonymousId"),
-                "context": event.get("context") or {},
-                "integrations": event.get("integrations") or {},
-                "timestamp": datetime.fromisoformat(event["timestamp"]),
-                "message_id": event["messageId"],
-            }
-            if event["type"] == "identify":
-                client.identify(traits=event.get("traits") or {}, **common)
-            elif event["type"] == "track":
-                client.track(event=event["event"], properties=event.get("properties") or {}, **common)
-            elif event["type"] == "group":
-                client.group(group_id=event["groupId"], traits=event.get("traits") or {}, **common)
-            else:
-                raise AssertionError(f"unexpected type in the mix: {event['type']}")
-    finally:
-        client.shutdown()
 
 
 def rudder(url: str, errors: list[str]) -> Any:
@@ -128,7 +103,7 @@ class TestSdkClients:
         for _ in range(2):
             errors: list[str] = []
             clients = [rudder(url, errors), segment(url, errors)]
-            await asyncio.gather(*(asyncio.to_thread(send_with, client, events) for client in clients))
+            await asyncio.gather(*(asyncio.to_thread(replay, client, events) for client in clients))
             assert errors == []
             assert not any(consumer.is_alive() for client in clients for consumer in client.consumers)
             assert sorted(await queued(queue, "rudder")) == expected
