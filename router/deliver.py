@@ -36,6 +36,7 @@ from router.errors import MappingError, Skipped, TransformError
 from router.health import PausedDestinations
 from router.klaviyo.batch import batch, profiles_in
 from router.klaviyo.client import KlaviyoClient, Outcome
+from router.klaviyo.imports import IMPORT_PATH, follow, job_id
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, load_mappings
@@ -69,6 +70,8 @@ class DeliverySettings:
     timeout: float = 30.0
     #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
     rate_limit_scale: float = 1.0
+    #: How long to follow a bulk profile import job to learn which profiles it refused.
+    import_wait: float = 120.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -301,6 +304,13 @@ class Deliverer:
                         jobs=len(request.sources),
                         detail=outcome.detail,
                     )
+            await asyncio.gather(
+                *(
+                    self._follow_import(work, request, outcome)
+                    for request, outcome in zip(phase, outcomes, strict=True)
+                    if request.path == IMPORT_PATH and outcome.kind == "ok"
+                )
+            )
             refused = next((o for o in outcomes if o.kind == "auth"), None)
             if refused is not None:
                 self.paused.pause(self.destination.name, refused.detail)
@@ -311,6 +321,22 @@ class Deliverer:
         if self.paused.is_paused(self.destination.name):
             self.paused.resume(self.destination.name)
             self.log.info("destination_resumed")
+
+    async def _follow_import(self, work: Plan, request: KlaviyoRequest, outcome: Outcome) -> None:
+        """Learn which profiles an accepted bulk import refused; those jobs become dead letters."""
+        job = job_id(outcome.body)
+        if job is None:
+            return
+        result = await follow(self.client, job, wait=self.settings.import_wait)
+        if result.unknown:
+            self.log.warning("import_job_unchecked", reason=result.unknown, jobs=len(request.sources))
+        if result.cancelled:
+            for source in request.sources:
+                work.verdicts[source].worsen(RETRY, f"Klaviyo cancelled bulk import job {job}")
+        items = request.item_sources
+        for index, reason in result.refused.items():
+            for source in items[index] if index < len(items) else ():
+                work.verdicts[source].worsen(DEAD, reason)
 
     async def _settle(self, work: Plan) -> None:
         hold_back(work)

@@ -225,14 +225,16 @@ async def test_happy_path_delivers_what_transform_and_batch_say(rig: Rig) -> Non
     expected = batch(
         chain.from_iterable(transform(m, rig.destination(), index=i) for i, m in enumerate(messages))
     )
-    assert [(r.method, r.path, r.json) for r in rig.fake.requests] == [
-        (q.method, q.path, q.body) for q in expected
-    ]
-    assert [r.path for r in rig.fake.requests] == [
+    writes = [r for r in rig.fake.requests if r.method != "GET"]
+    assert [(r.method, r.path, r.json) for r in writes] == [(q.method, q.path, q.body) for q in expected]
+    assert [r.path for r in writes] == [
         "/api/profile-bulk-import-jobs",
         "/api/event-bulk-create-jobs",
         "/api/profile-subscription-bulk-create-jobs",
     ]
+    # the accepted import job was followed to its end (nothing refused: no error pages read)
+    reads = [r.path for r in rig.fake.requests if r.method == "GET"]
+    assert len(reads) == 1 and reads[0].startswith("/api/profile-bulk-import-jobs/")
     assert all(200 <= status < 300 for status in rig.statuses())
     # ... and holds what they mean
     fake = rig.fake
@@ -355,6 +357,25 @@ async def test_partial_bulk_failure_dead_letters_only_the_named_items(rig: Rig) 
     assert sorted(e.unique_id for e in rig.fake.events) == ["m0", "m2"]
     assert rig.fake.duplicate_events == 0
     assert rig.settled == {"dead": 2, "retried": 2, "delivered": 2}
+
+
+async def test_profiles_a_bulk_import_refuses_later_become_dead_letters(rig: Rig) -> None:
+    """Klaviyo accepts the import job (202) and records bad profiles as import errors afterwards."""
+    ids = await rig.enqueue(
+        identify("u0", "a@example.com", "m0"),
+        identify("u1", "not-an-email", "m1"),
+        identify("u2", "c@example.com", "m2"),
+    )
+    assert await rig.deliverer().deliver_once() == 3
+    assert await rig.states(ids) == [DONE, DEAD_STATE, DONE]
+    assert (await rig.job(ids[1])).last_error == (
+        "Klaviyo import error: invalid: Invalid email address: 'not-an-email'. "
+        "(at /data/attributes/profiles/data/1/attributes/email)"
+    )
+    assert rig.settled == {"dead": 1, "delivered": 2}
+    paths = [record.path for record in rig.fake.requests]
+    assert paths[0] == "/api/profile-bulk-import-jobs"
+    assert paths[1].startswith("/api/profile-bulk-import-jobs/") and paths[2].endswith("/import-errors")
 
 
 async def test_partial_bulk_profile_import_failure_dead_letters_only_that_profile(rig: Rig) -> None:

@@ -43,6 +43,8 @@ class Outcome:
     retry_after: float | None = None
     #: For a refused bulk job: index of each item Klaviyo named → its error detail.
     failed_items: Mapping[int, str] = field(default_factory=dict)
+    #: The answer's body (JSON), for callers that read it (job ids, job status, import errors).
+    body: bytes = field(default=b"", repr=False)
 
 
 def classify(
@@ -50,7 +52,7 @@ def classify(
 ) -> Outcome:
     """Decide what a Klaviyo answer means (pure)."""
     if 200 <= status < 300:
-        return Outcome("ok", status)
+        return Outcome("ok", status, body=body)
     detail = f"Klaviyo {status} on {request.method} {request.path}: {error_text(body)}"
     if status == 429:
         return Outcome("retry", status, detail, retry_after(headers, default=1.0))
@@ -143,12 +145,16 @@ class KlaviyoClient:
             self._observe(endpoint.operation_id, outcome.kind, outcome.status, time.perf_counter() - started)
         return outcome
 
+    async def get(self, path: str) -> Outcome:
+        """A paced ``GET`` of ``path`` (with its query); the JSON answer is in ``Outcome.body``."""
+        return await self.send(KlaviyoRequest(method="GET", path=path, body={}))
+
     async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: Any) -> Outcome:
         try:
             async with self._session.request(
                 request.method,
                 self._base_url + request.path,
-                data=orjson.dumps(request.body),
+                data=orjson.dumps(request.body) if request.method != "GET" else None,
                 headers=self._headers,
                 timeout=self._timeout,
             ) as response:
