@@ -535,3 +535,8 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
 def test_sql_file_mistakes(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         sql.parse(text)
+
+
+def test_postgresql_url_is_refused_clearly_until_the_backend_exists() -> None:
+    with pytest.raises(ConfigError, match=r"queue.url: the PostgreSQL queue is not available yet"):
+        open_queue("postgresql://127.0.0.1/router")

@@ -233,8 +233,14 @@ def sqlite_path(url: str) -> str:
 def _postgres_queue(url: str, options: QueueOptions) -> Queue:
     try:
         module = importlib.import_module("router.queue.postgres")
-    except ImportError as exc:
-        raise ConfigError(f"the postgresql queue backend is unavailable: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name != "router.queue.postgres":
+            raise ConfigError(
+                f"queue.url: the PostgreSQL backend needs {exc.name} (pip install '.[postgres]')"
+            ) from exc
+        raise ConfigError(
+            "queue.url: the PostgreSQL queue is not available yet; use sqlite:///path (one machine)"
+        ) from None
     return cast(Queue, module.PostgresQueue(url, options))
 
 
