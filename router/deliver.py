@@ -267,14 +267,28 @@ class Deliverer:
         )
         if not jobs:
             return 0
+        heartbeat = asyncio.create_task(self._keep_leased([job.id for job in jobs]))
         try:
             work = plan(jobs, self.destination, self.mappings())
             await self._send(work)
         except BaseException:
+            await _stop(heartbeat)
             await self.queue.release([job.id for job in jobs])
             raise
+        await _stop(heartbeat)
         await self._settle(work)
         return len(jobs)
+
+    async def _keep_leased(self, job_ids: list[int]) -> None:
+        """While a batch is being delivered (rate-limit waits can be long), renew its lease at a third
+        of its length, so no other worker takes jobs still on their way."""
+        lease = self.settings.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.queue.extend(job_ids, lease_seconds=lease)
+            except Exception:
+                self.log.exception("lease_renewal_failed", jobs=len(job_ids))
 
     def mappings(self) -> Mappings:
         """The current mappings: reloaded when the files change; a broken edit keeps the last good set."""
@@ -391,6 +405,12 @@ class Deliverer:
             return False
         await self.queue.retry(job.id, at=at, error=verdict.reason)
         return True
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:

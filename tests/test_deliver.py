@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from router.health import PausedDestinations
 from router.identity import ordering_key
 from router.klaviyo.batch import batch
 from router.klaviyo.client import KlaviyoClient, Outcome
+from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import load_mappings
 from router.metrics import Metrics
@@ -774,3 +775,22 @@ def test_hold_back_retries_a_profiles_later_jobs_only() -> None:
         (OK, False),  # no ordering key
     ]
     assert work.verdicts[2].reason == "retried: an earlier job of the same profile is retried first"
+
+
+async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:
+    """A batch outliving its lease (here: two requests to an endpoint allowed one per second) is
+    renewed while it is delivered, so no other worker takes its jobs meanwhile."""
+    ids = await rig.enqueue(
+        group("u1", "a@example.com", LIST_ID, "m1"), group("u2", "b@example.com", "L2", "m2")
+    )
+    rig.fake.create_list("second", list_id="L2")
+    settings = replace(SETTINGS, lease_seconds=0.3)
+    destination = rig.destination()
+    client = KlaviyoClient(rig.session, destination, limits=RateLimits(scale=0.01), timeout=5)
+    deliverer = Deliverer(rig.queue, destination, client, settings=settings, paused=rig.paused)
+    delivery = asyncio.create_task(deliverer.deliver_once())
+    await asyncio.sleep(0.7)  # the second subscribe job waits ~1 s for its slot; the lease is 0.3 s
+    assert not delivery.done()
+    assert await rig.queue.claim(DEST, 10, lease_seconds=1) == []
+    assert await delivery == 2
+    assert await rig.states(ids) == [DONE, DONE]

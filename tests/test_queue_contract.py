@@ -540,3 +540,15 @@ def test_sql_file_mistakes(text: str, error: str) -> None:
 def test_postgresql_url_is_refused_clearly_until_the_backend_exists() -> None:
     with pytest.raises(ConfigError, match=r"queue.url: the PostgreSQL queue is not available yet"):
         open_queue("postgresql://127.0.0.1/router")
+
+
+async def test_extend_keeps_a_job_leased(queue: Queue) -> None:
+    await queue.enqueue([new_job("a")], now=T0)
+    assert await claim_ids(queue) == [1]
+    await queue.extend([1], lease_seconds=LEASE, now=T0 + LEASE - 1)
+    assert await claim_ids(queue, now=T0 + LEASE) == []  # the old lease would have run out here
+    assert await claim_ids(queue, now=T0 + 2 * LEASE - 1) == [1]  # the renewed lease ran out
+    await queue.ack([1], now=T0 + 2 * LEASE)
+    await queue.extend([1], lease_seconds=LEASE, now=T0 + 2 * LEASE)  # done: nothing happens
+    job = await queue.get(1)
+    assert job is not None and (job.state, job.lease_expires_at) == (JobState.DONE, None)

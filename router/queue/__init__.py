@@ -157,6 +157,9 @@ class Queue(Protocol):
     async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
         """Move a job to the dead letters with its reason."""
 
+    async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
+        """Keep in-flight jobs leased for another ``lease_seconds`` (a batch still being delivered)."""
+
     async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt (shutdown)."""
 

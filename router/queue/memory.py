@@ -128,6 +128,12 @@ class MemoryQueue:
                 updated_at=now,
             )
 
+    async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
+        """Keep leased jobs leased for another ``lease_seconds``."""
+        now = time.time() if now is None else now
+        for job in self._in_state(job_ids, JobState.IN_FLIGHT):
+            self._put(job, lease_expires_at=now + lease_seconds, updated_at=now)
+
     async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
         now = time.time() if now is None else now

@@ -134,6 +134,13 @@ class SqliteQueue:
         """Mark in-flight jobs done."""
         await self._update("ack_jobs", {"ids": _ids(job_ids), "now": _now(now)})
 
+    async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
+        """Keep leased jobs leased for another ``lease_seconds``."""
+        moment = _now(now)
+        await self._update(
+            "extend_leases", {"ids": _ids(job_ids), "now": moment, "lease_expires_at": moment + lease_seconds}
+        )
+
     async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
         """Return an in-flight job to pending, due at ``at``, counting one attempt."""
         await self._update("retry_job", {"id": job_id, "at": at, "error": error, "now": _now(now)})

@@ -201,6 +201,12 @@ UPDATE queue_jobs
 SET state = 'done', lease_expires_at = NULL, updated_at = :now
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
 
+-- name: extend_leases
+-- Push back the lease of in-flight jobs (ids as a JSON array) to :lease_expires_at.
+UPDATE queue_jobs
+SET lease_expires_at = :lease_expires_at, updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
+
 -- name: retry_job
 -- Return an in-flight job to pending, due at :at, counting one attempt.
 UPDATE queue_jobs
