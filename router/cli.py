@@ -280,13 +280,16 @@ def configure_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 def run_dead_letters(args: argparse.Namespace) -> int:
     from router import deadletters
-    from router.queue import open_queue
+    from router.queue import open_queue, sqlite_path
     from router.settings import Settings
 
     settings = Settings.load(args.config)
+    url = settings.resolved_queue_url
+    if url.startswith("sqlite:") and not Path(sqlite_path(url)).exists():
+        raise UsageError(f"no queue at {sqlite_path(url)} (is --config the one serve uses?)")
 
     async def act() -> int:
-        queue = open_queue(settings.resolved_queue_url)
+        queue = open_queue(url)
         await queue.open()
         try:
             return await _dead_letter_action(args, queue, deadletters)

@@ -312,6 +312,20 @@ class TestCommandRetryAndPurge:
             f"klaviyo-router: {missing}: cannot read the config file: No such file or directory\n"
         )
 
+    def test_no_queue_where_the_config_says(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A config naming a queue file that does not exist is refused, and no empty queue is made."""
+        config = tmp_path / "router.toml"
+        queue = tmp_path / "nowhere" / "queue.db"
+        config.write_text(
+            f'[queue]\nurl = "sqlite:///{queue}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            'destinations = ["klaviyo"]\n[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
+        )
+        assert main(["dead-letters", "--config", str(config), "list"]) == 2
+        assert capsys.readouterr().err == (
+            f"klaviyo-router: no queue at {queue} (is --config the one serve uses?)\n"
+        )
+        assert not queue.exists()
+
 
 # -- the admin API ----------------------------------------------------------------------------------------------
 
