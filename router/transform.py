@@ -16,9 +16,10 @@ from typing import Any, Final
 
 from router.destination import Destination
 from router.errors import Skipped, TransformError
+from router.fields import Context, apply_fields
 from router.identity import ordering_key
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import Context, EventMapping, Mappings, apply_fields, load_mappings
+from router.mapping import EventMapping, Mappings, load_mappings
 
 SUPPORTED_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 #: Klaviyo refuses metric names of 128 characters or more.

@@ -18,13 +18,11 @@ import pytest
 
 from router.cli import main
 from router.errors import MappingError
+from router.fields import Context, PathTable, compile_field
 from router.mapping import (
     BUILTIN_DIR,
     KLAVIYO_DIR,
     SCHEMA_PATH,
-    Context,
-    PathTable,
-    compile_field,
     load_mappings,
     mapping_files,
     normalise_event_name,

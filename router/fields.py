@@ -1,0 +1,481 @@
+"""Compiled fields: where a value comes from in a message, how it is converted, where it goes.
+
+A field spec of a mapping file (``{"from": [paths...], "type": ..., "default": ..., "required": ...,
+"each": {...}}``) compiles into a :class:`Field`; the fields a mapping resolves together compile into
+one :class:`FieldSet`, which runs as a single generated function of straight ``dict.get`` chains.
+:class:`PathTable` numbers every object the paths read through, so each is looked up once per
+message. The ``type`` names map to the small converters in :data:`CONVERTERS`; an unknown one is a
+:class:`MappingError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+import orjson
+import phonenumbers
+
+from router.errors import MappingError, TransformError
+
+
+class _Missing:
+    """Marker for 'no value found' (``None`` is a value a message may carry)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+Path_ = tuple[str, ...]
+Converter = Callable[[Any, str, "Context"], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Destination settings a converter may need."""
+
+    default_phone_region: str | None = None
+    #: Drop a phone that cannot be made E.164 instead of rejecting the message.
+    drop_invalid_phone: bool = False
+
+
+# ---------------------------------------------------------------- value converters (directive registry)
+
+
+def _as_any(value: Any, where: str, ctx: Context) -> Any:
+    return value
+
+
+def _as_string(value: Any, where: str, ctx: Context) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise TransformError(f"{where}: expected text, got {_kind(value)}")
+
+
+def _as_float(value: Any, where: str, ctx: Context) -> float:
+    if isinstance(value, bool):
+        raise TransformError(f"{where}: expected a number, got {_kind(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TransformError(f"{where}: expected a number, got {_show(value)}") from None
+    if not math.isfinite(number):
+        raise TransformError(f"{where}: expected a finite number, got {_show(value)}")
+    return number
+
+
+def _as_integer(value: Any, where: str, ctx: Context) -> int:
+    number = _as_float(value, where, ctx)
+    if not number.is_integer():
+        raise TransformError(f"{where}: expected a whole number, got {_show(value)}")
+    return int(number)
+
+
+def _as_round4(value: Any, where: str, ctx: Context) -> float:
+    return round(_as_float(value, where, ctx), 4)
+
+
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+def _as_boolean(value: Any, where: str, ctx: Context) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise TransformError(f"{where}: expected true or false, got {_show(value)}")
+
+
+def _as_iso8601(value: Any, where: str, ctx: Context) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value / 1000 if value > 1e11 else value
+        return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, str):
+        return _iso_text(value, where)
+    raise TransformError(f"{where}: expected an ISO 8601 time, got {_kind(value)}")
+
+
+@functools.lru_cache(maxsize=65536)
+def _iso_text(value: str, where: str) -> str:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise TransformError(f"{where}: {value!r} is not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    return value
+
+
+_PHONE_NOISE: Final = re.compile(r"[^\d+]")
+
+
+def _as_e164(value: Any, where: str, ctx: Context) -> Any:
+    try:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise TransformError(f"{where}: Phone number is not in E.164 format ({_kind(value)})")
+        return e164(str(value), ctx.default_phone_region, where)
+    except TransformError:
+        if ctx.drop_invalid_phone:
+            return MISSING
+        raise
+
+
+@functools.lru_cache(maxsize=65536)
+def e164(raw: str, region: str | None, where: str = "phone") -> str:
+    """Normalise a phone number to strict E.164 (``+12 345 578 900`` → ``+12345578900``).
+
+    A national number (no ``+``) is read in ``region`` when one is given. Anything that does
+    not come out as the same digits in E.164 raises :class:`TransformError`.
+    """
+    stripped = _PHONE_NOISE.sub("", raw)
+    error = TransformError(f"{where}: Phone number is not in E.164 format ({raw!r})")
+    if not stripped or "+" in stripped[1:]:
+        raise error
+    if not stripped.startswith("+") and region is None:
+        raise TransformError(
+            f"{where}: Phone number is not in E.164 format ({raw!r}); "
+            "set default_phone_region to accept national numbers"
+        )
+    try:
+        parsed = phonenumbers.parse(stripped, None if stripped.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        raise error from None
+    formatted: str = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if stripped.startswith("+") and formatted != stripped:
+        raise error
+    if not phonenumbers.is_possible_number(parsed):
+        raise error
+    return formatted
+
+
+def _as_array(value: Any, where: str, ctx: Context) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    raise TransformError(f"{where}: expected a list, got {_kind(value)}")
+
+
+def _as_object(value: Any, where: str, ctx: Context) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    raise TransformError(f"{where}: expected an object, got {_kind(value)}")
+
+
+#: Every ``type`` a field may name; an unknown one is refused by the schema and here.
+CONVERTERS: Final[Mapping[str, Converter]] = {
+    "any": _as_any,
+    "string": _as_string,
+    "float": _as_float,
+    "integer": _as_integer,
+    "boolean": _as_boolean,
+    "iso8601": _as_iso8601,
+    "e164": _as_e164,
+    "round4": _as_round4,
+    "array": _as_array,
+    "object": _as_object,
+}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _show(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------- compiled fields
+
+
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def _define(lines: list[str], name: str, env: dict[str, Any]) -> Any:
+    """Compile generated source ``lines`` defining ``name``; only literals made by ``repr`` go in."""
+    namespace = dict(env)
+    exec(compile("\n".join(lines), f"<mapping {name}>", "exec"), namespace)
+    return namespace[name]
+
+
+class PathTable:
+    """Every object a set of paths passes through (``context``, ``context.traits``, ...), numbered.
+
+    Compiling registers each source path's parent; :meth:`holders` then looks each parent up once
+    per message, so a source lookup is one ``dict.get`` however deep its path.
+    """
+
+    def __init__(self) -> None:
+        self._index: dict[Path_, int] = {(): 0}
+        #: (parent index, key) for every registered prefix after the root, parents first.
+        self._steps: list[tuple[int, str]] = []
+
+    def index(self, prefix: Path_) -> int:
+        """The slot of ``prefix`` (registering it and its parents)."""
+        found = self._index.get(prefix)
+        if found is None:
+            parent = self.index(prefix[:-1])
+            self._steps.append((parent, prefix[-1]))
+            found = self._index[prefix] = len(self._steps)
+        return found
+
+    def source(self, path: Path_) -> tuple[int, str, str]:
+        """(slot of the parent, last key, dotted path for error texts)."""
+        return self.index(path[:-1]), path[-1], ".".join(path)
+
+    def holders(self, root: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The object at every registered prefix of ``root`` (an empty mapping where absent)."""
+        return self.compiled(root)
+
+    @functools.cached_property
+    def compiled(self) -> Callable[[Mapping[str, Any]], list[Mapping[str, Any]]]:
+        """:meth:`holders` as one generated function (call after every path is registered)."""
+        lines = ["def holders(h0):"]
+        for n, (parent, key) in enumerate(self._steps, start=1):
+            lines.append(f"    h{n} = h{parent}.get({key!r})")
+            lines.append(f"    if h{n}.__class__ is not dict: h{n} = EMPTY")
+        lines.append(f"    return [{', '.join(f'h{n}' for n in range(len(self._steps) + 1))}]")
+        holders: Callable[[Mapping[str, Any]], list[Mapping[str, Any]]] = _define(
+            lines, "holders", {"EMPTY": _EMPTY}
+        )
+        return holders
+
+
+Holders = list[Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One compiled field: ordered source lookups, a converter, default, required text."""
+
+    #: Where the value goes, split on dots.
+    target: Path_
+    #: (holder slot, key, dotted path) in fallback order; empty for a literal.
+    sources: tuple[tuple[int, str, str], ...]
+    convert: Converter
+    literal: Any
+    default: Any
+    required: str | None
+    #: For arrays of objects: the element fields and the table their paths use.
+    each: tuple[FieldSet, PathTable] | None
+
+    def resolve(self, holders: Holders, ctx: Context) -> Any:
+        """The converted value, or :data:`MISSING`; raises :class:`TransformError` if required."""
+        if self.literal is not MISSING:
+            return self.literal
+        for slot, key, where in self.sources:
+            value = holders[slot].get(key)
+            if value is not None and value != "":
+                return self._convert(value, where, ctx)
+        if self.default is not MISSING:
+            return self.default
+        if self.required is not None:
+            raise TransformError(self.required)
+        return MISSING
+
+    def _convert(self, value: Any, where: str, ctx: Context) -> Any:
+        value = self.convert(value, where, ctx)
+        if self.each is None or value is MISSING:
+            return value
+        fields, table = self.each
+        items = value if isinstance(value, list) else [value]
+        mapped = [_map_item(fields, table, item, f"{where}[{i}]", ctx) for i, item in enumerate(items)]
+        return [item for item in mapped if item]
+
+
+def _map_item(fields: FieldSet, table: PathTable, item: Any, where: str, ctx: Context) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise TransformError(f"{where}: expected an object, got {_kind(item)}")
+    try:
+        return fields(table.holders(item), ctx)
+    except TransformError as exc:
+        raise TransformError(f"{where}.{exc.message}") from None
+
+
+def put(target: dict[str, Any], path: Path_, value: Any) -> None:
+    """Set ``value`` at a nested ``path`` of ``target``, creating objects on the way."""
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+class FieldSet:
+    """Fields resolved together into one dict, compiled into a single generated function.
+
+    The function is what :meth:`Field.resolve` would do for each field in turn, unrolled:
+    a chain of ``dict.get`` per source path, the converter, then the assignment.
+    """
+
+    def __init__(self, fields: Iterable[Field]) -> None:
+        self.fields = tuple(fields)
+        self._run: Callable[[Holders, Context], dict[str, Any]] = self._generate()
+
+    def __call__(self, holders: Holders, ctx: Context) -> dict[str, Any]:
+        return self._run(holders, ctx)
+
+    def __iter__(self) -> Iterator[Field]:
+        return iter(self.fields)
+
+    def _generate(self) -> Callable[[Holders, Context], dict[str, Any]]:
+        env: dict[str, Any] = {"MISSING": MISSING, "TransformError": TransformError}
+        slots = sorted({slot for field in self.fields for slot, _, _ in field.sources})
+        targets = {field.target for field in self.fields}
+        lines = ["def run(h, ctx):", "    out = {}"]
+        lines += [f"    g{slot} = h[{slot}].get" for slot in slots]
+        for n, field in enumerate(self.fields):
+            env[f"f{n}"] = field
+            env[f"c{n}"] = field.convert
+            nested = any(field.target[:i] in targets for i in range(1, len(field.target)))
+            lines.extend(_field_lines(n, field, nested))
+        lines.append("    return out")
+        run: Callable[[Holders, Context], dict[str, Any]] = _define(lines, "run", env)
+        return run
+
+
+def _field_lines(n: int, field: Field, nested: bool = False) -> list[str]:
+    """Source lookups nested so the branch that finds a value knows its path as a literal.
+
+    ``nested``: another field of the set writes the object this one goes into (see :func:`_store_lines`).
+    """
+    if field.literal is not MISSING:
+        return [f"    x = f{n}.literal", *_store_lines(field.target, "    ", nested)]
+    if not field.sources:
+        return []
+    lines: list[str] = []
+    indent = "    "
+    for slot, key, where in field.sources:
+        lines.append(f"{indent}v = g{slot}({key!r})")
+        lines.append(f"{indent}if v is not None and v != '':")
+        lines.extend(_convert_lines(n, field, where, indent + "    ", nested))
+        lines.append(f"{indent}else:")
+        indent += "    "
+    if field.default is not MISSING:
+        lines += [f"{indent}x = f{n}.default", *_store_lines(field.target, indent, nested)]
+    elif field.required is not None:
+        lines.append(f"{indent}raise TransformError(f{n}.required)")
+    else:
+        lines.append(f"{indent}pass")
+    return lines
+
+
+def _convert_lines(n: int, field: Field, where: str, indent: str, nested: bool = False) -> list[str]:
+    if field.each is not None:
+        convert = f"f{n}._convert(v, {where!r}, ctx)"
+    elif field.convert is _as_any:
+        convert = "v"
+    elif field.convert is _as_string:
+        convert = f"v if v.__class__ is str else c{n}(v, {where!r}, ctx)"
+    else:
+        convert = f"c{n}(v, {where!r}, ctx)"
+    store = _store_lines(field.target, indent + "    ", nested)
+    if field.convert in (_as_any, _as_string) and field.each is None:
+        return [f"{indent}x = {convert}", *_store_lines(field.target, indent, nested)]
+    return [f"{indent}x = {convert}", f"{indent}if x is not MISSING:", *store]
+
+
+def _store_lines(target: Path_, indent: str, nested: bool = False) -> list[str]:
+    """``out[a][b]... = x``, creating the nested objects on the way.
+
+    With ``nested`` another field stores a value at a prefix of ``target``: that value may be an
+    object of the message (copied, never written into) or not an object at all (replaced).
+    """
+    if len(target) == 1:
+        return [f"{indent}out[{target[0]!r}] = x"]
+    lines = [f"{indent}o = out"]
+    for key in target[:-1]:
+        if nested:
+            lines.append(f"{indent}p = o.get({key!r})")
+            lines.append(f"{indent}p = o[{key!r}] = dict(p) if p.__class__ is dict else {{}}")
+            lines.append(f"{indent}o = p")
+        else:
+            lines.append(f"{indent}o = o.get({key!r}) or o.setdefault({key!r}, {{}})")
+    lines.append(f"{indent}o[{target[-1]!r}] = x")
+    return lines
+
+
+def apply_fields(fields: FieldSet, holders: Holders, ctx: Context) -> dict[str, Any]:
+    """Resolve every field into a new nested dict."""
+    return fields(holders, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class Rest:
+    """Pass-through of the keys of one or more objects, later objects winning."""
+
+    #: Holder slots of the objects copied.
+    slots: tuple[int, ...]
+    #: Keys never copied: the file's ``exclude`` plus keys that a field of the same mapping reads.
+    exclude: frozenset[str]
+
+    def collect(self, holders: Holders) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        exclude = self.exclude
+        for slot in self.slots:
+            for key, value in holders[slot].items():
+                if key not in exclude:
+                    out[key] = value
+        return out
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def _paths(spec: str | list[str]) -> tuple[Path_, ...]:
+    items = [spec] if isinstance(spec, str) else spec
+    return tuple(tuple(item.split(".")) for item in items)
+
+
+def compile_field(target: str, spec: Any, where: str, table: PathTable) -> Field:
+    """Compile one field spec (a path string or an object) for ``target``, registering its paths."""
+    if isinstance(spec, str):
+        spec = {"from": spec}
+    sources = _paths(spec["from"]) if "from" in spec else ()
+    required = spec.get("required", False)
+    if required is True:
+        required = f"missing required value {target!r} (looked in {', '.join('.'.join(p) for p in sources)})"
+    each = spec.get("each")
+    type_name = spec.get("type", "array" if each is not None else "any")
+    if type_name not in CONVERTERS:
+        raise MappingError(f"{where}: unknown type {type_name!r}")
+    compiled_each = None
+    if each:
+        item_table = PathTable()
+        compiled_each = (field_map(each, f"{where}/each", item_table), item_table)
+    return Field(
+        target=tuple(target.split(".")),
+        sources=tuple(table.source(p) for p in sources),
+        convert=CONVERTERS[type_name],
+        literal=spec.get("value", MISSING),
+        default=spec.get("default", MISSING),
+        required=required or None,
+        each=compiled_each,
+    )
+
+
+def field_map(specs: Mapping[str, Any], where: str, table: PathTable) -> FieldSet:
+    return FieldSet(compile_field(target, spec, f"{where}/{target}", table) for target, spec in specs.items())
+
+
+def compile_rest(spec: Mapping[str, Any] | None, fields: Iterable[Field], table: PathTable) -> Rest | None:
+    if spec is None:
+        return None
+    slots = tuple(table.index(p) for p in _paths(spec["from"]))
+    used = {key for field in fields for slot, key, _ in field.sources if slot in slots}
+    return Rest(slots, frozenset(spec.get("exclude", ())) | used)
