@@ -36,7 +36,6 @@ from router.ingest import Ingest, json_response
 from router.logs import configure_logging
 from router.metrics import Metrics
 from router.queue import Queue, open_queue
-from router.retry import RetryPolicy
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
 
@@ -196,19 +195,6 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def delivery_settings(settings: Settings) -> DeliverySettings:
-    """The ``[delivery]`` part of the settings, as the workers take it."""
-    return DeliverySettings(
-        workers=settings.delivery_workers,
-        batch_size=settings.delivery_batch_size,
-        lease_seconds=settings.delivery_lease,
-        timeout=settings.delivery_timeout,
-        rate_limit_scale=settings.delivery_rate_limit_scale,
-        pause_probe=settings.delivery_pause_probe,
-        retry=RetryPolicy(max_attempts=settings.delivery_max_attempts, max_age=settings.delivery_max_age),
-    )
-
-
 def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
     """The cleanup context that runs the delivery workers inside ``serve``.
 
@@ -227,7 +213,7 @@ def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
                 app[QUEUE],
                 settings.destinations,
                 stop,
-                settings=delivery_settings(settings),
+                settings=DeliverySettings.from_settings(settings),
                 paused=app[PAUSED],
                 metrics=app[METRICS],
             ),
@@ -273,7 +259,9 @@ async def _work(settings: Settings) -> int:
                 print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", flush=True)
             stop = asyncio.Event()
             task = asyncio.create_task(
-                deliver_all(queue, settings.destinations, stop, settings=delivery_settings(settings))
+                deliver_all(
+                    queue, settings.destinations, stop, settings=DeliverySettings.from_settings(settings)
+                )
             )
             log.info("worker_started", destinations=[d.name for d in settings.destinations])
             await _wait_for_signal()

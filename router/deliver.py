@@ -43,9 +43,11 @@ from router.mapping import Mappings, load_mappings
 from router.metrics import Metrics
 from router.queue import Job, Queue
 from router.retry import RetryPolicy
+from router.settings import Settings
 from router.transform import transform
 
 log = structlog.get_logger("router.deliver")
+_DEFAULTS: Final = Settings()
 
 #: Settle states, worst last: a job takes the worst of its requests' outcomes.
 OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
@@ -54,25 +56,44 @@ RANK: Final = {"ok": OK, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeliverySettings:
-    """How hard and how patiently to deliver."""
+    """How hard and how patiently to deliver. Defaults are the ``[delivery]`` defaults of
+    :class:`~router.settings.Settings` (one place documents them); :meth:`from_settings` builds
+    the workers' settings from a loaded config."""
 
     #: Concurrent workers per destination (each sends one claimed batch at a time).
-    workers: int = 4
+    workers: int = _DEFAULTS.delivery_workers
     #: Jobs claimed per batch (bulk jobs carry up to 1000 events / 10 000 profiles).
-    batch_size: int = 1000
-    #: How long a claimed job stays leased before another worker may take it.
-    lease_seconds: float = 600.0
+    batch_size: int = _DEFAULTS.delivery_batch_size
+    #: How long a claimed job stays leased before another worker may take it (renewed while sent).
+    lease_seconds: float = _DEFAULTS.delivery_lease
     #: Pause between claims when the queue is empty.
     idle_poll: float = 0.2
     #: While a destination is paused, how often one worker tries again.
-    pause_probe: float = 30.0
+    pause_probe: float = _DEFAULTS.delivery_pause_probe
     #: Seconds to wait for Klaviyo's answer.
-    timeout: float = 30.0
+    timeout: float = _DEFAULTS.delivery_timeout
     #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
-    rate_limit_scale: float = 1.0
+    rate_limit_scale: float = _DEFAULTS.delivery_rate_limit_scale
     #: How long to follow a bulk profile import job to learn which profiles it refused.
     import_wait: float = 120.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(
+            max_attempts=_DEFAULTS.delivery_max_attempts, max_age=_DEFAULTS.delivery_max_age
+        )
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliverySettings:
+        """The ``[delivery]`` part of a loaded config, as the workers take it."""
+        return cls(
+            workers=settings.delivery_workers,
+            batch_size=settings.delivery_batch_size,
+            lease_seconds=settings.delivery_lease,
+            timeout=settings.delivery_timeout,
+            rate_limit_scale=settings.delivery_rate_limit_scale,
+            pause_probe=settings.delivery_pause_probe,
+            retry=RetryPolicy(max_attempts=settings.delivery_max_attempts, max_age=settings.delivery_max_age),
+        )
 
 
 @dataclass(slots=True)
