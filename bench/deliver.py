@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from procstat import cpu_seconds
 
 from router.app import tune_gc
 from router.deliver import Deliverer, DeliverySettings
@@ -181,7 +182,7 @@ async def run(args: argparse.Namespace) -> int:
                     f"{base_url}/__fake__/lists",
                     json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
                 )
-                settings = DeliverySettings(workers=args.workers, idle_poll=0.05)
+                settings = DeliverySettings(workers=args.workers, batch_size=args.batch_size, idle_poll=0.05)
                 timings: list[tuple[str, float, int]] = []
                 client = KlaviyoClient(
                     session,
@@ -194,10 +195,15 @@ async def run(args: argparse.Namespace) -> int:
                 print(
                     f"{queued:,} events queued ({args.queue}); {args.workers} workers; fake Klaviyo on {base_url}"
                 )
-                started = time.perf_counter()
+                started, cpu_router, cpu_fake = (
+                    time.perf_counter(),
+                    time.process_time(),
+                    cpu_seconds(fake.pid),
+                )
                 task = asyncio.create_task(deliverer.run(stop))
                 counts = await wait_settled(queue, destination.name)
                 elapsed = time.perf_counter() - started
+                cpu = (time.process_time() - cpu_router, cpu_seconds(fake.pid) - cpu_fake)
                 stop.set()
                 await task
                 async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
@@ -213,6 +219,9 @@ async def run(args: argparse.Namespace) -> int:
         for op, ts in by_op.items():
             print(f"  {op}: {len(ts)} requests, {sum(ts):.1f} s in flight, max {max(ts):.2f} s")
     report(args.events, elapsed, events_per_s_bound, per_path, counts, state)
+    print(
+        f"CPU        router {cpu[0]:.1f} s, fake Klaviyo {cpu[1]:.1f} s (in {elapsed:.1f} s on {os.cpu_count()} cores)"
+    )
     return 0
 
 
@@ -256,6 +265,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000, help="events to deliver (default 100000)")
     parser.add_argument("--workers", type=int, default=4, help="delivery workers (default 4)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DeliverySettings().batch_size, help="jobs claimed per batch"
+    )
     parser.add_argument("--queue", choices=("sqlite", "memory"), default="sqlite", help="queue backend")
     parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix, a JSON array")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from procstat import cpu_seconds, peak_rss
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX_PATHS = (
@@ -104,15 +105,6 @@ class Bodies:
         return gzip.compress(data, 1) if self.use_gzip else data
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run_scenario(
     url: str, scenario: Scenario, bodies: Bodies, *, seconds: float, max_events: int, server_pid: int
 ) -> str:
@@ -186,17 +178,6 @@ def _lines(stream: Any, deadline: float) -> Iterator[str]:
         if not line:
             return
         yield line
-
-
-def peak_rss(pid: int) -> str:
-    """``VmHWM`` of a process, from /proc."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 async def main_async(args: argparse.Namespace) -> None:

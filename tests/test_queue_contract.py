@@ -395,6 +395,24 @@ async def test_sqlite_cleanup_deletes_in_chunks(tmp_path: Path) -> None:
         await queue.close()
 
 
+async def test_sqlite_deleted_jobs_take_their_payloads_along(tmp_path: Path) -> None:
+    queue = SqliteQueue(tmp_path / "queue.db", QueueOptions(retention=100))
+    await queue.open()
+    try:
+        await queue.enqueue([new_job(f"m{i}") for i in range(4)], now=T0)
+        first, second, *dead = await claim_ids(queue)
+        await queue.ack([first, second], now=T0)
+        for job_id in dead:
+            await queue.dead_letter(job_id, reason="bad", now=T0)
+        await queue.cleanup(now=T0 + 100)
+        await queue.purge(dead[:1])
+    finally:
+        await queue.close()
+    with sqlite3.connect(tmp_path / "queue.db") as conn:
+        assert conn.execute("SELECT job_id FROM queue_payloads").fetchall() == [(dead[1],)]
+    conn.close()
+
+
 async def test_sqlite_writes_from_two_connections(tmp_path: Path) -> None:
     """Two queues on one file stand for two processes: claims stay disjoint."""
     first, second = SqliteQueue(tmp_path / "queue.db"), SqliteQueue(tmp_path / "queue.db")
@@ -423,7 +441,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -496,7 +514,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -514,13 +532,18 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     queue = SqliteQueue(path)
     await queue.open()
     try:
-        assert await claim_ids(queue) == [1]
+        [job] = await queue.claim("klaviyo", 10, lease_seconds=60, now=T0)
+        assert (job.id, job.message_id, job.payload) == (1, "m1", b"{}")
+        await queue.enqueue([new_job("m2")], now=T0)
+        assert [j.id for j in await queue.claim("klaviyo", 10, lease_seconds=60, now=T0)] == [2]
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "queue_jobs_retrying" in names
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(queue_jobs)")}
+        assert "payload" not in columns
     conn.close()
 
 

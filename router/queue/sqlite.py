@@ -112,8 +112,8 @@ class SqliteQueue:
 
     async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
         """Store jobs directly as dead letters; they do not count for dedupe."""
-        rows = [_job_row(job, JobState.DEAD, reason, _now(now)) for job in jobs]
-        await self._writer.run(lambda conn: conn.executemany(QUERIES["insert_job"], rows))
+        now = _now(now)
+        await self._writer.run(lambda conn: _insert_jobs(conn, jobs, JobState.DEAD, reason, now))
 
     async def claim(
         self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
@@ -127,8 +127,8 @@ class SqliteQueue:
             "lease_expires_at": now + lease_seconds,
             "hot_key_threshold": self.options.hot_key_threshold,
         }
-        rows = await self._writer.run(lambda conn: conn.execute(QUERIES["claim_jobs"], params).fetchall())
-        return sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+        rows = await self._writer.run(functools.partial(_claim, params=params))
+        return [Job.from_row(row) for row in rows]
 
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
         """Mark in-flight jobs done."""
@@ -288,7 +288,12 @@ def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[_O
             duplicates = conn.execute(QUERIES["find_duplicates"], {"messages": messages, "cutoff": cutoff})
             if not duplicates.fetchall():
                 payloads = stored[0].payloads if len(stored) == 1 else b"".join([c.payloads for c in stored])
-                conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "payloads": payloads, "now": now})
+                first_id = conn.execute(QUERIES["next_job_id"]).fetchone()["id"]
+                conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "first_id": first_id, "now": now})
+                conn.execute(
+                    QUERIES["insert_pending_payloads"],
+                    {"jobs": jobs, "payloads": payloads, "first_id": first_id},
+                )
                 conn.execute(QUERIES["see_messages"], {"messages": messages, "now": now, "cutoff": cutoff})
                 conn.execute(QUERIES["release_savepoint"])
                 return [(EnqueueResult(inserted=c.count, duplicates=c.dropped), None) for c in calls]
@@ -309,31 +314,37 @@ def _join_json(arrays: list[bytes]) -> bytes:
 
 def _store_rows(conn: sqlite3.Connection, *, call: _EnqueueCall, now: float, cutoff: float) -> EnqueueResult:
     """Store one enqueue call statement by statement (duplicates, NUL in a string, errors)."""
-    rows: list[tuple[Any, ...]] = []
+    stored: list[NewJob] = []
     duplicates = call.dropped
     for group in call.groups:
         first = group[0]
         seen = {"source": first.source, "message_id": first.message_id, "now": now, "cutoff": cutoff}
         if conn.execute(QUERIES["see_message"], seen).fetchall():
-            rows.extend(_job_row(job, JobState.PENDING, None, now) for job in group)
+            stored.extend(group)
         else:
             duplicates += len(group)
-    conn.executemany(QUERIES["insert_job"], rows)
-    return EnqueueResult(inserted=len(rows), duplicates=duplicates)
+    _insert_jobs(conn, stored, JobState.PENDING, None, now)
+    return EnqueueResult(inserted=len(stored), duplicates=duplicates)
 
 
-def _job_row(job: NewJob, state: JobState, error: str | None, now: float) -> tuple[Any, ...]:
-    """Parameters of ``insert_job``."""
-    return (
-        job.source,
-        job.destination,
-        job.message_id,
-        job.ordering_key,
-        job.payload,
-        state.value,
-        now,
-        error,
-    )
+def _insert_jobs(
+    conn: sqlite3.Connection, jobs: Sequence[NewJob], state: JobState, error: str | None, now: float
+) -> None:
+    """Store jobs one by one, each row with its payload."""
+    for job in jobs:
+        conn.execute(
+            QUERIES["insert_job"],
+            (job.source, job.destination, job.message_id, job.ordering_key, state.value, now, error),
+        )
+        conn.execute(QUERIES["insert_payload"], (job.payload,))
+
+
+def _claim(conn: sqlite3.Connection, *, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Lease jobs (``claim_jobs``), then read them with their payloads, by id."""
+    ids = [row["id"] for row in conn.execute(QUERIES["claim_jobs"], params)]
+    if not ids:
+        return []
+    return conn.execute(QUERIES["select_jobs"], {"ids": _ids(ids)}).fetchall()
 
 
 def _ids(job_ids: Sequence[int]) -> str:

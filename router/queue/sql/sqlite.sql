@@ -43,6 +43,20 @@ CREATE INDEX queue_jobs_retrying ON queue_jobs (destination, next_attempt_at)
     WHERE state = 'pending' AND attempts > 0;
 PRAGMA user_version = 2;
 
+-- name: migrate_3
+-- Payloads move to a table of their own. A claim, an ack or a retry rewrites the job's whole row:
+-- with the payload (a couple of KB) inside it, every state change rewrote a page or more per job.
+CREATE TABLE queue_payloads (
+    job_id INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+INSERT INTO queue_payloads (job_id, payload) SELECT id, payload FROM queue_jobs;
+ALTER TABLE queue_jobs DROP COLUMN payload;
+CREATE TRIGGER queue_jobs_delete_payload AFTER DELETE ON queue_jobs BEGIN
+    DELETE FROM queue_payloads WHERE job_id = old.id;
+END;
+PRAGMA user_version = 3;
+
 -- name: configure_writer
 -- Write-ahead log, and an fsync on every commit so a returned write survives a power cut.
 PRAGMA journal_mode = WAL;
@@ -116,39 +130,53 @@ SELECT value ->> 0, value ->> 1, :now FROM json_each(:messages) WHERE true
 ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
     WHERE queue_dedupe.seen_at <= :cutoff;
 
+-- name: next_job_id
+-- The id the next job will get (AUTOINCREMENT: never one a deleted job had).
+SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0) + 1 AS id;
+
 -- name: insert_pending_jobs
 -- Store jobs as pending, due now, in one statement: :jobs is a JSON array of
--- [source, destination, message_id, ordering_key, payload_bytes] and :payloads the payloads one
--- after the other (each job's is the next payload_bytes bytes). Ids follow the array's order.
+-- [source, destination, message_id, ordering_key, payload_bytes]; the jobs get the ids
+-- :first_id, :first_id + 1, ... in the array's order (see next_job_id).
 INSERT INTO queue_jobs (
-    source, destination, message_id, ordering_key, payload, state,
+    id, source, destination, message_id, ordering_key, state,
     next_attempt_at, last_error, created_at, updated_at
 )
 SELECT
-    source, destination, message_id, ordering_key,
-    substr(:payloads, payload_end - payload_bytes + 1, payload_bytes),
-    'pending', :now, NULL, :now, :now
+    :first_id + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending',
+    :now, NULL, :now, :now
+FROM json_each(:jobs)
+ORDER BY key;
+
+-- name: insert_pending_payloads
+-- The payloads of insert_pending_jobs, in one statement: :payloads holds them one after the
+-- other, each job's the next payload_bytes bytes.
+INSERT INTO queue_payloads (job_id, payload)
+SELECT :first_id + key, substr(:payloads, payload_end - payload_bytes + 1, payload_bytes)
 FROM (
-    SELECT key, value ->> 0 AS source, value ->> 1 AS destination, value ->> 2 AS message_id,
-        value ->> 3 AS ordering_key, value ->> 4 AS payload_bytes,
+    SELECT key, value ->> 4 AS payload_bytes,
         sum(value ->> 4) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS payload_end
     FROM json_each(:jobs)
 )
 ORDER BY key;
 
 -- name: insert_job
--- Store one job in the given state, due now (parameters in this order).
+-- Store one job in the given state, due now (parameters in this order); insert_payload follows.
 INSERT INTO queue_jobs (
-    source, destination, message_id, ordering_key, payload, state,
+    source, destination, message_id, ordering_key, state,
     next_attempt_at, last_error, created_at, updated_at
-) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, ?7);
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?6);
+
+-- name: insert_payload
+-- The payload of the job insert_job just stored.
+INSERT INTO queue_payloads (job_id, payload) VALUES (last_insert_rowid(), ?1);
 
 -- name: claim_jobs
 -- Lease the oldest due jobs of a destination, keeping each ordering key's order.
 -- A job waits while an earlier job with its ordering key is in flight or waiting for a retry
 -- (consecutive due jobs of one key are leased together), unless more than :hot_key_threshold
 -- jobs of that key are active. The keys that block, and which of them are hot, are worked out
--- once per claim, not per candidate row. RETURNING gives no order: sort by id.
+-- once per claim, not per candidate row. Returns the ids, in no order: select_jobs reads them.
 WITH blockers AS (
     SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_state
     WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at > :now
@@ -193,7 +221,15 @@ WHERE id IN (
     ORDER BY job.id
     LIMIT :limit
 )
-RETURNING *;
+RETURNING id;
+
+-- name: select_jobs
+-- Jobs (ids as a JSON array) with their payloads, by id.
+SELECT job.*, payload.payload
+FROM queue_jobs AS job
+JOIN queue_payloads AS payload ON payload.job_id = job.id
+WHERE job.id IN (SELECT value FROM json_each(:ids))
+ORDER BY job.id;
 
 -- name: ack_jobs
 -- Mark in-flight jobs (ids as a JSON array) done.
@@ -259,16 +295,21 @@ DELETE FROM queue_dedupe WHERE (source, message_id) IN (
 
 -- name: get_job
 -- One job by id.
-SELECT * FROM queue_jobs WHERE id = :id;
+SELECT job.*, payload.payload
+FROM queue_jobs AS job
+JOIN queue_payloads AS payload ON payload.job_id = job.id
+WHERE job.id = :id;
 
 -- name: list_jobs
 -- Jobs in a state after :after_id, by id, optionally of one destination or with a matching error.
-SELECT * FROM queue_jobs
-WHERE state = :state
-    AND id > :after_id
-    AND (:destination IS NULL OR destination = :destination)
-    AND (:reason_contains IS NULL OR instr(last_error, :reason_contains) > 0)
-ORDER BY id
+SELECT job.*, payload.payload
+FROM queue_jobs AS job
+JOIN queue_payloads AS payload ON payload.job_id = job.id
+WHERE job.state = :state
+    AND job.id > :after_id
+    AND (:destination IS NULL OR job.destination = :destination)
+    AND (:reason_contains IS NULL OR instr(job.last_error, :reason_contains) > 0)
+ORDER BY job.id
 LIMIT :limit;
 
 -- name: count_jobs
