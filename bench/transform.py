@@ -65,7 +65,7 @@ def worker_path(data: Sequence[bytes], destination: Destination, chunk: int) -> 
                 rejected += 1
         for request in batch(produced):
             requests += 1
-            size += len(orjson.dumps(request.body))
+            size += len(request.payload())
     return requests, rejected, size
 
 

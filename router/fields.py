@@ -16,7 +16,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import Any, Final
 
 import orjson
@@ -205,7 +204,9 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------- compiled fields
 
 
-_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+#: Stands for an absent object in holders. A plain dict, because ``dict.get`` is the cheapest
+#: lookup and holders are looked up ~75 times per message; nothing writes into holders.
+_EMPTY: Final[Mapping[str, Any]] = {}
 
 
 def _define(lines: list[str], name: str, env: dict[str, Any]) -> Any:

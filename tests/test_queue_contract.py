@@ -138,6 +138,25 @@ async def test_consecutive_due_jobs_of_a_key_are_claimed_together_in_order(queue
     assert await claim_ids(queue) == [1, 2, 3, 4]
 
 
+async def test_claim_takes_whole_keys_so_the_next_claim_finds_others_free(queue: Queue) -> None:
+    await queue.enqueue([new_job(f"{key}{n}", key=key) for n in range(3) for key in "uv"], now=T0)
+    assert await claim_ids(queue, limit=3) == [1, 3, 5]  # u's three, not u1 v1 u2
+    assert await claim_ids(queue, limit=3) == [2, 4, 6]  # so v is free for a second worker
+
+
+async def test_claim_ranks_keys_by_their_oldest_job_and_jobs_without_a_key_alone(queue: Queue) -> None:
+    jobs = [
+        new_job("n1"),
+        new_job("u1", key="u"),
+        new_job("n2"),
+        new_job("v1", key="v"),
+        new_job("u2", key="u"),
+    ]
+    await queue.enqueue(jobs, now=T0)
+    assert await claim_ids(queue, limit=3) == [1, 2, 5]  # n1, then u1 with u2, then the limit
+    assert await claim_ids(queue, limit=3) == [3, 4]
+
+
 async def test_in_flight_job_blocks_later_jobs_of_its_key(queue: Queue) -> None:
     await queue.enqueue([new_job("u1", key="u"), new_job("v1", key="v")], now=T0)
     assert await claim_ids(queue) == [1, 2]

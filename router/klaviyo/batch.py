@@ -68,16 +68,18 @@ def _within_cap(
 ) -> Iterator[KlaviyoRequest]:
     """``build(items)``, or, when its body is over Klaviyo's payload cap, the same for each half.
 
-    Sizing the finished body (once per job, not per item) keeps the common case cheap; a single
-    item over the cap is sent as it is and Klaviyo's refusal dead-letters it.
+    Sizing the finished body (once per job, not per item) keeps the common case cheap, and the
+    request keeps the encoded body for the client to send; a single item over the cap is sent as
+    it is and Klaviyo's refusal dead-letters it.
     """
     request = build(items)
-    if len(items) > 1 and len(orjson.dumps(request.body)) > MAX_BYTES:
+    encoded = orjson.dumps(request.body)
+    if len(items) > 1 and len(encoded) > MAX_BYTES:
         half = len(items) // 2
         yield from _within_cap(build, items[:half])
         yield from _within_cap(build, items[half:])
     else:
-        yield request
+        yield replace(request, encoded=encoded)
 
 
 def _bulk(
@@ -172,7 +174,8 @@ def _event_entries(requests: Sequence[KlaviyoRequest]) -> list[_Item]:
                 },
                 [],
             )
-        event = {k: v for k, v in attributes.items() if k != "profile"}
+        event = dict(attributes)
+        del event["profile"]
         entry.data["attributes"]["events"]["data"].append({"type": "event", "attributes": event})
         entry.sources.append(request.sources[0])
     return list(entries.values())

@@ -154,7 +154,7 @@ class KlaviyoClient:
             async with self._session.request(
                 request.method,
                 self._base_url + request.path,
-                data=orjson.dumps(request.body) if request.method != "GET" else None,
+                data=request.payload() if request.method != "GET" else None,
                 headers=self._headers,
                 timeout=self._timeout,
             ) as response:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 #: Klaviyo API revision the router targets (the saved OpenAPI document's).
 REVISION = "2026-07-15"
 
@@ -31,6 +33,12 @@ class KlaviyoRequest:
     item_sources: tuple[tuple[int, ...], ...] = field(default=())
     #: Resolved identity used for per-profile ordering (external id, anonymous id, email or phone).
     ordering_key: str | None = None
+    #: ``body`` as JSON bytes when the batcher already encoded it (to size it); sent as they are.
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+
+    def payload(self) -> bytes:
+        """The body as JSON bytes."""
+        return self.encoded if self.encoded is not None else orjson.dumps(self.body)
 
     def to_json(self) -> dict[str, Any]:
         """The ``{"method", "path", "body"}`` line the CLI prints."""

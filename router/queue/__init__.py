@@ -140,12 +140,15 @@ class Queue(Protocol):
     async def claim(
         self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
     ) -> list[Job]:
-        """Lease up to ``limit`` due pending jobs of a destination, oldest first.
+        """Lease up to ``limit`` due pending jobs of a destination, oldest keys first, key by key.
 
-        A job is skipped while an earlier job with the same ordering key is in flight or waiting
-        for a retry (pending, not yet due), unless that key has more than the hot-key threshold of
-        jobs waiting; consecutive due jobs of one key are leased together, in order. Jobs whose
-        lease expired count as pending.
+        A job is eligible unless an earlier job with the same ordering key is in flight or waiting
+        for a retry (pending, not yet due) and that key has no more than the hot-key threshold of
+        jobs waiting. Jobs whose lease expired count as pending. Of the oldest
+        ``CLAIM_WINDOW * limit`` eligible jobs, the claim takes each key's jobs together, keys in
+        the order of their oldest job (a job without a key is a key of its own), until ``limit``:
+        a key's consecutive jobs travel in one batch, and the next claim finds other keys free
+        instead of every key held up by one batch. Returned by id.
         """
 
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
@@ -200,6 +203,23 @@ class QueueOptions:
     retention: float = 7 * 24 * 3600.0
     #: An ordering key with more jobs than this pending or in flight loses ordering.
     hot_key_threshold: int = 200
+
+
+#: A claim of ``limit`` jobs picks whole keys from the oldest ``CLAIM_WINDOW * limit`` eligible jobs.
+CLAIM_WINDOW = 4
+
+
+def key_major(candidates: Sequence[tuple[int, str | None]], limit: int) -> list[int]:
+    """The ids a claim takes from eligible ``(id, ordering_key)`` pairs in id order (pure).
+
+    Keys in the order of their first candidate, each key's candidates together, ``limit`` at most;
+    a candidate without a key is a key of its own. Sorted by id.
+    """
+    by_key: dict[object, list[int]] = {}
+    for job_id, key in candidates:
+        by_key.setdefault(job_id if key is None else key, []).append(job_id)
+    chosen = [job_id for ids in by_key.values() for job_id in ids][:limit]
+    return sorted(chosen)
 
 
 def open_queue(url: str, options: QueueOptions | None = None, **overrides: Any) -> Queue:

@@ -10,7 +10,16 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from router.queue import EnqueueResult, Job, JobState, NewJob, QueueOptions, group_by_message
+from router.queue import (
+    CLAIM_WINDOW,
+    EnqueueResult,
+    Job,
+    JobState,
+    NewJob,
+    QueueOptions,
+    group_by_message,
+    key_major,
+)
 
 _ACTIVE = (JobState.PENDING, JobState.IN_FLIGHT)
 
@@ -67,19 +76,15 @@ class MemoryQueue:
     async def claim(
         self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
     ) -> list[Job]:
-        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order.
-
-        Consecutive due jobs of one key are leased together (the batch keeps their order); a job
-        waits while an earlier job of its key is in flight or waiting for a retry.
-        """
+        """Lease up to ``limit`` due jobs of a destination, keeping per-key order (see :class:`Queue`)."""
         now = time.time() if now is None else now
         active = sorted(i for i in self._active if self._jobs[i].destination == destination)
         waiting = Counter(self._jobs[i].ordering_key for i in active)
         # keys with an earlier job in flight or waiting for a retry: their later jobs wait
         blocked: set[str] = set()
-        claimed: list[Job] = []
+        eligible: list[tuple[int, str | None]] = []
         for job_id in active:
-            if len(claimed) >= limit:
+            if len(eligible) >= CLAIM_WINDOW * limit:
                 break
             job = self._jobs[job_id]
             key = job.ordering_key
@@ -90,10 +95,9 @@ class MemoryQueue:
                 if key is not None:
                     blocked.add(key)
                 continue
-            claimed.append(
-                self._put(job, state=JobState.IN_FLIGHT, lease_expires_at=now + lease_seconds, updated_at=now)
-            )
-        return claimed
+            eligible.append((job_id, key))
+        lease = {"state": JobState.IN_FLIGHT, "lease_expires_at": now + lease_seconds, "updated_at": now}
+        return [self._put(self._jobs[job_id], **lease) for job_id in key_major(eligible, limit)]
 
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
         """Mark in-flight jobs done."""

@@ -39,7 +39,16 @@ from typing import Any, TypeVar
 import orjson
 
 from router.errors import ConfigError
-from router.queue import EnqueueResult, Job, JobState, NewJob, QueueOptions, group_by_message, sql
+from router.queue import (
+    CLAIM_WINDOW,
+    EnqueueResult,
+    Job,
+    JobState,
+    NewJob,
+    QueueOptions,
+    group_by_message,
+    sql,
+)
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
@@ -123,6 +132,7 @@ class SqliteQueue:
         params = {
             "destination": destination,
             "limit": limit,
+            "window": CLAIM_WINDOW * limit,
             "now": now,
             "lease_expires_at": now + lease_seconds,
             "hot_key_threshold": self.options.hot_key_threshold,

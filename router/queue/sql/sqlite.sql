@@ -172,11 +172,11 @@ INSERT INTO queue_jobs (
 INSERT INTO queue_payloads (job_id, payload) VALUES (last_insert_rowid(), ?1);
 
 -- name: claim_jobs
--- Lease the oldest due jobs of a destination, keeping each ordering key's order.
--- A job waits while an earlier job with its ordering key is in flight or waiting for a retry
--- (consecutive due jobs of one key are leased together), unless more than :hot_key_threshold
--- jobs of that key are active. The keys that block, and which of them are hot, are worked out
--- once per claim, not per candidate row. Returns the ids, in no order: select_jobs reads them.
+-- Lease due jobs of a destination key by key (Queue.claim): of the :window oldest eligible jobs,
+-- each ordering key's together, keys in the order of their oldest, :limit at most. A job is not
+-- eligible while an earlier job of its key is in flight or waiting for a retry, unless more than
+-- :hot_key_threshold jobs of that key are active. The keys that block, and which of them are hot,
+-- are worked out once per claim, not per candidate row. Returns the ids, in no order.
 WITH blockers AS (
     SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_state
     WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at > :now
@@ -200,11 +200,9 @@ hot AS (
             AND same.ordering_key IS NOT NULL
         LIMIT 1 OFFSET :hot_key_threshold
     )
-)
-UPDATE queue_jobs
-SET state = 'in_flight', lease_expires_at = :lease_expires_at, updated_at = :now
-WHERE id IN (
-    SELECT job.id
+),
+eligible AS (
+    SELECT job.id, job.ordering_key
     FROM queue_jobs AS job
     LEFT JOIN blocking ON blocking.ordering_key = job.ordering_key
     WHERE job.destination = :destination
@@ -219,8 +217,14 @@ WHERE id IN (
             OR job.ordering_key IN (SELECT ordering_key FROM hot)
         )
     ORDER BY job.id
-    LIMIT :limit
+    LIMIT :window
+),
+ranked AS (
+    SELECT id, min(id) OVER (PARTITION BY coalesce(ordering_key, id)) AS key_first FROM eligible
 )
+UPDATE queue_jobs
+SET state = 'in_flight', lease_expires_at = :lease_expires_at, updated_at = :now
+WHERE id IN (SELECT id FROM ranked ORDER BY key_first, id LIMIT :limit)
 RETURNING id;
 
 -- name: select_jobs
