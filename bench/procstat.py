@@ -24,3 +24,18 @@ def peak_rss(pid: int) -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``, from /proc/<n>/stat."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found

@@ -1,8 +1,9 @@
 """Delivery workers: claim → transform → batch → send → settle, for one destination.
 
-Each claimed batch of jobs is transformed with the current mappings, merged into Klaviyo's bulk
-jobs (:mod:`router.klaviyo.batch`), sent in order (profile upserts before the list jobs that need
-them), and every job is settled by the worst outcome among the requests that carried it:
+Each worker claims a batch of jobs, tops it up while more are waiting until its event bulk jobs
+are full, and plans it with the current mappings (:mod:`router.plan`). It sends the requests in
+phases (profile upserts and events, then the list jobs that need those profiles), then settles
+every job by the worst outcome among the requests that carried it:
 
 - every request done → ``ack``;
 - a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
@@ -14,9 +15,9 @@ them), and every job is settled by the worst outcome among the requests that car
 
 A message the transform refuses is dead-lettered with the reason; one with no Klaviyo equivalent
 (alias, page when off) is acknowledged as skipped. Per-profile order comes from the queue (a job
-waits while an earlier one of its profile is in flight or waiting for a retry; consecutive ones are
-leased together, in order) and from :func:`hold_back` (a profile's later jobs in a batch are retried
-behind an earlier one that is).
+waits while an earlier one of its profile is in flight or waiting for a retry; a key's consecutive
+jobs are leased together, in order) and from :func:`~router.plan.hold_back` (a profile's later
+jobs in a batch are retried behind an earlier one that is).
 """
 
 from __future__ import annotations
@@ -32,26 +33,22 @@ import aiohttp
 import structlog
 
 from router.destination import Destination
-from router.errors import MappingError, Skipped, TransformError
+from router.errors import MappingError
 from router.health import PausedDestinations
-from router.klaviyo.batch import batch, profiles_in
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.imports import IMPORT_PATH, follow, job_id
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, load_mappings
 from router.metrics import Metrics
-from router.queue import Job, Queue
+from router.plan import DEAD, OK, RELEASE, RETRY, Plan, Verdict, apply_outcome, claim_size, hold_back, phases
+from router.planner import Planner
+from router.queue import Queue
 from router.retry import RetryPolicy
 from router.settings import Settings
-from router.transform import transform
 
 log = structlog.get_logger("router.deliver")
 _DEFAULTS: Final = Settings()
-
-#: Settle states, worst last: a job takes the worst of its requests' outcomes.
-OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
-RANK: Final = {"ok": OK, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +71,10 @@ class DeliverySettings:
     timeout: float = _DEFAULTS.delivery_timeout
     #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
     rate_limit_scale: float = _DEFAULTS.delivery_rate_limit_scale
+    #: While more jobs wait, size claims to fill whole event bulk jobs (off: ``batch_size`` each).
+    fill_event_jobs: bool = True
+    #: Processes that plan batches for :func:`deliver_all` (0: in the workers' process).
+    planners: int = _DEFAULTS.delivery_planners
     #: How long to follow a bulk profile import job to learn which profiles it refused.
     import_wait: float = 120.0
     retry: RetryPolicy = field(
@@ -92,131 +93,9 @@ class DeliverySettings:
             timeout=settings.delivery_timeout,
             rate_limit_scale=settings.delivery_rate_limit_scale,
             pause_probe=settings.delivery_pause_probe,
+            planners=settings.delivery_planners,
             retry=RetryPolicy(max_attempts=settings.delivery_max_attempts, max_age=settings.delivery_max_age),
         )
-
-
-@dataclass(slots=True)
-class _Verdict:
-    """The running settle state of one claimed job."""
-
-    job: Job
-    state: int = OK
-    reason: str = ""
-    retry_after: float | None = None
-    #: Retry at once: the job was refused only because another item of its bulk job was bad.
-    innocent: bool = False
-
-    def worsen(
-        self, state: int, reason: str, retry_after: float | None = None, innocent: bool = False
-    ) -> None:
-        if state > self.state or (state == self.state == RETRY and not innocent):
-            self.state, self.reason, self.innocent = state, reason, innocent
-            if retry_after is not None:
-                self.retry_after = max(self.retry_after or 0.0, retry_after)
-
-
-@dataclass(slots=True)
-class Plan:
-    """A claimed batch turned into requests; ``verdicts[i]`` is the settle state of ``jobs[i]``."""
-
-    verdicts: list[_Verdict]
-    requests: list[KlaviyoRequest]
-    skipped: int = 0
-
-
-def plan(jobs: Sequence[Job], destination: Destination, mappings: Mappings) -> Plan:
-    """Transform every job and merge the results into bulk requests (pure)."""
-    verdicts = [_Verdict(job) for job in jobs]
-    produced: list[KlaviyoRequest] = []
-    skipped = 0
-    for index, job in enumerate(jobs):
-        try:
-            produced.extend(transform(job.message(), destination, mappings, index=index))
-        except TransformError as exc:
-            verdicts[index].worsen(DEAD, f"transform: {exc.message}")
-        except Skipped as exc:
-            verdicts[index].reason = exc.message
-            skipped += 1
-        except ValueError as exc:  # an unreadable payload
-            verdicts[index].worsen(DEAD, f"payload is not valid JSON: {exc}")
-    return Plan(verdicts, batch(produced), skipped)
-
-
-def apply_outcome(plan: Plan, request: KlaviyoRequest, outcome: Outcome) -> None:
-    """Record what one request's answer means for each job it carried."""
-    state = RANK[outcome.kind]
-    if state == OK:
-        return
-    items = len(request.item_sources)
-    if state == DEAD and outcome.failed_items and items and all(0 <= i < items for i in outcome.failed_items):
-        named = {s for i in outcome.failed_items for s in request.item_sources[i]}
-        for i, sources in enumerate(request.item_sources):
-            for source in sources:
-                if i in outcome.failed_items:
-                    plan.verdicts[source].worsen(DEAD, outcome.failed_items[i])
-                elif source not in named:
-                    plan.verdicts[source].worsen(
-                        RETRY,
-                        f"retried: another item of the same bulk job was refused ({outcome.detail})",
-                        innocent=True,
-                    )
-        return
-    for source in request.sources:
-        plan.verdicts[source].worsen(state, outcome.detail, outcome.retry_after)
-
-
-#: Paths of requests that act on list membership or consent: they go after the profile upserts.
-LIST_PATHS: Final = frozenset(
-    {"/api/profile-subscription-bulk-create-jobs", "/api/profile-subscription-bulk-delete-jobs"}
-)
-
-
-def phases(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
-    """Requests that may go out together: profile upserts and events first, then list jobs.
-
-    A list job (subscribe, unsubscribe, membership through a bulk import with a list) must not
-    reach Klaviyo before the upsert of its profile. :func:`batch` collapses a profile's operations
-    on one list to the last, but consent is per profile, so its jobs on different lists keep their
-    order: a list job goes in the phase after the last one holding any of its profiles.
-    """
-    first = [r for r in requests if not _is_list_job(r)]
-    later: list[list[KlaviyoRequest]] = []
-    last_phase: dict[str, int] = {}
-    for request in requests:
-        if not _is_list_job(request):
-            continue
-        profiles = profiles_in(request)
-        n = max((last_phase[p] + 1 for p in profiles if p in last_phase), default=0)
-        if n == len(later):
-            later.append([])
-        later[n].append(request)
-        last_phase.update(dict.fromkeys(profiles, n))
-    return [phase for phase in (first, *later) if phase]
-
-
-def _is_list_job(request: KlaviyoRequest) -> bool:
-    return request.path in LIST_PATHS or bool(request.body.get("data", {}).get("relationships"))
-
-
-def hold_back(plan: Plan) -> None:
-    """Retry a profile's later jobs behind an earlier job of the batch that is retried (pure).
-
-    The queue leases consecutive jobs of one ordering key together. When an earlier one must be
-    retried, the later ones (already applied) go back too, due at once: the queue keeps them behind
-    the earlier one, and sending them again after it leaves Klaviyo as if applied in order.
-    """
-    waiting: set[str] = set()
-    for verdict in plan.verdicts:
-        key = verdict.job.ordering_key
-        if key is None:
-            continue
-        if verdict.state in (RETRY, RELEASE):
-            waiting.add(key)
-        elif verdict.state == OK and key in waiting and not verdict.reason:  # a reason: skipped
-            verdict.worsen(
-                RETRY, "retried: an earlier job of the same profile is retried first", innocent=True
-            )
 
 
 class Deliverer:
@@ -231,15 +110,20 @@ class Deliverer:
         settings: DeliverySettings | None = None,
         paused: PausedDestinations | None = None,
         metrics: Metrics | None = None,
+        planner: Planner | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``planner``: where batches are planned (default: in this process)."""
         self.queue = queue
         self.destination = destination
         self.client = client
         self.settings = settings or DeliverySettings()
         self.paused = paused or PausedDestinations()
         self._metrics = metrics
+        self._planner = planner or Planner()
         self._clock = clock
+        #: Events per job of the last batch planned (sizes the next claim).
+        self._events_per_job: float | None = None
         self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
@@ -283,22 +167,32 @@ class Deliverer:
 
     async def deliver_once(self) -> int:
         """Claim one batch, deliver it and settle every job; returns the number of jobs claimed."""
-        jobs = await self.queue.claim(
-            self.destination.name, self.settings.batch_size, lease_seconds=self.settings.lease_seconds
-        )
+        size = self.settings.batch_size
+        if self.settings.fill_event_jobs:
+            size = claim_size(size, self._events_per_job)
+        jobs = await self.queue.claim(self.destination.name, size, lease_seconds=self.settings.lease_seconds)
         if not jobs:
             return 0
-        heartbeat = asyncio.create_task(self._keep_leased([job.id for job in jobs]))
+        leased = [job.id for job in jobs]
+        heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
-            work = plan(jobs, self.destination, self.mappings())
+            more_waiting = self.settings.fill_event_jobs and len(jobs) == size
+            work = await self._planner.plan(
+                jobs, self.destination, self.mappings(), give_back_partial=more_waiting
+            )
+            if work.given_back:
+                del leased[len(work.verdicts) :]
+                await self.queue.release([job.id for job in work.given_back])
+            if work.verdicts:
+                self._events_per_job = work.events / len(work.verdicts)
             await self._send(work)
         except BaseException:
             await _stop(heartbeat)
-            await self.queue.release([job.id for job in jobs])
+            await self.queue.release(leased)
             raise
         await _stop(heartbeat)
         await self._settle(work)
-        return len(jobs)
+        return len(work.verdicts)
 
     async def _keep_leased(self, job_ids: list[int]) -> None:
         """While a batch is being delivered (rate-limit waits can be long), renew its lease at a third
@@ -409,7 +303,7 @@ class Deliverer:
                     )
         self.log.info("batch_settled", jobs=len(work.verdicts), requests=len(work.requests), **counts)
 
-    async def _retry(self, verdict: _Verdict, now: float) -> bool:
+    async def _retry(self, verdict: Verdict, now: float) -> bool:
         job = verdict.job
         attempts = job.attempts + 1
         policy = self.settings.retry
@@ -455,16 +349,34 @@ async def deliver_all(
     settings = settings or DeliverySettings()
     paused = paused or PausedDestinations()
     connector = aiohttp.TCPConnector(limit=max(8, settings.workers * 2 * len(destinations)))
-    async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
-        for destination in destinations:
-            client = KlaviyoClient(
-                session,
-                destination,
-                limits=RateLimits(scale=settings.rate_limit_scale),
-                timeout=settings.timeout,
-                observe=metrics.observe_request if metrics is not None else None,
-            )
-            deliverer = Deliverer(
-                queue, destination, client, settings=settings, paused=paused, metrics=metrics
-            )
-            group.create_task(deliverer.run(stop))
+    planner = Planner(settings.planners)
+    try:
+        await planner.start()
+        async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
+            for destination in destinations:
+                group.create_task(
+                    _deliverer(queue, destination, session, settings, paused, metrics, planner).run(stop)
+                )
+    finally:
+        planner.close()
+
+
+def _deliverer(
+    queue: Queue,
+    destination: Destination,
+    session: aiohttp.ClientSession,
+    settings: DeliverySettings,
+    paused: PausedDestinations,
+    metrics: Metrics | None,
+    planner: Planner,
+) -> Deliverer:
+    client = KlaviyoClient(
+        session,
+        destination,
+        limits=RateLimits(scale=settings.rate_limit_scale),
+        timeout=settings.timeout,
+        observe=metrics.observe_request if metrics is not None else None,
+    )
+    return Deliverer(
+        queue, destination, client, settings=settings, paused=paused, metrics=metrics, planner=planner
+    )

@@ -427,11 +427,10 @@ class Rest:
 
     def collect(self, holders: Holders) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        exclude = self.exclude
         for slot in self.slots:
-            for key, value in holders[slot].items():
-                if key not in exclude:
-                    out[key] = value
+            out.update(holders[slot])
+        for key in self.exclude.intersection(out):  # set operations run in C: cheaper than a filter
+            del out[key]
         return out
 
 

@@ -24,17 +24,7 @@ import orjson
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from router.deliver import (
-    DEAD,
-    OK,
-    RELEASE,
-    RETRY,
-    Deliverer,
-    DeliverySettings,
-    apply_outcome,
-    hold_back,
-    plan,
-)
+from router.deliver import Deliverer, DeliverySettings
 from router.destination import Destination
 from router.fake_klaviyo import FakeKlaviyo, FakeKlaviyoServer, build_fake_app, fake_of
 from router.health import PausedDestinations
@@ -45,6 +35,7 @@ from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import load_mappings
 from router.metrics import Metrics
+from router.plan import DEAD, OK, RELEASE, RETRY, apply_outcome, hold_back, plan
 from router.queue import Job, JobState, NewJob, Queue
 from router.retry import RetryPolicy
 from router.transform import transform
@@ -264,7 +255,7 @@ async def test_429_retry_after_is_never_sent_early(realtime_rig: Rig) -> None:
     rig = realtime_rig
     rig.fake.script("create_event", [{"status": 429, "retry_after": 1}])
     first, second = await rig.enqueue(track("ua", "Viewed", "m1"), track("ub", "Viewed", "m2"))
-    deliverer = rig.deliverer(DeliverySettings(batch_size=1, retry=FAST))
+    deliverer = rig.deliverer(DeliverySettings(batch_size=1, fill_event_jobs=False, retry=FAST))
 
     before = time.time()
     assert await deliverer.deliver_once() == 1  # the first job: 429, Retry-After 1
@@ -775,6 +766,27 @@ def test_hold_back_retries_a_profiles_later_jobs_only() -> None:
         (OK, False),  # no ordering key
     ]
     assert work.verdicts[2].reason == "retried: an earlier job of the same profile is retried first"
+
+
+async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:
+    """Claims are sized from the last batch, and the jobs behind a nearly empty event job wait."""
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(2500)))
+    deliverer = rig.deliverer(DeliverySettings(batch_size=1000, retry=FAST))
+    claimed = []
+    while done := await deliverer.deliver_once():
+        claimed.append(done)
+    sizes = [
+        sum(
+            len(item["attributes"]["events"]["data"])
+            for item in r.json["data"]["attributes"]["events-bulk-create"]["data"]
+        )
+        for r in rig.fake.requests
+        if r.path == "/api/event-bulk-create-jobs"
+    ]
+    # 1000 claimed; then 1020 (2 % over one event job), 20 given back; then the 480 left and those 20
+    assert (claimed, sizes) == ([1000, 1000, 500], [1000, 1000, 500])
+    assert set(await rig.states(ids)) == {DONE}
+    assert rig.settled == {"delivered": 2500}
 
 
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:

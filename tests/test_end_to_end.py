@@ -57,7 +57,6 @@ from pytest_aiohttp import AiohttpClient
 from sdk_replay import replay
 
 from router.cli import main
-from router.deliver import phases
 from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.fake_klaviyo import build_fake_app, fake_of
@@ -65,6 +64,7 @@ from router.fake_klaviyo.state import event_time
 from router.klaviyo.batch import batch
 from router.klaviyo.requests import REVISION
 from router.mapping import load_mappings
+from router.plan import phases
 from router.queue import Job, JobState, Queue, open_queue
 from router.settings import Settings
 from router.transform import transform
