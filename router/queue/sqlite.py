@@ -298,12 +298,8 @@ def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[_O
             duplicates = conn.execute(QUERIES["find_duplicates"], {"messages": messages, "cutoff": cutoff})
             if not duplicates.fetchall():
                 payloads = stored[0].payloads if len(stored) == 1 else b"".join([c.payloads for c in stored])
-                first_id = conn.execute(QUERIES["next_job_id"]).fetchone()["id"]
-                conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "first_id": first_id, "now": now})
-                conn.execute(
-                    QUERIES["insert_pending_payloads"],
-                    {"jobs": jobs, "payloads": payloads, "first_id": first_id},
-                )
+                conn.execute(QUERIES["insert_pending_payloads"], {"jobs": jobs, "payloads": payloads})
+                conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "now": now})
                 conn.execute(QUERIES["see_messages"], {"messages": messages, "now": now, "cutoff": cutoff})
                 conn.execute(QUERIES["release_savepoint"])
                 return [(EnqueueResult(inserted=c.count, duplicates=c.dropped), None) for c in calls]

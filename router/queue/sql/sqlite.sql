@@ -130,34 +130,33 @@ SELECT value ->> 0, value ->> 1, :now FROM json_each(:messages) WHERE true
 ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
     WHERE queue_dedupe.seen_at <= :cutoff;
 
--- name: next_job_id
--- The id the next job will get (AUTOINCREMENT: never one a deleted job had).
-SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0) + 1 AS id;
-
--- name: insert_pending_jobs
--- Store jobs as pending, due now, in one statement: :jobs is a JSON array of
--- [source, destination, message_id, ordering_key, payload_bytes]; the jobs get the ids
--- :first_id, :first_id + 1, ... in the array's order (see next_job_id).
-INSERT INTO queue_jobs (
-    id, source, destination, message_id, ordering_key, state,
-    next_attempt_at, last_error, created_at, updated_at
-)
-SELECT
-    :first_id + key, value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending',
-    :now, NULL, :now, :now
-FROM json_each(:jobs)
-ORDER BY key;
-
 -- name: insert_pending_payloads
--- The payloads of insert_pending_jobs, in one statement: :payloads holds them one after the
--- other, each job's the next payload_bytes bytes.
+-- The payloads of the jobs insert_pending_jobs stores next, in one statement: :jobs is a JSON
+-- array of [source, destination, message_id, ordering_key, payload_bytes] and :payloads holds
+-- the payloads one after the other. Job i of the array gets the id after the last one ever
+-- given (AUTOINCREMENT) plus i, here and in insert_pending_jobs, which runs right after.
 INSERT INTO queue_payloads (job_id, payload)
-SELECT :first_id + key, substr(:payloads, payload_end - payload_bytes + 1, payload_bytes)
+SELECT
+    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0) + 1 + key,
+    substr(:payloads, payload_end - payload_bytes + 1, payload_bytes)
 FROM (
     SELECT key, value ->> 4 AS payload_bytes,
         sum(value ->> 4) OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS payload_end
     FROM json_each(:jobs)
 )
+ORDER BY key;
+
+-- name: insert_pending_jobs
+-- Store the jobs of insert_pending_payloads as pending, due now, in one statement, with the ids
+-- their payloads got.
+INSERT INTO queue_jobs (
+    id, source, destination, message_id, ordering_key, state,
+    next_attempt_at, last_error, created_at, updated_at
+)
+SELECT
+    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'queue_jobs'), 0) + 1 + key,
+    value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending', :now, NULL, :now, :now
+FROM json_each(:jobs)
 ORDER BY key;
 
 -- name: insert_job
