@@ -31,6 +31,7 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     max_attempts = 12                          # KLAVIYO_ROUTER_DELIVERY_MAX_ATTEMPTS, then dead letter
     max_age = 86400                            # KLAVIYO_ROUTER_DELIVERY_MAX_AGE, seconds, then dead letter
     pause_probe = 30                           # KLAVIYO_ROUTER_DELIVERY_PAUSE_PROBE, seconds (401/403)
+    planners = 1                               # KLAVIYO_ROUTER_DELIVERY_PLANNERS, planning processes (0: in-process)
 
     [log]
     level = "info"                             # KLAVIYO_ROUTER_LOG_LEVEL: debug, info, warning, error

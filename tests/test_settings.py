@@ -301,3 +301,17 @@ class TestDeliveryChecks:
         )
         with pytest.raises(ConfigError, match=r"delivery.lease: 30 s must be longer than delivery.timeout"):
             Settings.load(config, env={})
+
+    def test_planners(self, tmp_path: Path) -> None:
+        """``[delivery] planners``: a count of processes, from the file or the environment."""
+        config = tmp_path / "router.toml"
+        destination = '\n[[sources]]\nname = "web"\nwrite_key = "k"\ndestinations = ["klaviyo"]\n'
+        destination += '[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
+        config.write_text("[delivery]\nplanners = 0\n" + destination)
+        assert Settings.load(config, env={}).delivery_planners == 0
+        env = {"KLAVIYO_ROUTER_DELIVERY_PLANNERS": "2"}
+        assert Settings.load(config, env=env).delivery_planners == 2
+        assert Settings().delivery_planners == 1
+        config.write_text("[delivery]\nplanners = -1\n" + destination)
+        with pytest.raises(ConfigError, match=r"delivery.planners: expected an integer ≥ 0, got -1"):
+            Settings.load(config, env={})
