@@ -124,6 +124,7 @@ class Deliverer:
         self._clock = clock
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
+        self._sizing = asyncio.Lock()
         self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
@@ -167,12 +168,36 @@ class Deliverer:
 
     async def deliver_once(self) -> int:
         """Claim one batch, deliver it and settle every job; returns the number of jobs claimed."""
+        # Until a batch has been planned, workers claim and plan one at a time: the first batch's
+        # events per job size the others' claims (else every worker starts with half-empty event jobs).
+        unsized = self.settings.fill_event_jobs and self._events_per_job is None
+        async with self._sizing if unsized else contextlib.nullcontext():
+            claimed = await self._claim_and_plan()
+        if claimed is None:
+            return 0
+        work, leased, heartbeat = claimed
+        try:
+            await self._send(work)
+        except BaseException:
+            await _stop(heartbeat)
+            await self.queue.release(leased)
+            raise
+        await _stop(heartbeat)
+        await self._settle(work)
+        return len(work.verdicts)
+
+    async def _claim_and_plan(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
+        """Claim a batch sized to fill event jobs, plan it, give back what it leaves out.
+
+        Returns the plan, the ids still leased (kept leased by the returned heartbeat task), or
+        None when nothing is due. On failure the claimed jobs are released.
+        """
         size = self.settings.batch_size
         if self.settings.fill_event_jobs:
             size = claim_size(size, self._events_per_job)
         jobs = await self.queue.claim(self.destination.name, size, lease_seconds=self.settings.lease_seconds)
         if not jobs:
-            return 0
+            return None
         leased = [job.id for job in jobs]
         heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
@@ -183,16 +208,13 @@ class Deliverer:
             if work.given_back:
                 del leased[len(work.verdicts) :]
                 await self.queue.release([job.id for job in work.given_back])
-            if work.verdicts:
-                self._events_per_job = work.events / len(work.verdicts)
-            await self._send(work)
         except BaseException:
             await _stop(heartbeat)
             await self.queue.release(leased)
             raise
-        await _stop(heartbeat)
-        await self._settle(work)
-        return len(work.verdicts)
+        if work.verdicts:
+            self._events_per_job = work.events / len(work.verdicts)
+        return work, leased, heartbeat
 
     async def _keep_leased(self, job_ids: list[int]) -> None:
         """While a batch is being delivered (rate-limit waits can be long), renew its lease at a third

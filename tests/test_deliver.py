@@ -789,6 +789,30 @@ async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:
     assert rig.settled == {"delivered": 2500}
 
 
+async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> None:
+    """Workers starting together wait for the first plan's events per job before they claim."""
+    messages = []
+    for n in range(2000):  # one event per two jobs
+        messages += [identify(f"u{n}", f"u{n}@example.com", f"i{n}"), track(f"u{n}", "Viewed", f"e{n}")]
+    await rig.enqueue(*messages)
+    stop = asyncio.Event()
+    deliverer = rig.deliverer(DeliverySettings(workers=3, batch_size=1000, idle_poll=0.01, retry=FAST))
+    task = asyncio.create_task(deliverer.run(stop))
+    await eventually(lambda: rig.settled, {"delivered": len(messages)}, within=30.0)
+    stop.set()
+    await task
+    sizes = [
+        sum(
+            len(item["attributes"]["events"]["data"])
+            for item in r.json["data"]["attributes"]["events-bulk-create"]["data"]
+        )
+        for r in rig.fake.requests
+        if r.path == "/api/event-bulk-create-jobs"
+    ]
+    # 1000 jobs (500 events) first; then 2000-job claims, one full event job each; 500 left
+    assert sorted(sizes) == [500, 500, 1000]
+
+
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:
     """A batch outliving its lease (here: two requests to an endpoint allowed one per second) is
     renewed while it is delivered, so no other worker takes its jobs meanwhile."""
