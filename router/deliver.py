@@ -167,7 +167,7 @@ class Deliverer:
                 self.log.exception("delivery_probe_failed", worker=number)
 
     async def deliver_once(self) -> int:
-        """Claim one batch, deliver it and settle every job; returns the number of jobs claimed."""
+        """Claim one batch, deliver it and settle every job; returns the number of jobs settled."""
         # Until a batch has been planned, workers claim and plan one at a time: the first batch's
         # events per job size the others' claims (else every worker starts with half-empty event jobs).
         unsized = self.settings.fill_event_jobs and self._events_per_job is None
