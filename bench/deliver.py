@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 from procstat import children, cpu_seconds
 
-from router.app import tune_gc
+from router.app import tune_runtime
 from router.deliver import Deliverer, DeliverySettings
 from router.destination import Destination
 from router.identity import ordering_key
@@ -167,7 +167,7 @@ async def fill(queue: Queue, stream: Iterator[dict[str, Any]], destination: str)
 
 async def run(args: argparse.Namespace) -> int:
     port = free_port()
-    tune_gc()  # as serve and work do
+    tune_runtime()  # as serve and work do
     fake = await start_fake(port)
     base_url = f"http://127.0.0.1:{port}"
     destination = Destination(name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK")

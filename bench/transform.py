@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from router.app import tune_gc
+from router.app import tune_runtime
 from router.destination import Destination
 from router.errors import RouterError
 from router.klaviyo.batch import batch
@@ -113,7 +113,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed passes over all events (default 3)")
     args = parser.parse_args()
     data = payloads(args.mix, args.events)
-    tune_gc()  # as serve and work do
+    tune_runtime()  # as serve and work do
     destination = Destination(private_key="bench", list_id="XUepkK")
     load_mappings(None)
     print(f"{args.events:,} events ({args.mix.name} repeated), chunks of {args.chunk}, one core")

@@ -179,7 +179,7 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
         settings, host=settings.host if host is None else host, port=settings.port if port is None else port
     )
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
-    tune_gc()
+    tune_runtime()
     try:
         return asyncio.run(_serve(settings))
     except ConfigError as exc:
@@ -187,12 +187,24 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
         return 2
 
 
-def tune_gc() -> None:
-    """Collect garbage less often: the pipeline allocates many short-lived dicts per event, and
-    the default thresholds spend ~25% of the worker's CPU rescanning them. Objects alive at
-    start-up (code, mappings, settings) are moved out of the collector's way."""
+#: Seconds a thread may hold the GIL while another waits for it (CPython's default is 0.005).
+SWITCH_INTERVAL = 0.0005
+
+
+def tune_runtime() -> None:
+    """Tune CPython for this process's work (``serve`` and ``work`` call it at start-up).
+
+    - Collect garbage less often: the pipeline allocates many short-lived dicts per event, and the
+      default thresholds spend ~25% of the worker's CPU rescanning them. Objects alive at start-up
+      (code, mappings, settings) are moved out of the collector's way.
+    - Hand the GIL over sooner: the queue's writer thread gives the GIL up for every SQLite
+      statement and then waits up to the switch interval for the busy event loop to hand it back,
+      several times per commit. 0.5 ms instead of 5 ms gave ingest 10 to 15% more batched events/s
+      at 16 concurrent senders (bench/ingest.py), single requests unchanged.
+    """
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
@@ -246,7 +258,7 @@ def work(config_path: Path | None) -> int:
         print("klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
-    tune_gc()
+    tune_runtime()
     return asyncio.run(_work(settings))
 
 
