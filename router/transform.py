@@ -26,6 +26,9 @@ SUPPORTED_TYPES: Final = frozenset({"identify", "track", "page", "screen", "grou
 MAX_METRIC_NAME: Final = 127
 #: Keys of ``integrations`` that address this destination.
 INTEGRATION_KEYS: Final = ("Klaviyo", "klaviyo", "KLAVIYO")
+INTEGRATION_KEY_SET: Final = frozenset(INTEGRATION_KEYS)
+#: Profile attributes that identify someone (one is needed unless Klaviyo's profile id is known).
+IDENTIFIERS: Final = frozenset({"email", "phone_number", "external_id", "anonymous_id"})
 PATCH_OPERATIONS: Final = {
     "fieldsToUnset": "unset",
     "fieldsToAppend": "append",
@@ -184,9 +187,7 @@ class _Call:
                     "None of email and phone are present in the payload "
                     "(enforce_email_as_primary needs one of them)"
                 )
-        elif profile_id is None and not any(
-            k in attributes for k in ("email", "phone_number", "external_id", "anonymous_id")
-        ):
+        elif profile_id is None and IDENTIFIERS.isdisjoint(attributes):
             raise TransformError(
                 "no usable identifier: the message has no userId, anonymousId, email or phone"
             )
@@ -202,7 +203,7 @@ class _Call:
     def patch_properties(self) -> dict[str, Any]:
         """``meta.patch_properties`` from ``integrations.Klaviyo.fieldsToUnset/Append/Unappend``."""
         integrations = self.message.get("integrations")
-        if not isinstance(integrations, dict) or not any(k in integrations for k in INTEGRATION_KEYS):
+        if not isinstance(integrations, dict) or INTEGRATION_KEY_SET.isdisjoint(integrations):
             return {}
         options: dict[str, Any] = next(
             (integrations[k] for k in INTEGRATION_KEYS if isinstance(integrations.get(k), dict)), {}
