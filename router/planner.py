@@ -65,6 +65,7 @@ class Planner:
         except BrokenProcessPool:
             if self._pool is executor:
                 self._pool = None
+                executor.shutdown(wait=False, cancel_futures=True)
             log.error("planner_process_died", processes=self.processes)
             raise
         return Plan.of(jobs, planned)
