@@ -117,6 +117,17 @@ class Rig:
                 counts[result] = int(value)
         return counts
 
+    def event_job_sizes(self) -> list[int]:
+        """Events in each bulk event job the fake received, in order."""
+        return [
+            sum(
+                len(item["attributes"]["events"]["data"])
+                for item in r.json["data"]["attributes"]["events-bulk-create"]["data"]
+            )
+            for r in self.fake.requests
+            if r.path == "/api/event-bulk-create-jobs"
+        ]
+
     async def enqueue(self, *messages: dict[str, Any]) -> list[int]:
         """Enqueue messages the way ingest does; their job ids, in order."""
         jobs = [
@@ -775,14 +786,7 @@ async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:
     claimed = []
     while done := await deliverer.deliver_once():
         claimed.append(done)
-    sizes = [
-        sum(
-            len(item["attributes"]["events"]["data"])
-            for item in r.json["data"]["attributes"]["events-bulk-create"]["data"]
-        )
-        for r in rig.fake.requests
-        if r.path == "/api/event-bulk-create-jobs"
-    ]
+    sizes = rig.event_job_sizes()
     # 1000 claimed; then 1020 (2 % over one event job), 20 given back; then the 480 left and those 20
     assert (claimed, sizes) == ([1000, 1000, 500], [1000, 1000, 500])
     assert set(await rig.states(ids)) == {DONE}
@@ -801,14 +805,7 @@ async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> Non
     await eventually(lambda: rig.settled, {"delivered": len(messages)}, within=30.0)
     stop.set()
     await task
-    sizes = [
-        sum(
-            len(item["attributes"]["events"]["data"])
-            for item in r.json["data"]["attributes"]["events-bulk-create"]["data"]
-        )
-        for r in rig.fake.requests
-        if r.path == "/api/event-bulk-create-jobs"
-    ]
+    sizes = rig.event_job_sizes()
     # 1000 jobs (500 events) first; then 2000-job claims, one full event job each; 500 left
     assert sorted(sizes) == [500, 500, 1000]
 
