@@ -215,8 +215,14 @@ def phases(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
     return [phase for phase in (first, *later) if phase]
 
 
+#: Paths whose bodies never name a list, so placing them needs no look into (or decoding of) the body.
+LISTLESS_PATHS: Final = frozenset({"/api/events", "/api/event-bulk-create-jobs", "/api/profile-import"})
+
+
 def _is_list_job(request: KlaviyoRequest) -> bool:
-    return request.path in LIST_PATHS or bool(request.body.get("data", {}).get("relationships"))
+    if request.path in LIST_PATHS:
+        return True
+    return request.path not in LISTLESS_PATHS and bool(request.body.get("data", {}).get("relationships"))
 
 
 def hold_back(plan: Plan) -> None:

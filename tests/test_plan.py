@@ -145,6 +145,18 @@ def test_a_request_pickles_with_its_encoded_body() -> None:
     assert pickle.loads(pickle.dumps(plain)) == plain
 
 
+def test_an_unpickled_request_decodes_its_body_only_when_read() -> None:
+    body = {"data": {"type": "event-bulk-create-job", "attributes": {"n": [1]}}}
+    request = KlaviyoRequest(method="POST", path="/api/x", body=body, encoded=orjson.dumps(body))
+    unpickled = pickle.loads(pickle.dumps(request))
+    with pytest.raises(AttributeError):
+        object.__getattribute__(unpickled, "body")  # not decoded yet
+    assert unpickled.payload() == orjson.dumps(body)
+    assert unpickled.body == body and object.__getattribute__(unpickled, "body") is unpickled.body
+    with pytest.raises(AttributeError, match="no attribute 'bodies'"):
+        unpickled.bodies  # noqa: B018
+
+
 # -- planning processes ---------------------------------------------------------------------------------------
 
 

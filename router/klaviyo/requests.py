@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -44,6 +44,16 @@ class KlaviyoRequest:
         fields = (self.method, self.path, body, self.kind, self.sources, self.item_sources, self.ordering_key)
         return _unpickle, (*fields, self.encoded)
 
+    if not TYPE_CHECKING:  # hidden from mypy, which would take any misspelt attribute for Any
+
+        def __getattr__(self, name: str) -> Any:
+            """``body``, decoded from ``encoded`` the first time it is read (see :func:`_unpickle`)."""
+            if name == "body":
+                body = orjson.loads(object.__getattribute__(self, "encoded"))
+                object.__setattr__(self, "body", body)
+                return body
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def payload(self) -> bytes:
         """The body as JSON bytes."""
         return self.encoded if self.encoded is not None else orjson.dumps(self.body)
@@ -63,13 +73,28 @@ def _unpickle(
     ordering_key: str | None,
     encoded: bytes | None,
 ) -> KlaviyoRequest:
-    return KlaviyoRequest(
-        method=method,
-        path=path,
-        body=orjson.loads(encoded) if body is None and encoded is not None else body or {},
-        kind=kind,
-        sources=sources,
-        item_sources=item_sources,
-        ordering_key=ordering_key,
-        encoded=encoded,
-    )
+    """A request sent back by a planning process. Given its encoded JSON, the body is left unread:
+    the worker sends those bytes, and only a few requests' bodies are ever looked into."""
+    if body is not None or encoded is None:
+        return KlaviyoRequest(
+            method=method,
+            path=path,
+            body=body or {},
+            kind=kind,
+            sources=sources,
+            item_sources=item_sources,
+            ordering_key=ordering_key,
+            encoded=encoded,
+        )
+    request = object.__new__(KlaviyoRequest)
+    for name, value in (
+        ("method", method),
+        ("path", path),
+        ("kind", kind),
+        ("sources", sources),
+        ("item_sources", item_sources),
+        ("ordering_key", ordering_key),
+        ("encoded", encoded),
+    ):
+        object.__setattr__(request, name, value)
+    return request
