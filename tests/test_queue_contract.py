@@ -408,7 +408,8 @@ async def test_sqlite_cleanup_deletes_in_chunks(tmp_path: Path) -> None:
         await queue.ack(await claim_ids(queue), now=T0)
         commits = queue.commits
         assert await queue.cleanup(now=T0 + 100) == 10
-        assert queue.commits == commits + 6  # 2 + 2 + 1 jobs, then 2 + 2 + 1 dedupe entries
+        # 2 + 2 + 1 jobs, then 2 + 2 + 1 dedupe entries, then the count of their key, now idle
+        assert queue.commits == commits + 7
         assert await queue.counts() == dict.fromkeys(JobState, 0)
     finally:
         await queue.close()
@@ -429,6 +430,55 @@ async def test_sqlite_deleted_jobs_take_their_payloads_along(tmp_path: Path) -> 
         await queue.close()
     with sqlite3.connect(tmp_path / "queue.db") as conn:
         assert conn.execute("SELECT job_id FROM queue_payloads").fetchall() == [(dead[1],)]
+    conn.close()
+
+
+def active_counts(path: Path) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """(what queue_keys says, what the jobs say): active jobs per (destination, ordering key)."""
+    with sqlite3.connect(path) as conn:
+        kept = conn.execute("SELECT destination, ordering_key, active FROM queue_keys WHERE active > 0")
+        counted = conn.execute(
+            "SELECT destination, ordering_key, count(*) FROM queue_jobs"
+            " WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL"
+            " GROUP BY destination, ordering_key"
+        )
+        result = {(d, k): n for d, k, n in kept}, {(d, k): n for d, k, n in counted}
+    conn.close()
+    return result
+
+
+async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: Path) -> None:
+    """queue_keys (what the hot-key check reads) follows every way a job enters or leaves the
+    active states: enqueue (both paths), claim, ack, retry, dead letter, revive, release, purge."""
+    path = tmp_path / "queue.db"
+    queue = SqliteQueue(path, QueueOptions(retention=100, dedupe_window=100))
+    await queue.open()
+    try:
+        await queue.enqueue([new_job(f"m{i}", key=f"u{i % 3}") for i in range(9)], now=T0)
+        await queue.enqueue([new_job("single", key="u0")], now=T0)  # a lone message: the row path
+        await queue.enqueue([new_job("other", key="u0", destination="eu")], now=T0)
+        await queue.add_dead([new_job("refused", key="u1")], "bad input", now=T0)
+        assert active_counts(path) == ({("klaviyo", "u0"): 4, ("klaviyo", "u1"): 3, ("klaviyo", "u2"): 3,
+                                        ("eu", "u0"): 1},) * 2  # fmt: skip
+        first, second, third, fourth, *rest = await claim_ids(queue)
+        await queue.ack([first, second], now=T0)
+        await queue.retry(third, at=T0 + 5, error="503", now=T0)
+        await queue.dead_letter(fourth, reason="400", now=T0)
+        await queue.release(rest, now=T0)
+        kept, counted = active_counts(path)
+        assert kept == counted and sum(counted.values()) == 11 - 3
+        assert await queue.revive([fourth], now=T0) == 1
+        await queue.purge()
+        kept, counted = active_counts(path)
+        assert kept == counted and sum(counted.values()) == 11 - 2
+        await queue.ack(await claim_ids(queue, now=T0 + 10), now=T0 + 10)
+        await queue.ack(await claim_ids(queue, now=T0 + 10, destination="eu"), now=T0 + 10)
+        assert active_counts(path) == ({}, {})
+        await queue.cleanup(now=T0 + 1000)
+    finally:
+        await queue.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM queue_keys").fetchone() == (0,)  # idle keys forgotten
     conn.close()
 
 
@@ -460,7 +510,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -533,7 +583,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -558,12 +608,13 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "queue_jobs_retrying" in names
+        assert "queue_jobs_retrying" in names and "queue_jobs_active_key" not in names
         columns = {row[1] for row in conn.execute("PRAGMA table_info(queue_jobs)")}
         assert "payload" not in columns
     conn.close()
+    assert active_counts(path) == ({("klaviyo", "u"): 1},) * 2  # m1 in flight, counted by migration 4
 
 
 @pytest.mark.parametrize(

@@ -214,21 +214,23 @@ class SqliteQueue:
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns how many.
 
-        Deletes in chunks, each its own transaction, so writers are never held up for long.
+        Deletes in chunks, each its own transaction, so writers are never held up for long. The
+        counts of ordering keys with no active job left go too (not counted: they are no jobs).
         """
         now = _now(now)
-        total = 0
-        for name, cutoff in (
-            ("delete_old_jobs", now - self.options.retention),
-            ("delete_old_dedupe", now - self.options.dedupe_window),
-        ):
-            params = {"cutoff": cutoff, "batch": self._cleanup_batch}
-            while True:
-                deleted = await self._update(name, params)
-                total += deleted
-                if deleted < self._cleanup_batch:
-                    break
+        total = await self._delete_in_chunks("delete_old_jobs", now - self.options.retention)
+        total += await self._delete_in_chunks("delete_old_dedupe", now - self.options.dedupe_window)
+        await self._delete_in_chunks("delete_idle_keys", now)
         return total
+
+    async def _delete_in_chunks(self, name: str, cutoff: float) -> int:
+        params = {"cutoff": cutoff, "batch": self._cleanup_batch}
+        total = 0
+        while True:
+            deleted = await self._update(name, params)
+            total += deleted
+            if deleted < self._cleanup_batch:
+                return total
 
     async def _update(self, name: str, params: dict[str, Any]) -> int:
         return await self._writer.run(lambda conn: conn.execute(QUERIES[name], params).rowcount)

@@ -57,6 +57,46 @@ CREATE TRIGGER queue_jobs_delete_payload AFTER DELETE ON queue_jobs BEGIN
 END;
 PRAGMA user_version = 3;
 
+-- name: migrate_4
+-- Active jobs counted per ordering key, for the hot-key check of claims, instead of an index.
+-- The index of active jobs by (destination, ordering_key, id) served only that check, and every
+-- enqueue paid for it with one insert at a random place per job (ordering keys are user ids): a
+-- quarter of the enqueue cost. queue_keys holds one small row per key with active jobs, kept by
+-- triggers on every way a job enters or leaves the active states (pending, in_flight).
+CREATE TABLE queue_keys (
+    destination TEXT NOT NULL,
+    ordering_key TEXT NOT NULL,
+    active INTEGER NOT NULL,
+    PRIMARY KEY (destination, ordering_key)
+) WITHOUT ROWID;
+INSERT INTO queue_keys (destination, ordering_key, active)
+SELECT destination, ordering_key, count(*) FROM queue_jobs
+WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+GROUP BY destination, ordering_key;
+CREATE TRIGGER queue_keys_job_added AFTER INSERT ON queue_jobs
+WHEN new.state IN ('pending', 'in_flight') AND new.ordering_key IS NOT NULL
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    VALUES (new.destination, new.ordering_key, 1)
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = active + 1;
+END;
+CREATE TRIGGER queue_keys_job_moved AFTER UPDATE OF state ON queue_jobs
+WHEN new.ordering_key IS NOT NULL
+    AND (old.state IN ('pending', 'in_flight')) <> (new.state IN ('pending', 'in_flight'))
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    VALUES (new.destination, new.ordering_key, iif(new.state IN ('pending', 'in_flight'), 1, -1))
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = active + excluded.active;
+END;
+CREATE TRIGGER queue_keys_job_deleted AFTER DELETE ON queue_jobs
+WHEN old.state IN ('pending', 'in_flight') AND old.ordering_key IS NOT NULL
+BEGIN
+    UPDATE queue_keys SET active = active - 1
+    WHERE destination = old.destination AND ordering_key = old.ordering_key;
+END;
+DROP INDEX queue_jobs_active_key;
+PRAGMA user_version = 4;
+
 -- name: configure_writer
 -- Write-ahead log, and an fsync on every commit so a returned write survives a power cut.
 PRAGMA journal_mode = WAL;
@@ -174,8 +214,9 @@ INSERT INTO queue_payloads (job_id, payload) VALUES (last_insert_rowid(), ?1);
 -- Lease due jobs of a destination key by key (Queue.claim): of the :window oldest eligible jobs,
 -- each ordering key's together, keys in the order of their oldest, :limit at most. A job is not
 -- eligible while an earlier job of its key is in flight or waiting for a retry, unless more than
--- :hot_key_threshold jobs of that key are active. The keys that block, and which of them are hot,
--- are worked out once per claim, not per candidate row. Returns the ids, in no order.
+-- :hot_key_threshold jobs of that key are active (counted in queue_keys). The keys that block, and
+-- which of them are hot, are worked out once per claim, not per candidate row. Returns the ids, in
+-- no order.
 WITH blockers AS (
     SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_state
     WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at > :now
@@ -191,14 +232,9 @@ blocking AS (
 hot AS (
     SELECT blocking.ordering_key
     FROM blocking
-    WHERE EXISTS (
-        SELECT 1 FROM queue_jobs AS same
-        WHERE same.destination = :destination
-            AND same.ordering_key = blocking.ordering_key
-            AND same.state IN ('pending', 'in_flight')
-            AND same.ordering_key IS NOT NULL
-        LIMIT 1 OFFSET :hot_key_threshold
-    )
+    JOIN queue_keys AS counted
+        ON counted.destination = :destination AND counted.ordering_key = blocking.ordering_key
+    WHERE counted.active > :hot_key_threshold
 ),
 eligible AS (
     SELECT job.id, job.ordering_key
@@ -286,6 +322,12 @@ DELETE FROM queue_jobs WHERE id IN (
     SELECT id FROM queue_jobs INDEXED BY queue_jobs_done
     WHERE state = 'done' AND updated_at <= :cutoff
     LIMIT :batch
+);
+
+-- name: delete_idle_keys
+-- Forget up to :batch ordering keys with no active job left (their counts stay at 0 until then).
+DELETE FROM queue_keys WHERE (destination, ordering_key) IN (
+    SELECT destination, ordering_key FROM queue_keys WHERE active <= 0 LIMIT :batch
 );
 
 -- name: delete_old_dedupe
