@@ -29,12 +29,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 import structlog
 from aiohttp import web, web_protocol
 
 from router.errors import BadEvent
-from router.events import NO_DEFAULTS, BatchDefaults, normalize, validate
+from router.events import NO_DEFAULTS, BatchDefaults, decoded, encode, normalize, read_batch, validate
 from router.health import Backpressure
 from router.identity import ordering_key
 from router.metrics import Metrics
@@ -183,6 +184,17 @@ class Ingest:
                 retry_after=self.settings.retry_after,
             )
         body = await self._read_body(request)
+        plain = read_batch(body) if source is not None and name in BATCH_PATHS else None
+        if plain is not None and source is not None:  # the common case, read partly (events.read_batch)
+            events, defaults = plain
+            prepared = self._prepare(events, path_type=None, defaults=defaults, single=False)
+        else:
+            source, prepared = await self._parse_fully(source, body, name)
+        result = await self._commit(source, prepared)
+        return _outcome(source, prepared, result, single=name not in BATCH_PATHS)
+
+    async def _parse_fully(self, source: Source | None, body: bytes, name: str) -> tuple[Source, _Prepared]:
+        """Parse the whole body: single calls, and batches :func:`read_batch` leaves (it explains)."""
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -193,12 +205,9 @@ class Ingest:
             source = self._source_from_body(parsed)
         if name in BATCH_PATHS:
             events, defaults = await self._batch_events(source, parsed, body)
-            prepared = self._prepare(events, path_type=None, defaults=defaults, single=False)
-        else:
-            await self._check_single(source, parsed, body)
-            prepared = self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, single=True)
-        result = await self._commit(source, prepared)
-        return _outcome(source, prepared, result, single=name not in BATCH_PATHS)
+            return source, self._prepare(events, path_type=None, defaults=defaults, single=False)
+        await self._check_single(source, parsed, body)
+        return source, self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, single=True)
 
     def _source_from_header(self, header: str | None) -> Source | None:
         if not header:
@@ -303,12 +312,12 @@ class Ingest:
                     raw, path_type=path_type, batch_defaults=defaults, received_at=received_at
                 )
                 validate(message)
-                payload = orjson.dumps(message)
+                payload = encode(message)
                 if len(payload) > limit:
                     raise BadEvent(
                         f"the event is {len(payload)} bytes, over the limit of {limit} bytes (max_event_bytes)"
                     )
-            except (BadEvent, orjson.JSONEncodeError) as exc:
+            except (BadEvent, TypeError, ValueError, msgspec.EncodeError) as exc:
                 prepared.rejected.append(_reject(index, raw, message, exc, single=single))
                 continue
             prepared.accepted.append(_Accepted(message["messageId"], ordering_key(message), payload))
@@ -465,9 +474,9 @@ def _dead_payload(value: Any) -> bytes:
     else:
         value = {"raw_event": value}
     try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return orjson.dumps({"raw_text": repr(value)[:65536]})
+        return encode(value)
+    except (TypeError, ValueError, msgspec.EncodeError):
+        return orjson.dumps({"raw_text": repr(decoded(value) if isinstance(value, dict) else value)[:65536]})
 
 
 def _dead_jobs(source: Source, message_id: str | None, payload: bytes) -> list[NewJob]:

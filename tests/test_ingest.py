@@ -286,6 +286,21 @@ class TestEvents:
         assert any('"userId" or "anonymousId" is required' in reason for reason in reasons)
         assert {"raw_event": "not an object"} in [job.message() for job in dead]
 
+    async def test_partly_bad_batch_of_objects(self, client: Client, backend: Queue) -> None:
+        """A batch of objects is read partly (events.read_batch): a bad event is still explained
+        and kept whole, its raw parts as they came, and the good ones are stored whole."""
+        bad = {"type": "identify", "userId": "u", "messageId": "m-1", "traits": ["x"], "context": {"a": [1]}}
+        good = track(0, properties={"revenue": 9.5, "items": [{"sku": "é"}]})
+        status, body = await post(client, "/v1/batch", {"batch": [good, bad]})
+        assert status == 200 and body["accepted"] == 1
+        assert [r["error"] for r in body["rejected"]] == [
+            'batch[1]: "traits" must be an object, got an array'
+        ]
+        [stored] = await jobs(backend)
+        assert {k: v for k, v in stored.message().items() if k in good} == good
+        [dead] = await jobs(backend, JobState.DEAD)
+        assert {k: v for k, v in dead.message().items() if k in bad} == bad
+
     async def test_all_rejected(self, client: Client, backend: Queue) -> None:
         """Every event rejected → 400 with the same body shape plus code and message."""
         status, body = await post(client, "/v1/batch", {"batch": [{"type": "track", "event": "E"}]})
