@@ -510,7 +510,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -583,7 +583,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -608,9 +608,10 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "queue_jobs_retrying" in names and "queue_jobs_active_key" not in names
+        assert {"queue_jobs_retrying", "queue_jobs_pending", "queue_jobs_in_flight"} <= names
+        assert not names & {"queue_jobs_active", "queue_jobs_active_key"}
         columns = {row[1] for row in conn.execute("PRAGMA table_info(queue_jobs)")}
         assert "payload" not in columns
     conn.close()

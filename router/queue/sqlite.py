@@ -348,7 +348,8 @@ def _insert_jobs(
 
 
 def _claim(conn: sqlite3.Connection, *, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Lease jobs (``claim_jobs``), then read them with their payloads, by id."""
+    """Release expired leases, lease jobs (``claim_jobs``), then read them with their payloads, by id."""
+    conn.execute(QUERIES["release_expired_leases"], params)
     ids = [row["id"] for row in conn.execute(QUERIES["claim_jobs"], params)]
     if not ids:
         return []

@@ -97,6 +97,20 @@ END;
 DROP INDEX queue_jobs_active_key;
 PRAGMA user_version = 4;
 
+-- name: migrate_5
+-- Pending and in-flight jobs indexed apart, each index holding what a claim reads of them. A claim
+-- scanned the index of all active jobs in id order, visiting the table for each entry to learn its
+-- state, due time and key, and stepped over every in-flight job on the way; the blocking keys came
+-- from the state index, again through the table. Now both are index-only scans (the state column
+-- rides along so that SQLite sees the indexes as covering), and expired leases are released to
+-- pending first (release_expired_leases), so a claim scans pending jobs only.
+CREATE INDEX queue_jobs_pending ON queue_jobs (destination, id, next_attempt_at, ordering_key, state)
+    WHERE state = 'pending';
+CREATE INDEX queue_jobs_in_flight ON queue_jobs (destination, ordering_key, id, lease_expires_at, state)
+    WHERE state = 'in_flight';
+DROP INDEX queue_jobs_active;
+PRAGMA user_version = 5;
+
 -- name: configure_writer
 -- Write-ahead log, and an fsync on every commit so a returned write survives a power cut.
 PRAGMA journal_mode = WAL;
@@ -210,15 +224,22 @@ INSERT INTO queue_jobs (
 -- The payload of the job insert_job just stored.
 INSERT INTO queue_payloads (job_id, payload) VALUES (last_insert_rowid(), ?1);
 
+-- name: release_expired_leases
+-- In-flight jobs of a destination whose lease ran out (their worker died) go back to pending, as
+-- they were; run by a claim just before claim_jobs, in the same transaction.
+UPDATE queue_jobs INDEXED BY queue_jobs_in_flight
+SET state = 'pending', lease_expires_at = NULL, updated_at = :now
+WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at <= :now;
+
 -- name: claim_jobs
--- Lease due jobs of a destination key by key (Queue.claim): of the :window oldest eligible jobs,
--- each ordering key's together, keys in the order of their oldest, :limit at most. A job is not
--- eligible while an earlier job of its key is in flight or waiting for a retry, unless more than
--- :hot_key_threshold jobs of that key are active (counted in queue_keys). The keys that block, and
--- which of them are hot, are worked out once per claim, not per candidate row. Returns the ids, in
--- no order.
+-- Lease due pending jobs of a destination key by key (Queue.claim): of the :window oldest eligible
+-- jobs, each ordering key's together, keys in the order of their oldest, :limit at most. A job is
+-- not eligible while an earlier job of its key is in flight or waiting for a retry, unless more
+-- than :hot_key_threshold jobs of that key are active (counted in queue_keys). The keys that block,
+-- and which of them are hot, are worked out once per claim, not per candidate row. Returns the
+-- ids, in no order.
 WITH blockers AS (
-    SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_state
+    SELECT ordering_key, id FROM queue_jobs INDEXED BY queue_jobs_in_flight
     WHERE state = 'in_flight' AND destination = :destination AND lease_expires_at > :now
         AND ordering_key IS NOT NULL
     UNION ALL
@@ -238,14 +259,11 @@ hot AS (
 ),
 eligible AS (
     SELECT job.id, job.ordering_key
-    FROM queue_jobs AS job
+    FROM queue_jobs AS job INDEXED BY queue_jobs_pending
     LEFT JOIN blocking ON blocking.ordering_key = job.ordering_key
     WHERE job.destination = :destination
-        AND job.state IN ('pending', 'in_flight')
-        AND CASE job.state
-            WHEN 'pending' THEN job.next_attempt_at <= :now
-            ELSE job.lease_expires_at <= :now
-        END
+        AND job.state = 'pending'
+        AND job.next_attempt_at <= :now
         AND (
             blocking.first_id IS NULL
             OR blocking.first_id > job.id
