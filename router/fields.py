@@ -296,18 +296,18 @@ class Field:
         if self.each is None or value is MISSING:
             return value
         fields, table = self.each
-        items = value if isinstance(value, list) else [value]
-        mapped = [_map_item(fields, table, item, f"{where}[{i}]", ctx) for i, item in enumerate(items)]
-        return [item for item in mapped if item]
-
-
-def _map_item(fields: FieldSet, table: PathTable, item: Any, where: str, ctx: Context) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise TransformError(f"{where}: expected an object, got {_kind(item)}")
-    try:
-        return fields(table.holders(item), ctx)
-    except TransformError as exc:
-        raise TransformError(f"{where}.{exc.message}") from None
+        holders = table.compiled
+        mapped: list[dict[str, Any]] = []
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if not isinstance(item, dict):
+                raise TransformError(f"{where}[{i}]: expected an object, got {_kind(item)}")
+            try:
+                element = fields(holders(item), ctx)
+            except TransformError as exc:  # the element's place is spelled out only when it is wrong
+                raise TransformError(f"{where}[{i}].{exc.message}") from None
+            if element:
+                mapped.append(element)
+        return mapped
 
 
 def put(target: dict[str, Any], path: Path_, value: Any) -> None:

@@ -90,8 +90,11 @@ class Mappings:
         return self.fallback_events.get(msg_type)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_event_name(name: str) -> str:
-    """Event names match ignoring case and extra spaces: ``' Product  Added'`` → ``'product added'``."""
+    """Event names match ignoring case and extra spaces: ``' Product  Added'`` → ``'product added'``.
+
+    Cached: a source sends the same few names over and over."""
     return " ".join(name.split()).lower()
 
 
