@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 from procstat import children, cpu_seconds
+from speed import speed_line
 
 from router.app import tune_runtime
 from router.deliver import Deliverer, DeliverySettings
@@ -171,6 +172,7 @@ async def run(args: argparse.Namespace) -> int:
     fake = await start_fake(port)
     base_url = f"http://127.0.0.1:{port}"
     destination = Destination(name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK")
+    print(speed_line(args.mix))
     sample = list(messages(args.mix, 1000))
     events_per_s_bound, per_path = bound(sample, destination, args.events)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import orjson
 from procstat import cpu_seconds, peak_rss
+from speed import speed_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MIX_PATHS = (
@@ -190,6 +191,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(
             f"{len(mix)} events in the mix; gzip {'on' if args.gzip else 'off'}; {args.seconds:g} s per run"
         )
+        print(speed_line(mix))
         for scenario in (
             Scenario("batch x100 /v1/batch", "/v1/batch", 100, 1),
             Scenario("batch x100 /v1/batch", "/v1/batch", 100, 16),

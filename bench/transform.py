@@ -20,11 +20,11 @@ import argparse
 import resource
 import statistics
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
+from speed import REFERENCE, mix_payloads
 
 from router.app import tune_runtime
 from router.destination import Destination
@@ -39,13 +39,7 @@ DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events
 
 def payloads(mix: Path, count: int) -> list[bytes]:
     """The mix repeated to ``count`` events with fresh messageIds, as queue payloads."""
-    base = orjson.loads(mix.read_bytes())
-    out = []
-    for i in range(count):
-        message = dict(base[i % len(base)])
-        message["messageId"] = str(uuid.UUID(int=i))
-        out.append(orjson.dumps(message))
-    return out
+    return mix_payloads(orjson.loads(mix.read_bytes()), count)
 
 
 def chunks(items: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
@@ -118,6 +112,7 @@ def main() -> int:
     load_mappings(None)
     print(f"{args.events:,} events ({args.mix.name} repeated), chunks of {args.chunk}, one core")
     base, _ = timed("baseline: decode + encode only", baseline, data, destination, args.chunk)
+    print(f"  (the machine's speed; reference: {REFERENCE})")
     rates = sorted(
         len(data) / (transform_batch(data, destination, args.chunk)[2] / 1e9) for _ in range(args.repeat)
     )
