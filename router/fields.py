@@ -302,7 +302,7 @@ class Field:
             if not isinstance(item, dict):
                 raise TransformError(f"{where}[{i}]: expected an object, got {_kind(item)}")
             try:
-                element = fields(holders(item), ctx)
+                element = fields.run(holders(item), ctx)
             except TransformError as exc:  # the element's place is spelled out only when it is wrong
                 raise TransformError(f"{where}[{i}].{exc.message}") from None
             if element:
@@ -326,10 +326,11 @@ class FieldSet:
 
     def __init__(self, fields: Iterable[Field]) -> None:
         self.fields = tuple(fields)
-        self._run: Callable[[Holders, Context], dict[str, Any]] = self._generate()
+        #: The generated function itself (callers on hot paths skip ``__call__``).
+        self.run: Callable[[Holders, Context], dict[str, Any]] = self._generate()
 
     def __call__(self, holders: Holders, ctx: Context) -> dict[str, Any]:
-        return self._run(holders, ctx)
+        return self.run(holders, ctx)
 
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)
@@ -409,11 +410,6 @@ def _store_lines(target: Path_, indent: str, nested: bool = False) -> list[str]:
             lines.append(f"{indent}o = o.get({key!r}) or o.setdefault({key!r}, {{}})")
     lines.append(f"{indent}o[{target[-1]!r}] = x")
     return lines
-
-
-def apply_fields(fields: FieldSet, holders: Holders, ctx: Context) -> dict[str, Any]:
-    """Resolve every field into a new nested dict."""
-    return fields(holders, ctx)
 
 
 @dataclass(frozen=True, slots=True)

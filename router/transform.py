@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from router.destination import Destination
 from router.errors import Skipped, TransformError
-from router.fields import Context, apply_fields
+from router.fields import Context
 from router.identity import ordering_key
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import EventMapping, Mappings, load_mappings
@@ -159,7 +159,7 @@ class _Call:
 
     def build_profile(self) -> tuple[dict[str, Any], dict[str, Any]]:
         mapping = self.mappings.profile
-        attributes = apply_fields(mapping.fields, self.holders, self.ctx)
+        attributes = mapping.fields.run(self.holders, self.ctx)
         properties = mapping.properties.collect(self.holders) if mapping.properties else {}
         meta = self.patch_properties()
         for names in meta.values():
@@ -240,7 +240,7 @@ class _Call:
             raise TransformError(
                 f"event name is {len(metric)} characters; Klaviyo allows at most {MAX_METRIC_NAME}"
             )
-        attributes = apply_fields(mapping.attributes, self.holders, self.ctx)
+        attributes = mapping.attributes.run(self.holders, self.ctx)
         attributes["properties"] = self.event_properties(mapping)
         attributes["metric"] = {"data": {"type": "metric", "attributes": {"name": metric}}}
         resource, meta = self.profile()
@@ -255,7 +255,7 @@ class _Call:
             mapping.rest_when is None or getattr(self.destination, mapping.rest_when)
         ):
             properties = mapping.rest.collect(self.holders)
-        properties.update(apply_fields(mapping.properties, self.holders, self.ctx))
+        properties.update(mapping.properties.run(self.holders, self.ctx))
         return flatten(properties) if self.destination.flatten_properties else properties
 
     # ------------------------------------------------------------ lists and consent
@@ -264,7 +264,7 @@ class _Call:
         mapping = self.mappings.subscriptions.get(self.type)
         if mapping is None:
             return []
-        decision = mapping.fields(self.holders, self.ctx)
+        decision = mapping.fields.run(self.holders, self.ctx)
         list_id = decision.get("list_id")
         if list_id is None and mapping.use_default_list:
             list_id = self.destination.list_id
