@@ -12,10 +12,10 @@ an fsync.
 every statement it steps releases the GIL and must win it back, which costs up to the switch
 interval while the loop is busy. So an ``enqueue`` call is serialised on the caller's side (one
 JSON array of jobs, their payloads in one blob), and the writer stores a whole run of them with
-three statements however many jobs they hold: find the duplicates (usually none), insert every
-job, record every messageId. When that run meets a duplicate, a messageId that SQLite's JSON
-functions cannot carry (NUL) or an error, it falls back to one call at a time, each in its own
-savepoint, row by row.
+three statements however many jobs they hold: record every messageId (which also tells whether
+any was a duplicate: usually none), insert every payload, insert every job. When that run meets a
+duplicate, a messageId that SQLite's JSON functions cannot carry (NUL) or an error, it is undone
+and falls back to one call at a time, each in its own savepoint, row by row.
 
 ``BEGIN IMMEDIATE`` plus the busy timeout make writes, claims included, safe against other
 processes using the same file. The queries are in ``sql/sqlite.sql``.
@@ -297,12 +297,12 @@ def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[_O
         conn.execute(QUERIES["savepoint"])
         try:
             messages, jobs = _join_json([c.messages for c in stored]), _join_json([c.jobs for c in stored])
-            duplicates = conn.execute(QUERIES["find_duplicates"], {"messages": messages, "cutoff": cutoff})
-            if not duplicates.fetchall():
+            seen = conn.execute(QUERIES["see_messages"], {"messages": messages, "now": now, "cutoff": cutoff})
+            # every pair recorded: none was seen in the window, none repeats another of the run
+            if seen.rowcount == sum(len(c.groups) for c in stored):
                 payloads = stored[0].payloads if len(stored) == 1 else b"".join([c.payloads for c in stored])
                 conn.execute(QUERIES["insert_pending_payloads"], {"jobs": jobs, "payloads": payloads})
                 conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "now": now})
-                conn.execute(QUERIES["see_messages"], {"messages": messages, "now": now, "cutoff": cutoff})
                 conn.execute(QUERIES["release_savepoint"])
                 return [(EnqueueResult(inserted=c.count, duplicates=c.dropped), None) for c in calls]
         except Exception:  # retried call by call below, where the error lands on its own call

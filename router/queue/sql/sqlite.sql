@@ -159,26 +159,10 @@ ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
     WHERE queue_dedupe.seen_at <= :cutoff
 RETURNING seen_at;
 
--- name: find_duplicates
--- Positions in :messages (a JSON array of [source, message_id]) of the pairs that are duplicates:
--- seen after :cutoff, or repeating an earlier pair of the array. Usually none: one step.
-SELECT message.key
-FROM (
-    SELECT key, value ->> 0 AS source, value ->> 1 AS message_id,
-        row_number() OVER (PARTITION BY value ->> 0, value ->> 1 ORDER BY key) AS nth
-    FROM json_each(:messages)
-) AS message
-WHERE message.nth > 1
-    OR EXISTS (
-        SELECT 1 FROM queue_dedupe AS seen
-        WHERE seen.source = message.source
-            AND seen.message_id = message.message_id
-            AND seen.seen_at > :cutoff
-    );
-
 -- name: see_messages
--- Record every pair of :messages (a JSON array of [source, message_id], none of them a
--- duplicate: see find_duplicates) as accepted now, in one statement.
+-- Record every pair of :messages (a JSON array of [source, message_id]) as accepted now, in one
+-- statement. A pair seen after :cutoff, or repeating an earlier pair of the array, is a duplicate
+-- and is not recorded: the statement's change count falls short of the array's length.
 INSERT INTO queue_dedupe (source, message_id, seen_at)
 SELECT value ->> 0, value ->> 1, :now FROM json_each(:messages) WHERE true
 ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
