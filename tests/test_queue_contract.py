@@ -8,12 +8,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from router.errors import ConfigError
 from router.queue import EnqueueResult, JobState, NewJob, Queue, QueueOptions, open_queue, sql, sqlite_path
+from router.queue import sqlite as sqlite_backend
 from router.queue.memory import MemoryQueue
 from router.queue.sqlite import SqliteQueue
 
@@ -480,6 +482,56 @@ async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: 
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM queue_keys").fetchone() == (0,)  # idle keys forgotten
     conn.close()
+
+
+async def test_sqlite_reports_a_write_only_after_the_wal_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits do not sync (synchronous = NORMAL); the sync thread fsyncs the WAL, and only then
+    does the write return: an acknowledged event survives a power cut."""
+    queue = SqliteQueue(tmp_path / "queue.db")
+    await queue.open()
+    synced = threading.Event()
+    paths: list[str] = []
+    real_fsync = sqlite_backend._fsync
+
+    def held_fsync(path: str) -> None:
+        paths.append(path)
+        assert synced.wait(10)
+        real_fsync(path)
+
+    monkeypatch.setattr(sqlite_backend, "_fsync", held_fsync)
+    try:
+        commits = queue.commits
+        enqueue = asyncio.ensure_future(queue.enqueue([new_job("m1")], now=T0))
+        await asyncio.sleep(0.2)
+        assert queue.commits == commits + 1 and not enqueue.done()  # committed, not yet durable
+        synced.set()
+        assert await enqueue == EnqueueResult(inserted=1, duplicates=0)
+        assert paths and all(path == f"{tmp_path / 'queue.db'}-wal" for path in paths)
+    finally:
+        synced.set()
+        await queue.close()
+
+
+async def test_sqlite_write_fails_when_the_wal_cannot_be_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the fsync fails, whether the write is durable is unknown: the caller is told it failed
+    (ingest answers 503, and the client sends the events again)."""
+    queue = SqliteQueue(tmp_path / "queue.db")
+    await queue.open()
+
+    def failing_fsync(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sqlite_backend, "_fsync", failing_fsync)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            await queue.enqueue([new_job("m1")], now=T0)
+    finally:
+        monkeypatch.undo()
+        await queue.close()
 
 
 async def test_sqlite_writes_from_two_connections(tmp_path: Path) -> None:
