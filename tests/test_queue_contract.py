@@ -534,6 +534,34 @@ async def test_sqlite_write_fails_when_the_wal_cannot_be_synced(
         await queue.close()
 
 
+def wal_size(database: Path) -> int:
+    return Path(f"{database}-wal").stat().st_size
+
+
+async def test_sqlite_wal_is_checkpointed_and_reused(tmp_path: Path) -> None:
+    """Commits that do not sync still checkpoint: the WAL is started over, not grown, as data
+    passes through it (a checkpoint that never let the writer restart the WAL would grow it)."""
+    queue = SqliteQueue(tmp_path / "queue.db")
+    await queue.open()
+    payload = b'{"pad": "%s"}' % (b"x" * 4000)
+    try:
+        for call in range(200):  # ~8 MB, one commit per call
+            jobs = [
+                NewJob(
+                    source="web",
+                    destination="klaviyo",
+                    message_id=f"m{call}-{i}",
+                    ordering_key="u",
+                    payload=payload,
+                )
+                for i in range(10)
+            ]
+            await queue.enqueue(jobs, now=T0)
+        assert wal_size(tmp_path / "queue.db") < 6_000_000
+    finally:
+        await queue.close()
+
+
 async def test_sqlite_writes_from_two_connections(tmp_path: Path) -> None:
     """Two queues on one file stand for two processes: claims stay disjoint."""
     first, second = SqliteQueue(tmp_path / "queue.db"), SqliteQueue(tmp_path / "queue.db")
