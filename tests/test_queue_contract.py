@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 from router.errors import ConfigError
-from router.queue import EnqueueResult, JobState, NewJob, Queue, QueueOptions, open_queue, sql, sqlite_path
-from router.queue import sqlite as sqlite_backend
+from router.queue import (
+    EnqueueResult,
+    JobState,
+    NewJob,
+    Queue,
+    QueueOptions,
+    open_queue,
+    sql,
+    sqlite_path,
+    sqlite_threads,
+)
 from router.queue.memory import MemoryQueue
 from router.queue.sqlite import SqliteQueue
 
@@ -493,14 +502,14 @@ async def test_sqlite_reports_a_write_only_after_the_wal_is_synced(
     await queue.open()
     synced = threading.Event()
     paths: list[str] = []
-    real_fsync = sqlite_backend._fsync
+    real_fsync = sqlite_threads.fsync_file
 
     def held_fsync(path: str) -> None:
         paths.append(path)
         assert synced.wait(10)
         real_fsync(path)
 
-    monkeypatch.setattr(sqlite_backend, "_fsync", held_fsync)
+    monkeypatch.setattr(sqlite_threads, "fsync_file", held_fsync)
     try:
         commits = queue.commits
         enqueue = asyncio.ensure_future(queue.enqueue([new_job("m1")], now=T0))
@@ -525,7 +534,7 @@ async def test_sqlite_write_fails_when_the_wal_cannot_be_synced(
     def failing_fsync(path: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sqlite_backend, "_fsync", failing_fsync)
+    monkeypatch.setattr(sqlite_threads, "fsync_file", failing_fsync)
     try:
         with pytest.raises(OSError, match="Input/output error"):
             await queue.enqueue([new_job("m1")], now=T0)

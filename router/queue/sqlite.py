@@ -3,12 +3,12 @@
 Every write goes to one writer thread that owns the write connection. It takes whatever
 operations are waiting, runs them in one ``BEGIN IMMEDIATE`` transaction (each inside a
 savepoint, so one failing operation does not undo the others) and commits once. The commit does
-not sync; a sync thread (:class:`_Syncer`) fsyncs the WAL and only then resolves each caller's
-future, so a returned write is durable, while the writer already runs the next group: the disk's
-sync and the next group's statements overlap. Under load, many concurrent ``enqueue`` calls
-therefore cost one commit and share one fsync. Reads (``get``, ``list_jobs``, ``counts``,
-``ping``) run on another thread with its own read-only connection, so they never wait behind
-either.
+not sync: a sync thread fsyncs the WAL and only then resolves each caller's future, so a
+returned write is durable, while the writer already runs the next group (the disk's sync and
+the next group's statements overlap). Under load, many concurrent ``enqueue`` calls therefore
+cost one commit and share one fsync. Reads (``get``, ``list_jobs``, ``counts``, ``ping``) run on
+another thread with its own read-only connection, so they never wait behind either. Those
+connections and threads are :mod:`router.queue.sqlite_threads`.
 
 ``enqueue`` is the hot path, and the writer thread shares the GIL with the HTTP event loop:
 every statement it steps releases the GIL and must win it back, which costs up to the switch
@@ -25,18 +25,13 @@ processes using the same file. The queries are in ``sql/sqlite.sql``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -51,11 +46,7 @@ from router.queue import (
     group_by_message,
     sql,
 )
-
-T = TypeVar("T")
-Operation = Callable[[sqlite3.Connection], T]
-#: What one operation of a group commit came to: its result, or the error it raised.
-_Outcome = tuple[Any, BaseException | None]
+from router.queue.sqlite_threads import Operation, Outcome, Reader, Submitted, Writer, execute_script
 
 QUERIES = sql.load("sqlite")
 
@@ -78,8 +69,8 @@ class SqliteQueue:
         self.path = os.fspath(path)
         self._cleanup_batch = cleanup_batch
         self.options = options or QueueOptions()
-        self._writer = _Writer(self.path, busy_timeout, max_batch)
-        self._reader = _Reader(self.path, busy_timeout)
+        self._writer = Writer(self.path, busy_timeout, max_batch, _run_batch)
+        self._reader = Reader(self.path, busy_timeout)
 
     @property
     def commits(self) -> int:
@@ -118,7 +109,7 @@ class SqliteQueue:
         """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
         groups, duplicates = group_by_message(jobs)
         call = _EnqueueCall.build(groups, duplicates, now, self.options.dedupe_window)
-        result: EnqueueResult = await self._writer.run(call)
+        result: EnqueueResult = await self._writer.store(call)
         return result
 
     async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
@@ -289,7 +280,7 @@ class _EnqueueCall:
         )
 
 
-def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[_Outcome]:
+def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[Outcome]:
     """Store a run of enqueue calls (all :meth:`_EnqueueCall.mergeable`) in one group commit."""
     now = time.time() if calls[0].now is None else calls[0].now
     cutoff = now - calls[0].dedupe_window
@@ -373,215 +364,16 @@ def _migrate(conn: sqlite3.Connection) -> int:
         raise ConfigError(f"queue schema version {version} is newer than this router knows ({steps[-1][0]})")
     for number, script in steps:
         if number > version:
-            _execute_script(conn, script)
+            execute_script(conn, script)
             version = conn.execute(QUERIES["schema_version"]).fetchone()["user_version"]
             if version != number:
                 raise RuntimeError(f"sqlite migration {number} left the schema at version {version}")
     return version
 
 
-def _execute_script(conn: sqlite3.Connection, script: str) -> None:
-    """Run statements one by one (``executescript`` would commit the open transaction)."""
-    for statement in _statements(script):
-        conn.execute(statement)
-
-
-def _statements(script: str) -> Iterator[str]:
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            yield pending.strip()
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement: {pending.strip()[:60]!r}")
-
-
-def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
-    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
-
-
-def _connect(path: str, busy_timeout: float, configure: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    try:
-        conn.row_factory = _dict_row
-        _execute_script(conn, QUERIES[configure])
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-@dataclass(slots=True)
-class _Submitted:
-    """A write operation waiting for the writer thread, and where to send its outcome."""
-
-    #: A function of the connection, or an enqueue call (stored with the calls next to it).
-    operation: Operation[Any] | _EnqueueCall
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-
-
-class _Syncer:
-    """The sync thread: makes committed groups durable (an fsync of the WAL), then reports them.
-
-    The writer commits without syncing (``synchronous = NORMAL``) and hands each group over; one
-    fsync covers every group committed before it starts, and while it runs the writer is already
-    stepping the next group's statements. A write is reported done only after the fsync that
-    follows its commit, so it survives a power cut, as with ``synchronous = FULL``.
-    """
-
-    def __init__(self, wal_path: str) -> None:
-        self._wal_path = wal_path
-        self._inbox: queue.SimpleQueue[tuple[list[_Submitted], list[_Outcome]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="queue-sync", daemon=True)
-        self._thread.start()
-
-    def submit(self, batch: list[_Submitted], outcomes: list[_Outcome]) -> None:
-        self._inbox.put((batch, outcomes))
-
-    def stop(self) -> None:
-        """Sync and report everything submitted so far, then end the thread."""
-        self._inbox.put(None)
-        self._thread.join()
-
-    def _main(self) -> None:
-        stopping = False
-        while not stopping:
-            groups: list[tuple[list[_Submitted], list[_Outcome]]] = []
-            item = self._inbox.get()
-            while item is not None:
-                groups.append(item)
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stopping = True
-            if not groups:
-                continue
-            try:
-                _fsync(self._wal_path)
-            except OSError as exc:  # durability unknown: the writes are reported failed
-                for batch, _ in groups:
-                    _settle_all(batch, exc)
-                continue
-            for batch, outcomes in groups:
-                _settle_batch(batch, outcomes)
-
-
-def _fsync(path: str) -> None:
-    """Flush a file's written data to the disk (any descriptor of a file syncs all of it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # no WAL: nothing written since the last checkpoint removed it
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Writer:
-    """The writer thread: runs submitted operations, committing each group of them at once."""
-
-    def __init__(self, path: str, busy_timeout: float, max_batch: int) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._max_batch = max_batch
-        self._inbox: queue.SimpleQueue[_Submitted | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._syncer: _Syncer | None = None
-        self._closing = False
-        self.commits = 0
-        self.writes = 0
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def start(self) -> None:
-        conn = await asyncio.to_thread(_connect, self._path, self._busy_timeout, "configure_writer")
-        self._syncer = _Syncer(self._path + "-wal")
-        self._thread = threading.Thread(target=self._main, args=(conn,), name="queue-writer", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        """Let the thread commit everything submitted so far, then close the connection."""
-        if self._thread is None:
-            return
-        self._closing = True
-        self._inbox.put(None)
-        await asyncio.to_thread(self._thread.join)
-        if self._syncer is not None:
-            await asyncio.to_thread(self._syncer.stop)
-            self._syncer = None
-        self._thread = None
-        self._closing = False
-
-    async def run(self, operation: Operation[T] | _EnqueueCall) -> T:
-        """Run ``operation`` in the next group commit; returns once it is durable."""
-        if self._thread is None or self._closing:
-            raise RuntimeError("the sqlite queue is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._inbox.put(_Submitted(operation, future, loop))
-        return await future
-
-    def _main(self, conn: sqlite3.Connection) -> None:
-        try:
-            stopping = False
-            while not stopping:
-                batch, stopping = self._take_batch()
-                if batch:
-                    self._commit(conn, batch)
-        finally:
-            conn.close()
-            self._fail_leftovers()
-
-    def _take_batch(self) -> tuple[list[_Submitted], bool]:
-        """Wait for one operation, then take whatever else is already waiting."""
-        batch: list[_Submitted] = []
-        item = self._inbox.get()
-        while item is not None:
-            batch.append(item)
-            if len(batch) >= self._max_batch:
-                return batch, False
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Submitted]) -> None:
-        try:
-            conn.execute(QUERIES["begin"])
-            outcomes = _run_batch(conn, batch)
-            conn.execute(QUERIES["commit"])
-        except Exception as exc:  # the transaction failed as a whole: so did every operation in it
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute(QUERIES["rollback"])
-            _settle_all(batch, exc)
-            return
-        self.commits += 1
-        self.writes += len(batch)
-        assert self._syncer is not None
-        self._syncer.submit(batch, outcomes)  # reported once the WAL is synced
-
-    def _fail_leftovers(self) -> None:
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                _settle(item, None, RuntimeError("the sqlite queue is closed"))
-
-
-def _run_batch(conn: sqlite3.Connection, batch: list[_Submitted]) -> list[_Outcome]:
+def _run_batch(conn: sqlite3.Connection, batch: list[Submitted]) -> list[Outcome]:
     """Run the operations of one group commit in order; consecutive enqueue calls together."""
-    outcomes: list[_Outcome] = []
+    outcomes: list[Outcome] = []
     start = 0
     while start < len(batch):
         operation = batch[start].operation
@@ -596,12 +388,12 @@ def _run_batch(conn: sqlite3.Connection, batch: list[_Submitted]) -> list[_Outco
                 break
             end += 1
         calls = [item.operation for item in batch[start:end]]
-        outcomes.extend(_store_calls(conn, calls))  # type: ignore[arg-type]
+        outcomes.extend(_store_calls(conn, calls))
         start = end
     return outcomes
 
 
-def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> _Outcome:
+def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> Outcome:
     conn.execute(QUERIES["savepoint"])
     try:
         result = operation(conn)
@@ -611,68 +403,3 @@ def _run_isolated(conn: sqlite3.Connection, operation: Operation[Any]) -> _Outco
         return None, exc
     conn.execute(QUERIES["release_savepoint"])
     return result, None
-
-
-def _settle_all(batch: list[_Submitted], error: BaseException) -> None:
-    _settle_batch(batch, [(None, error)] * len(batch))
-
-
-def _settle_batch(batch: list[_Submitted], outcomes: list[_Outcome]) -> None:
-    """Resolve the futures of a group commit: one wake-up per event loop, not one per operation."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Submitted, Any, BaseException | None]]] = {}
-    for item, (result, error) in zip(batch, outcomes, strict=True):
-        by_loop.setdefault(item.loop, []).append((item, result, error))
-
-    for loop, settled in by_loop.items():
-
-        def resolve(settled: list[tuple[_Submitted, Any, BaseException | None]] = settled) -> None:
-            for item, result, error in settled:
-                _resolve(item, result, error)
-
-        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
-            loop.call_soon_threadsafe(resolve)
-
-
-def _resolve(item: _Submitted, result: Any, error: BaseException | None) -> None:
-    if item.future.done():  # the caller was cancelled; the write stands anyway
-        return
-    if error is None:
-        item.future.set_result(result)
-    else:
-        item.future.set_exception(error)
-
-
-def _settle(item: _Submitted, result: Any, error: BaseException | None) -> None:
-    _settle_batch([item], [(result, error)])
-
-
-class _Reader:
-    """A read-only connection used from one thread of its own."""
-
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-
-    async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-reader")
-        self._conn = await self._call(_connect, self._path, self._busy_timeout, "configure_reader")
-
-    async def stop(self) -> None:
-        if self._executor is None:
-            return
-        if self._conn is not None:
-            await self._call(self._conn.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-        self._executor = None
-
-    async def run(self, operation: Operation[T]) -> T:
-        if self._conn is None:
-            raise RuntimeError("the sqlite queue is not open")
-        return await self._call(operation, self._conn)
-
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        assert self._executor is not None
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
