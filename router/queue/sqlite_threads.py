@@ -105,26 +105,37 @@ class Syncer:
     def _main(self) -> None:
         stopping = False
         while not stopping:
-            groups: list[tuple[list[Submitted], list[Outcome]]] = []
-            item = self._inbox.get()
-            while item is not None:
-                groups.append(item)
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stopping = True
+            groups, stopping = _take_waiting(self._inbox)
             if not groups:
                 continue
+            batch = [item for group, _ in groups for item in group]
             try:
                 fsync_file(self._wal_path)
             except OSError as exc:  # durability unknown: the writes are reported failed
-                for batch, _ in groups:
-                    _settle_all(batch, exc)
+                _settle_all(batch, exc)
                 continue
-            for batch, outcomes in groups:
-                _settle_batch(batch, outcomes)
+            _settle_batch(batch, [outcome for _, outcomes in groups for outcome in outcomes])
+
+
+_Item = TypeVar("_Item")
+
+
+def _take_waiting(
+    inbox: queue.SimpleQueue[_Item | None], limit: int | None = None
+) -> tuple[list[_Item], bool]:
+    """Wait for one item, then take whatever else is already waiting (``limit`` at most); also
+    whether the stop marker (None) came."""
+    items: list[_Item] = []
+    item = inbox.get()
+    while item is not None:
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            return items, False
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return items, False
+    return items, True
 
 
 def fsync_file(path: str) -> None:
@@ -199,26 +210,12 @@ class Writer:
         try:
             stopping = False
             while not stopping:
-                batch, stopping = self._take_batch()
+                batch, stopping = _take_waiting(self._inbox, self._max_batch)
                 if batch:
                     self._commit(conn, batch)
         finally:
             conn.close()
             self._fail_leftovers()
-
-    def _take_batch(self) -> tuple[list[Submitted], bool]:
-        """Wait for one operation, then take whatever else is already waiting."""
-        batch: list[Submitted] = []
-        item = self._inbox.get()
-        while item is not None:
-            batch.append(item)
-            if len(batch) >= self._max_batch:
-                return batch, False
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Submitted]) -> None:
         try:
