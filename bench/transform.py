@@ -6,11 +6,11 @@ The mix is repeated to N events (default 100 000), each copy with a fresh messag
 as the queue stores payloads (orjson bytes). Printed, one process on one core:
 
 - a baseline in the same run: decode + encode every payload, the floor any Python worker pays;
-- transform + batch: every message (already decoded) transformed and merged into bulk jobs, per
-  chunk of 1000 as a worker claims them — the batch transform's own speed; ``--repeat`` passes,
-  best and median printed (the machine may be shared);
-- what a delivery worker's CPU does per claimed chunk: decode the payloads, transform, batch and
-  serialise the bodies;
+- transform + batch: every message transformed and merged into bulk jobs, per chunk of 1000 as a
+  worker claims them — the batch transform's own speed (each message is decoded, untimed, just
+  before); ``--repeat`` passes, best and median printed (the machine may be shared);
+- what a delivery worker's CPU does per claimed chunk (``plan_payloads``): decode the payloads,
+  transform, batch and serialise the bodies;
 - peak RSS.
 """
 
@@ -29,9 +29,9 @@ from speed import REFERENCE, mix_payloads
 from router.app import tune_runtime
 from router.destination import Destination
 from router.errors import RouterError
-from router.klaviyo.batch import batch
-from router.klaviyo.requests import KlaviyoRequest
+from router.klaviyo.batch import Part, assemble, prepare
 from router.mapping import load_mappings
+from router.plan import plan_payloads
 from router.transform import transform
 
 DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
@@ -47,38 +47,37 @@ def chunks(items: Sequence[bytes], size: int) -> list[Sequence[bytes]]:
 
 
 def worker_path(data: Sequence[bytes], destination: Destination, chunk: int) -> tuple[int, int, int]:
-    """Decode, transform, batch, serialise; returns (requests, rejected, body bytes)."""
+    """What a delivery worker's planning does per claimed chunk (``plan_payloads``): decode, transform,
+    batch, serialise; returns (requests, rejected, body bytes)."""
     mappings = load_mappings(destination.mappings_dir)
     requests = rejected = size = 0
     for part in chunks(data, chunk):
-        produced: list[KlaviyoRequest] = []
-        for index, payload in enumerate(part):
-            try:
-                produced.extend(transform(orjson.loads(payload), destination, mappings, index=index))
-            except RouterError:
-                rejected += 1
-        for request in batch(produced):
-            requests += 1
-            size += len(request.payload())
+        planned = plan_payloads(part, destination, mappings)
+        rejected += len(planned.refused)
+        requests += len(planned.requests)
+        size += sum(len(request.payload()) for request in planned.requests)
     return requests, rejected, size
 
 
 def transform_batch(data: Sequence[bytes], destination: Destination, chunk: int) -> tuple[int, int, int]:
-    """Transform and batch each chunk; only that is timed (each chunk is decoded just before)."""
+    """Transform and batch each chunk; only that is timed (each message is decoded just before)."""
     mappings = load_mappings(destination.mappings_dir)
+    clock = time.perf_counter
     elapsed = 0.0
     requests = rejected = 0
     for raw in chunks(data, chunk):
-        part = [orjson.loads(p) for p in raw]
-        started = time.perf_counter()
-        produced: list[KlaviyoRequest] = []
-        for index, message in enumerate(part):
+        parts: list[Part] = []
+        for index, payload in enumerate(raw):
+            message = orjson.loads(payload)
+            started = clock()
             try:
-                produced.extend(transform(message, destination, mappings, index=index))
+                parts.extend(map(prepare, transform(message, destination, mappings, index=index)))
             except RouterError:
                 rejected += 1
-        requests += len(batch(produced))
-        elapsed += time.perf_counter() - started
+            elapsed += clock() - started
+        started = clock()
+        requests += len(assemble(parts))
+        elapsed += clock() - started
     return requests, rejected, int(elapsed * 1e9)
 
 

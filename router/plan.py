@@ -29,7 +29,7 @@ import orjson
 
 from router.destination import Destination
 from router.errors import Skipped, TransformError
-from router.klaviyo.batch import MAX_EVENTS, batch, profiles_in
+from router.klaviyo.batch import MAX_EVENTS, Part, assemble, prepare, profiles_in
 from router.klaviyo.client import Outcome
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings
@@ -124,28 +124,28 @@ def plan_payloads(
     holding at most TRIM_SHARE of MAX_EVENTS, the jobs from the one that made its first event on
     are given back. They are the batch's last, so for every ordering key they follow the ones kept.
     """
-    produced: list[KlaviyoRequest] = []
+    parts: list[Part] = []
     refused: list[tuple[int, str]] = []
     skipped: list[tuple[int, str]] = []
     for index, payload in enumerate(payloads):
         try:
-            produced.extend(transform(orjson.loads(payload), destination, mappings, index=index))
+            parts.extend(map(prepare, transform(orjson.loads(payload), destination, mappings, index=index)))
         except TransformError as exc:
             refused.append((index, f"transform: {exc.message}"))
         except Skipped as exc:
             skipped.append((index, exc.message))
         except ValueError as exc:  # an unreadable payload
             refused.append((index, f"payload is not valid JSON: {exc}"))
-    events = [request for request in produced if request.kind == "event"]
+    events = [part for part in parts if part.kind == "event"]
     kept = len(payloads)
     rest = len(events) % MAX_EVENTS
     if give_back_partial and len(events) > MAX_EVENTS and 0 < rest <= TRIM_SHARE * MAX_EVENTS:
         kept = events[len(events) - rest].sources[0]
-        produced = [request for request in produced if request.sources[0] < kept]
+        parts = [part for part in parts if part.sources[0] < kept]
         refused = [entry for entry in refused if entry[0] < kept]
         skipped = [entry for entry in skipped if entry[0] < kept]
         events = events[: len(events) - rest]
-    return Planned(batch(produced), refused, skipped, kept, len(events))
+    return Planned(assemble(parts), refused, skipped, kept, len(events))
 
 
 def claim_size(batch_size: int, events_per_job: float | None) -> int:

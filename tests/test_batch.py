@@ -350,3 +350,53 @@ class TestTracing:
         before = copy.deepcopy([r.body for r in requests])
         batch(requests)
         assert [r.body for r in requests] == before
+
+
+class TestAsSent:
+    """Requests RudderStack already transformed, and list ids JSON must escape."""
+
+    @staticmethod
+    def passthrough(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"output": {"endpointPath": path, "body": {"JSON": body}}, "statusCode": 200}
+
+    def test_bulk_jobs_and_misshapen_bodies_go_as_they_are(self) -> None:
+        """A finished bulk job, and an event whose body is not shaped as one, are each sent alone and
+        unchanged, after the merged profiles and events and before the list jobs."""
+        bulk = {"data": {"type": "event-bulk-create-job", "attributes": {"events-bulk-create": {"data": []}}}}
+        odd_event = {"data": {"type": "event", "attributes": {"properties": {}}}}  # no metric, no profile
+        messages = [
+            self.passthrough("/api/event-bulk-create-jobs", bulk),
+            self.passthrough("/api/events", odd_event),
+            identify("a", subscribe=True),
+            track("a", "m1"),
+            track("b", "m2"),
+        ]
+        out = batch(run(messages))
+        assert [(r.path, r.sources) for r in out] == [
+            ("/api/profile-import", (2,)),
+            (EVENTS_JOB, (3, 4)),
+            ("/api/event-bulk-create-jobs", (0,)),
+            ("/api/events", (1,)),
+            (SUBSCRIBE_JOB, (2,)),
+        ]
+        assert (out[2].body, out[3].body) == (bulk, odd_event)
+
+    @pytest.mark.parametrize("list_id", ['L"1', "L\\2", "Ü\u2028", '"profiles":{"data":[]}'])
+    def test_list_ids_that_json_escapes(self, list_id: str) -> None:
+        """The list job's envelope keeps any list id intact, alone or merged."""
+        for count in (1, 3):
+            out = batch(run([identify(f"u{i}", subscribe=True, list_id=list_id) for i in range(count)]))
+            (job,) = [r for r in out if r.path == SUBSCRIBE_JOB]
+            assert list_of(job) == list_id
+            assert [p["attributes"]["email"] for p in profiles_of(job)] == [
+                f"u{i}@example.com" for i in range(count)
+            ]
+
+    def test_encoded_bodies_are_what_is_sent(self) -> None:
+        """Each request's bytes decode to its body, and re-encoding the body gives the same bytes."""
+        messages = [identify(f"u{i}", subscribe=i % 3 == 0) for i in range(5)] + [
+            track(f"u{i % 2}", f"m{i}") for i in range(5)
+        ]
+        for request in batch(run(messages)):
+            assert orjson.dumps(orjson.loads(request.payload())) == request.payload()
+            assert orjson.dumps(request.body) == request.payload()

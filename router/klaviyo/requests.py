@@ -54,6 +54,33 @@ class KlaviyoRequest:
                 return body
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    @classmethod
+    def from_json(
+        cls,
+        encoded: bytes,
+        *,
+        method: str = "POST",
+        path: str,
+        kind: str = "bulk",
+        sources: tuple[int, ...] = (),
+        item_sources: tuple[tuple[int, ...], ...] = (),
+        ordering_key: str | None = None,
+    ) -> KlaviyoRequest:
+        """A request whose body is given as JSON bytes, left unread until ``body`` is first used:
+        the client sends the bytes, and only a few requests' bodies are ever looked into."""
+        request = object.__new__(cls)
+        for name, value in (
+            ("method", method),
+            ("path", path),
+            ("kind", kind),
+            ("sources", sources),
+            ("item_sources", item_sources),
+            ("ordering_key", ordering_key),
+            ("encoded", encoded),
+        ):
+            object.__setattr__(request, name, value)
+        return request
+
     def payload(self) -> bytes:
         """The body as JSON bytes."""
         return self.encoded if self.encoded is not None else orjson.dumps(self.body)
@@ -73,8 +100,7 @@ def _unpickle(
     ordering_key: str | None,
     encoded: bytes | None,
 ) -> KlaviyoRequest:
-    """A request sent back by a planning process. Given its encoded JSON, the body is left unread:
-    the worker sends those bytes, and only a few requests' bodies are ever looked into."""
+    """A request sent back by a planning process (see :meth:`KlaviyoRequest.from_json`)."""
     if body is not None or encoded is None:
         return KlaviyoRequest(
             method=method,
@@ -86,15 +112,12 @@ def _unpickle(
             ordering_key=ordering_key,
             encoded=encoded,
         )
-    request = object.__new__(KlaviyoRequest)
-    for name, value in (
-        ("method", method),
-        ("path", path),
-        ("kind", kind),
-        ("sources", sources),
-        ("item_sources", item_sources),
-        ("ordering_key", ordering_key),
-        ("encoded", encoded),
-    ):
-        object.__setattr__(request, name, value)
-    return request
+    return KlaviyoRequest.from_json(
+        encoded,
+        method=method,
+        path=path,
+        kind=kind,
+        sources=sources,
+        item_sources=item_sources,
+        ordering_key=ordering_key,
+    )
