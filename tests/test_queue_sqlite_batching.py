@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from router.queue import EnqueueResult, JobState, NewJob, sqlite
+from router.queue import JOB_FIELDS, EnqueueResult, JobState, NewJob, sqlite
 from router.queue.sqlite import QUERIES, SqliteQueue
 
 T0 = 1_700_000_000.0
@@ -180,3 +180,18 @@ async def test_other_operations_keep_their_place(queue: SqliteQueue) -> None:
     assert [j.message_id for j in await queue.list_jobs(JobState.DEAD)] == ["dead"]
     # the dead letter does not count for dedupe
     assert await queue.enqueue([job("dead")]) == EnqueueResult(inserted=1, duplicates=0)
+
+
+async def test_claimed_jobs_are_read_in_field_order(queue: SqliteQueue) -> None:
+    """A claim reads plain rows whose columns are the Job's fields in order; the jobs it builds
+    are those ``get`` reads by column name."""
+    columns = await queue._writer.run(
+        lambda conn: [c[0] for c in conn.execute(QUERIES["select_jobs"], {"ids": "[]"}).description]
+    )
+    assert tuple(columns) == JOB_FIELDS
+    await queue.enqueue([job("m1", key="u:1"), job("m2", key=None, payload=b'{"x":1}')], now=T0)
+    claimed = await queue.claim("klaviyo", 10, lease_seconds=30, now=T0 + 1)
+    assert [j.message_id for j in claimed] == ["m1", "m2"]
+    assert claimed == [await queue.get(j.id) for j in claimed]
+    assert {j.state for j in claimed} == {JobState.IN_FLIGHT}
+    assert all(type(j.state) is JobState for j in claimed)

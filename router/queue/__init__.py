@@ -91,6 +91,20 @@ class Job:
             updated_at=row["updated_at"],
         )
 
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> Job:
+        """Build a job from its field values in declaration order, ``state`` as its text.
+
+        Claims build a job per claimed row: this is about three times cheaper than the generated
+        ``__init__`` of a frozen dataclass called with keywords, which took a third of the event
+        loop's time in a delivery run (bench/deliver.py).
+        """
+        job = object.__new__(cls)
+        for put, value in zip(_JOB_SETTERS, values, strict=True):
+            put(job, value)
+        _JOB_SETTERS[_STATE_INDEX](job, _STATES[values[_STATE_INDEX]])
+        return job
+
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -109,6 +123,14 @@ class Job:
             "destination": self.destination,
             "attempt": self.attempts,
         }
+
+
+#: Each field's slot setter, in declaration order (they bypass the frozen ``__setattr__``).
+_JOB_SETTERS: tuple[Any, ...] = tuple(getattr(Job, f.name).__set__ for f in dataclasses.fields(Job))
+_STATE_INDEX = [f.name for f in dataclasses.fields(Job)].index("state")
+_STATES = {state.value: state for state in JobState}
+#: The fields of a job, in declaration order (the columns :meth:`Job.from_values` takes).
+JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job))
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,8 +267,10 @@ WHERE id IN (SELECT id FROM ranked ORDER BY key_first, id LIMIT :limit)
 RETURNING id;
 
 -- name: select_jobs
--- Jobs (ids as a JSON array) with their payloads, by id.
-SELECT job.*, payload.payload
+-- Jobs (ids as a JSON array) with their payloads, by id; columns in the order of Job's fields.
+SELECT job.id, job.source, job.destination, job.message_id, job.ordering_key, payload.payload,
+    job.state, job.attempts, job.next_attempt_at, job.lease_expires_at, job.last_error,
+    job.created_at, job.updated_at
 FROM queue_jobs AS job
 JOIN queue_payloads AS payload ON payload.job_id = job.id
 WHERE job.id IN (SELECT value FROM json_each(:ids))
