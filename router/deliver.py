@@ -71,7 +71,8 @@ class DeliverySettings:
     timeout: float = _DEFAULTS.delivery_timeout
     #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
     rate_limit_scale: float = _DEFAULTS.delivery_rate_limit_scale
-    #: While more jobs wait, size claims to fill whole event bulk jobs (off: ``batch_size`` each).
+    #: Size claims to fill whole event bulk jobs and give back what a full one leaves over (off:
+    #: ``batch_size`` jobs each, all sent).
     fill_event_jobs: bool = True
     #: Processes that plan batches for :func:`deliver_all` (0: in the workers' process).
     planners: int = _DEFAULTS.delivery_planners
@@ -201,9 +202,8 @@ class Deliverer:
         leased = [job.id for job in jobs]
         heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
-            more_waiting = self.settings.fill_event_jobs and len(jobs) == size
             work = await self._planner.plan(
-                jobs, self.destination, self.mappings(), give_back_partial=more_waiting
+                jobs, self.destination, self.mappings(), give_back_partial=self.settings.fill_event_jobs
             )
             if work.given_back:
                 del leased[len(work.verdicts) :]
@@ -373,7 +373,7 @@ async def deliver_all(
     connector = aiohttp.TCPConnector(limit=max(8, settings.workers * 2 * len(destinations)))
     planner = Planner(settings.planners)
     try:
-        await planner.start()
+        await planner.start(destination.mappings_dir for destination in destinations)
         async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
             for destination in destinations:
                 group.create_task(

@@ -780,21 +780,22 @@ def test_hold_back_retries_a_profiles_later_jobs_only() -> None:
 
 
 async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:
-    """Claims are sized from the last batch, and the jobs behind a nearly empty event job wait."""
+    """Claims are sized from the last batch, and the jobs behind a partial event job wait."""
     ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(2500)))
     deliverer = rig.deliverer(DeliverySettings(batch_size=1000, retry=FAST))
     claimed = []
     while done := await deliverer.deliver_once():
         claimed.append(done)
     sizes = rig.event_job_sizes()
-    # 1000 claimed; then 1020 (2 % over one event job), 20 given back; then the 480 left and those 20
-    assert (claimed, sizes) == ([1000, 1000, 500], [1000, 1000, 500])
+    # 2000 claimed first (twice batch_size): two full event jobs; then the 500 left
+    assert (claimed, sizes) == ([2000, 500], [1000, 1000, 500])
     assert set(await rig.states(ids)) == {DONE}
     assert rig.settled == {"delivered": 2500}
 
 
 async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> None:
-    """Workers starting together wait for the first plan's events per job before they claim."""
+    """Workers starting together wait for the first plan's events per job before they claim, and
+    the first claim (twice batch_size) fills an event job when every second job is an event."""
     messages = []
     for n in range(2000):  # one event per two jobs
         messages += [identify(f"u{n}", f"u{n}@example.com", f"i{n}"), track(f"u{n}", "Viewed", f"e{n}")]
@@ -806,8 +807,8 @@ async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> Non
     stop.set()
     await task
     sizes = rig.event_job_sizes()
-    # 1000 jobs (500 events) first; then 2000-job claims, one full event job each; 500 left
-    assert sorted(sizes) == [500, 500, 1000]
+    # 2000 jobs (1000 events) first; then claims of 2240 jobs: the 2000 left
+    assert sorted(sizes) == [1000, 1000]
 
 
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:

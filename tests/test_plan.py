@@ -63,29 +63,29 @@ def event_counts(work: Plan) -> list[int]:
     ]
 
 
-# -- giving back the jobs behind a nearly empty last event job ------------------------------------------------
+# -- giving back the jobs behind the last full event job -------------------------------------------------------
 
 
-def test_a_nearly_empty_last_event_job_is_given_back_when_more_jobs_wait() -> None:
-    jobs = tracks(MAX_EVENTS + 100)
+@pytest.mark.parametrize("rest", [1, 100, MAX_EVENTS - 1])
+def test_a_partial_last_event_job_is_given_back(rest: int) -> None:
+    jobs = tracks(2 * MAX_EVENTS + rest)
     work = plan(jobs, Destination(), load_mappings(), give_back_partial=True)
-    assert [job.id for job in work.given_back] == list(range(MAX_EVENTS, MAX_EVENTS + 100))
-    assert len(work.verdicts) == work.events == MAX_EVENTS
-    assert sum(event_counts(work)) == MAX_EVENTS
-    assert {source for request in work.requests for source in request.sources} == set(range(MAX_EVENTS))
+    assert [job.id for job in work.given_back] == list(range(2 * MAX_EVENTS, 2 * MAX_EVENTS + rest))
+    assert len(work.verdicts) == work.events == 2 * MAX_EVENTS
+    assert [len(request.sources) for request in work.requests] == [MAX_EVENTS, MAX_EVENTS]
+    assert {source for request in work.requests for source in request.sources} == set(range(2 * MAX_EVENTS))
 
 
 @pytest.mark.parametrize(
-    ("count", "more_waiting"),
+    ("count", "give_back"),
     [
-        (MAX_EVENTS + 100, False),  # nothing more waits: send what there is
-        (MAX_EVENTS + 300, True),  # over a quarter of a job: worth sending
+        (MAX_EVENTS + 100, False),  # not asked to: send what there is
         (600, True),  # no full job before it
         (2 * MAX_EVENTS, True),  # nothing partial
     ],
 )
-def test_nothing_is_given_back_otherwise(count: int, more_waiting: bool) -> None:
-    work = plan(tracks(count), Destination(), load_mappings(), give_back_partial=more_waiting)
+def test_nothing_is_given_back_otherwise(count: int, give_back: bool) -> None:
+    work = plan(tracks(count), Destination(), load_mappings(), give_back_partial=give_back)
     assert (work.given_back, len(work.verdicts), work.events) == ([], count, count)
 
 
@@ -115,13 +115,13 @@ def test_refusals_and_skips_before_the_cut_stay() -> None:
 @pytest.mark.parametrize(
     ("batch_size", "events_per_job", "expected"),
     [
-        (1000, None, 1000),  # nothing known yet
+        (1000, None, 2000),  # nothing known yet: enough when every second job is an event
         (1000, 0.0, 1000),  # no events: nothing to fill
-        (1000, 0.65, 1570),  # one event job: 1000 / 0.65, 2 % over
-        (1000, 1.0, 1020),
-        (5000, 0.65, 4708),  # three event jobs
+        (1000, 0.65, 1724),  # one event job: 1000 / 0.65, 12 % over
+        (1000, 1.0, 1120),
+        (5000, 0.65, 5170),  # three event jobs
         (1000, 0.1, 2000),  # ten thousand jobs for one event job: at most twice batch_size
-        (1000, 5.0, 1020),  # several events per job: five event jobs
+        (1000, 5.0, 1120),  # several events per job: five event jobs
         (1, 1.0, 2),
     ],
 )
@@ -197,6 +197,35 @@ async def test_a_planning_process_keeps_the_last_good_mappings(tmp_path: Path) -
         planner.close()
     assert again.requests == first.requests
     assert first.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Seen"
+
+
+async def test_planning_processes_compile_the_mappings_at_start(tmp_path: Path) -> None:
+    """Started with a destination's mappings folder, a planning process has them before its first
+    batch: an edit that breaks them afterwards leaves it the set it started with. A folder broken
+    at start is reported by the first batch, not by the start."""
+    mappings = tmp_path / "mappings"
+    mappings.mkdir()
+    (mappings / "viewed.json").write_text(
+        '{"kind": "event", "match": {"type": ["track"], "event": ["viewed"]}, "metric": {"value": "Seen"}}'
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.json").write_text("{")
+    planner = Planner(processes=1)
+    try:
+        await planner.start([mappings, broken, None])
+        (mappings / "viewed.json").write_text("{")
+        os.utime(mappings / "viewed.json", (1, 1))
+        work = await planner.plan(
+            tracks(1), Destination(mappings_dir=mappings), load_mappings(), give_back_partial=False
+        )
+        with pytest.raises(MappingError):
+            await planner.plan(
+                tracks(1), Destination(mappings_dir=broken), load_mappings(), give_back_partial=False
+            )
+    finally:
+        planner.close()
+    assert work.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Seen"
 
 
 async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over() -> None:
