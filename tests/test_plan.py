@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import pickle
 import signal
@@ -226,6 +228,16 @@ async def test_planning_processes_compile_the_mappings_at_start(tmp_path: Path) 
     finally:
         planner.close()
     assert work.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Seen"
+
+
+async def test_planning_processes_collect_garbage_as_rarely_as_the_router() -> None:
+    planner = Planner(processes=1)
+    try:
+        await planner.start()
+        thresholds = await asyncio.get_running_loop().run_in_executor(planner._executor(), gc.get_threshold)
+    finally:
+        planner.close()
+    assert thresholds == (50_000, 20, 20)  # a spawned process starts with (700, 10, 10)
 
 
 async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over() -> None:
