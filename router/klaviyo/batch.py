@@ -136,11 +136,17 @@ def _within_cap(path: str, envelope: tuple[bytes, bytes], items: Sequence[_Item]
         yield from _within_cap(path, envelope, items[half:])
         return
     yield KlaviyoRequest.from_json(
-        head + b"[" + b",".join(item.data for item in items) + b"]" + tail,
+        _joined(envelope, [item.data for item in items]),
         path=path,
         sources=tuple(sorted({s for item in items for s in item.sources})),
         item_sources=tuple(tuple(item.sources) for item in items),
     )
+
+
+def _joined(envelope: tuple[bytes, bytes], items: Iterable[bytes]) -> bytes:
+    """A bulk body: ``items`` as a JSON array between the envelope's two halves."""
+    head, tail = envelope
+    return head + b"[" + b",".join(items) + b"]" + tail
 
 
 def _single(part: Part, encoded: bytes) -> KlaviyoRequest:
@@ -310,10 +316,9 @@ def _list_jobs(parts: Sequence[Part]) -> Iterator[KlaviyoRequest]:
 
 def _list_job(kind: str, members: Sequence[tuple[Part, tuple[int, ...]]]) -> Iterator[KlaviyoRequest]:
     first, sources = members[0]
-    head, tail = first.envelope
     if len(members) == 1:
         yield KlaviyoRequest.from_json(
-            head + b"[" + b",".join(first.items) + b"]" + tail,
+            _joined(first.envelope, first.items),
             path=first.path,
             kind=first.kind,
             sources=sources,

@@ -125,12 +125,12 @@ class Job:
         }
 
 
-#: Each field's slot setter, in declaration order (they bypass the frozen ``__setattr__``).
-_JOB_SETTERS: tuple[Any, ...] = tuple(getattr(Job, f.name).__set__ for f in dataclasses.fields(Job))
-_STATE_INDEX = [f.name for f in dataclasses.fields(Job)].index("state")
-_STATES = {state.value: state for state in JobState}
 #: The fields of a job, in declaration order (the columns :meth:`Job.from_values` takes).
 JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job))
+#: Each field's slot setter, in declaration order (they bypass the frozen ``__setattr__``).
+_JOB_SETTERS: tuple[Any, ...] = tuple(getattr(Job, name).__set__ for name in JOB_FIELDS)
+_STATE_INDEX = JOB_FIELDS.index("state")
+_STATES = {state.value: state for state in JobState}
 
 
 @dataclass(frozen=True, slots=True)
