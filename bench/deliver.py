@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from procstat import children, cpu_seconds
+from procstat import children, cpu_seconds, thread_cpu_seconds
 from speed import speed_line
 
 from router.deliver import Deliverer, DeliverySettings
@@ -215,6 +215,7 @@ async def run(args: argparse.Namespace) -> int:
                     time.process_time(),
                     cpu_seconds(fake.pid),
                 )
+                threads_before = thread_cpu_seconds()
                 task = asyncio.create_task(deliverer.run(stop))
                 counts = await wait_settled(queue, destination.name, metrics, queued)
                 elapsed = time.perf_counter() - started
@@ -223,6 +224,10 @@ async def run(args: argparse.Namespace) -> int:
                     sum(cpu_seconds(pid) for pid in children(os.getpid()) if pid != fake.pid) - cpu_planners,
                     cpu_seconds(fake.pid) - cpu_fake,
                 )
+                threads = {
+                    name: seconds - threads_before.get(name, 0.0)
+                    for name, seconds in thread_cpu_seconds().items()
+                }
                 stop.set()
                 await task
                 planner.close()
@@ -243,6 +248,8 @@ async def run(args: argparse.Namespace) -> int:
             "  bulk_create_events answered per second of the run:",
             [per_second[s] for s in range(int(elapsed) + 1)],
         )
+        busy = ", ".join(f"{name} {s:.1f} s" for name, s in sorted(threads.items(), key=lambda t: -t[1]) if s >= 0.05)
+        print(f"  router threads' CPU: {busy}")
         answered = sorted(at - started for op, _, _, at in timings if op == "bulk_create_events")
         print("  the first 12 answered at (s):", " ".join(f"{t:.2f}" for t in answered[:12]))
     report(args.events, elapsed, events_per_s_bound, per_path, counts, state)

@@ -8,11 +8,24 @@ from pathlib import Path
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    return cpu_seconds_of(str(pid))
+
+
+def cpu_seconds_of(entry: str) -> float:
+    """User + system CPU time from /proc/<entry>/stat (a process, or ``self/task/<tid>``)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU time of each of this process's Python threads so far, by thread name (from
+    /proc/self/task/<native id>/stat; threads started outside Python are left out)."""
+    import threading
+
+    return {thread.name: cpu_seconds_of(f"self/task/{thread.native_id}") for thread in threading.enumerate()}
 
 
 def peak_rss(pid: int) -> str:
