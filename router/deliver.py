@@ -1,9 +1,10 @@
 """Delivery workers: claim → transform → batch → send → settle, for one destination.
 
-Each worker claims a batch of jobs, tops it up while more are waiting until its event bulk jobs
-are full, and plans it with the current mappings (:mod:`router.plan`). It sends the requests in
-phases (profile upserts and events, then the list jobs that need those profiles), then settles
-every job by the worst outcome among the requests that carried it:
+Each worker claims a batch of jobs sized to fill whole event bulk jobs and plans it with the
+current mappings (:mod:`router.plan`), after the jobs an earlier batch held over; the jobs behind
+its own last full event job it holds over in turn. It sends the requests in phases (profile
+upserts and events, then the list jobs that need those profiles), then settles every job by the
+worst outcome among the requests that carried it:
 
 - every request done → ``ack``;
 - a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
@@ -41,9 +42,22 @@ from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, load_mappings
 from router.metrics import Metrics
-from router.plan import DEAD, OK, RELEASE, RETRY, Plan, Verdict, apply_outcome, claim_size, hold_back, phases
+from router.plan import (
+    DEAD,
+    NOTHING_LEFT,
+    OK,
+    RELEASE,
+    RETRY,
+    Leftover,
+    Plan,
+    Verdict,
+    apply_outcome,
+    claim_size,
+    hold_back,
+    phases,
+)
 from router.planner import Planner
-from router.queue import Queue
+from router.queue import Job, Queue
 from router.retry import RetryPolicy
 from router.settings import Settings
 
@@ -126,6 +140,8 @@ class Deliverer:
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
         self._sizing = asyncio.Lock()
+        #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
+        self._held: list[_Held] = []
         self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
@@ -136,9 +152,12 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         """Run the configured number of workers until ``stop`` is set."""
         self.log.info("delivery_started", workers=self.settings.workers)
-        async with asyncio.TaskGroup() as group:
-            for n in range(self.settings.workers):
-                group.create_task(self._worker(stop, n))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for n in range(self.settings.workers):
+                    group.create_task(self._worker(stop, n))
+        finally:
+            await self.release_held()
         self.log.info("delivery_stopped")
 
     async def _worker(self, stop: asyncio.Event, number: int) -> None:
@@ -168,12 +187,12 @@ class Deliverer:
                 self.log.exception("delivery_probe_failed", worker=number)
 
     async def deliver_once(self) -> int:
-        """Claim one batch, deliver it and settle every job; returns the number of jobs settled."""
-        # Until a batch has been planned, workers claim and plan one at a time: the first batch's
-        # events per job size the others' claims (else every worker starts with half-empty event jobs).
-        unsized = self.settings.fill_event_jobs and self._events_per_job is None
-        async with self._sizing if unsized else contextlib.nullcontext():
-            claimed = await self._claim_and_plan()
+        """Claim one batch, deliver it and settle every job; returns the number of jobs settled.
+
+        Jobs the batch holds over (behind its last full event job) stay leased for the next one;
+        :meth:`release_held` gives them back (``run`` does when it stops).
+        """
+        claimed = await self._claim_and_plan_sized()
         if claimed is None:
             return 0
         work, leased, heartbeat = claimed
@@ -187,34 +206,82 @@ class Deliverer:
         await self._settle(work)
         return len(work.verdicts)
 
+    async def _claim_and_plan_sized(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
+        """:meth:`_claim_and_plan`; until a batch has been planned, one worker at a time: the first
+        batch's events per job size the others' claims (else every worker starts with half-empty
+        event jobs)."""
+        if self._unsized():
+            async with self._sizing:
+                if self._unsized():
+                    return await self._claim_and_plan()
+        return await self._claim_and_plan()
+
+    def _unsized(self) -> bool:
+        return self.settings.fill_event_jobs and self._events_per_job is None
+
     async def _claim_and_plan(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
-        """Claim a batch sized to fill event jobs, plan it, give back what it leaves out.
+        """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last
+        batches, and hold over what it leaves out.
 
         Returns the plan, the ids still leased (kept leased by the returned heartbeat task), or
-        None when nothing is due. On failure the claimed jobs are released.
+        None when nothing is due. On failure the claimed and the held-over jobs are released.
         """
+        held, carried = await self._take_held()
         size = self.settings.batch_size
         if self.settings.fill_event_jobs:
-            size = claim_size(size, self._events_per_job)
-        jobs = await self.queue.claim(self.destination.name, size, lease_seconds=self.settings.lease_seconds)
+            size = claim_size(size, self._events_per_job, carried.events)
+        leased = [job.id for job in held]
+        try:
+            jobs = held + await self.queue.claim(
+                self.destination.name, size, lease_seconds=self.settings.lease_seconds
+            )
+        except BaseException:
+            await self.queue.release(leased)
+            raise
         if not jobs:
             return None
         leased = [job.id for job in jobs]
         heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
             work = await self._planner.plan(
-                jobs, self.destination, self.mappings(), give_back_partial=self.settings.fill_event_jobs
+                jobs,
+                self.destination,
+                self.mappings(),
+                carry_partial=self.settings.fill_event_jobs,
+                carried=carried,
             )
-            if work.given_back:
-                del leased[len(work.verdicts) :]
-                await self.queue.release([job.id for job in work.given_back])
         except BaseException:
             await _stop(heartbeat)
             await self.queue.release(leased)
             raise
+        if work.held:
+            del leased[len(work.verdicts) :]
+            self._hold(work.held, work.leftover)
         if work.verdicts:
             self._events_per_job = work.events / len(work.verdicts)
         return work, leased, heartbeat
+
+    def _hold(self, jobs: list[Job], leftover: Leftover) -> None:
+        """Keep jobs planned but not sent, leased, for the next batch to send first."""
+        heartbeat = asyncio.create_task(self._keep_leased([job.id for job in jobs]))
+        self._held.append(_Held(jobs, leftover, heartbeat))
+
+    async def _take_held(self) -> tuple[list[Job], Leftover]:
+        """Every held-over job, oldest batch first, and their plans as one."""
+        held, self._held = self._held, []
+        jobs: list[Job] = []
+        leftover = NOTHING_LEFT
+        for entry in held:
+            await _stop(entry.heartbeat)
+            jobs += entry.jobs
+            leftover = leftover.then(entry.leftover)
+        return jobs, leftover
+
+    async def release_held(self) -> None:
+        """Give the held-over jobs back to the queue (on stopping, or when the destination pauses)."""
+        jobs, _ = await self._take_held()
+        if jobs:
+            await self.queue.release([job.id for job in jobs])
 
     async def _keep_leased(self, job_ids: list[int]) -> None:
         """While a batch is being delivered (rate-limit waits can be long), renew its lease at a third
@@ -268,6 +335,7 @@ class Deliverer:
                 self.log.error("destination_paused", status=refused.status, reason=refused.detail)
                 for verdict in work.verdicts:
                     verdict.worsen(RELEASE, refused.detail)
+                await self.release_held()
                 return
         if self.paused.is_paused(self.destination.name):
             self.paused.resume(self.destination.name)
@@ -342,6 +410,15 @@ class Deliverer:
             return False
         await self.queue.retry(job.id, at=at, error=verdict.reason)
         return True
+
+
+@dataclass(slots=True)
+class _Held:
+    """Jobs a batch held over: still leased (renewed by ``heartbeat``), planned as ``leftover``."""
+
+    jobs: list[Job]
+    leftover: Leftover
+    heartbeat: asyncio.Task[None]
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -14,12 +14,14 @@ Each job then takes the worst outcome among the requests that carried it (:func:
 Klaviyo's tightest limit for event traffic is ``event-bulk-create-jobs``: 10 requests a second,
 each of at most 1000 events. A batch that sends 1000 + 300 events spends two of those requests
 where 1.3 were needed. So a worker sizes its claims a little over whole event jobs
-(:func:`claim_size`), and a batch gives back the jobs behind its last full event job
-(``give_back_partial``) for the next batch to carry.
+(:func:`claim_size`), and a batch holds over the jobs behind its last full event job
+(``carry_partial``): they stay leased, and the next batch sends them first with what they were
+planned into (:class:`Leftover`), so nothing is claimed or transformed twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from router.transform import transform
 #: Settle states, worst last: a job takes the worst of its requests' outcomes.
 OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
 RANK: Final = {"ok": OK, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
-#: Claims aim this much past whole event jobs: the overshoot is given back, not sent half empty.
+#: Claims aim this much past whole event jobs: the overshoot is held over, not sent half empty.
 #: A claim can bring fewer jobs than asked (those of a key in flight elsewhere wait), and a batch
 #: short of one full event job sends what it has; 12 % over makes that rare with the bench mix.
 OVERSHOOT: Final = 0.12
@@ -66,6 +68,34 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Leftover:
+    """Jobs a batch held over, as planned: what the transform made of each (job ``i`` is source
+    ``i``), ready to go into the next batch's bulk jobs ahead of its own (plain data)."""
+
+    #: How many jobs.
+    jobs: int = 0
+    parts: tuple[Part, ...] = ()
+    refused: tuple[tuple[int, str], ...] = ()
+    skipped: tuple[tuple[int, str], ...] = ()
+    #: Event requests among the parts.
+    events: int = 0
+
+    def then(self, other: Leftover) -> Leftover:
+        """This leftover's jobs followed by ``other``'s."""
+        shift = self.jobs
+        return Leftover(
+            self.jobs + other.jobs,
+            self.parts + tuple(_shifted(part, shift) for part in other.parts),
+            self.refused + tuple((index + shift, reason) for index, reason in other.refused),
+            self.skipped + tuple((index + shift, reason) for index, reason in other.skipped),
+            self.events + other.events,
+        )
+
+
+NOTHING_LEFT: Final = Leftover()
+
+
+@dataclass(frozen=True, slots=True)
 class Planned:
     """A batch's payloads planned (plain data: a planning process sends it back)."""
 
@@ -74,10 +104,11 @@ class Planned:
     refused: list[tuple[int, str]]
     #: (index, reason) of every job with no Klaviyo equivalent: acked as skipped.
     skipped: list[tuple[int, str]]
-    #: The first ``kept`` jobs are planned; the others are given back to the queue.
+    #: The first ``kept`` jobs are planned; the others are held over, planned as ``leftover``.
     kept: int
     #: Event requests the kept jobs made (sizes later claims).
     events: int
+    leftover: Leftover = NOTHING_LEFT
 
 
 @dataclass(slots=True)
@@ -87,8 +118,9 @@ class Plan:
     verdicts: list[Verdict]
     requests: list[KlaviyoRequest]
     skipped: int = 0
-    #: Claimed jobs left out of this batch, to release untouched.
-    given_back: list[Job] = field(default_factory=list)
+    #: Jobs held over to the next batch (still leased), and what they were planned into.
+    held: list[Job] = field(default_factory=list)
+    leftover: Leftover = NOTHING_LEFT
     events: int = 0
 
     @classmethod
@@ -99,16 +131,29 @@ class Plan:
         for index, reason in planned.skipped:
             verdicts[index].reason = reason
         return cls(
-            verdicts, planned.requests, len(planned.skipped), list(jobs[planned.kept :]), planned.events
+            verdicts,
+            planned.requests,
+            len(planned.skipped),
+            list(jobs[planned.kept :]),
+            planned.leftover,
+            planned.events,
         )
 
 
 def plan(
-    jobs: Sequence[Job], destination: Destination, mappings: Mappings, *, give_back_partial: bool = False
+    jobs: Sequence[Job],
+    destination: Destination,
+    mappings: Mappings,
+    *,
+    carry_partial: bool = False,
+    carried: Leftover = NOTHING_LEFT,
 ) -> Plan:
-    """Transform every job and merge the results into bulk requests (pure)."""
-    payloads = [job.payload for job in jobs]
-    return Plan.of(jobs, plan_payloads(payloads, destination, mappings, give_back_partial=give_back_partial))
+    """Transform every job and merge the results into bulk requests (pure). The first
+    ``carried.jobs`` jobs are a last batch's held-over ones, planned as ``carried``."""
+    payloads = [job.payload for job in jobs[carried.jobs :]]
+    return Plan.of(
+        jobs, plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
+    )
 
 
 def plan_payloads(
@@ -116,19 +161,21 @@ def plan_payloads(
     destination: Destination,
     mappings: Mappings,
     *,
-    give_back_partial: bool = False,
+    carry_partial: bool = False,
+    carried: Leftover = NOTHING_LEFT,
 ) -> Planned:
-    """Transform each payload (job ``i`` is source ``i``) and merge the requests into bulk jobs.
+    """Transform each payload and merge the requests into bulk jobs, after those of ``carried``
+    (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``).
 
-    ``give_back_partial``: when full event jobs come before a partial one, the jobs from the one
-    that made its first event on are given back. They are the batch's last, so for every ordering
-    key they follow the ones kept. Re-planning them costs far less than the event request a
-    partial job would take of the ten a second Klaviyo allows.
+    ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
+    made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
+    are the batch's last, so for every ordering key they follow the ones kept. The next batch sends
+    them first; a partial event job would take one of the ten requests a second Klaviyo allows.
     """
-    parts: list[Part] = []
-    refused: list[tuple[int, str]] = []
-    skipped: list[tuple[int, str]] = []
-    for index, payload in enumerate(payloads):
+    parts = list(carried.parts)
+    refused = list(carried.refused)
+    skipped = list(carried.skipped)
+    for index, payload in enumerate(payloads, start=carried.jobs):
         try:
             parts.extend(map(prepare, transform(orjson.loads(payload), destination, mappings, index=index)))
         except TransformError as exc:
@@ -138,22 +185,52 @@ def plan_payloads(
         except ValueError as exc:  # an unreadable payload
             refused.append((index, f"payload is not valid JSON: {exc}"))
     events = [part for part in parts if part.kind == "event"]
-    kept = len(payloads)
+    total = carried.jobs + len(payloads)
     rest = len(events) % MAX_EVENTS
-    if give_back_partial and len(events) > MAX_EVENTS and rest:
-        kept = events[len(events) - rest].sources[0]
-        parts = [part for part in parts if part.sources[0] < kept]
-        refused = [entry for entry in refused if entry[0] < kept]
-        skipped = [entry for entry in skipped if entry[0] < kept]
-        events = events[: len(events) - rest]
-    return Planned(assemble(parts), refused, skipped, kept, len(events))
+    if not (carry_partial and len(events) > MAX_EVENTS and rest):
+        return Planned(assemble(parts), refused, skipped, total, len(events))
+    kept = events[len(events) - rest].sources[0]
+    leftover = Leftover(
+        total - kept,
+        tuple(_shifted(part, -kept) for part in parts if part.sources[0] >= kept),
+        tuple((index - kept, reason) for index, reason in refused if index >= kept),
+        tuple((index - kept, reason) for index, reason in skipped if index >= kept),
+        rest,
+    )
+    return Planned(
+        assemble([part for part in parts if part.sources[0] < kept]),
+        [entry for entry in refused if entry[0] < kept],
+        [entry for entry in skipped if entry[0] < kept],
+        kept,
+        len(events) - rest,
+        leftover,
+    )
 
 
-def claim_size(batch_size: int, events_per_job: float | None) -> int:
+def _shifted(part: Part, by: int) -> Part:
+    """``part`` with its sources renumbered by ``by`` (and those of a request it sends as it is)."""
+    if not by:
+        return part
+    request = part.request
+    if request is not None:
+        request = dataclasses.replace(
+            request,
+            sources=_plus(request.sources, by),
+            item_sources=tuple(_plus(sources, by) for sources in request.item_sources),
+        )
+    return dataclasses.replace(part, sources=_plus(part.sources, by), request=request)
+
+
+def _plus(sources: tuple[int, ...], by: int) -> tuple[int, ...]:
+    return tuple(source + by for source in sources)
+
+
+def claim_size(batch_size: int, events_per_job: float | None, carried_events: int = 0) -> int:
     """Jobs to claim so a batch's events fill whole event jobs, near ``batch_size`` (pure).
 
     From the events per job of the last batch: the whole number of event jobs closest to what
-    ``batch_size`` jobs make, a little over (the part over is given back), kept between half and
+    ``batch_size`` jobs make, a little over (the part over is held over to the next batch), less
+    the events of the jobs held over from the last (``carried_events``), kept between half and
     twice ``batch_size``. Without events, ``batch_size``. Before the first batch, twice
     ``batch_size``: enough for a full event job when at least every second job is an event.
     """
@@ -163,7 +240,7 @@ def claim_size(batch_size: int, events_per_job: float | None) -> int:
         return batch_size
     jobs_per_event_job = MAX_EVENTS / events_per_job
     event_jobs = max(1, round(batch_size / jobs_per_event_job))
-    wanted = math.ceil(event_jobs * jobs_per_event_job * (1 + OVERSHOOT))
+    wanted = math.ceil(event_jobs * jobs_per_event_job * (1 + OVERSHOOT) - carried_events / events_per_job)
     return min(max(wanted, batch_size // 2, 1), 2 * batch_size)
 
 

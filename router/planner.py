@@ -29,7 +29,7 @@ import structlog
 from router.destination import Destination
 from router.errors import MappingError
 from router.mapping import Mappings, load_mappings
-from router.plan import Plan, Planned, plan_payloads
+from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan, plan_payloads
 from router.queue import Job
 from router.runtime import collect_garbage_less
 
@@ -57,18 +57,23 @@ class Planner:
             )
 
     async def plan(
-        self, jobs: Sequence[Job], destination: Destination, mappings: Mappings, *, give_back_partial: bool
+        self,
+        jobs: Sequence[Job],
+        destination: Destination,
+        mappings: Mappings,
+        *,
+        carry_partial: bool,
+        carried: Leftover = NOTHING_LEFT,
     ) -> Plan:
-        """Plan ``jobs``; ``mappings`` are the current ones, used when planning here."""
-        payloads = [job.payload for job in jobs]
+        """Plan ``jobs`` (:func:`router.plan.plan`); ``mappings`` are the current ones, used when
+        planning here."""
         if not self.processes:
-            return Plan.of(
-                jobs, plan_payloads(payloads, destination, mappings, give_back_partial=give_back_partial)
-            )
+            return plan(jobs, destination, mappings, carry_partial=carry_partial, carried=carried)
+        payloads = [job.payload for job in jobs[carried.jobs :]]
         executor = self._executor()
         try:
             planned = await asyncio.get_running_loop().run_in_executor(
-                executor, _plan_remote, payloads, destination, give_back_partial
+                executor, _plan_remote, payloads, destination, carry_partial, carried
             )
         except BrokenProcessPool:
             if self._pool is executor:
@@ -120,7 +125,9 @@ def _warm(directories: list[Path | None]) -> None:
             _last_good[directory] = load_mappings(directory)
 
 
-def _plan_remote(payloads: list[bytes], destination: Destination, give_back_partial: bool) -> Planned:
+def _plan_remote(
+    payloads: list[bytes], destination: Destination, carry_partial: bool, carried: Leftover
+) -> Planned:
     """In a planning process: plan with the current mappings (the last good ones after a bad edit)."""
     directory = destination.mappings_dir
     try:
@@ -129,4 +136,4 @@ def _plan_remote(payloads: list[bytes], destination: Destination, give_back_part
         if directory not in _last_good:
             raise
         mappings = _last_good[directory]
-    return plan_payloads(payloads, destination, mappings, give_back_partial=give_back_partial)
+    return plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)

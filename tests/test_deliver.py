@@ -793,6 +793,38 @@ async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:
     assert rig.settled == {"delivered": 2500}
 
 
+async def held_over(rig: Rig) -> tuple[Deliverer, list[int]]:
+    """3500 tracks, two batches delivered: 2000 claimed first (two full event jobs), then 1120
+    (events per job 1.0, 12 % over): one event job sent, its last 120 jobs held over."""
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(3500)))
+    deliverer = rig.deliverer(DeliverySettings(batch_size=1000, retry=FAST))
+    assert [await deliverer.deliver_once(), await deliverer.deliver_once()] == [2000, 1000]
+    assert rig.event_job_sizes() == [1000, 1000, 1000]
+    states = Counter(await rig.states(ids[3000:]))
+    assert states == {IN_FLIGHT: 120, PENDING: 380}
+    assert await rig.states(ids[3000:3120]) == [IN_FLIGHT] * 120
+    return deliverer, ids
+
+
+async def test_jobs_held_over_go_out_first_with_the_next_batch(rig: Rig) -> None:
+    """The jobs behind a batch's last full event job stay leased, planned, and the next batch sends
+    them ahead of its own, without claiming or transforming them again."""
+    deliverer, ids = await held_over(rig)
+    assert await deliverer.deliver_once() == 500  # the 120 held over and the 380 left
+    assert rig.event_job_sizes() == [1000, 1000, 1000, 500]
+    assert [event.unique_id for event in rig.fake.events[3000:]] == [f"e{n}" for n in range(3000, 3500)]
+    assert all(job.attempts == 0 for job in [await rig.job(job_id) for job_id in ids])
+    assert set(await rig.states(ids)) == {DONE}
+    assert rig.settled == {"delivered": 3500}
+
+
+async def test_jobs_held_over_go_back_when_delivery_stops(rig: Rig) -> None:
+    deliverer, ids = await held_over(rig)
+    await deliverer.release_held()
+    assert await rig.states(ids[3000:]) == [PENDING] * 500
+    assert (await rig.job(ids[3000])).lease_expires_at is None
+
+
 async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> None:
     """Workers starting together wait for the first plan's events per job before they claim, and
     the first claim (twice batch_size) fills an event job when every second job is an event."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import pickle
@@ -19,7 +20,7 @@ from router.errors import MappingError
 from router.klaviyo.batch import MAX_EVENTS
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import load_mappings
-from router.plan import DEAD, OK, Plan, claim_size, plan, plan_payloads
+from router.plan import DEAD, OK, Leftover, Plan, claim_size, plan, plan_payloads
 from router.planner import Planner
 from router.queue import Job, JobState
 
@@ -65,47 +66,88 @@ def event_counts(work: Plan) -> list[int]:
     ]
 
 
-# -- giving back the jobs behind the last full event job -------------------------------------------------------
+# -- holding over the jobs behind the last full event job ---------------------------------------------------
 
 
 @pytest.mark.parametrize("rest", [1, 100, MAX_EVENTS - 1])
-def test_a_partial_last_event_job_is_given_back(rest: int) -> None:
+def test_a_partial_last_event_job_is_held_over(rest: int) -> None:
     jobs = tracks(2 * MAX_EVENTS + rest)
-    work = plan(jobs, Destination(), load_mappings(), give_back_partial=True)
-    assert [job.id for job in work.given_back] == list(range(2 * MAX_EVENTS, 2 * MAX_EVENTS + rest))
+    work = plan(jobs, Destination(), load_mappings(), carry_partial=True)
+    assert [job.id for job in work.held] == list(range(2 * MAX_EVENTS, 2 * MAX_EVENTS + rest))
+    assert (work.leftover.jobs, work.leftover.events, len(work.leftover.parts)) == (rest, rest, rest)
     assert len(work.verdicts) == work.events == 2 * MAX_EVENTS
     assert [len(request.sources) for request in work.requests] == [MAX_EVENTS, MAX_EVENTS]
     assert {source for request in work.requests for source in request.sources} == set(range(2 * MAX_EVENTS))
 
 
 @pytest.mark.parametrize(
-    ("count", "give_back"),
+    ("count", "carry"),
     [
         (MAX_EVENTS + 100, False),  # not asked to: send what there is
         (600, True),  # no full job before it
         (2 * MAX_EVENTS, True),  # nothing partial
     ],
 )
-def test_nothing_is_given_back_otherwise(count: int, give_back: bool) -> None:
-    work = plan(tracks(count), Destination(), load_mappings(), give_back_partial=give_back)
-    assert (work.given_back, len(work.verdicts), work.events) == ([], count, count)
+def test_nothing_is_held_over_otherwise(count: int, carry: bool) -> None:
+    work = plan(tracks(count), Destination(), load_mappings(), carry_partial=carry)
+    assert (work.held, work.leftover, len(work.verdicts), work.events) == ([], Leftover(), count, count)
 
 
-def test_given_back_jobs_take_their_refusals_and_skips_along() -> None:
+def test_held_over_jobs_take_their_refusals_and_skips_along() -> None:
     jobs = tracks(MAX_EVENTS + 1)  # the last one opens the partial event job
     jobs.append(leased(MAX_EVENTS + 1, {"type": "alias", "userId": "a", "previousId": "b", "messageId": "x"}))
     jobs.append(leased(MAX_EVENTS + 2, b"[oops"))
     jobs += [leased(n, track(n)) for n in range(MAX_EVENTS + 3, MAX_EVENTS + 12)]
-    work = plan(jobs, Destination(), load_mappings(), give_back_partial=True)
+    work = plan(jobs, Destination(), load_mappings(), carry_partial=True)
     assert len(work.verdicts) == MAX_EVENTS and work.skipped == 0
-    assert [job.id for job in work.given_back] == list(range(MAX_EVENTS, MAX_EVENTS + 12))
+    assert [job.id for job in work.held] == list(range(MAX_EVENTS, MAX_EVENTS + 12))
     assert all(verdict.state == OK and not verdict.reason for verdict in work.verdicts)
+    assert [index for index, _ in work.leftover.skipped] == [1]
+    assert [index for index, _ in work.leftover.refused] == [2]
+
+
+def test_the_next_batch_sends_the_held_over_jobs_first_as_planned() -> None:
+    """The leftover's jobs come first in the next batch, untransformed again (the mappings that
+    made them are not even needed), their refusals and skips with them."""
+    jobs = tracks(MAX_EVENTS + 1)
+    jobs.append(leased(MAX_EVENTS + 1, {"type": "alias", "userId": "a", "previousId": "b", "messageId": "x"}))
+    jobs.append(leased(MAX_EVENTS + 2, b"[oops"))
+    first = plan(jobs, Destination(), load_mappings(), carry_partial=True)
+    assert [job.id for job in first.held] == [MAX_EVENTS, MAX_EVENTS + 1, MAX_EVENTS + 2]
+    following = [leased(n, track(n)) for n in range(MAX_EVENTS + 3, 2 * MAX_EVENTS + 10)]
+    held_payloads = [dataclasses.replace(job, payload=b"[not read again") for job in first.held]
+    work = plan(
+        [*held_payloads, *following],
+        Destination(),
+        load_mappings(),
+        carry_partial=True,
+        carried=first.leftover,
+    )
+    assert [verdict.job.id for verdict in work.verdicts][:4] == [
+        MAX_EVENTS,
+        MAX_EVENTS + 1,
+        MAX_EVENTS + 2,
+        MAX_EVENTS + 3,
+    ]
+    assert (work.verdicts[1].reason.startswith("alias call skipped"), work.verdicts[2].state) == (True, DEAD)
+    assert work.skipped == 1 and work.events == MAX_EVENTS
+    (events,) = [request for request in work.requests if request.path == "/api/event-bulk-create-jobs"]
+    assert events.sources[0] == 0  # the held-over track leads its event job
+    assert [job.id for job in work.held] == list(range(2 * MAX_EVENTS + 2, 2 * MAX_EVENTS + 10))
+
+
+def test_leftovers_join_in_order() -> None:
+    a = plan(tracks(MAX_EVENTS + 3), Destination(), load_mappings(), carry_partial=True).leftover
+    b = plan(tracks(MAX_EVENTS + 2), Destination(), load_mappings(), carry_partial=True).leftover
+    joined = a.then(b)
+    assert (joined.jobs, joined.events) == (5, 5)
+    assert [part.sources for part in joined.parts if part.kind == "event"] == [(0,), (1,), (2,), (3,), (4,)]
 
 
 def test_refusals_and_skips_before_the_cut_stay() -> None:
     jobs = [leased(0, b"[oops"), leased(1, {"type": "alias", "userId": "a", "messageId": "x"})]
     jobs += [leased(n, track(n)) for n in range(2, MAX_EVENTS + 12)]
-    work = plan(jobs, Destination(), load_mappings(), give_back_partial=True)
+    work = plan(jobs, Destination(), load_mappings(), carry_partial=True)
     assert len(work.verdicts) == MAX_EVENTS + 2
     assert (work.verdicts[0].state, work.verdicts[1].state, work.skipped) == (DEAD, OK, 1)
     assert work.verdicts[1].reason.startswith("alias call skipped")
@@ -129,6 +171,11 @@ def test_refusals_and_skips_before_the_cut_stay() -> None:
 )
 def test_claim_size(batch_size: int, events_per_job: float | None, expected: int) -> None:
     assert claim_size(batch_size, events_per_job) == expected
+
+
+def test_claims_count_the_held_over_events() -> None:
+    assert claim_size(1000, 0.65, carried_events=300) == 1262  # (1120 - 300) / 0.65
+    assert claim_size(1000, 1.0, carried_events=1500) == 500  # more than a job waits: half batch_size
 
 
 # -- requests cross processes as their encoded JSON -----------------------------------------------------------
@@ -169,7 +216,7 @@ async def test_a_planning_process_plans_what_this_process_would() -> None:
     planner = Planner(processes=1)
     try:
         await planner.start()
-        there = await planner.plan(jobs, destination, load_mappings(), give_back_partial=False)
+        there = await planner.plan(jobs, destination, load_mappings(), carry_partial=False)
     finally:
         planner.close()
     assert there.requests == here.requests
@@ -177,7 +224,32 @@ async def test_a_planning_process_plans_what_this_process_would() -> None:
     assert [(v.job, v.state, v.reason) for v in there.verdicts] == [
         (v.job, v.state, v.reason) for v in here.verdicts
     ]
-    assert (there.skipped, there.events, there.given_back) == (1, 5, [])
+    assert (there.skipped, there.events, there.held) == (1, 5, [])
+
+
+async def test_a_planning_process_holds_over_and_takes_leftovers_as_this_process_would() -> None:
+    first, following = (
+        tracks(MAX_EVENTS + 5),
+        [leased(n, track(n)) for n in range(MAX_EVENTS + 5, MAX_EVENTS + 20)],
+    )
+    destination = Destination()
+    here = plan(first, destination, load_mappings(), carry_partial=True)
+    here_next = plan([*here.held, *following], destination, load_mappings(), carried=here.leftover)
+    planner = Planner(processes=1)
+    try:
+        there = await planner.plan(first, destination, load_mappings(), carry_partial=True)
+        there_next = await planner.plan(
+            [*there.held, *following],
+            destination,
+            load_mappings(),
+            carry_partial=True,
+            carried=there.leftover,
+        )
+    finally:
+        planner.close()
+    assert (there.leftover, there.held) == (here.leftover, here.held) and there.leftover.jobs == 5
+    assert [r.payload() for r in there_next.requests] == [r.payload() for r in here_next.requests]
+    assert [request.sources for request in there_next.requests] == [tuple(range(20))]
 
 
 async def test_a_planning_process_keeps_the_last_good_mappings(tmp_path: Path) -> None:
@@ -189,12 +261,12 @@ async def test_a_planning_process_keeps_the_last_good_mappings(tmp_path: Path) -
     destination = Destination(mappings_dir=mappings)
     planner = Planner(processes=1)
     try:
-        first = await planner.plan(tracks(1), destination, load_mappings(mappings), give_back_partial=False)
+        first = await planner.plan(tracks(1), destination, load_mappings(mappings), carry_partial=False)
         (mappings / "viewed.json").write_text("{")
         os.utime(mappings / "viewed.json", (1, 1))  # another mtime, whatever the clock's resolution
         with pytest.raises(MappingError):
             load_mappings(mappings)
-        again = await planner.plan(tracks(1), destination, load_mappings(), give_back_partial=False)
+        again = await planner.plan(tracks(1), destination, load_mappings(), carry_partial=False)
     finally:
         planner.close()
     assert again.requests == first.requests
@@ -219,11 +291,11 @@ async def test_planning_processes_compile_the_mappings_at_start(tmp_path: Path) 
         (mappings / "viewed.json").write_text("{")
         os.utime(mappings / "viewed.json", (1, 1))
         work = await planner.plan(
-            tracks(1), Destination(mappings_dir=mappings), load_mappings(), give_back_partial=False
+            tracks(1), Destination(mappings_dir=mappings), load_mappings(), carry_partial=False
         )
         with pytest.raises(MappingError):
             await planner.plan(
-                tracks(1), Destination(mappings_dir=broken), load_mappings(), give_back_partial=False
+                tracks(1), Destination(mappings_dir=broken), load_mappings(), carry_partial=False
             )
     finally:
         planner.close()
@@ -249,8 +321,8 @@ async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over(
             assert process.pid is not None
             os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
-            await planner.plan(tracks(2), Destination(), load_mappings(), give_back_partial=False)
-        work = await planner.plan(tracks(2), Destination(), load_mappings(), give_back_partial=False)
+            await planner.plan(tracks(2), Destination(), load_mappings(), carry_partial=False)
+        work = await planner.plan(tracks(2), Destination(), load_mappings(), carry_partial=False)
     finally:
         planner.close()
     assert work.events == 2
