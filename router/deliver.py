@@ -139,7 +139,6 @@ class Deliverer:
         self._clock = clock
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
-        self._sizing = asyncio.Lock()
         #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
         self._held: list[_Held] = []
         self._mappings: Mappings | None = None
@@ -192,7 +191,7 @@ class Deliverer:
         Jobs the batch holds over (behind its last full event job) stay leased for the next one;
         :meth:`release_held` gives them back (``run`` does when it stops).
         """
-        claimed = await self._claim_and_plan_sized()
+        claimed = await self._claim_and_plan()
         if claimed is None:
             return 0
         work, leased, heartbeat = claimed
@@ -205,19 +204,6 @@ class Deliverer:
         await _stop(heartbeat)
         await self._settle(work)
         return len(work.verdicts)
-
-    async def _claim_and_plan_sized(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
-        """:meth:`_claim_and_plan`; until a batch has been planned, one worker at a time: the first
-        batch's events per job size the others' claims (else every worker starts with half-empty
-        event jobs)."""
-        if self._unsized():
-            async with self._sizing:
-                if self._unsized():
-                    return await self._claim_and_plan()
-        return await self._claim_and_plan()
-
-    def _unsized(self) -> bool:
-        return self.settings.fill_event_jobs and self._events_per_job is None
 
     async def _claim_and_plan(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
         """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last

@@ -14,6 +14,7 @@ from router.fake_klaviyo.app import build_fake_app
 from router.fake_klaviyo.ratelimit import ManualClock
 from router.fake_klaviyo.state import FakeKlaviyo
 from router.klaviyo.spec import SPEC_REVISION
+from router.runtime import collect_garbage_less
 
 log = structlog.get_logger("router.fake_klaviyo")
 
@@ -69,7 +70,10 @@ def run(
 
     ``port=0`` picks a free port (the logged URL says which). ``api_keys=None`` accepts any private key.
     ``store=False`` validates, rate-limits and counts writes without keeping them (load tests).
+    Garbage is collected as rarely as in the router: every body it checks is a tree of thousands
+    of short-lived objects.
     """
+    collect_garbage_less()
     app = build_fake_app(rate_limits=rate_limits, api_keys=api_keys, store=store)
     asyncio.run(serve(app, host, port))
     return 0
