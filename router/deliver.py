@@ -139,6 +139,7 @@ class Deliverer:
         self._clock = clock
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
+        self._first = asyncio.Lock()
         #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
         self._held: list[_Held] = []
         self._mappings: Mappings | None = None
@@ -191,7 +192,7 @@ class Deliverer:
         Jobs the batch holds over (behind its last full event job) stay leased for the next one;
         :meth:`release_held` gives them back (``run`` does when it stops).
         """
-        claimed = await self._claim_and_plan()
+        claimed = await self._claim_and_plan_sized()
         if claimed is None:
             return 0
         work, leased, heartbeat = claimed
@@ -204,6 +205,16 @@ class Deliverer:
         await _stop(heartbeat)
         await self._settle(work)
         return len(work.verdicts)
+
+    async def _claim_and_plan_sized(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
+        """:meth:`_claim_and_plan`, one worker at a time until a batch has been planned: the first
+        goes out sooner without the others' claims and plans before it, and its events per job
+        size theirs."""
+        if self._events_per_job is None:
+            async with self._first:
+                if self._events_per_job is None:
+                    return await self._claim_and_plan()
+        return await self._claim_and_plan()
 
     async def _claim_and_plan(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
         """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last

@@ -825,9 +825,9 @@ async def test_jobs_held_over_go_back_when_delivery_stops(rig: Rig) -> None:
     assert (await rig.job(ids[3000])).lease_expires_at is None
 
 
-async def test_first_claims_fill_an_event_job_when_every_second_job_is_an_event(rig: Rig) -> None:
-    """Before any batch is planned a worker claims twice batch_size: one full event job when every
-    second job is an event, whichever worker claims first."""
+async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> None:
+    """Workers starting together wait for the first plan's events per job before they claim, and
+    the first claim (twice batch_size) fills an event job when every second job is an event."""
     messages = []
     for n in range(2000):  # one event per two jobs
         messages += [identify(f"u{n}", f"u{n}@example.com", f"i{n}"), track(f"u{n}", "Viewed", f"e{n}")]
@@ -839,7 +839,7 @@ async def test_first_claims_fill_an_event_job_when_every_second_job_is_an_event(
     stop.set()
     await task
     sizes = rig.event_job_sizes()
-    # two workers claim 2000 jobs (1000 events) each, or one does and a later claim takes the rest
+    # 2000 jobs (1000 events) first; then claims of 2240 jobs: the 2000 left
     assert sorted(sizes) == [1000, 1000]
 
 
