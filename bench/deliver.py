@@ -248,7 +248,9 @@ async def run(args: argparse.Namespace) -> int:
             "  bulk_create_events answered per second of the run:",
             [per_second[s] for s in range(int(elapsed) + 1)],
         )
-        busy = ", ".join(f"{name} {s:.1f} s" for name, s in sorted(threads.items(), key=lambda t: -t[1]) if s >= 0.05)
+        busy = ", ".join(
+            f"{name} {s:.1f} s" for name, s in sorted(threads.items(), key=lambda t: -t[1]) if s >= 0.05
+        )
         print(f"  router threads' CPU: {busy}")
         answered = sorted(at - started for op, _, _, at in timings if op == "bulk_create_events")
         print("  the first 12 answered at (s):", " ".join(f"{t:.2f}" for t in answered[:12]))
