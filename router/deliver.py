@@ -85,8 +85,8 @@ class DeliverySettings:
     timeout: float = _DEFAULTS.delivery_timeout
     #: Fraction of Klaviyo's documented rate limits to use (below 1 leaves room for other clients).
     rate_limit_scale: float = _DEFAULTS.delivery_rate_limit_scale
-    #: Size claims to fill whole event bulk jobs and give back what a full one leaves over (off:
-    #: ``batch_size`` jobs each, all sent).
+    #: Size claims to fill whole event bulk jobs and hold over, for the next batch, what the last
+    #: full one leaves (off: ``batch_size`` jobs each, all sent).
     fill_event_jobs: bool = True
     #: Processes that plan batches for :func:`deliver_all` (0: in the workers' process).
     planners: int = _DEFAULTS.delivery_planners
