@@ -139,6 +139,7 @@ class Deliverer:
         self._clock = clock
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
+        #: Held by the one worker claiming and planning the first batch (see _claim_and_plan_sized).
         self._first = asyncio.Lock()
         #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
         self._held: list[_Held] = []

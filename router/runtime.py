@@ -1,5 +1,5 @@
-"""CPython tuning for the router's processes: the server and worker (``serve``, ``work``) and
-the planning processes they start (:mod:`router.planner`)."""
+"""CPython tuning for the router's processes: the server and worker (``serve``, ``work``), the
+planning processes they start (:mod:`router.planner`) and the standalone fake Klaviyo."""
 
 from __future__ import annotations
 
