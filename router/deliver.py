@@ -2,9 +2,10 @@
 
 Each worker claims a batch of jobs sized to fill whole event bulk jobs and plans it with the
 current mappings (:mod:`router.plan`), after the jobs an earlier batch held over; the jobs behind
-its own last full event job it holds over in turn. It sends the requests in phases (profile
-upserts and events, then the list jobs that need those profiles), then settles every job by the
-worst outcome among the requests that carried it:
+its own last full event job it holds over in turn. A batch the queue left short of a full event
+job, while other batches are out, gives its jobs back and claims again when one of them settles.
+The worker sends the requests in phases (profile upserts and events, then the list jobs that need
+those profiles), then settles every job by the worst outcome among the requests that carried it:
 
 - every request done → ``ack``;
 - a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
@@ -28,7 +29,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 import aiohttp
 import structlog
@@ -36,6 +37,7 @@ import structlog
 from router.destination import Destination
 from router.errors import MappingError
 from router.health import PausedDestinations
+from router.klaviyo.batch import MAX_EVENTS
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.imports import IMPORT_PATH, follow, job_id
 from router.klaviyo.ratelimit import RateLimits
@@ -88,6 +90,10 @@ class DeliverySettings:
     #: Size claims to fill whole event bulk jobs and hold over, for the next batch, what the last
     #: full one leaves (off: ``batch_size`` jobs each, all sent).
     fill_event_jobs: bool = True
+    #: With ``fill_event_jobs``: how long a batch that would send a partial event job because the
+    #: queue had no more jobs it could take may wait for this deliverer's other batches to settle
+    #: (their profiles' later jobs become due then) and claim again (0: never wait).
+    fill_wait: float = 1.0
     #: Processes that plan batches for :func:`deliver_all` (0: in the workers' process).
     planners: int = _DEFAULTS.delivery_planners
     #: How long to follow a bulk profile import job to learn which profiles it refused.
@@ -143,6 +149,9 @@ class Deliverer:
         self._first = asyncio.Lock()
         #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
         self._held: list[_Held] = []
+        #: Batches claimed and not yet settled; set (and replaced) when one settles (see _claim_filled).
+        self._out = 0
+        self._settled = asyncio.Event()
         self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
@@ -193,21 +202,58 @@ class Deliverer:
         Jobs the batch holds over (behind its last full event job) stay leased for the next one;
         :meth:`release_held` gives them back (``run`` does when it stops).
         """
-        claimed = await self._claim_and_plan_sized()
+        claimed = await self._claim_filled()
         if claimed is None:
             return 0
-        work, leased, heartbeat = claimed
+        work, leased, heartbeat, _ = claimed
+        self._out += 1
         try:
             await self._send(work)
         except BaseException:
             await _stop(heartbeat)
             await self.queue.release(leased)
             raise
-        await _stop(heartbeat)
-        await self._settle(work)
+        else:
+            await _stop(heartbeat)
+            await self._settle(work)
+        finally:
+            self._out -= 1
+            self._settled.set()
+            self._settled = asyncio.Event()
         return len(work.verdicts)
 
-    async def _claim_and_plan_sized(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
+    async def _claim_filled(self) -> _Claimed | None:
+        """:meth:`_claim_and_plan_sized`; but when the queue had too few jobs to fill an event job while
+        other batches of this deliverer are out, give the jobs back and claim again once one of
+        those settles (within ``fill_wait``).
+
+        At the end of a backlog most jobs left wait behind a profile's jobs in those batches; a
+        partial event job sent now would take one of the ten requests a second that Klaviyo allows.
+        The jobs are released, not held, as held jobs would keep their profiles' later ones waiting.
+        """
+        deadline = time.monotonic() + self.settings.fill_wait
+        while True:
+            claimed = await self._claim_and_plan_sized()
+            left = deadline - time.monotonic()
+            if claimed is None or left <= 0 or not self._short_of_events(claimed):
+                return claimed
+            await _stop(claimed.heartbeat)
+            await self.queue.release(claimed.leased)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._settled.wait()
+
+    def _short_of_events(self, claimed: _Claimed) -> bool:
+        """Whether ``claimed`` would send a partial event job only because the queue ran short,
+        while another batch is out whose settling may free more."""
+        return (
+            self.settings.fill_event_jobs
+            and claimed.short
+            and 0 < claimed.work.events < MAX_EVENTS
+            and self._out > 0
+        )
+
+    async def _claim_and_plan_sized(self) -> _Claimed | None:
         """:meth:`_claim_and_plan`, one worker at a time until a batch has been planned: the first
         goes out sooner without the others' claims and plans before it, and its events per job
         size theirs."""
@@ -217,12 +263,11 @@ class Deliverer:
                     return await self._claim_and_plan()
         return await self._claim_and_plan()
 
-    async def _claim_and_plan(self) -> tuple[Plan, list[int], asyncio.Task[None]] | None:
+    async def _claim_and_plan(self) -> _Claimed | None:
         """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last
         batches, and hold over what it leaves out.
 
-        Returns the plan, the ids still leased (kept leased by the returned heartbeat task), or
-        None when nothing is due. On failure the claimed and the held-over jobs are released.
+        Returns the planned batch, or None when nothing is due. On failure the claimed and the held-over jobs are released.
         """
         held, carried = await self._take_held()
         size = self.settings.batch_size
@@ -230,12 +275,13 @@ class Deliverer:
             size = claim_size(size, self._events_per_job, carried.events)
         leased = [job.id for job in held]
         try:
-            jobs = held + await self.queue.claim(
+            claimed = await self.queue.claim(
                 self.destination.name, size, lease_seconds=self.settings.lease_seconds
             )
         except BaseException:
             await self.queue.release(leased)
             raise
+        jobs = held + claimed
         if not jobs:
             return None
         leased = [job.id for job in jobs]
@@ -257,7 +303,7 @@ class Deliverer:
             self._hold(work.held, work.leftover)
         if work.verdicts:
             self._events_per_job = work.events / len(work.verdicts)
-        return work, leased, heartbeat
+        return _Claimed(work, leased, heartbeat, short=len(claimed) < size)
 
     def _hold(self, jobs: list[Job], leftover: Leftover) -> None:
         """Keep jobs planned but not sent, leased, for the next batch to send first."""
@@ -408,6 +454,16 @@ class Deliverer:
             return False
         await self.queue.retry(job.id, at=at, error=verdict.reason)
         return True
+
+
+class _Claimed(NamedTuple):
+    """A claimed batch, planned: ``leased`` are the ids still leased (renewed by ``heartbeat``);
+    ``short``: the queue gave fewer jobs than asked for."""
+
+    work: Plan
+    leased: list[int]
+    heartbeat: asyncio.Task[None]
+    short: bool
 
 
 @dataclass(slots=True)

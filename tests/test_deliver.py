@@ -843,6 +843,29 @@ async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> Non
     assert sorted(sizes) == [1000, 1000]
 
 
+@pytest.mark.parametrize(("fill_wait", "sizes"), [(1.0, [100, 100]), (0.0, [100, 50, 50])])
+async def test_a_batch_the_queue_left_short_waits_for_the_jobs_another_frees(
+    rig: Rig, fill_wait: float, sizes: list[int]
+) -> None:
+    """The end of a backlog: profile a's first 100 jobs are out in one batch, its last 50 wait
+    behind them, and the next claim finds only b's 50 jobs. Rather than send a partial event job,
+    that batch gives its jobs back, waits for the first to settle, and claims a's and b's together."""
+    a = await rig.enqueue(*(track("a", "Viewed", f"a{n}") for n in range(150)))
+    b = await rig.enqueue(*(track("b", "Viewed", f"b{n}") for n in range(50)))
+    # the first claim takes twice batch_size: a's first 100 jobs (a key's jobs go together)
+    deliverer = rig.deliverer(replace(SETTINGS, batch_size=50, fill_wait=fill_wait))
+    first, second = await asyncio.gather(deliverer.deliver_once(), deliverer.deliver_once())
+    while await deliverer.deliver_once():
+        pass
+    assert rig.event_job_sizes() == sizes
+    assert first == 100 and second == sizes[1]
+    uniques = [event.unique_id for event in rig.fake.events]
+    assert [u for u in uniques if u.startswith("a")] == [f"a{n}" for n in range(150)]
+    assert set(await rig.states(a + b)) == {DONE}
+    assert all(job.attempts == 0 for job in [await rig.job(job_id) for job_id in a + b])
+    assert rig.settled == {"delivered": 200}
+
+
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:
     """A batch outliving its lease (here: two requests to an endpoint allowed one per second) is
     renewed while it is delivered, so no other worker takes its jobs meanwhile."""
