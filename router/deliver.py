@@ -149,7 +149,7 @@ class Deliverer:
         self._first = asyncio.Lock()
         #: Jobs planned but held over by earlier batches (see :func:`router.plan.plan_payloads`).
         self._held: list[_Held] = []
-        #: Batches claimed and not yet settled; set (and replaced) when one settles (see _claim_filled).
+        #: Batches being sent or settled; set (and replaced) when one is done (see _claim_filled).
         self._out = 0
         self._settled = asyncio.Event()
         self._mappings: Mappings | None = None
@@ -267,7 +267,8 @@ class Deliverer:
         """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last
         batches, and hold over what it leaves out.
 
-        Returns the planned batch, or None when nothing is due. On failure the claimed and the held-over jobs are released.
+        Returns the planned batch, or None when nothing is due. On failure the claimed and the
+        held-over jobs are released.
         """
         held, carried = await self._take_held()
         size = self.settings.batch_size
@@ -275,13 +276,13 @@ class Deliverer:
             size = claim_size(size, self._events_per_job, carried.events)
         leased = [job.id for job in held]
         try:
-            claimed = await self.queue.claim(
+            fresh = await self.queue.claim(
                 self.destination.name, size, lease_seconds=self.settings.lease_seconds
             )
         except BaseException:
             await self.queue.release(leased)
             raise
-        jobs = held + claimed
+        jobs = held + fresh
         if not jobs:
             return None
         leased = [job.id for job in jobs]
@@ -303,7 +304,7 @@ class Deliverer:
             self._hold(work.held, work.leftover)
         if work.verdicts:
             self._events_per_job = work.events / len(work.verdicts)
-        return _Claimed(work, leased, heartbeat, short=len(claimed) < size)
+        return _Claimed(work, leased, heartbeat, short=len(fresh) < size)
 
     def _hold(self, jobs: list[Job], leftover: Leftover) -> None:
         """Keep jobs planned but not sent, leased, for the next batch to send first."""
