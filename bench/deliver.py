@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import resource
@@ -28,7 +29,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ def free_port() -> int:
         return port
 
 
-async def start_fake(port: int) -> asyncio.subprocess.Process:
+@contextlib.asynccontextmanager
+async def fake_klaviyo(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A fake Klaviyo in a subprocess on ``port``, stopped on the way out (on an error too)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -127,15 +130,24 @@ async def start_fake(port: int) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    try:
+        await wait_listening(f"http://127.0.0.1:{port}")
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+
+
+async def wait_listening(base_url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(100):
             try:
-                async with session.get(f"http://127.0.0.1:{port}/__fake__/state?summary=1") as response:
+                async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
                     if response.status == 200:
-                        return process
+                        return
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
-    process.kill()
     raise SystemExit("fake Klaviyo did not start")
 
 
@@ -169,74 +181,78 @@ async def fill(queue: Queue, stream: Iterator[dict[str, Any]], destination: str)
 async def run(args: argparse.Namespace) -> int:
     port = free_port()
     tune_runtime()  # as serve and work do
-    fake = await start_fake(port)
-    base_url = f"http://127.0.0.1:{port}"
-    destination = Destination(name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK")
-    print(speed_line(args.mix))
-    sample = list(messages(args.mix, 1000))
-    events_per_s_bound, per_path = bound(sample, destination, args.events)
-    with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{tmp}/queue.db" if args.queue == "sqlite" else "memory://"
-        queue = open_queue(url)
-        await queue.open()
-        try:
-            queued, lists = await fill(queue, messages(args.mix, args.events), destination.name)
-            async with aiohttp.ClientSession() as session:
-                await session.post(
-                    f"{base_url}/__fake__/lists",
-                    json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
-                )
-                settings = DeliverySettings(
-                    workers=args.workers, batch_size=args.batch_size, planners=args.planners, idle_poll=0.05
-                )
-                planner = Planner(settings.planners)
-                await planner.start([destination.mappings_dir])
-                timings: list[tuple[str, float, int, float]] = []
-                client = KlaviyoClient(
-                    session,
-                    destination,
-                    timeout=60,
-                    observe=lambda op, result, status, t: timings.append(
-                        (op, t, status, time.perf_counter())
-                    ),
-                )
-                metrics = SettleCounting()
-                deliverer = Deliverer(
-                    queue, destination, client, settings=settings, metrics=metrics, planner=planner
-                )
-                stop = asyncio.Event()
-                print(
-                    f"{queued:,} events queued ({args.queue}); {args.workers} workers; fake Klaviyo on {base_url}"
-                )
-                # planning processes may start during the run (the pool starts them as needed)
-                cpu_planners = sum(cpu_seconds(pid) for pid in children(os.getpid()) if pid != fake.pid)
-                started, cpu_router, cpu_fake = (
-                    time.perf_counter(),
-                    time.process_time(),
-                    cpu_seconds(fake.pid),
-                )
-                threads_before = thread_cpu_seconds()
-                task = asyncio.create_task(deliverer.run(stop))
-                counts = await wait_settled(queue, destination.name, metrics, queued)
-                elapsed = time.perf_counter() - started
-                cpu = (
-                    time.process_time() - cpu_router,
-                    sum(cpu_seconds(pid) for pid in children(os.getpid()) if pid != fake.pid) - cpu_planners,
-                    cpu_seconds(fake.pid) - cpu_fake,
-                )
-                threads = {
-                    name: seconds - threads_before.get(name, 0.0)
-                    for name, seconds in thread_cpu_seconds().items()
-                }
-                stop.set()
-                await task
-                planner.close()
-                async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
-                    state = await response.json()
-        finally:
-            await queue.close()
-    fake.terminate()
-    await fake.wait()
+    async with fake_klaviyo(port) as fake:
+        base_url = f"http://127.0.0.1:{port}"
+        destination = Destination(
+            name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK"
+        )
+        print(speed_line(args.mix))
+        sample = list(messages(args.mix, 1000))
+        events_per_s_bound, per_path = bound(sample, destination, args.events)
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{tmp}/queue.db" if args.queue == "sqlite" else "memory://"
+            queue = open_queue(url)
+            await queue.open()
+            try:
+                queued, lists = await fill(queue, messages(args.mix, args.events), destination.name)
+                async with aiohttp.ClientSession() as session:
+                    await session.post(
+                        f"{base_url}/__fake__/lists",
+                        json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
+                    )
+                    settings = DeliverySettings(
+                        workers=args.workers,
+                        batch_size=args.batch_size,
+                        planners=args.planners,
+                        idle_poll=0.05,
+                    )
+                    planner = Planner(settings.planners)
+                    await planner.start([destination.mappings_dir])
+                    timings: list[tuple[str, float, int, float]] = []
+                    client = KlaviyoClient(
+                        session,
+                        destination,
+                        timeout=60,
+                        observe=lambda op, result, status, t: timings.append(
+                            (op, t, status, time.perf_counter())
+                        ),
+                    )
+                    metrics = SettleCounting()
+                    deliverer = Deliverer(
+                        queue, destination, client, settings=settings, metrics=metrics, planner=planner
+                    )
+                    stop = asyncio.Event()
+                    print(
+                        f"{queued:,} events queued ({args.queue}); {args.workers} workers; fake Klaviyo on {base_url}"
+                    )
+                    # planning processes may start during the run (the pool starts them as needed)
+                    cpu_planners = sum(cpu_seconds(pid) for pid in children(os.getpid()) if pid != fake.pid)
+                    started, cpu_router, cpu_fake = (
+                        time.perf_counter(),
+                        time.process_time(),
+                        cpu_seconds(fake.pid),
+                    )
+                    threads_before = thread_cpu_seconds()
+                    task = asyncio.create_task(deliverer.run(stop))
+                    counts = await wait_settled(queue, destination.name, metrics, queued)
+                    elapsed = time.perf_counter() - started
+                    cpu = (
+                        time.process_time() - cpu_router,
+                        sum(cpu_seconds(pid) for pid in children(os.getpid()) if pid != fake.pid)
+                        - cpu_planners,
+                        cpu_seconds(fake.pid) - cpu_fake,
+                    )
+                    threads = {
+                        name: seconds - threads_before.get(name, 0.0)
+                        for name, seconds in thread_cpu_seconds().items()
+                    }
+                    stop.set()
+                    await task
+                    planner.close()
+                    async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
+                        state = await response.json()
+            finally:
+                await queue.close()
     if os.environ.get("BENCH_DEBUG"):
         by_op: dict[str, list[float]] = {}
         for op, t, _, _ in timings:
