@@ -13,7 +13,7 @@ import pytest
 
 from router.destination import Destination
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock
-from router.klaviyo.client import MAX_DETAIL, KlaviyoClient, Outcome, _safe, classify, error_text
+from router.klaviyo.client import MAX_DETAIL, KlaviyoClient, Outcome, classify, error_text, scrub
 from router.klaviyo.ratelimit import RateLimits, Sleep
 from router.klaviyo.requests import REVISION, KlaviyoRequest
 from router.klaviyo.spec import Endpoint, endpoint_for
@@ -166,7 +166,7 @@ def test_error_text_is_bounded() -> None:
 
 
 def test_safe_masks_keys_in_exception_text() -> None:
-    text = _safe(RuntimeError("header Authorization: Klaviyo-API-Key pk_live_secret rejected"))
+    text = scrub(RuntimeError("header Authorization: Klaviyo-API-Key pk_live_secret rejected"))
     assert "pk_live_secret" not in text and "Klaviyo-API-Key ***" in text
 
 

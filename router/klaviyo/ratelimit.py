@@ -3,8 +3,11 @@
 Klaviyo counts requests in fixed windows (burst: one second, steady: one minute) whose alignment a
 client cannot see. :class:`SlidingWindow` keeps the send times of the last minute and lets a
 request go only when no one-second span holds ``burst`` sends and no one-minute span holds
-``steady`` sends — then no fixed window of any alignment is over either limit. A 429's
-``Retry-After`` and ``RateLimit-Remaining: 0`` block the endpoint until the time they name.
+``steady`` sends — then no fixed window of any alignment is over either limit. A ``Retry-After``
+(on a 429, and on any other answer that carries one, a 503 say) and ``RateLimit-Remaining: 0``
+block the whole endpoint until the time they name; a request admitted before the block came but
+not yet on its way checks :meth:`SlidingWindow.blocked` again and waits its turn anew
+(:meth:`router.klaviyo.client.KlaviyoClient.send`).
 """
 
 from __future__ import annotations
@@ -63,10 +66,15 @@ class SlidingWindow:
         """Send nothing before ``moment`` (clock time): Retry-After, or a used-up window."""
         self._blocked_until = max(self._blocked_until, moment)
 
+    def blocked(self) -> bool:
+        """Whether a ``Retry-After`` (or a used-up window) forbids sending now."""
+        return self._clock() < self._blocked_until
+
     def observe(self, headers: Mapping[str, str], status: int) -> None:
-        """Learn from Klaviyo's answer: ``Retry-After`` on 429, ``RateLimit-*`` otherwise."""
+        """Learn from Klaviyo's answer: ``Retry-After`` (any status; 1 s on a 429 without one),
+        else ``RateLimit-*``."""
         now = self._clock()
-        if status == 429:
+        if status == 429 or "Retry-After" in headers:
             self.block_until(now + retry_after(headers, default=1.0))
             return
         remaining = headers.get("RateLimit-Remaining")
