@@ -61,10 +61,9 @@ from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.fake_klaviyo import build_fake_app, fake_of
 from router.fake_klaviyo.state import event_time
-from router.klaviyo.batch import batch
+from router.klaviyo.batch import LIST_STAGE, prepare, staged
 from router.klaviyo.requests import REVISION
 from router.mapping import load_mappings
-from router.plan import phases
 from router.queue import Job, JobState, Queue, open_queue
 from router.settings import Settings
 from router.transform import transform
@@ -701,13 +700,14 @@ class TestTransformBatchReference:
         # zed's subscription opens the job for list A before ada's unsubscription from list B
         messages = [group("zed", "A", True), group("ada", "B", False), group("ada", "A", True)]
         destination = Destination(private_key=PRIVATE_KEY)
-        requests = batch(
+        stages = staged(
             [
-                request
+                prepare(request)
                 for index, m in enumerate(messages)
                 for request in transform(m, destination, index=index)
             ]
         )
+        requests = [entry.request for entry in stages]
         sent = [
             (
                 request.path.rsplit("-", 2)[-2],
@@ -725,8 +725,9 @@ class TestTransformBatchReference:
             ("create", "A", "zed@example.com"),
             ("delete", "B", "ada@example.com"),
         ]
-        # delivery sends a phase's requests concurrently: ada's two jobs must be in successive phases
-        assert [[request.path.rsplit("-", 2)[-2] for request in phase] for phase in phases(requests)] == [
-            ["create", "delete"],
-            ["create"],
+        # delivery sends a stage's requests concurrently: ada's two jobs must be in successive stages
+        assert [(entry.stage, entry.request.path.rsplit("-", 2)[-2]) for entry in stages] == [
+            (LIST_STAGE, "create"),
+            (LIST_STAGE, "delete"),
+            (LIST_STAGE + 1, "create"),
         ]

@@ -262,7 +262,11 @@ async def test_progress_is_added_by_retry_release_and_dead_letter_and_kept_by_re
     await queue.retry(1, at=T0, error="503", progress=0b01, now=T0)
     await queue.release([2, 3], progress=0b10, now=T0)
     again = await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0)
-    assert [(job.id, job.progress, job.attempts) for job in again] == [(1, 0b01, 1), (2, 0b10, 0), (3, 0b10, 0)]
+    assert [(job.id, job.progress, job.attempts) for job in again] == [
+        (1, 0b01, 1),
+        (2, 0b10, 0),
+        (3, 0b10, 0),
+    ]
     await queue.retry(1, at=T0, error="503", progress=0b100, now=T0)  # added, never cleared
     await queue.release([2], now=T0)
     await queue.dead_letter(3, reason="400", progress=0b01, now=T0)

@@ -197,9 +197,7 @@ class Queue(Protocol):
     async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
         """Keep in-flight jobs leased for another ``lease_seconds`` (a batch still being delivered)."""
 
-    async def release(
-        self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None
-    ) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back in-flight jobs without counting an attempt (shutdown, a paused destination, a
         job held back behind an earlier one of its key); ``progress`` is OR-ed into each of them."""
 

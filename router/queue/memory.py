@@ -144,9 +144,7 @@ class MemoryQueue:
         for job in self._in_state(job_ids, JobState.IN_FLIGHT):
             self._put(job, lease_expires_at=now + lease_seconds, updated_at=now)
 
-    async def release(
-        self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None
-    ) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
         now = time.time() if now is None else now
         for job in self._in_state(job_ids, JobState.IN_FLIGHT):

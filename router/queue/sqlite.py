@@ -158,9 +158,7 @@ class SqliteQueue:
         params = {"id": job_id, "reason": reason, "progress": progress, "now": _now(now)}
         await self._update("dead_letter_job", params)
 
-    async def release(
-        self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None
-    ) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
         await self._update("release_jobs", {"ids": _ids(job_ids), "progress": progress, "now": _now(now)})
 
