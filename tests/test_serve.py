@@ -231,6 +231,36 @@ class TestServe:
         )
 
 
+class TestMappingsChecked:
+    """A broken mapping folder stops ``serve`` before it listens or starts anything."""
+
+    async def test_broken_mappings(self, tmp_path: Path) -> None:
+        """Exit status 2 and one line naming the file, the JSON pointer and the reason."""
+        folder = tmp_path / "mappings"
+        folder.mkdir()
+        (folder / "mine.json").write_text('{"kind": "profile", "fields": {"email": {"from": 7}}}')
+        config = tmp_path / "router.toml"
+        config.write_text(
+            CONFIG.format(data_dir=tmp_path / "data", write_key=WRITE_KEY) + f'mappings_dir = "{folder}"\n'
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router.app",
+            "--config",
+            str(config),
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 2 and stdout == b""
+        [line] = stderr.decode().splitlines()
+        assert line.startswith(f"klaviyo-router: mappings: {folder / 'mine.json'}: at /fields/email/from: ")
+        assert not (tmp_path / "data").exists()  # no queue, no write key: nothing started
+
+
 class TestSandbox:
     """The sandbox destination is pointed at a fake Klaviyo on a loopback port for the run."""
 

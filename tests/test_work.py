@@ -34,15 +34,26 @@ destinations = ["klaviyo"]
 name = "klaviyo"
 private_key = "{private_key}"
 base_url = "{base_url}"
+{mappings}
 """
 NOTHING_TO_DO = "klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0\n"
 
 
 def write_config(
-    folder: Path, *, workers: int = 2, base_url: str = "http://127.0.0.1:9", private_key: str = "pk_work_0123"
+    folder: Path,
+    *,
+    workers: int = 2,
+    base_url: str = "http://127.0.0.1:9",
+    private_key: str = "pk_work_0123",
+    mappings_dir: Path | None = None,
 ) -> Path:
     path = folder / "router.toml"
-    path.write_text(CONFIG.format(folder=folder, workers=workers, base_url=base_url, private_key=private_key))
+    mappings = f'mappings_dir = "{mappings_dir}"' if mappings_dir else ""
+    path.write_text(
+        CONFIG.format(
+            folder=folder, workers=workers, base_url=base_url, private_key=private_key, mappings=mappings
+        )
+    )
     return path
 
 
@@ -84,6 +95,38 @@ class TestNothingToDo:
         assert capsys.readouterr().err == (
             "klaviyo-router: delivery.workers: expected an integer ≥ 0, got -1\n"
         )
+
+
+class TestMappingsChecked:
+    """Broken or missing mappings stop ``work`` before anything starts: exit 2, one line naming the
+    file, the JSON pointer and the reason."""
+
+    @pytest.mark.parametrize(
+        ("content", "error"),
+        [
+            (
+                b'{"kind": "event", "match": {"type": ["track"], "event": ["x"]}, "metric": 7}',
+                "at /metric: 7 is not",
+            ),
+            (b'{"kind": ', "not valid JSON"),
+            (None, "mappings_dir is not a folder"),
+        ],
+        ids=["schema", "json", "missing"],
+    )
+    def test_broken_mappings(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, error: str
+    ) -> None:
+        folder = tmp_path / "mappings"
+        if content is not None:
+            folder.mkdir()
+            (folder / "mine.json").write_bytes(content)
+        config = write_config(tmp_path, mappings_dir=folder)
+        assert main(["work", "--config", str(config)]) == 2
+        out, err = capsys.readouterr()
+        where = f"{folder / 'mine.json'}: " if content is not None else f"{folder}: "
+        assert out == "" and err.startswith(f"klaviyo-router: mappings: {where}") and error in err
+        assert err.count("\n") == 1
+        assert not (tmp_path / "queue.db").exists()  # nothing started
 
 
 class TestSignals:
@@ -139,3 +182,95 @@ class TestSignals:
         assert logged[0] == "worker_started" and logged[-1] == "worker_stopped"
         assert "worker_stopping" in logged
         assert fake_klaviyo.api_key not in log.read_text()
+
+
+def viewed_as(folder: Path, metric: str) -> None:
+    document = {
+        "kind": "event",
+        "match": {"type": ["track"], "event": ["viewed"]},
+        "metric": {"value": metric},
+    }
+    (folder / "viewed.json").write_bytes(orjson.dumps(document))
+
+
+class TestReloadOnSighup:
+    """SIGHUP makes a running ``work`` read its mappings again: a set that fails its checks is
+    logged and the running one stays; one that passes is what later batches are planned with (in
+    its planning process too)."""
+
+    @pytest.mark.timeout(90)
+    async def test_sighup(self, tmp_path: Path, fake_klaviyo: FakeKlaviyoServer) -> None:
+        folder = tmp_path / "mappings"
+        folder.mkdir()
+        viewed_as(folder, "Seen")
+        config = write_config(
+            tmp_path, base_url=fake_klaviyo.url, private_key=fake_klaviyo.api_key, mappings_dir=folder
+        )
+        queue = open_queue(f"sqlite:///{tmp_path / 'queue.db'}")
+        await queue.open()
+        log = tmp_path / "work.log"
+        sent = 0
+
+        async def deliver(message_id: str) -> str:
+            nonlocal sent
+            message = {"type": "track", "userId": "u1", "event": "Viewed", "messageId": message_id}
+            job = NewJob(
+                source="web",
+                destination="klaviyo",
+                message_id=message_id,
+                ordering_key="u1",
+                payload=orjson.dumps(message),
+            )
+            await queue.enqueue([job])
+            sent += 1
+            deadline = time.monotonic() + 30
+            while (await queue.counts())[JobState.DONE] != sent:
+                assert process.returncode is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.02)
+            return fake_klaviyo.state.events[-1].metric
+
+        async def logged(event: str) -> None:
+            deadline = time.monotonic() + 30
+            while f'"event":"{event}"' not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.02)
+
+        try:
+            with log.open("wb") as out:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "router",
+                    "work",
+                    "--config",
+                    str(config),
+                    cwd=ROOT,
+                    env=child_env(),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            try:
+                assert await deliver("m1") == "Seen"
+                viewed_as(folder, "Glimpsed")
+                (folder / "broken.json").write_text("{")
+                process.send_signal(signal.SIGHUP)
+                await logged("mappings_reload_refused")
+                assert await deliver("m2") == "Seen"  # the running set stayed
+                (folder / "broken.json").unlink()
+                process.send_signal(signal.SIGHUP)
+                await logged("mappings_reloaded")
+                assert await deliver("m3") == "Glimpsed"
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 30) == 0
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        finally:
+            await queue.close()
+        refused = [
+            orjson.loads(line) for line in log.read_bytes().splitlines() if b"mappings_reload_refused" in line
+        ]
+        assert refused[0]["error"].startswith(f"{folder / 'broken.json'}: not valid JSON")
