@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from pytest_aiohttp import AiohttpServer
 
 from router.deliver import Deliverer, DeliverySettings
@@ -447,8 +449,10 @@ async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> N
     rig.fake.revoke_key(KEY)
     deliverer = rig.deliverer()
 
-    for _ in range(2):  # a second try while the key is still refused changes nothing
-        assert await deliverer.deliver_once() == 2
+    for attempt in range(2):  # a second try while the key is still refused changes nothing
+        with structlog.testing.capture_logs() as logs:
+            assert await deliverer.deliver_once() == 2
+        assert [entry["event"] for entry in logs].count("destination_paused") == 1 - attempt  # logged once
         assert rig.paused.is_paused(DEST)
         assert rig.paused.snapshot()[DEST].startswith("Klaviyo 401 on POST /api/event-bulk-create-jobs")
         for job_id in ids:
@@ -458,8 +462,10 @@ async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> N
     assert rig.fake.events == []
 
     rig.fake.clear_faults()  # the key works again
-    assert await deliverer.deliver_once() == 2  # the probe
+    with structlog.testing.capture_logs() as logs:
+        assert await deliverer.deliver_once() == 2  # the probe
     assert not rig.paused.is_paused(DEST)
+    assert [entry["event"] for entry in logs].count("destination_resumed") == 1
     assert await rig.states(ids) == [DONE, DONE]
     assert sorted(e.unique_id for e in rig.fake.events) == ["m1", "m2"]
     assert rig.statuses() == [401, 401, 202]
@@ -719,6 +725,96 @@ async def test_a_profile_upsert_held_up_by_pacing_still_goes_before_its_events(r
     assert await rig.deliverer(limits=limits).deliver_once() == 2
     assert [r.path for r in rig.fake.requests] == ["/api/profile-import", "/api/events"]
     assert rig.fake.find_profile(external_id="u1") is not None
+
+
+# -- a job that cannot be sent never holds up the others --------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    """A track whose properties nest ``depth`` objects deep (enqueued as it is, past ingest's checks)."""
+    return b'{"type":"track","userId":"p","event":"P","messageId":"bad","properties":{"d":%s}}' % (
+        b'{"a":' * depth + b"1" + b"}" * depth
+    )
+
+
+POISONS = {
+    # orjson encodes at most 255 levels: the bulk job holding it could never be sent
+    "cannot be encoded": (False, nested(300), "cannot be encoded for Klaviyo: Recursion limit reached"),
+    # flattening 1020 levels hits Python's recursion limit: an exception no transform expects
+    "the transform crashes": (True, nested(1020), "planning failed: RecursionError: maximum recursion depth"),
+}
+
+
+@pytest.mark.parametrize(("flatten", "poison", "reason"), POISONS.values(), ids=POISONS.keys())
+async def test_a_job_that_cannot_be_planned_is_a_dead_letter_and_the_others_go_on(
+    rig: Rig, flatten: bool, poison: bytes, reason: str
+) -> None:
+    """One poison pill among 1000 good events: the 1000 go out in the batch that carried it, once
+    each, and the pill is a dead letter after one attempt."""
+    good = [track(f"u{n}", "Viewed", f"e{n}") for n in range(1000)]
+    await rig.enqueue(*good[:500])
+    [bad] = await rig.enqueue_jobs(
+        [NewJob(source="web", destination=DEST, message_id="bad", ordering_key="p", payload=poison)]
+    )
+    await rig.enqueue(*good[500:])
+    destination = replace(rig.destination(), flatten_properties=flatten)
+    client = KlaviyoClient(rig.session, destination, timeout=5)
+    deliverer = Deliverer(rig.queue, destination, client, settings=replace(SETTINGS, batch_size=1000))
+    batches = [await deliverer.deliver_once() for _ in range(3)]
+    assert batches == [1001, 0, 0]  # one batch, as without the pill
+    job = await rig.job(bad)
+    assert (job.state, job.attempts) == (DEAD_STATE, 1)
+    assert job.last_error is not None and job.last_error.startswith(reason)
+    assert rig.event_job_sizes() == [1000]
+    assert sorted(e.unique_id for e in rig.fake.events) == sorted(f"e{n}" for n in range(1000))
+    assert rig.fake.duplicate_events == 0
+
+
+class DyingPlanner(Planner):
+    """Plans as usual, except that any batch holding the marked payload fails as a whole, the way a
+    planning process that dies on it (a crash in a C extension, say) fails the batch it was given."""
+
+    calls = 0
+
+    async def plan_payloads(self, payloads: Sequence[bytes], destination: Destination, **options: Any) -> Any:
+        self.calls += 1
+        if any(b"kills-the-planner" in payload for payload in payloads):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        return await super().plan_payloads(payloads, destination, **options)
+
+
+async def test_a_batch_whose_planning_fails_is_split_to_find_the_job_that_causes_it(rig: Rig) -> None:
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(1000)))
+    [bad] = await rig.enqueue(track("p", "kills-the-planner", "bad"))
+    planner = DyingPlanner(MappingSets([None]))
+    deliverer = rig.deliverer(replace(SETTINGS, batch_size=1000), planner=planner)
+    assert await deliverer.deliver_once() == 1001
+    job = await rig.job(bad)
+    assert (job.state, job.attempts) == (DEAD_STATE, 1)
+    assert (
+        job.last_error
+        == "planning failed: BrokenProcessPool: A process in the process pool was terminated abruptly"
+    )
+    assert set(await rig.states(ids)) == {DONE}
+    assert rig.event_job_sizes() == [1000] and rig.fake.duplicate_events == 0
+    assert planner.calls <= 2 + 2 * 11  # the batch, halves down to the one job (log2 1001 < 11), the rest
+
+
+async def test_stopping_does_not_wait_for_a_long_retry_after(rig: Rig) -> None:
+    """A worker waiting for a 60 s block of its endpoint stops at once; the job goes back untried."""
+    limits = RateLimits()
+    limits.window(endpoint_for("POST", "/api/events")).block_until(time.monotonic() + 60)
+    [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+    deliverer = rig.deliverer(replace(SETTINGS, workers=1), limits=limits)
+    stop = asyncio.Event()
+    task = asyncio.create_task(deliverer.run(stop))
+    await eventually(lambda: rig.states([job_id]), [IN_FLIGHT])
+    await asyncio.sleep(0.1)  # waiting for its turn
+    stop.set()
+    await asyncio.wait_for(task, 5.0)
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts, job.lease_expires_at) == (PENDING, 0, None)
+    assert rig.fake.requests == []
 
 
 # -- plan and apply_outcome are pure ---------------------------------------------------------------------------
