@@ -189,7 +189,8 @@ def configure_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the HTTP ingest server (and delivery workers)",
         description="Run the RudderStack/Segment-compatible HTTP API. With no --config, runs the "
         "embedded default: SQLite under ./data, a generated write key, and a sandbox Klaviyo "
-        "until KLAVIYO_PRIVATE_KEY is set.",
+        "until KLAVIYO_PRIVATE_KEY is set. The mapping files are checked before anything starts "
+        "(exit 2 naming the file and the problem); SIGHUP reloads them.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -234,8 +235,9 @@ def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser(
         "work",
         help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
-        description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
-        "Run as many as you like against one PostgreSQL queue; with SQLite, on the same machine.",
+        description="Deliver queued events to every configured destination until SIGINT/SIGTERM "
+        "(SIGHUP reloads the mapping files, checked first as at start). Run as many as you like "
+        "against one PostgreSQL queue; with SQLite, on the same machine.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)
