@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -108,13 +108,8 @@ class Stalls:
         }
 
     async def run(self, interval: float) -> None:
-        """Sample every ``interval`` seconds until cancelled; a failed sample is logged and retried."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
-                log.warning("stall_sample_failed", error=str(exc))
+        """Sample every ``interval`` seconds until cancelled."""
+        await sample_every(interval, self.refresh, "stall_sample_failed")
 
 
 class Backpressure:
@@ -169,13 +164,19 @@ class Backpressure:
         self.depth += jobs
 
     async def run(self, interval: float) -> None:
-        """Sample every ``interval`` seconds until cancelled; a failed sample is logged and retried."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
-                log.warning("backpressure_sample_failed", error=str(exc))
+        """Sample every ``interval`` seconds until cancelled."""
+        await sample_every(interval, self.refresh, "backpressure_sample_failed")
+
+
+async def sample_every(interval: float, refresh: Callable[[], Awaitable[None]], failed: str) -> None:
+    """Call ``refresh`` every ``interval`` seconds until cancelled; a failure is logged as ``failed``
+    and the next sample tries again."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await refresh()
+        except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
+            log.warning(failed, error=str(exc))
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -15,7 +17,7 @@ import pytest
 from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
-from router.queue import JobState, NewJob, open_queue
+from router.queue import JobState, NewJob, Queue, open_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -60,6 +62,44 @@ def write_config(
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
     return env | {"PYTHONUNBUFFERED": "1"}
+
+
+@asynccontextmanager
+async def running_work(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m router work --config CONFIG``, its output in ``log``; killed and reaped on the way out."""
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router",
+            "work",
+            "--config",
+            str(config),
+            cwd=ROOT,
+            env=child_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def until(check: Callable[[], Awaitable[bool]], process: asyncio.subprocess.Process, log: Path) -> None:
+    """Poll ``check`` (30 s at most) while the process runs; fail with its log otherwise."""
+    deadline = time.monotonic() + 30
+    while not await check():
+        if process.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(await asyncio.to_thread(log.read_text))
+        await asyncio.sleep(0.02)
+
+
+async def done(queue: Queue, jobs: int) -> bool:
+    return (await queue.counts())[JobState.DONE] == jobs
 
 
 @pytest.fixture(autouse=True)
@@ -149,32 +189,10 @@ class TestSignals:
                 payload=orjson.dumps(message),
             )
             await queue.enqueue([job])
-            with log.open("wb") as out:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "router",
-                    "work",
-                    "--config",
-                    str(config),
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            try:
-                deadline = time.monotonic() + 30
-                while (await queue.counts())[JobState.DONE] != 1:
-                    assert process.returncode is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    await asyncio.sleep(0.02)
+            async with running_work(config, log) as process:
+                await until(lambda: done(queue, 1), process, log)
                 process.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(process.wait(), 30) == 0
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
         finally:
             await queue.close()
         assert [event.unique_id for event in fake_klaviyo.state.events] == ["m1"]
@@ -223,51 +241,26 @@ class TestReloadOnSighup:
             )
             await queue.enqueue([job])
             sent += 1
-            deadline = time.monotonic() + 30
-            while (await queue.counts())[JobState.DONE] != sent:
-                assert process.returncode is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.02)
+            await until(lambda: done(queue, sent), process, log)
             return fake_klaviyo.state.events[-1].metric
 
-        async def logged(event: str) -> None:
-            deadline = time.monotonic() + 30
-            while f'"event":"{event}"' not in log.read_text():
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.02)
+        async def logged(event: str) -> bool:
+            return f'"event":"{event}"' in log.read_text()
 
         try:
-            with log.open("wb") as out:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "router",
-                    "work",
-                    "--config",
-                    str(config),
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            try:
+            async with running_work(config, log) as process:
                 assert await deliver("m1") == "Seen"
                 viewed_as(folder, "Glimpsed")
                 (folder / "broken.json").write_text("{")
                 process.send_signal(signal.SIGHUP)
-                await logged("mappings_reload_refused")
+                await until(lambda: logged("mappings_reload_refused"), process, log)
                 assert await deliver("m2") == "Seen"  # the running set stayed
                 (folder / "broken.json").unlink()
                 process.send_signal(signal.SIGHUP)
-                await logged("mappings_reloaded")
+                await until(lambda: logged("mappings_reloaded"), process, log)
                 assert await deliver("m3") == "Glimpsed"
                 process.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(process.wait(), 30) == 0
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
         finally:
             await queue.close()
         refused = [
