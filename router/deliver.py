@@ -229,7 +229,7 @@ class Deliverer:
                 await self._send(work)
             except Exception as exc:  # a bug, not an answer: an attempt for every job, so it cannot loop
                 self.log.exception("delivery_batch_failed", jobs=len(work.verdicts))
-                work.settled(range(len(work.verdicts)), RETRY, unexpected("delivery failed", exc))
+                work.worsen(range(len(work.verdicts)), RETRY, unexpected("delivery failed", exc))
             except BaseException:  # cancelled: what Klaviyo took is kept, the rest goes back untried
                 await _stop(heartbeat)
                 await self._release(work.verdicts)
@@ -313,7 +313,9 @@ class Deliverer:
             await _stop(heartbeat)
             await self.queue.release(leased)
             raise
-        leased = [verdict.job.id for verdict in work.verdicts]
+        leased[:] = [
+            verdict.job.id for verdict in work.verdicts
+        ]  # the held-over ones have their own heartbeat
         if work.held:
             self._hold(work.held, work.leftover)
         if work.verdicts:
@@ -422,7 +424,7 @@ class Deliverer:
                 await asyncio.gather(*follows)
                 follows.clear()
             if self._stopping.is_set():
-                work.settled(_jobs_of(remaining), HELD, NOT_SENT)
+                work.worsen(_jobs_of(remaining), HELD, NOT_SENT)
                 return
             if any(verdict.state != OK for verdict in work.verdicts):
                 remaining = await self._without_blocked(work, remaining)
@@ -439,7 +441,7 @@ class Deliverer:
             refused = next((outcome for outcome in outcomes if outcome.kind == "auth"), None)
             if refused is not None:
                 self.paused.pause(self.destination.name, refused.detail)
-                work.settled(range(len(work.verdicts)), RELEASE, refused.detail)
+                work.worsen(range(len(work.verdicts)), RELEASE, refused.detail)
                 await self.release_held()
                 return
 
@@ -453,7 +455,7 @@ class Deliverer:
         ):
             return remaining
         jobs = _jobs_of(remaining)
-        work.settled((index for index in jobs if index in stopped), HELD, HELD_BACK)
+        work.worsen((index for index in jobs if index in stopped), HELD, HELD_BACK)
         keep = tuple(index for index in jobs if index not in stopped)
         self.log.info("batch_replanned", jobs=len(keep), held=len(jobs) - len(keep))
         if not keep:

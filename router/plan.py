@@ -217,7 +217,7 @@ class Plan:
             planned.events,
         )
 
-    def settled(self, jobs: Iterable[int], state: int, reason: str) -> None:
+    def worsen(self, jobs: Iterable[int], state: int, reason: str) -> None:
         """Give every job of ``jobs`` (batch indexes) at least ``state``."""
         for index in jobs:
             self.verdicts[index].worsen(state, reason)

@@ -20,7 +20,7 @@ from router.errors import MappingError
 from router.klaviyo.batch import MAX_EVENTS
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import MappingSets, load_mappings
-from router.plan import DEAD, OK, Leftover, Plan, claim_size, plan, plan_payloads
+from router.plan import DEAD, OK, STEP_BITS, Leftover, Plan, claim_size, plan, plan_payloads
 from router.planner import Planner
 from router.queue import Job, JobState
 
@@ -333,3 +333,23 @@ async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over(
 def test_plan_payloads_is_plain_data() -> None:
     planned = plan_payloads([orjson.dumps(track(1))], Destination(), load_mappings())
     assert pickle.loads(pickle.dumps(planned)) == planned
+
+
+def test_steps_already_done_are_not_planned_again() -> None:
+    """An identify is two steps (upsert, subscription); with the upsert in its progress only the
+    subscription is planned, and with both nothing: the job is done."""
+    message = {
+        "type": "identify",
+        "userId": "u1",
+        "messageId": "m1",
+        "traits": {"email": "a@example.com", "properties": {"listId": "L1", "subscribe": True}},
+    }
+    payload = orjson.dumps(message)
+    kinds = [
+        [
+            (send.stage, send.kind)
+            for send in plan_payloads([payload], Destination(), load_mappings(), progress=[done]).sends()
+        ]
+        for done in (0, STEP_BITS["profile"], STEP_BITS["profile"] | STEP_BITS["subscribe"])
+    ]
+    assert kinds == [[(0, "profile"), (2, "subscribe")], [(2, "subscribe")], []]
