@@ -18,11 +18,11 @@ import orjson
 
 from router import __version__
 from router.destination import Destination
-from router.errors import ConfigError, MappingError, Skipped, TransformError
+from router.errors import ConfigError, MappingError, PartlyRefused, Skipped, TransformError
 from router.klaviyo.batch import batch
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
-from router.transform import transform
+from router.transform import TransformWarning, transform
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -41,8 +41,11 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description=(
             "Read RudderStack/Segment messages (NDJSON, or a JSON array; each a bare message or "
             '{"message": ..., "metadata": ...}) and print one NDJSON line per Klaviyo request '
-            '({"method","path","body"}), one per rejected input ({"error","status","index"}) and one '
-            'per skipped input ({"skipped","index"}). Use it to test a mapping change offline.'
+            '({"method","path","body"}), one per rejected input ({"error","status","index"}; an '
+            "identify whose list subscription is refused also prints its profile request), one per "
+            'skipped input ({"skipped","index"}) and one per thing an input was sent without '
+            '({"warning","code","index"}: a phone dropped under invalid_phone = drop, a consent '
+            "channel the current API has not). Use it to test a mapping change offline."
         ),
     )
     p.add_argument(
@@ -72,10 +75,14 @@ def run_transform(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     requests: list[KlaviyoRequest] = []
     for index, message in enumerate(_read_messages(args.input)):
+        warnings: list[TransformWarning] = []
+        refused: TransformError | None = None
         try:
             if isinstance(message, _Unreadable):
                 raise TransformError(message.reason)
-            produced = transform(message, destination, mappings, index=index)
+            produced = transform(message, destination, mappings, index=index, warnings=warnings)
+        except PartlyRefused as exc:
+            produced, refused = exc.requests, exc
         except TransformError as exc:
             _emit(out, {"error": exc.message, "status": exc.status, "index": index})
             continue
@@ -87,6 +94,10 @@ def run_transform(args: argparse.Namespace) -> int:
         else:
             for request in produced:
                 _emit(out, request.to_json())
+        for warning in warnings:
+            _emit(out, {"warning": warning.message, "code": warning.code, "index": index})
+        if refused is not None:
+            _emit(out, {"error": refused.message, "status": refused.status, "index": index})
     for request in batch(requests):
         _emit(out, request.to_json())
     out.flush()
