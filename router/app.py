@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -37,7 +38,7 @@ from router.metrics import Metrics
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import sandbox_klaviyo
-from router.settings import Settings
+from router.settings import PRIVATE_KEY_ENV, Settings
 
 log = structlog.get_logger("router.app")
 
@@ -346,8 +347,9 @@ def banner(settings: Settings, addresses: Sequence[Any], sandbox_url: str | None
             f"  (kept in {settings.data_dir / 'write_key'})"
         )
     if settings.sandbox:
+        key_is = "set but empty" if os.environ.get(PRIVATE_KEY_ENV) is not None else "not set"
         lines.append(
-            "  SANDBOX: KLAVIYO_PRIVATE_KEY is not set, so nothing is sent to Klaviyo. "
+            f"  SANDBOX: {PRIVATE_KEY_ENV} is {key_is}, so nothing is sent to Klaviyo. "
             + (
                 f"Events go to a fake Klaviyo at {sandbox_url}."
                 if sandbox_url

@@ -186,9 +186,19 @@ def run_check_mappings(args: argparse.Namespace) -> int:
         return 1
     for name, path in files.items():
         origin = "built-in" if path.resolve().is_relative_to(BUILTIN_DIR.resolve()) else "yours"
-        print(f"ok  {name:32} {origin:8} {path}")
+        print(f"ok  {name:32} {origin:8} {_shown(path)}")
     print(f"{len(files)} mapping files valid")
     return 0
+
+
+def _shown(path: Path) -> Path:
+    """The file itself (a built-in one of a clone is ``mappings/klaviyo/...``), relative to the
+    current folder when under it."""
+    real = path.resolve()
+    try:
+        return real.relative_to(Path.cwd())
+    except ValueError:
+        return real
 
 
 # ---------------------------------------------------------------- serve and the sandbox
@@ -315,17 +325,17 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
         jobs = await deadletters.list_dead(
             queue, limit=args.limit, reason=args.reason, destination=args.destination
         )
-        for job in jobs:
-            row = deadletters.summary(job)
-            if args.json:
+        rows = [deadletters.summary(job) for job in jobs]
+        if args.json:
+            for row in rows:
                 _emit(sys.stdout.buffer, row)
-            else:
-                what = row["event"] or row["type"] or "?"
-                print(
-                    f"{row['id']:>8}  {row['dead_since']}  {row['destination']:<12} {what!s:<24} {row['reason']}"
-                )
-        if not args.json:
-            print(f"{len(jobs)} dead letters" + (" (limit reached)" if len(jobs) == args.limit else ""))
+        else:
+            if rows:
+                print(_dead_letter_line(DEAD_LETTER_HEADER))
+            for row in rows:
+                print(_dead_letter_line({k: "-" if v is None else v for k, v in row.items()}))
+            limited = " (limit reached)" if len(jobs) == args.limit else ""
+            print(f"{_count(len(jobs), 'dead letter')}{limited}")
         sys.stdout.flush()
         return 0
     if args.action == "show":
@@ -338,8 +348,31 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
     if problem := selection.problem():
         raise UsageError(problem)
     count = await getattr(deadletters, args.action)(queue, selection)
-    print(f"{'retried' if args.action == 'retry' else 'purged'} {count} dead letters")
+    print(f"{'retried' if args.action == 'retry' else 'purged'} {_count(count, 'dead letter')}")
     return 0
+
+
+#: The header row of ``dead-letters list``, keyed like :func:`router.deadletters.summary`.
+DEAD_LETTER_HEADER = {
+    "id": "ID",
+    "dead_since": "DEAD SINCE",
+    "destination": "DESTINATION",
+    "type": "TYPE",
+    "event": "EVENT",
+    "reason": "REASON",
+}
+
+
+def _dead_letter_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['id']!s:>8}  {row['dead_since']!s:<20}  {row['destination']!s:<12}  "
+        f"{row['type']!s:<8}  {row['event']!s:<24}  {row['reason']}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- entry point

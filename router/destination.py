@@ -92,7 +92,7 @@ class Destination:
                 continue
             name = RUDDERSTACK_KEYS.get(key, key)
             if name not in known:
-                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
             values[name] = _coerce(name, value, where=f"{where}.{key}")
         return cls(**values)
 
@@ -132,12 +132,18 @@ def _secret(value: Any, *, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string")
     if value.startswith("env:"):
-        var = value[4:]
-        resolved = os.environ.get(var)
-        if not resolved:
-            raise ConfigError(f"{where}: environment variable {var} is not set")
-        return resolved
+        return env_secret(value[4:].strip(), where=where)
     return value
+
+
+def env_secret(var: str, *, where: str) -> str:
+    """The value of environment variable ``var``; an error naming it when unset or set but empty."""
+    resolved = os.environ.get(var) if var else None
+    if resolved is None:
+        raise ConfigError(f"{where}: environment variable {var or '(none)'} is not set")
+    if not resolved.strip():
+        raise ConfigError(f"{where}: environment variable {var} is set but empty")
+    return resolved
 
 
 def _consent(value: Any, *, where: str) -> tuple[str, ...]:

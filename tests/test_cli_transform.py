@@ -269,7 +269,7 @@ class TestUsageErrors:
         """An unknown key is named with the file, and the known keys are listed."""
         config = cli.write("extra.json", orjson.dumps({**CONFIG, "list_idd": "L1"}))
         error = cli.usage_error(str(cli.ndjson(TRACK)), config=config)
-        assert error.startswith(f"{config}: unknown key 'list_idd' (known: additional_page_info, ")
+        assert error.startswith(f"{config}.list_idd: unknown key (known: additional_page_info, ")
         assert ", list_id, " in error
 
     def test_ignored_rudderstack_keys(self, cli: Cli) -> None:
