@@ -248,6 +248,71 @@ def run_fake_klaviyo(args: argparse.Namespace) -> int:
     return run(args.host, args.port, rate_limits=not args.no_rate_limits, store=not args.no_store)
 
 
+def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sandbox",
+        help="show what the sandbox Klaviyo of serve received (profiles, events, lists)",
+        description="Without KLAVIYO_PRIVATE_KEY, serve delivers to a sandbox: a fake Klaviyo whose writes "
+        "are kept in <data_dir>/sandbox.ndjson. This prints what it holds, rebuilt from that file "
+        "(the router need not run). A running router shows the same at GET /sandbox/state and "
+        "GET /sandbox/requests; POST /__fake__/reset on the sandbox's own port empties it.",
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML config file (default: the embedded default's data folder)"
+    )
+    p.add_argument("--json", action="store_true", help="everything it holds, as GET /sandbox/state gives it")
+    p.set_defaults(run=run_sandbox)
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from router.logs import configure_logging
+    from router.sandbox import JOURNAL_FILE, read_sandbox
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+    configure_logging("warning", settings.log_format)  # stdout is the listing
+    journal = settings.data_dir / JOURNAL_FILE
+    if not journal.exists():
+        print(f"the sandbox has received nothing yet ({journal} does not exist)")
+        return 0
+    fake = asyncio.run(read_sandbox(settings.data_dir))
+    if args.json:
+        _emit(sys.stdout.buffer, fake.to_json())
+        return 0
+    state = fake.to_json()
+    print(
+        f"{_count(len(state['profiles']), 'profile')}, {_count(len(state['events']), 'event')}, "
+        f"{_count(len(state['lists']), 'list')} (from {journal})"
+    )
+    emails = {p["id"]: _who(p["attributes"]) for p in state["profiles"]}
+    for profile in state["profiles"]:
+        attributes = {k: v for k, v in profile["attributes"].items() if v is not None and k not in SERVER_SET}
+        print(f"profile {emails[profile['id']]}: {orjson.dumps(attributes).decode()}")
+    for event in state["events"]:
+        print(
+            f"event   {event['metric']!r} of {emails.get(event['profile_id'], event['profile_id'])} at {event['time']}"
+        )
+    for klaviyo_list in state["lists"]:
+        members = state["memberships"].get(klaviyo_list["id"], [])
+        names = ", ".join(emails.get(m, m) for m in members) or "no members"
+        print(f"list    {klaviyo_list['id']} ({klaviyo_list['attributes']['name']}): {names}")
+    for profile_id, channels in state["subscriptions"].items():
+        consent = ", ".join(f"{channel} {record['status']}" for channel, record in channels.items())
+        print(f"consent {emails.get(profile_id, profile_id)}: {consent}")
+    return 0
+
+
+#: Profile attributes Klaviyo sets itself, left out of the sandbox listing.
+SERVER_SET = frozenset({"created", "updated", "last_event_date"})
+
+
+def _who(attributes: dict[str, Any]) -> str:
+    for key in ("email", "phone_number", "external_id", "anonymous_id"):
+        if attributes.get(key):
+            return str(attributes[key])
+    return "?"
+
+
 # ---------------------------------------------------------------- work
 
 
@@ -383,6 +448,7 @@ CONFIGURE = (
     configure_transform,
     configure_check_mappings,
     configure_dead_letters,
+    configure_sandbox,
     configure_fake_klaviyo,
 )
 

@@ -255,8 +255,9 @@ class TestSandbox:
     async def test_fake_klaviyo_started(self, tmp_path: Path) -> None:
         """Sandbox settings come back with the fake's URL, which answers HTTP; real settings are untouched."""
         settings = Settings.embedded_default(tmp_path, env={})
-        async with sandbox_klaviyo(settings) as (sandboxed, url):
-            assert url is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        async with sandbox_klaviyo(settings) as (sandboxed, sandbox):
+            assert sandbox is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", sandbox.url)
+            url = sandbox.url
             assert sandboxed.destinations[0].base_url == url
             async with aiohttp.ClientSession() as session, session.get(url + "/api/accounts/") as response:
                 assert response.status < 500
