@@ -229,7 +229,10 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
         "fake-klaviyo",
         help="run the fake Klaviyo API locally (a sandbox for trying the router)",
         description="Run an in-memory emulation of the Klaviyo endpoints the router uses, with "
-        "Klaviyo's validation, status codes and rate limits. GET /__fake__/state shows what it received.",
+        "Klaviyo's validation, status codes and rate limits. Point a destination's base_url at it "
+        "(any private key is accepted). Its control API is below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=FAKE_CONTROL_API,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
@@ -240,6 +243,34 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
         help="validate, rate-limit and count writes without keeping them (for load tests)",
     )
     p.set_defaults(run=run_fake_klaviyo)
+
+
+#: The control API of the fake (``router.fake_klaviyo.control``), for ``fake-klaviyo --help``.
+FAKE_CONTROL_API = """\
+control API (JSON in and out):
+  GET    /__fake__/state       everything it holds: profiles, events, lists, memberships,
+                               subscriptions, import jobs, counters (?summary=1: counts only)
+  GET    /__fake__/requests    every request received, with the status answered
+                               (Authorization redacted; ?since=N skips the first N)
+  POST   /__fake__/reset       forget all data, counters, rate-limit windows and faults
+  POST   /__fake__/lists       create lists with chosen ids: {"lists": [{"id": "XUepkK", "name": "News"}]}
+  POST   /__fake__/config      {"rate_limits": false, "rate_limit_scale": 0.5, "api_keys": ["pk_a"]}
+                               (api_keys null: any key is accepted)
+  GET    /__fake__/faults      the faults configured
+  DELETE /__fake__/faults      remove every fault
+  POST   /__fake__/faults      add faults; every key optional ("clear": true first):
+    "scripts": {"/api/events": [503, {"status": 429, "retry_after": 2}, "timeout", "pass"]}
+               answers for the next requests to a path, "METHOD path" or operationId, in order
+    "random_5xx_rate": 0.05, "seed": 1, "random_statuses": [500, 503]
+    "hold_seconds": 30         how long a "timeout" holds a request before dropping it
+    "revoked_keys": ["pk_a"]   answer 401 to these keys
+    "bulk_failures": [{"operation_id": "bulk_create_events", "indices": [0], "detail": "Invalid."}]
+               report items of the next bulk job invalid (or, with "values": [...], every
+               item containing one of those strings)
+
+example:
+  curl -X POST localhost:8765/__fake__/faults -d '{"scripts": {"/api/events": [503]}}'
+"""
 
 
 def run_fake_klaviyo(args: argparse.Namespace) -> int:
@@ -319,9 +350,10 @@ def _who(attributes: dict[str, Any]) -> str:
 def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "work",
-        help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
-        description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
-        "Run as many as you like against one PostgreSQL queue; with SQLite, on the same machine.",
+        help="run delivery workers only (no HTTP server), beside an ingest-only serve",
+        description="Deliver queued events to every configured destination until SIGINT/SIGTERM, "
+        "from the queue of the config (SQLite: on the machine that holds its file). Pair it with "
+        "serve and [delivery] workers = 0 to keep ingest and delivery in separate processes.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)
@@ -456,7 +488,8 @@ CONFIGURE = (
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klaviyo-router",
-        description="Route RudderStack/Segment events, captured logs and query results into Klaviyo.",
+        description="Route RudderStack/Segment events into Klaviyo: an HTTP API the SDKs post to, a "
+        "durable queue, mapping files, delivery with Klaviyo's rate limits, dead letters.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)
