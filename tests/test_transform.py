@@ -1433,6 +1433,29 @@ class TestProfileSourcesByCall:
         ):
             load_mappings(tmp_path)
 
+    @pytest.mark.parametrize(
+        ("rules", "error"),
+        [
+            (
+                [{"calls": ["purchase"], "under": "properties", "only": []}],
+                r"profile\.json: at /call_sources/0/calls/0: 'purchase' is not one of",
+            ),
+            (
+                [
+                    {"calls": ["page"], "under": "properties", "only": []},
+                    {"calls": ["track", "page"], "under": "context", "only": []},
+                ],
+                r"profile\.json: at /call_sources/1/calls: 'page' has a rule already",
+            ),
+        ],
+    )
+    def test_bad_rules(self, tmp_path: Path, rules: list[dict[str, Any]], error: str) -> None:
+        """Unknown call types and a call with two rules are refused, naming file and pointer."""
+        document = orjson.loads((KLAVIYO_DIR / "profile.json").read_bytes())
+        (tmp_path / "profile.json").write_bytes(orjson.dumps({**document, "call_sources": rules}))
+        with pytest.raises(MappingError, match=error):
+            load_mappings(tmp_path)
+
 
 class TestConsentChannels:
     """Consent channels are checked at config load and in events (seed 003 lists email, web, sms,
