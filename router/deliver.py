@@ -465,9 +465,9 @@ class Deliverer:
             self.destination,
             progress=[work.verdicts[index].progress for index in keep],
         )
-        for index, reason in planned.refused:
-            work.verdicts[keep[index]].worsen(DEAD, reason)
-        return planned.sends(keep)
+        sends = planned.sends(keep)
+        work.refuse(planned.refused, sends, keep)
+        return sends
 
     async def _send_one(self, send: Send) -> Outcome:
         request = send.request
@@ -516,6 +516,7 @@ class Deliverer:
 
     async def _settle(self, work: Plan) -> None:
         now = self._clock()
+        work.apply_refusals()
         verdicts = work.verdicts
         done = [v.job.id for v in verdicts if v.state == OK]
         if done:
@@ -532,6 +533,7 @@ class Deliverer:
                 await self.queue.dead_letter(verdict.job.id, reason=verdict.reason, progress=verdict.accepted)
                 self.log.warning("job_dead_lettered", **verdict.job.log_context(), reason=verdict.reason)
                 dead += 1
+        self._warn(work)
         skipped = sum(1 for v in verdicts if v.state == OK and v.reason)
         counts = {
             "delivered": len(done) - skipped,
@@ -556,6 +558,19 @@ class Deliverer:
         for progress, ids in by_progress.items():
             await self.queue.release(ids, progress=progress)
         return sum(len(ids) for ids in by_progress.values())
+
+    def _warn(self, work: Plan) -> None:
+        """Log and count what settled jobs were sent without (a dropped phone, an ignored consent
+        channel); a job retried or released is planned again, and warns then."""
+        for index, warning in work.warnings:
+            job = work.verdicts[index]
+            if job.state not in (OK, DEAD):
+                continue
+            self.log.warning(
+                "transform_warning", **job.job.log_context(), warning=warning.code, detail=warning.message
+            )
+            if self._metrics is not None:
+                self._metrics.transform_warnings.labels(self.destination.name, warning.code).inc()
 
     async def _retry(self, verdict: Verdict, now: float) -> bool:
         job = verdict.job

@@ -44,13 +44,13 @@ from typing import Final
 import orjson
 
 from router.destination import Destination
-from router.errors import Skipped, TransformError
+from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.batch import MAX_EVENTS, Part, prepare, staged
 from router.klaviyo.client import Outcome
 from router.klaviyo.requests import KINDS, KlaviyoRequest
 from router.mapping import Mappings
 from router.queue import Job
-from router.transform import transform
+from router.transform import TransformWarning, transform
 
 #: Settle states, worst last: a job takes the worst of its steps' outcomes.
 OK, HELD, RETRY, DEAD, RELEASE = 0, 1, 2, 3, 4
@@ -75,6 +75,9 @@ class Verdict:
     retry_after: float | None = None
     #: Progress bits (:data:`STEP_BITS`) of the steps Klaviyo accepted in this batch.
     accepted: int = 0
+    #: Why the transform refused the rest of a job it made some requests of: once those are
+    #: accepted, the job is a dead letter for this reason (:meth:`Plan.refuse`).
+    refusal: str = ""
 
     def worsen(self, state: int, reason: str, retry_after: float | None = None) -> None:
         if state > self.state or (state == self.state == RETRY):
@@ -100,6 +103,7 @@ class Leftover:
     skipped: tuple[tuple[int, str], ...] = ()
     #: Event requests among the parts.
     events: int = 0
+    warnings: tuple[tuple[int, TransformWarning], ...] = ()
 
     def then(self, other: Leftover) -> Leftover:
         """This leftover's jobs followed by ``other``'s."""
@@ -110,6 +114,7 @@ class Leftover:
             self.refused + tuple((index + shift, reason) for index, reason in other.refused),
             self.skipped + tuple((index + shift, reason) for index, reason in other.skipped),
             self.events + other.events,
+            self.warnings + tuple((index + shift, warning) for index, warning in other.warnings),
         )
 
 
@@ -131,6 +136,8 @@ class Planned:
     #: Event requests the kept jobs made (sizes later claims).
     events: int
     leftover: Leftover = NOTHING_LEFT
+    #: (index, warning) of what the kept jobs were sent without (see :class:`TransformWarning`).
+    warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
     #: The stage of each request, and the kind of step it carries for its jobs.
     stages: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
@@ -144,6 +151,7 @@ class Planned:
         kept: int,
         events: int,
         leftover: Leftover = NOTHING_LEFT,
+        warnings: list[tuple[int, TransformWarning]] | None = None,
     ) -> Planned:
         sends = staged(parts)
         return cls(
@@ -153,6 +161,7 @@ class Planned:
             kept,
             events,
             leftover,
+            warnings or [],
             [entry.stage for entry in sends],
             [entry.kind for entry in sends],
         )
@@ -196,6 +205,8 @@ class Plan:
     held: list[Job] = field(default_factory=list)
     leftover: Leftover = NOTHING_LEFT
     events: int = 0
+    #: (index into ``verdicts``, warning): logged and counted when the job is settled.
+    warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
 
     @property
     def requests(self) -> list[KlaviyoRequest]:
@@ -203,19 +214,40 @@ class Plan:
 
     @classmethod
     def of(cls, jobs: Sequence[Job], planned: Planned) -> Plan:
-        verdicts = [Verdict(job) for job in jobs[: planned.kept]]
-        for index, reason in planned.refused:
-            verdicts[index].worsen(DEAD, reason)
-        for index, reason in planned.skipped:
-            verdicts[index].reason = reason
-        return cls(
-            verdicts,
+        work = cls(
+            [Verdict(job) for job in jobs[: planned.kept]],
             planned.sends(),
             len(planned.skipped),
             list(jobs[planned.kept :]),
             planned.leftover,
             planned.events,
+            planned.warnings,
         )
+        work.refuse(planned.refused, work.sends)
+        for index, reason in planned.skipped:
+            work.verdicts[index].reason = reason
+        return work
+
+    def refuse(
+        self, refused: Iterable[tuple[int, str]], sends: Sequence[Send], jobs: tuple[int, ...] | None = None
+    ) -> None:
+        """Dead-letter the jobs the transform refused (``(index, reason)``; ``jobs[index]`` is the
+        batch index, as for :class:`Send`): at once when ``sends`` carry nothing of a job, else
+        once what they carry of it is accepted (a job refused in part: :meth:`apply_refusals`)."""
+        carried = {index for send in sends for index in send.carried()}
+        for index, reason in refused:
+            job = index if jobs is None else jobs[index]
+            if job in carried:
+                self.verdicts[job].refusal = reason
+            else:
+                self.verdicts[job].worsen(DEAD, reason)
+
+    def apply_refusals(self) -> None:
+        """Every job refused in part whose requests were all accepted becomes a dead letter (one
+        that must go again keeps its refusal for the next attempt's plan to find)."""
+        for verdict in self.verdicts:
+            if verdict.refusal and verdict.state == OK:
+                verdict.worsen(DEAD, verdict.refusal)
 
     def worsen(self, jobs: Iterable[int], state: int, reason: str) -> None:
         """Give every job of ``jobs`` (batch indexes) at least ``state``."""
@@ -258,6 +290,8 @@ def plan_payloads(
 ) -> Planned:
     """Transform each payload and merge the requests into bulk jobs, after those of ``carried``
     (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``).
+    A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests sent
+    and is refused: it becomes a dead letter once they are.
 
     ``progress``: for each payload, the bits (:data:`STEP_BITS`) of the steps already done: those
     are left out (none when empty). A payload that cannot be planned (the transform refuses it,
@@ -272,13 +306,22 @@ def plan_payloads(
     parts = list(carried.parts)
     refused = list(carried.refused)
     skipped = list(carried.skipped)
+    warnings = list(carried.warnings)
+    noted: list[TransformWarning] = []
     for index, payload in enumerate(payloads, start=carried.jobs):
         done = progress[index - carried.jobs] if progress else 0
         try:
-            requests = transform(orjson.loads(payload), destination, mappings, index=index)
+            try:
+                requests = transform(
+                    orjson.loads(payload), destination, mappings, index=index, warnings=noted
+                )
+            except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
+                requests = exc.requests
+                refused.append((index, f"transform: {exc.message}"))
             parts.extend(prepare(r) for r in requests if not done & STEP_BITS[r.kind])
         except TransformError as exc:
             refused.append((index, f"transform: {exc.message}"))
+            noted.clear()
         except Skipped as exc:
             skipped.append((index, exc.message))
         except orjson.JSONEncodeError as exc:
@@ -289,11 +332,14 @@ def plan_payloads(
             raise  # not this payload's fault: the batch fails (see Deliverer._plan)
         except Exception as exc:  # a pure function failing: it fails the same way every time
             refused.append((index, unexpected("planning failed", exc)))
+        if noted:
+            warnings.extend((index, warning) for warning in noted)
+            noted.clear()
     events = [part for part in parts if part.kind == "event"]
     total = carried.jobs + len(payloads)
     rest = len(events) % MAX_EVENTS
     if not (carry_partial and len(events) > MAX_EVENTS and rest):
-        return Planned.of(parts, refused, skipped, total, len(events))
+        return Planned.of(parts, refused, skipped, total, len(events), warnings=warnings)
     kept = events[len(events) - rest].sources[0]
     leftover = Leftover(
         total - kept,
@@ -301,6 +347,7 @@ def plan_payloads(
         tuple((index - kept, reason) for index, reason in refused if index >= kept),
         tuple((index - kept, reason) for index, reason in skipped if index >= kept),
         rest,
+        tuple((index - kept, warning) for index, warning in warnings if index >= kept),
     )
     return Planned.of(
         [part for part in parts if part.sources[0] < kept],
@@ -309,6 +356,7 @@ def plan_payloads(
         kept,
         len(events) - rest,
         leftover,
+        [entry for entry in warnings if entry[0] < kept],
     )
 
 
