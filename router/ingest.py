@@ -1,9 +1,10 @@
 """HTTP ingest: ``POST /v1/{identify,track,page,screen,group,alias,batch,import}``.
 
 Per request: auth (HTTP Basic with the write key as user name, or ``writeKey`` in the body) →
-backpressure → body (gzip, size capped while reading) → JSON → per event: normalise, validate,
-size check → one queue job per destination of the source, and the rejected events as dead letters,
-committed together → answer. The answer comes only after the queue's durable commit.
+backpressure → body (gzip, size capped while reading) → JSON → per event, :mod:`router.intake`
+(normalise, validate, size check) → one queue job per destination of the source, and the rejected
+events as dead letters, committed together → answer. The answer comes only after the queue's
+durable commit.
 
 Answers (JSON; errors carry ``code`` and ``message``, which the RudderStack and Segment SDKs log):
 
@@ -21,7 +22,6 @@ import asyncio
 import base64
 import binascii
 import time
-import uuid
 import zlib
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,15 +29,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import msgspec
 import orjson
 import structlog
 from aiohttp import web, web_protocol
 
 from router.errors import BadEvent
-from router.events import NO_DEFAULTS, BatchDefaults, decoded, encode, normalize, read_batch, validate
+from router.events import NO_DEFAULTS, BatchDefaults, read_batch
 from router.health import Backpressure
-from router.identity import ordering_key
+from router.intake import REASON_PREFIX, Accepted, Intake, Rejected, dead_jobs
 from router.metrics import Metrics
 from router.queue import EnqueueResult, NewJob, Queue
 from router.settings import Settings, Source
@@ -48,8 +47,6 @@ log = structlog.get_logger("router.ingest")
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 #: Batch paths: ``{"batch": [...], "sentAt"?, "context"?, "integrations"?}``.
 BATCH_PATHS = ("batch", "import")
-#: Dead-letter reasons of events rejected here start with this.
-REASON_PREFIX = "rejected at ingest: "
 
 
 class RequestRefused(Exception):
@@ -79,27 +76,10 @@ def json_response(
 
 
 @dataclass(slots=True)
-class _Rejected:
-    index: int
-    message_id: str | None
-    #: What the client is told (``batch[3]: ...``).
-    error: str
-    #: The dead-letter reason (without the request-relative index).
-    reason: str
-    payload: bytes
-
-
-@dataclass(slots=True)
-class _Accepted:
-    message_id: str
-    ordering_key: str | None
-    payload: bytes
-
-
-@dataclass(slots=True)
 class _Prepared:
-    accepted: list[_Accepted] = field(default_factory=list)
-    rejected: list[_Rejected] = field(default_factory=list)
+    accepted: list[Accepted] = field(default_factory=list)
+    #: Each rejected event with its index in the request.
+    rejected: list[tuple[int, Rejected]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -120,6 +100,7 @@ class Ingest:
         self.queue = queue
         self.metrics = metrics
         self.pressure = pressure
+        self.intake = Intake(settings)
         self._sources = {source.write_key: source for source in settings.sources}
         #: Set when shutdown starts: new requests get 503 while in-flight commits finish.
         self.draining = False
@@ -187,7 +168,7 @@ class Ingest:
         plain = read_batch(body) if source is not None and name in BATCH_PATHS else None
         if plain is not None and source is not None:  # the common case, read partly (events.read_batch)
             events, defaults = plain
-            prepared = self._prepare(events, path_type=None, defaults=defaults, single=False)
+            prepared = self._prepare(events, path_type=None, defaults=defaults)
         else:
             source, prepared = await self._parse_fully(source, body, name)
         result = await self._commit(source, prepared)
@@ -205,9 +186,9 @@ class Ingest:
             source = self._source_from_body(parsed)
         if name in BATCH_PATHS:
             events, defaults = await self._batch_events(source, parsed, body)
-            return source, self._prepare(events, path_type=None, defaults=defaults, single=False)
+            return source, self._prepare(events, path_type=None, defaults=defaults)
         await self._check_single(source, parsed, body)
-        return source, self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, single=True)
+        return source, self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS)
 
     def _source_from_header(self, header: str | None) -> Source | None:
         if not header:
@@ -298,49 +279,25 @@ class Ingest:
             await self._dead_body(source, body, "the body is not a JSON object")
             raise RequestRefused(400, "invalid_event", "the body must be a JSON object (one event)")
 
-    def _prepare(
-        self, events: Sequence[Any], *, path_type: str | None, defaults: BatchDefaults, single: bool
-    ) -> _Prepared:
-        """Normalise, validate and serialise every event; collect the rejected ones."""
+    def _prepare(self, events: Sequence[Any], *, path_type: str | None, defaults: BatchDefaults) -> _Prepared:
+        """Prepare every event (:meth:`router.intake.Intake.prepare`); collect the rejected ones."""
         prepared = _Prepared()
         received_at = datetime.now(UTC)
-        limit = self.settings.max_event_bytes
+        prepare = self.intake.prepare
         for index, raw in enumerate(events):
-            message: dict[str, Any] | None = None
-            try:
-                message = normalize(
-                    raw, path_type=path_type, batch_defaults=defaults, received_at=received_at
-                )
-                validate(message)
-                payload = encode(message)
-                if len(payload) > limit:
-                    raise BadEvent(
-                        f"the event is {len(payload)} bytes, over the limit of {limit} bytes (max_event_bytes)"
-                    )
-            except (BadEvent, TypeError, ValueError, msgspec.EncodeError) as exc:
-                prepared.rejected.append(_reject(index, raw, message, exc, single=single))
-                continue
-            prepared.accepted.append(_Accepted(message["messageId"], ordering_key(message), payload))
+            result = prepare(raw, received_at=received_at, path_type=path_type, defaults=defaults)
+            if isinstance(result, Accepted):
+                prepared.accepted.append(result)
+            else:
+                prepared.rejected.append((index, result))
         return prepared
 
     async def _commit(self, source: Source, prepared: _Prepared) -> EnqueueResult:
         """Enqueue the accepted events and dead-letter the rejected ones, durably, in one go."""
-        jobs = [
-            NewJob(
-                source=source.name,
-                destination=destination,
-                message_id=event.message_id,
-                ordering_key=event.ordering_key,
-                payload=event.payload,
-            )
-            for event in prepared.accepted
-            for destination in source.destinations
-        ]
+        jobs = [job for event in prepared.accepted for job in event.jobs(source)]
         dead: dict[str, list[NewJob]] = {}
-        for rejected in prepared.rejected:
-            dead.setdefault(REASON_PREFIX + rejected.reason, []).extend(
-                _dead_jobs(source, rejected.message_id, rejected.payload)
-            )
+        for _, rejected in prepared.rejected:
+            dead.setdefault(rejected.dead_reason, []).extend(rejected.jobs(source))
         writes: list[Coroutine[Any, Any, Any]] = [self.queue.add_dead(group, r) for r, group in dead.items()]
         if jobs:
             writes.insert(0, self.queue.enqueue(jobs))
@@ -348,11 +305,11 @@ class Ingest:
         result = results[0] if jobs else EnqueueResult(inserted=0, duplicates=0)
         self.pressure.note_enqueued(result.inserted)
         if self._log_requests:
-            for rejected in prepared.rejected:
+            for index, rejected in prepared.rejected:
                 log.debug(
                     "event_rejected",
                     source=source.name,
-                    index=rejected.index,
+                    index=index,
                     message_id=rejected.message_id,
                     error=rejected.reason,
                 )
@@ -362,7 +319,7 @@ class Ingest:
         """Keep an unusable request body as a dead letter (raw text, the write key masked)."""
         text = body.decode("utf-8", errors="replace").replace(source.write_key, "***")
         payload = orjson.dumps({"raw_body": text})
-        await self._durably([self.queue.add_dead(_dead_jobs(source, None, payload), REASON_PREFIX + reason)])
+        await self._durably([self.queue.add_dead(dead_jobs(source, None, payload), REASON_PREFIX + reason)])
         log.info("body_rejected", source=source.name, error=reason, bytes=len(body))
 
     async def _durably(self, writes: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -451,51 +408,22 @@ def gunzip(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _reject(
-    index: int, raw: Any, message: dict[str, Any] | None, exc: Exception, *, single: bool
-) -> _Rejected:
-    reason = exc.message if isinstance(exc, BadEvent) else f"the event cannot be stored as JSON: {exc}"
-    holder = message if message is not None else raw
-    message_id = holder.get("messageId") if isinstance(holder, dict) else None
-    message_id = str(message_id) if message_id not in (None, "") else None
-    return _Rejected(
-        index=index,
-        message_id=message_id,
-        error=reason if single else f"batch[{index}]: {reason}",
-        reason=reason,
-        payload=_dead_payload(message if message is not None else raw),
-    )
-
-
-def _dead_payload(value: Any) -> bytes:
-    """JSON bytes for a dead letter: the event when it is an object, else wrapped in ``raw_event``."""
-    if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k != "writeKey"}
-    else:
-        value = {"raw_event": value}
-    try:
-        return encode(value)
-    except (TypeError, ValueError, msgspec.EncodeError):
-        return orjson.dumps({"raw_text": repr(decoded(value) if isinstance(value, dict) else value)[:65536]})
-
-
-def _dead_jobs(source: Source, message_id: str | None, payload: bytes) -> list[NewJob]:
-    message_id = message_id or str(uuid.uuid4())
-    return [
-        NewJob(source=source.name, destination=d, message_id=message_id, ordering_key=None, payload=payload)
-        for d in source.destinations
-    ]
-
-
 def _outcome(source: Source, prepared: _Prepared, result: EnqueueResult, *, single: bool) -> _Outcome:
     destinations = max(1, len(source.destinations))
     accepted = len(prepared.accepted)
     duplicates = min(accepted, result.duplicates // destinations)
-    rejected = [{"index": r.index, "messageId": r.message_id, "error": r.error} for r in prepared.rejected]
+    rejected = [
+        {
+            "index": index,
+            "messageId": r.message_id,
+            "error": r.reason if single else f"batch[{index}]: {r.reason}",
+        }
+        for index, r in prepared.rejected
+    ]
     body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
     if accepted:
         return _Outcome(200, body, source, accepted, len(rejected), duplicates)
-    first = prepared.rejected[0].error
+    first = rejected[0]["error"]
     if single:
         body = {"code": "invalid_event", "message": first, **body}
     else:
