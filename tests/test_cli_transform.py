@@ -308,16 +308,21 @@ class TestUsageErrors:
         assert cli.usage_error(str(missing)) == f"{missing}: cannot read: No such file or directory"
 
     def test_broken_json_array(self, cli: Cli) -> None:
-        """Input that starts as an array but is not valid JSON cannot be split into messages."""
-        path = cli.write("events.json", b'[{"type": "track"},')
-        assert cli.usage_error(str(path)).startswith(f"{path}: not a valid JSON array: ")
+        """An array cut short: what came before it is written (the input is streamed), then the
+        file and the reason on stderr, exit status 1."""
+        path = cli.write("events.json", b"[" + orjson.dumps(TRACK) + b",")
+        status, out, err = cli.run(str(path))
+        assert status == 1
+        assert [orjson.loads(line) for line in out.splitlines()] == expected(TRACK)
+        assert err.startswith(f"klaviyo-router: {path}: not valid JSON: ")
+        assert err.count("\n") == 1
 
     def test_destination_is_required(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """Without --destination argparse exits 2 with its usage message."""
-        with pytest.raises(SystemExit) as exited:
-            main(["transform", "-"])
-        assert exited.value.code == 2
-        assert "--destination" in capsys.readouterr().err
+        """Without --destination (or --config) there is nothing to transform for."""
+        assert main(["transform", "-"]) == 2
+        assert capsys.readouterr().err == (
+            "klaviyo-router: transform needs --destination CONFIG.json, or --config router.toml\n"
+        )
 
 
 class TestSubprocess:
