@@ -250,11 +250,11 @@ class CaptureFile:
         object from a pipe is read twice: its batch defaults may come after its events)."""
         if self.name != STDIN and text.seekable():
             return text
-        spool = tempfile.TemporaryFile()  # noqa: SIM115
-        shutil.copyfileobj(text, spool, BLOCK)
+        spool = io.BufferedReader(cast(Any, tempfile.TemporaryFile()), BLOCK)  # noqa: SIM115
+        self._spool = cast(BinaryIO, spool)
+        shutil.copyfileobj(text, spool.raw, BLOCK)
         spool.seek(0)
-        self._spool = spool
-        return io.BufferedReader(cast(Any, spool), BLOCK)
+        return spool
 
 
 class _ReadAhead:
@@ -369,7 +369,9 @@ def _ndjson_records(text: BinaryIO, max_line: int, start: Position) -> Iterator[
                 yield Record(number, None, number, offset, problem=too_long)
                 continue
             offset += len(line) + 1
-            if line.strip(_WHITESPACE):
+            if len(line) > max_line:
+                yield Record(number, None, number, offset, problem=too_long)
+            elif line.strip(_WHITESPACE):
                 yield Record(number, None, number, offset, text=line)
         if len(rest) > max_line:
             skipped += len(rest)

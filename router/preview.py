@@ -6,10 +6,11 @@ Output is NDJSON: one ``{"method", "path", "body"}`` per request, one ``{"error"
 ``index`` counts the inputs from 0 across every file.
 
 Without batching (:class:`SinglePreview`) each input's requests follow it. With batching
-(:class:`BatchPreview`) inputs are planned by windows of ``window`` (delivery's ``batch_size``)
-through :func:`router.plan.plan_payloads`, the planning path of the delivery workers, and each
-window's requests are written before the next window is read, so memory holds one window and its
-requests, whatever the input's size.
+(:class:`BatchPreview`) inputs are planned window by window as a delivery worker claims and plans
+them: windows sized by :func:`router.plan.claim_size` from ``window`` (delivery's ``batch_size``:
+at most twice that many inputs), each through :func:`router.plan.plan_payloads`, the workers'
+planning path. Each window's requests are written before the next window is read, so memory holds
+one window and its requests, whatever the input's size.
 
 Per-profile order across windows: a window's requests all precede the next window's, as a key's
 later jobs wait in the queue until its earlier ones are settled; inside a window, profile upserts
@@ -30,7 +31,7 @@ from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings
-from router.plan import NOTHING_LEFT, Leftover, plan_payloads
+from router.plan import NOTHING_LEFT, Leftover, claim_size, plan_payloads
 from router.transform import transform
 
 #: Inputs planned together by default (delivery's default ``batch_size``).
@@ -132,12 +133,14 @@ class BatchPreview(Preview):
         #: Inputs refused before planning, waiting to be written with their window.
         self._refused: list[tuple[int, bytes]] = []
         self._leftover: Leftover = NOTHING_LEFT
+        #: Inputs of the next window: what a worker would claim next (:func:`router.plan.claim_size`).
+        self._claim = claim_size(window, None)
 
     def add(self, payload: bytes, where: str = "") -> None:
         self._inputs.append((self.inputs, where))
         self.inputs += 1
         self._payloads.append(payload)
-        if len(self._payloads) >= self.window:
+        if len(self._payloads) >= self._claim:
             self._plan(carry_partial=True)
 
     def refuse(self, error: str, status: int = TransformError.status) -> None:
@@ -176,6 +179,8 @@ class BatchPreview(Preview):
         self._inputs = inputs[planned.kept :]
         self._refused = []
         self._leftover = planned.leftover
+        if planned.kept:  # as a worker sizes its next claim
+            self._claim = claim_size(self.window, planned.events / planned.kept, planned.leftover.events)
 
 
 def _first(entry: tuple[int, bytes]) -> int:

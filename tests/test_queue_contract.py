@@ -303,7 +303,7 @@ async def test_list_jobs_filters_and_pages(queue: Queue) -> None:
 
 async def delivered_at(queue: Queue, moments: list[float], **job: str) -> list[int]:
     """One job per moment, each claimed and acked at it; their ids."""
-    ids = []
+    ids: list[int] = []
     for i, moment in enumerate(moments):
         await queue.enqueue([new_job(f"d{len(ids)}-{i}-{moment}", **job)], now=T0)
         (claimed,) = await queue.claim(job.get("destination", "klaviyo"), 1, lease_seconds=LEASE, now=T0)
