@@ -22,7 +22,7 @@ from router.capture import STDIN, CaptureFile, Record, Unreadable, expand, unpac
 from router.destination import Destination
 from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
-from router.preview import WINDOW, BatchPreview, Preview, SinglePreview
+from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -87,7 +87,7 @@ def run_transform(args: argparse.Namespace) -> int:
     files = _input_files(args.input)
     out = sys.stdout.buffer
     preview: Preview = (
-        BatchPreview(out, destination, mappings, window=window)
+        BatchPreview(out, destination, mappings, window=window, processes=PLANNING_PROCESSES)
         if args.batch
         else SinglePreview(out, destination, mappings)
     )
@@ -114,13 +114,12 @@ def run_transform(args: argparse.Namespace) -> int:
 
 def preview_record(preview: Preview, record: Record, label: str) -> None:
     """One record of a captured file through ``preview`` (``label``: the file's name in errors)."""
-    where = record.where(label)
     if record.problem is not None:
-        preview.refuse(f"{where}: {record.problem}")
+        preview.refuse(f"{record.where(label)}: {record.problem}")
     elif record.text is not None:
-        preview.add(record.text, where)
+        preview.add(record.text, record, label)
     else:
-        preview.add(orjson.dumps(with_defaults(record.value, record.defaults)), where)
+        preview.add(orjson.dumps(with_defaults(record.value, record.defaults)), record, label)
 
 
 def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:

@@ -23,17 +23,25 @@ go out at the head of the next window's event jobs, so every event job but the l
 from __future__ import annotations
 
 import abc
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
 import orjson
 
+from router.capture import Record
 from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import Mappings
-from router.plan import NOTHING_LEFT, Leftover, claim_size, plan_payloads
+from router.mapping import Mappings, load_mappings
+from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_payloads
+from router.runtime import collect_garbage_less
 from router.transform import transform
 
+#: Processes that plan windows while the next is read: one when there is a core to spare.
+PLANNING_PROCESSES: Final = 1 if (os.cpu_count() or 1) > 1 else 0
 #: Inputs planned together by default (delivery's default ``batch_size``).
 WINDOW: Final = 1000
 #: What :func:`router.plan.plan_payloads` puts before the reasons it gives.
@@ -67,8 +75,9 @@ class Preview(abc.ABC):
         self.skipped = 0
 
     @abc.abstractmethod
-    def add(self, payload: bytes, where: str = "") -> None:
-        """One input as JSON bytes; ``where`` names its place in the error of one that is not JSON."""
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
+        """One input as JSON bytes; ``place`` (in the file called ``label``) is named in the error
+        of one that is not JSON."""
 
     @abc.abstractmethod
     def refuse(self, error: str, status: int = TransformError.status) -> None:
@@ -87,13 +96,13 @@ class SinglePreview(Preview):
         self.destination = destination
         self.mappings = mappings
 
-    def add(self, payload: bytes, where: str = "") -> None:
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
         index = self.inputs
         self.inputs += 1
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            self._write_refused(index, _not_json(where, str(exc)))
+            self._write_refused(index, _not_json(place, label, str(exc)))
             return
         try:
             produced = transform(message, self.destination, self.mappings, index=index)
@@ -117,56 +126,115 @@ class SinglePreview(Preview):
         self.out.write(error_line(index, error, status))
 
 
+@dataclass(slots=True)
+class _Window:
+    """Inputs planned together: their payloads, and per job (the held-over ones first) the
+    input's index and place; the lines of inputs refused before planning."""
+
+    payloads: list[bytes] = field(default_factory=list)
+    inputs: list[tuple[int, Record | None, str]] = field(default_factory=list)
+    refused: list[tuple[int, bytes]] = field(default_factory=list)
+
+
 class BatchPreview(Preview):
-    """The bulk requests delivery would send, planned window by window (see the module's text)."""
+    """The bulk requests delivery would send, planned window by window (see the module's text).
+
+    With ``processes = 1`` the windows are planned in a process of their own while the next one is
+    read here (planning is nine tenths of the work): the carried jobs of window ``k`` go into
+    window ``k + 1``, so one window is planned at a time, overlapping the reading and writing of
+    the others. Window sizes come from the plan before the last, in both modes, so the output does
+    not depend on the mode.
+    """
 
     def __init__(
-        self, out: BinaryIO, destination: Destination, mappings: Mappings, *, window: int = WINDOW
+        self,
+        out: BinaryIO,
+        destination: Destination,
+        mappings: Mappings,
+        *,
+        window: int = WINDOW,
+        processes: int = 0,
     ) -> None:
         super().__init__(out)
         self.destination = destination
         self.mappings = mappings
         self.window = window
-        self._payloads: list[bytes] = []
-        #: Per job of the next plan (the held-over ones first): its input index and place.
-        self._inputs: list[tuple[int, str]] = []
-        #: Inputs refused before planning, waiting to be written with their window.
-        self._refused: list[tuple[int, bytes]] = []
-        self._leftover: Leftover = NOTHING_LEFT
+        self.processes = processes
+        self._filling = _Window()
         #: Inputs of the next window: what a worker would claim next (:func:`router.plan.claim_size`).
         self._claim = claim_size(window, None)
+        #: The jobs held over by the last window written, and their inputs.
+        self._leftover: Leftover = NOTHING_LEFT
+        self._carried: list[tuple[int, Record | None, str]] = []
+        #: The last window written, planned (it sizes the windows read after the next one).
+        self._last: Planned | None = None
+        self._pending: tuple[_Window, Future[Planned]] | None = None
+        self._pool: ProcessPoolExecutor | None = None
 
-    def add(self, payload: bytes, where: str = "") -> None:
-        self._inputs.append((self.inputs, where))
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
+        filling = self._filling
+        filling.inputs.append((self.inputs, place, label))
         self.inputs += 1
-        self._payloads.append(payload)
-        if len(self._payloads) >= self._claim:
-            self._plan(carry_partial=True)
+        filling.payloads.append(payload)
+        if len(filling.payloads) >= self._claim:
+            self._close(carry_partial=True)
 
     def refuse(self, error: str, status: int = TransformError.status) -> None:
         self.refused += 1
-        self._refused.append((self.inputs, error_line(self.inputs, error, status)))
+        self._filling.refused.append((self.inputs, error_line(self.inputs, error, status)))
         self.inputs += 1
 
     def finish(self) -> None:
-        while self._payloads or self._leftover.jobs or self._refused:
-            self._plan(carry_partial=False)
+        self._close(carry_partial=False)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         super().finish()
 
-    def _plan(self, *, carry_partial: bool) -> None:
+    def _close(self, *, carry_partial: bool) -> None:
+        """Plan the window being filled (after writing the one being planned, whose held-over
+        jobs it carries), and start the next."""
+        window, self._filling = self._filling, _Window()
+        self._settle()
+        if self._last is not None and self._last.kept:  # as a worker sizes its next claim
+            last = self._last
+            self._claim = claim_size(self.window, last.events / last.kept, last.leftover.events)
+        window.inputs[:0] = self._carried
+        if self.processes and carry_partial:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=collect_garbage_less,
+                )
+            future = self._pool.submit(
+                _plan_apart, window.payloads, self.destination, carry_partial, self._leftover
+            )
+            self._pending = (window, future)
+            return
         planned = plan_payloads(
-            self._payloads,
+            window.payloads,
             self.destination,
             self.mappings,
             carry_partial=carry_partial,
             carried=self._leftover,
         )
-        inputs = self._inputs
-        lines = self._refused
+        self._write(window, planned)
+
+    def _settle(self) -> None:
+        """Wait for the window being planned apart, and write it."""
+        if self._pending is not None:
+            window, future = self._pending
+            self._pending = None
+            self._write(window, future.result())
+
+    def _write(self, window: _Window, planned: Planned) -> None:
+        inputs = window.inputs
+        lines = window.refused
         for job, reason in planned.refused:
-            index, where = inputs[job]
+            index, place, label = inputs[job]
             self.refused += 1
-            lines.append((index, error_line(index, _refusal(reason, where))))
+            lines.append((index, error_line(index, _refusal(reason, place, label))))
         for job, reason in planned.skipped:
             index = inputs[job][0]
             self.skipped += 1
@@ -175,26 +243,36 @@ class BatchPreview(Preview):
         self.out.writelines(line for _, line in lines)
         self.requests += len(planned.requests)
         self.out.writelines(request_line(request) for request in planned.requests)
-        self._payloads = []
-        self._inputs = inputs[planned.kept :]
-        self._refused = []
+        self._carried = inputs[planned.kept :]
         self._leftover = planned.leftover
-        if planned.kept:  # as a worker sizes its next claim
-            self._claim = claim_size(self.window, planned.events / planned.kept, planned.leftover.events)
+        self._last = planned
+
+
+def _plan_apart(
+    payloads: list[bytes], destination: Destination, carry_partial: bool, carried: Leftover
+) -> Planned:
+    """In a planning process: :func:`router.plan.plan_payloads` with the destination's mappings
+    (compiled once per process)."""
+    mappings = load_mappings(destination.mappings_dir)
+    return plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
 
 
 def _first(entry: tuple[int, bytes]) -> int:
     return entry[0]
 
 
-def _refusal(reason: str, where: str) -> str:
+def _refusal(reason: str, place: Record | None, label: str) -> str:
     """The transform's own text for a reason :func:`plan_payloads` gave."""
     if reason.startswith(_TRANSFORM_REFUSED):
         return reason.removeprefix(_TRANSFORM_REFUSED)
     if reason.startswith(_NOT_JSON):
-        return _not_json(where, reason.removeprefix(_NOT_JSON))
+        return _not_json(place, label, reason.removeprefix(_NOT_JSON))
     return reason
 
 
-def _not_json(where: str, detail: str) -> str:
-    return f"{where}: not valid JSON: {detail}" if where else f"not valid JSON: {detail}"
+def _not_json(place: Record | None, label: str, detail: str) -> str:
+    return (
+        f"{place.where(label)}: not valid JSON: {detail}"
+        if place is not None
+        else f"not valid JSON: {detail}"
+    )

@@ -52,7 +52,7 @@ from router.health import Backpressure
 from router.intake import Accepted, Intake, Rejected, dead_jobs
 from router.logs import Redactor
 from router.mapping import load_mappings
-from router.preview import BatchPreview
+from router.preview import PLANNING_PROCESSES, BatchPreview
 from router.queue import EnqueueResult, NewJob, Queue, open_queue
 from router.runtime import tune_runtime
 from router.settings import Settings, Source
@@ -549,7 +549,9 @@ def dry_run(
     does), through intake as a replay would; nothing is enqueued. Returns the tally and how many
     inputs were refused."""
     mappings = load_mappings(destination.mappings_dir)
-    preview = BatchPreview(out, destination, mappings, window=settings.delivery_batch_size)
+    preview = BatchPreview(
+        out, destination, mappings, window=settings.delivery_batch_size, processes=PLANNING_PROCESSES
+    )
     preparer = Preparer(settings, selection)
     tally = Tally()
     max_line = max(settings.max_request_bytes, settings.max_event_bytes)
@@ -564,7 +566,7 @@ def dry_run(
                         tally.filtered += 1
                     elif isinstance(outcome, Accepted):
                         tally.accepted += 1
-                        preview.add(outcome.payload, record.where(label))
+                        preview.add(outcome.payload, record, label)
                     else:
                         tally.rejected += 1
                         preview.refuse(f"{record.where(label)}: {outcome.reason}")
