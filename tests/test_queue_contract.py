@@ -19,6 +19,7 @@ from router.queue import (
     JobState,
     NewJob,
     Queue,
+    QueueFull,
     QueueOptions,
     open_queue,
     sql,
@@ -396,6 +397,37 @@ async def test_concurrent_enqueues_are_all_stored(queue: Queue) -> None:
         assert queue.commits < calls  # group commit: many enqueues per transaction
 
 
+async def test_enqueue_refuses_what_would_pass_max_depth(queue: Queue) -> None:
+    """Past max_depth active jobs an enqueue stores nothing, its messageIds included; acks make room."""
+    await queue.enqueue([new_job(f"a{i}") for i in range(3)], now=T0, max_depth=5)
+    with pytest.raises(QueueFull, match=r"holds 3 jobs; 3 more would pass its limit of 5"):
+        await queue.enqueue([new_job(f"b{i}") for i in range(3)], now=T0, max_depth=5)
+    with pytest.raises(QueueFull):  # one batch larger than the limit, on an emptier queue too
+        await queue.enqueue([new_job(f"c{i}") for i in range(9)], now=T0, max_depth=5)
+    assert await queue.enqueue([new_job("b0"), new_job("b1")], now=T0, max_depth=5) == enqueued(2, 0)
+    await queue.dead_letter(1, reason="400", now=T0)
+    await queue.ack(await claim_ids(queue, limit=1), now=T0)  # in flight still counts until acked
+    assert await queue.enqueue([new_job("b2"), new_job("b2")], now=T0, max_depth=5) == enqueued(1, 1)
+    with pytest.raises(QueueFull):
+        await queue.enqueue([new_job("b3")], now=T0, max_depth=4)
+    stored = await queue.list_jobs(JobState.PENDING) + await queue.list_jobs(JobState.DONE)
+    assert sorted(job.message_id for job in stored) == ["a1", "a2", "b0", "b1", "b2"]
+
+
+async def test_concurrent_enqueues_never_pass_max_depth(queue: Queue) -> None:
+    """40 batches of 100 at once on an empty queue with max_depth 500: five are stored, whole."""
+    outcomes = await asyncio.gather(
+        *(
+            queue.enqueue([new_job(f"m{b}-{i}") for i in range(100)], now=T0, max_depth=500)
+            for b in range(40)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, QueueFull) for o in outcomes) == 35
+    assert [o for o in outcomes if isinstance(o, EnqueueResult)] == [enqueued(100, 0)] * 5
+    assert (await queue.counts())[JobState.PENDING] == 500
+
+
 async def test_concurrent_claims_never_share_a_job(queue: Queue) -> None:
     await queue.enqueue([new_job(f"m{i}", key=f"u{i % 40}") for i in range(100)], now=T0)
     batches = await asyncio.gather(*(claim_ids(queue, limit=7) for _ in range(10)))
@@ -553,6 +585,42 @@ async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: 
     conn.close()
 
 
+async def test_sqlite_counts_active_jobs_through_every_change(tmp_path: Path) -> None:
+    """queue_depth (what an enqueue with max_depth reads) follows every way a job enters or leaves
+    the active states, for jobs with and without an ordering key."""
+    path = tmp_path / "queue.db"
+    queue = SqliteQueue(path, QueueOptions(retention=100))
+    await queue.open()
+
+    def kept_and_counted() -> tuple[int, int]:
+        with sqlite3.connect(path) as conn:
+            kept = conn.execute("SELECT active FROM queue_depth").fetchone()[0]
+            counted = conn.execute(
+                "SELECT count(*) FROM queue_jobs WHERE state IN ('pending', 'in_flight')"
+            ).fetchone()[0]
+        conn.close()
+        return kept, counted
+
+    try:
+        await queue.enqueue([new_job(f"m{i}", key=f"u{i % 3}" if i % 2 else None) for i in range(9)], now=T0)
+        await queue.enqueue([new_job("single")], now=T0)
+        await queue.add_dead([new_job("refused")], "bad input", now=T0)
+        assert kept_and_counted() == (10, 10)
+        first, second, third, fourth, *rest = await claim_ids(queue)
+        await queue.ack([first, second], now=T0)
+        await queue.retry(third, at=T0 + 5, error="503", now=T0)
+        await queue.dead_letter(fourth, reason="400", now=T0)
+        await queue.release(rest, now=T0)
+        assert kept_and_counted() == (7, 7)
+        assert await queue.revive([fourth, 11], now=T0) == 2
+        assert kept_and_counted() == (9, 9)
+        await queue.ack(await claim_ids(queue, now=T0 + 10), now=T0 + 10)
+        await queue.cleanup(now=T0 + 1000)
+        assert kept_and_counted() == (0, 0)
+    finally:
+        await queue.close()
+
+
 async def test_sqlite_reports_a_write_only_after_the_wal_is_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -659,7 +727,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -732,7 +800,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -757,7 +825,7 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"queue_jobs_retrying", "queue_jobs_pending", "queue_jobs_in_flight"} <= names
         assert not names & {"queue_jobs_active", "queue_jobs_active_key"}

@@ -17,6 +17,7 @@ from router.queue import (
     JobState,
     NewJob,
     QueueOptions,
+    check_depth,
     group_by_message,
     key_major,
 )
@@ -50,10 +51,14 @@ class MemoryQueue:
         if not self._open:
             raise RuntimeError("memory queue is not open")
 
-    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
-        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, now: float | None = None, max_depth: int | None = None
+    ) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window;
+        :class:`router.queue.QueueFull` past ``max_depth`` active jobs (see :class:`Queue`)."""
         now = time.time() if now is None else now
         groups, duplicates = group_by_message(jobs)
+        check_depth(len(self._active), len(jobs) - duplicates, max_depth)
         inserted = 0
         for group in groups:
             key = (group[0].source, group[0].message_id)

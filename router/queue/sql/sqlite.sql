@@ -111,6 +111,34 @@ CREATE INDEX queue_jobs_in_flight ON queue_jobs (destination, ordering_key, id, 
 DROP INDEX queue_jobs_active;
 PRAGMA user_version = 5;
 
+-- name: migrate_6
+-- Active jobs (pending or in flight) counted in one row, kept by triggers on every way a job
+-- enters or leaves the active states, so that an enqueue with a max_depth refuses what would take
+-- the queue past it in the same transaction that stores (a count(*) would read every active job).
+CREATE TABLE queue_depth (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    active INTEGER NOT NULL
+);
+INSERT INTO queue_depth (id, active)
+SELECT 1, count(*) FROM queue_jobs WHERE state IN ('pending', 'in_flight');
+CREATE TRIGGER queue_depth_job_added AFTER INSERT ON queue_jobs
+WHEN new.state IN ('pending', 'in_flight')
+BEGIN
+    UPDATE queue_depth SET active = active + 1 WHERE id = 1;
+END;
+CREATE TRIGGER queue_depth_job_moved AFTER UPDATE OF state ON queue_jobs
+WHEN (old.state IN ('pending', 'in_flight')) <> (new.state IN ('pending', 'in_flight'))
+BEGIN
+    UPDATE queue_depth SET active = active + iif(new.state IN ('pending', 'in_flight'), 1, -1)
+    WHERE id = 1;
+END;
+CREATE TRIGGER queue_depth_job_deleted AFTER DELETE ON queue_jobs
+WHEN old.state IN ('pending', 'in_flight')
+BEGIN
+    UPDATE queue_depth SET active = active - 1 WHERE id = 1;
+END;
+PRAGMA user_version = 6;
+
 -- name: configure_writer
 -- Write-ahead log. The WAL is not synced inside COMMIT (NORMAL): the writer's sync thread fsyncs
 -- it after each commit and only then reports the group's writes done, so a returned write still
@@ -153,6 +181,10 @@ PRAGMA user_version;
 -- name: ping
 -- Cheapest round trip through the database.
 SELECT 1;
+
+-- name: active_jobs
+-- Jobs pending or in flight, of every destination (kept by the queue_depth triggers).
+SELECT active FROM queue_depth WHERE id = 1;
 
 -- name: see_message
 -- Record (source, message_id) as accepted now; returns a row unless it was seen after :cutoff.
