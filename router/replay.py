@@ -19,8 +19,9 @@ Started again with the same arguments, replay goes on from there; a file it fini
 (``--again`` reads it anyway). Events between the last checkpoint and an interruption are read
 again and found duplicates.
 
-Flow control: replay waits (never fails) while the queue is at ``max_depth`` or the disk at
-``min_free_disk_bytes``, as ingest would answer 503, and ``--rate`` caps events read per second.
+Flow control: replay waits (never fails) while a group would take the queue past ``max_depth``
+(the queue refuses it whole) or the disk is under ``min_free_disk_bytes``, where ingest would answer
+503; ``--rate`` caps events read per second.
 
 ``--archive`` sends delivered jobs still in the queue's retention window through delivery again,
 with the current mappings: :func:`archive`.
@@ -33,6 +34,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -49,11 +51,10 @@ from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadab
 from router.destination import Destination
 from router.events import NO_DEFAULTS, TYPES, BatchDefaults, decoded, parse_timestamp, read_event
 from router.health import Backpressure
-from router.intake import Accepted, Intake, Rejected, dead_jobs
-from router.logs import Redactor
+from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected, dead_jobs
 from router.mapping import load_mappings
 from router.preview import PLANNING_PROCESSES, BatchPreview
-from router.queue import EnqueueResult, NewJob, Queue, open_queue
+from router.queue import EnqueueResult, NewJob, Queue, QueueFull, open_queue
 from router.runtime import tune_runtime
 from router.settings import Settings, Source
 
@@ -197,33 +198,44 @@ class Preparer:
     def __init__(self, settings: Settings, selection: Selection) -> None:
         self.intake = Intake(settings)
         self.selection = selection
-        self._redactor = Redactor(settings.secrets())
         self.now = time.time()
         self._now = datetime.now(UTC)
 
     def outcomes(self, records: Iterable[Record]) -> Iterator[tuple[Record, Accepted | Rejected | None]]:
-        """Each event of ``records`` with intake's outcome (None: the selection leaves it out). An
-        NDJSON line is read as ingest reads a batch's events (only the fields intake looks at are
-        decoded); one that turns out not to be a bare event is unpacked (:func:`unpack`)."""
+        """Each event of ``records`` with intake's outcome (None: the selection leaves it out).
+
+        An NDJSON line is screened first, as ingest screens a request body (:meth:`Intake.screen`:
+        one nesting past :data:`router.intake.PARSE_DEPTH` is refused unparsed; a clean one spares
+        its events the per-event checks), then read as ingest reads a batch's events (only the
+        fields intake looks at are decoded); one that is not a bare event is unpacked.
+        """
         for record in records:
             text = record.text
             if text is None or record.value is not None or record.problem is not None:
                 yield record, self.prepare(record)
                 continue
+            screening = self.intake.screen(text)
+            if screening.depth > PARSE_DEPTH:
+                reason = (
+                    f"the line nests deeper than {PARSE_DEPTH} levels; events may nest "
+                    f"{self.intake.max_depth} (max_nesting_depth)"
+                )
+                yield record, self.unreadable(text, reason)
+                continue
             event = read_event(text)
             if event is None or ("type" not in event and ("message" in event or "batch" in event)):
                 for inner in unpack(record):
-                    yield inner, self.prepare(inner)
+                    yield inner, self.prepare(inner, screened=screening.clean)
                 continue
-            yield record, self._intake(event, record.defaults)
+            yield record, self._intake(event, record.defaults, screening.clean)
 
-    def prepare(self, record: Record) -> Accepted | Rejected | None:
+    def prepare(self, record: Record, *, screened: bool = False) -> Accepted | Rejected | None:
         """Intake's outcome for a decoded record (or one that could not be read)."""
         if record.problem is not None:
             return self.unreadable(record.text, record.problem)
-        return self._intake(record.value, record.defaults)
+        return self._intake(record.value, record.defaults, screened)
 
-    def _intake(self, event: Any, defaults: BatchDefaults) -> Accepted | Rejected | None:
+    def _intake(self, event: Any, defaults: BatchDefaults, screened: bool) -> Accepted | Rejected | None:
         if isinstance(event, dict):
             if not self.selection.everything and not self.selection.admits(event, defaults, self.now):
                 return None
@@ -232,11 +244,12 @@ class Preparer:
             arrival = received_at(event, defaults, self._now)
         else:
             arrival = self._now
-        return self.intake.prepare(event, received_at=arrival, defaults=defaults)
+        return self.intake.prepare(event, received_at=arrival, defaults=defaults, screened=screened)
 
     def unreadable(self, text: bytes | None, reason: str) -> Rejected:
-        """An entry that is no event: refused, its text kept (secrets masked) as the dead letter."""
-        kept = None if text is None else self._redactor.redact(text.decode("utf-8", errors="replace"))
+        """An entry that is no event: refused, its text kept (write keys masked) as the dead letter,
+        as ingest keeps a body it cannot use."""
+        kept = None if text is None else self.intake.write_keys.scrub(text).decode("utf-8", errors="replace")
         return Rejected(None, reason, orjson.dumps({"raw_body": kept}))
 
 
@@ -401,21 +414,17 @@ class Replayer:
         self.rate = rate
         self.again = again
         self.tally = Tally()
-        self.pressure = Backpressure(
-            queue,
-            data_dir=settings.data_dir,
-            max_queue_depth=settings.max_queue_depth,
-            min_free_disk_bytes=settings.min_free_disk_bytes,
-        )
-        self.group_limit = GROUP_EVENTS if rate is None else max(1, min(GROUP_EVENTS, int(rate // 10)))
         self._destinations = max(1, len(source.destinations))
+        #: Events per group: fewer with ``--rate`` (ten groups a second), and few enough that a
+        #: group's jobs fit in the queue's ``max_depth`` twice over.
+        fits = max(1, settings.max_queue_depth // (2 * self._destinations))
+        self.group_limit = min(GROUP_EVENTS, fits, GROUP_EVENTS if rate is None else max(1, int(rate // 10)))
         self._started = time.monotonic()
         self._done_bytes = 0
         #: The group being committed, with the checkpoint to save once it is durable.
         self._in_flight: tuple[asyncio.Future[EnqueueResult], _Group, Checkpoint | None, str] | None = None
 
     async def run(self, files: Sequence[str]) -> Tally:
-        await self.pressure.refresh()
         for name in files:
             await self._file(name)
         return self.tally
@@ -481,11 +490,11 @@ class Replayer:
         self.progress.write(f"rejected: {where}: {outcome.reason}")
 
     async def _flush(self, group: _Group, checkpoint: Checkpoint | None, name: str, consumed: int) -> None:
-        """Commit ``group`` (the last one first made durable), then pace to ``--rate``."""
-        await self._wait_for_room()
-        task = asyncio.ensure_future(self._commit(group))
+        """Commit ``group`` once the group before it is durable (this one was read meanwhile), so
+        that groups reach the queue in file order; then pace to ``--rate``."""
         await self._settle()
-        self._in_flight = (task, group, checkpoint, name)
+        await self._wait_for_disk()
+        self._in_flight = (asyncio.ensure_future(self._commit(group)), group, checkpoint, name)
         self.progress.update(self.tally, self._done_bytes + consumed)
         if self.rate is not None:
             ahead = self.tally.read / self.rate - (time.monotonic() - self._started)
@@ -493,39 +502,48 @@ class Replayer:
                 await asyncio.sleep(ahead)
 
     async def _settle(self) -> None:
-        """Wait for the group in flight to be durable; count it and save its checkpoint."""
+        """Wait for the group in flight to be durable (committing it again, after a pause, while the
+        queue is at ``max_queue_depth``); count it and save its checkpoint."""
         if self._in_flight is None:
             return
         task, group, checkpoint, name = self._in_flight
         self._in_flight = None
-        result = await task
-        duplicates = min(group.accepted, result.duplicates // self._destinations)
-        self.tally.duplicates += duplicates
+        while True:
+            try:
+                result = await task
+                break
+            except QueueFull as full:
+                self.progress.update(self.tally, self._done_bytes, note=f"waiting: {full}")
+                await asyncio.sleep(self.settings.retry_after)
+                task = asyncio.ensure_future(self._commit(group))
+        self.tally.duplicates += min(group.accepted, result.duplicates // self._destinations)
         self.tally.queued += result.inserted // self._destinations
-        self.pressure.note_enqueued(result.inserted)
         if checkpoint is not None:
             self.checkpoints.save(checkpoint, name, read=self.tally.read)
 
     async def _commit(self, group: _Group) -> EnqueueResult:
-        writes: list[Any] = [self.queue.add_dead(jobs, reason) for reason, jobs in group.dead.items()]
+        """Enqueue the group's jobs (refused whole, :class:`QueueFull`, while they would take the
+        queue past ``max_queue_depth``), then keep its dead letters: as ingest commits a request,
+        so a group committed again leaves its dead letters once."""
+        result = EnqueueResult(inserted=0, duplicates=0)
         if group.jobs:
-            writes.insert(0, self.queue.enqueue(group.jobs))
-        if not writes:
-            return EnqueueResult(inserted=0, duplicates=0)
-        results = await asyncio.gather(*writes)
-        return results[0] if group.jobs else EnqueueResult(inserted=0, duplicates=0)
+            result = await self.queue.enqueue(group.jobs, max_depth=self.settings.max_queue_depth)
+        if group.dead:
+            await asyncio.gather(*(self.queue.add_dead(jobs, reason) for reason, jobs in group.dead.items()))
+        return result
 
-    async def _wait_for_room(self) -> None:
-        """Wait while the queue is full or the disk nearly is (ingest would answer 503)."""
-        if self.pressure.overloaded() is None:
-            return
-        await self._settle()
+    async def _wait_for_disk(self) -> None:
+        """Wait while the data disk is nearly full (ingest would answer 503)."""
         while True:
-            await self.pressure.refresh()
-            why = self.pressure.overloaded()
-            if why is None:
+            limit = self.settings.min_free_disk_bytes
+            try:
+                free = shutil.disk_usage(self.settings.data_dir).free
+            except OSError:
                 return
-            self.progress.update(self.tally, self._done_bytes, note=f"waiting: {why}")
+            if free >= limit:
+                return
+            note = f"waiting: {free} bytes free on the data disk, under {limit} (min_free_disk_bytes)"
+            self.progress.update(self.tally, self._done_bytes, note=note)
             await asyncio.sleep(self.settings.retry_after)
 
 

@@ -44,7 +44,7 @@ max_event_bytes = {max_event_bytes}
 workers = 1
 batch_size = {batch_size}
 [log]
-level = "warning"
+level = "info"
 [[sources]]
 name = "web"
 write_key = "{write_key}"
@@ -522,8 +522,11 @@ async def fake_klaviyo(
 
 
 @contextlib.asynccontextmanager
-async def worker(config: Path) -> AsyncIterator[None]:
-    async with child("work", ["work", "--config", str(config)], config.parent) as process:
+async def worker(config: Path, name: str) -> AsyncIterator[None]:
+    """``klaviyo-router work`` from its start (its log, ``<name>.log``, says so) until SIGTERM
+    stops it cleanly."""
+    started = r'"event": ?"(worker_started)"'
+    async with child(name, ["work", "--config", str(config)], config.parent, announces=started) as process:
         yield
         assert await process.stop() == 0, process.tail()
 
@@ -563,7 +566,7 @@ class TestDelivery:
             path.write_bytes(gzip.compress(ndjson(*events)))
             status, output = await cli("replay", "--config", str(config), "--json", str(path))
             assert status == 0, output
-            async with worker(config):
+            async with worker(config, "work-1"):
                 await all_done(config, len(events))
             destination = Destination(private_key=PRIVATE_KEY, list_id="XUepkK")
             assert Expected.of([job.message() for job in await queued(config)], destination) == expected
@@ -577,7 +580,7 @@ class TestDelivery:
             assert status == 0, output
             again = orjson.loads(output.strip().splitlines()[-1])
             assert (again["queued"], again["duplicates"]) == (0, 1000)
-            async with worker(config):
+            async with worker(config, "work-2"):
                 await asyncio.sleep(1.0)
             assert (len(fake.requests), len(fake.events), fake.duplicate_events) == (requests, 650, 0)
 
@@ -595,7 +598,7 @@ class TestDelivery:
             path = tmp_path / "orders.ndjson"
             path.write_bytes(ndjson(*orders, EVENTS[2]))
             assert (await cli("replay", "--config", str(config), str(path)))[0] == 0
-            async with worker(config):
+            async with worker(config, "work-3"):
                 await all_done(config, 6)
             assert sorted(e.metric for e in fake.events) == ["Order Completed"] * 5 + ["Viewed"]
 
@@ -627,7 +630,7 @@ class TestDelivery:
             )
             assert status == 0, output
             assert "sent 6 delivered jobs back to the queue" in output
-            async with worker(config):
+            async with worker(config, "work-4"):
                 await all_done(config, 6)
             renamed = sorted((e.metric, e.unique_id) for e in fake.events if e.metric == "Placed Order")
             assert renamed == [("Placed Order", f"o{i}") for i in range(5)]
