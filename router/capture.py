@@ -50,6 +50,8 @@ MAX_LINE: Final = 64 << 20
 STDIN: Final = "-"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _WHITESPACE: Final = b" \t\r\n"
+#: Lines looked at to tell NDJSON from a pretty-printed object.
+_SNIFF_LINES: Final = 20
 
 
 class Unreadable(Exception):
@@ -329,13 +331,21 @@ def _head(text: io.BufferedReader[Any]) -> bytes:
 
 
 def _first_line_is_json(head: bytes) -> bool:
-    """Whether the first line of ``head`` (as far as one block shows it) is a whole JSON value:
-    NDJSON, not a pretty-printed object."""
-    end = head.find(b"\n")
-    if end < 0:  # one line, or a first line longer than a block: NDJSON either way
+    """Whether ``head`` (the first block) reads as NDJSON rather than one pretty-printed object:
+    its first line is a whole JSON value, or at least half of its first lines are (NDJSON whose
+    first line is damaged); the lines of a pretty-printed object hardly ever are."""
+    lines = [line for line in head.split(b"\n")[:_SNIFF_LINES] if line.strip(_WHITESPACE)]
+    if len(lines) <= 1:  # one line, or a first line longer than a block: NDJSON either way
         return True
+    if len(head) >= BLOCK:  # the last line may be cut by the block's end
+        lines.pop()
+    whole = [_is_json(line) for line in lines]
+    return whole[0] or 2 * sum(whole) >= len(whole)
+
+
+def _is_json(line: bytes) -> bool:
     try:
-        orjson.loads(head[:end])
+        orjson.loads(line)
     except orjson.JSONDecodeError:
         return False
     return True

@@ -268,3 +268,12 @@ class TestExpand:
             assert capture.size == path.stat().st_size
             list(capture.records())
             assert capture.consumed == capture.size
+
+
+def test_ndjson_with_a_damaged_first_line(tmp_path: Path) -> None:
+    """A broken first line does not make NDJSON look like one pretty-printed object."""
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b'{"type": "track", "userId": \n' + ndjson(E1, E3))
+    found = events(path)
+    assert [r.line for r in found] == [1, 2, 3]
+    assert (found[0].text, [decoded(r) for r in found[1:]]) == (b'{"type": "track", "userId": ', [E1, E3])
