@@ -33,11 +33,20 @@ def thread_cpu_seconds() -> dict[str, float]:
     return {thread.name: cpu_seconds_of(f"self/task/{thread.native_id}") for thread in threading.enumerate()}
 
 
+def rss(pid: int) -> str:
+    """``VmRSS`` of a process, from /proc."""
+    return _status_field(pid, "VmRSS")
+
+
 def peak_rss(pid: int) -> str:
     """``VmHWM`` of a process, from /proc."""
+    return _status_field(pid, "VmHWM")
+
+
+def _status_field(pid: int, name: str) -> str:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{name}:"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
@@ -62,10 +71,11 @@ def children(pid: int) -> list[int]:
 def run_child(
     command: Sequence[str], cwd: Path, *, stdout_to: str | None = None
 ) -> tuple[float, float, int, bytes]:
-    """Run a command to its end: wall seconds, CPU seconds (user + system), peak RSS in KiB, and its
-    standard output (or, with ``stdout_to``, nothing: the output goes to that file, e.g.
-    ``/dev/null``). The peak is ``VmHWM`` read every 20 ms while it runs: ``ru_maxrss`` would count
-    the memory of this process, which the child had until it exec'd."""
+    """Run a command to its end: wall seconds, CPU seconds (user + system, its children's included),
+    peak RSS in KiB, and its standard output (or, with ``stdout_to``, nothing: the output goes to
+    that file, e.g. ``/dev/null``). The peak is read every 20 ms while it runs: the larger of its
+    ``VmHWM`` and the RSS of it and its child processes together (``ru_maxrss`` would count the
+    memory of this process, which the child had until it exec'd)."""
     cpu_before = _children_cpu()
     started = time.perf_counter()
     peak = 0
@@ -74,7 +84,8 @@ def run_child(
             out = sink if stdout_to else captured
             process = subprocess.Popen(list(command), cwd=cwd, stdout=out, stderr=errors)
             while process.poll() is None:
-                peak = max(peak, _kib(peak_rss(process.pid)))
+                tree = sum(_kib(rss(pid)) for pid in [process.pid, *children(process.pid)])
+                peak = max(peak, _kib(peak_rss(process.pid)), tree)
                 time.sleep(0.02)
         wall = time.perf_counter() - started
         if process.returncode != 0:

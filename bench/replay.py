@@ -7,7 +7,8 @@ The mix is repeated to N events (default 1 000 000), each with a fresh messageId
 as gzip NDJSON under ``--dir`` (kept there for the next run). Each run replays it into a new queue.
 Printed: the machine-speed line, a baseline measured in the same run (reading the file's lines:
 gunzip and split, in this process), events/s of the replay (wall clock of the process), its CPU
-time and peak RSS (``ru_maxrss`` of the child), and what its summary counted.
+time and peak RSS (it and its child processes, sampled: :func:`procstat.run_child`), and what its
+summary counted.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ For each size the mix is repeated with fresh messageIds and written once as gzip
 ``--dir`` (kept for the next run); the command reads it and writes its requests to /dev/null.
 Printed: the machine-speed line (the baseline measured in this run: decoding and re-encoding the
 mix's payloads), then per size events/s (wall clock of the process, start-up included), CPU time
-and peak RSS (``ru_maxrss`` of the child). The output streams: memory does not grow with the input.
+and peak RSS (the command and its planning process together, sampled: :func:`procstat.run_child`).
+The output streams: memory does not grow with the input.
 """
 
 from __future__ import annotations

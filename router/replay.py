@@ -24,7 +24,7 @@ Flow control: replay waits (never fails) while a group would take the queue past
 503; ``--rate`` caps events read per second.
 
 ``--archive`` sends delivered jobs still in the queue's retention window through delivery again,
-with the current mappings: :func:`archive`.
+with the current mappings: :mod:`router.archive`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from tqdm import tqdm
 from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadable, expand, unpack
 from router.destination import Destination
 from router.events import NO_DEFAULTS, TYPES, BatchDefaults, decoded, parse_timestamp, read_event
-from router.health import Backpressure
 from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected, dead_jobs
 from router.mapping import load_mappings
 from router.preview import PLANNING_PROCESSES, BatchPreview
@@ -68,8 +67,6 @@ REASON_PREFIX: Final = "rejected at replay: "
 MESSAGE_ID_NAMESPACE: Final = uuid.UUID("6f0b2f4e-5f5c-4b0e-9a51-8a7c2d9e1c3b")
 #: Seconds between progress lines when the output is not a terminal.
 PLAIN_PROGRESS_EVERY: Final = 5.0
-#: Done jobs looked at per page in an archive replay.
-ARCHIVE_PAGE: Final = 1000
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -595,55 +592,6 @@ def dry_run(
     return tally, preview.refused
 
 
-# ---------------------------------------------------------------- archive replay
-
-
-async def archive(
-    queue: Queue,
-    *,
-    since: float,
-    until: float,
-    destination: str | None,
-    confirm: Any,
-    progress: Progress,
-    pressure: Backpressure,
-    retry_after: float,
-) -> int:
-    """Send the jobs delivered in ``[since, until)`` back to the queue; returns how many.
-
-    ``confirm(count)`` is asked once the count is known (False: nothing is changed). The jobs keep
-    their ids, so they are delivered again in their order, through the current mappings, with the
-    same ``unique_id`` (the messageId) on every event.
-    """
-    count = 0
-    async for page in _delivered_pages(queue, since, until, destination):
-        count += len(page)
-    if not count or not confirm(count):
-        return 0
-    sent = 0
-    async for page in _delivered_pages(queue, since, until, destination):
-        while pressure.overloaded() is not None:
-            await pressure.refresh()
-            why = pressure.overloaded()
-            if why is None:
-                break
-            progress.write(f"waiting: {why}")
-            await asyncio.sleep(retry_after)
-        resent = await queue.resend(page)
-        pressure.note_enqueued(resent)
-        sent += resent
-    return sent
-
-
-async def _delivered_pages(queue: Queue, since: float, until: float, destination: str | None) -> Any:
-    after = 0
-    while page := await queue.delivered(
-        since=since, until=until, destination=destination, after_id=after, limit=ARCHIVE_PAGE
-    ):
-        yield page
-        after = page[-1]
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -704,7 +652,9 @@ def run(args: argparse.Namespace) -> int:
     selection = _selection(args, now)
     json_out = bool(args.json)
     if args.archive:
-        return asyncio.run(_run_archive(settings, args, selection, json_out))
+        from router.archive import resend_delivered
+
+        return asyncio.run(resend_delivered(settings, args, selection, json_out))
     source = _source(settings, args.source)
     try:
         files = expand(args.files)
@@ -762,7 +712,8 @@ def _dry_run_destination(settings: Settings, source: Source, name: str | None) -
     return settings.destination(name)
 
 
-async def _open(settings: Settings) -> Queue:
+async def open_settings_queue(settings: Settings) -> Queue:
+    """The queue of ``settings``, opened (its folder made first for SQLite)."""
     url = settings.resolved_queue_url
     if url.startswith("sqlite:"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -784,7 +735,7 @@ async def _run_queue(
     progress: Progress,
     args: argparse.Namespace,
 ) -> Tally:
-    queue = await _open(settings)
+    queue = await open_settings_queue(settings)
     try:
         checkpoints = Checkpoints(settings.data_dir / "replay", _arguments_key(source, args))
         replayer = Replayer(
@@ -795,60 +746,8 @@ async def _run_queue(
         await queue.close()
 
 
-async def _run_archive(
-    settings: Settings, args: argparse.Namespace, selection: Selection, json_out: bool
-) -> int:
-    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
-        known = ", ".join(d.name for d in settings.destinations)
-        raise ReplayError(f"--destination {args.destination}: no [[destinations]] named so (known: {known})")
-    assert selection.since is not None
-    until = selection.until if selection.until is not None else time.time()
-    queue = await _open(settings)
-    progress = Progress(None, sys.stderr)
-    try:
-        pressure = Backpressure(
-            queue,
-            data_dir=settings.data_dir,
-            max_queue_depth=settings.max_queue_depth,
-            min_free_disk_bytes=settings.min_free_disk_bytes,
-        )
-        await pressure.refresh()
-        window = f"delivered {_iso(selection.since)} to {_iso(until)}"
-        which = f"destination {args.destination}" if args.destination else "every destination"
-
-        def confirm(count: int) -> bool:
-            question = (
-                f"Send {count:,} jobs ({window}, {which}) to delivery again, through the current "
-                "mappings? Events keep their unique_id (see README: Replay captured events)."
-            )
-            if args.yes:
-                return True
-            if not sys.stdin.isatty():
-                raise ReplayError(f"{question} Confirm with --yes (no terminal to ask on)")
-            answer = input(f"{question} [y/N] ")
-            return answer.strip().lower() in ("y", "yes")
-
-        sent = await archive(
-            queue,
-            since=selection.since,
-            until=until,
-            destination=args.destination,
-            confirm=confirm,
-            progress=progress,
-            pressure=pressure,
-            retry_after=settings.retry_after,
-        )
-    finally:
-        progress.close()
-        await queue.close()
-    if json_out:
-        print(orjson.dumps({"resent": sent, "since": _iso(selection.since), "until": _iso(until)}).decode())
-    else:
-        print(f"sent {sent:,} delivered jobs back to the queue ({window}, {which})")
-    return 0
-
-
-def _iso(moment: float) -> str:
+def iso(moment: float) -> str:
+    """Unix time as ``2026-11-20T08:00:00Z``."""
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
