@@ -81,7 +81,12 @@ class Brackets:
 
         Linear in the number of brackets, at C speed, for texts nesting at most 255 levels.
         """
-        levels = bytes(itertools.accumulate(memoryview(self.brackets.translate(_STEPS)).cast("b"), initial=0))
+        try:
+            levels = bytes(
+                itertools.accumulate(memoryview(self.brackets.translate(_STEPS)).cast("b"), initial=0)
+            )
+        except ValueError:  # a level below 0 or above 255: not JSON, or too deep to count this way
+            return self.containers()
         return levels.count(bytes((level - 1, level)))
 
 

@@ -399,6 +399,7 @@ def _deep_nesting() -> list[Request]:
     add(request("deep-unclosed", "/v1/batch", b"[" * 3_000_000))
     add(request("deep-unopened", "/v1/batch", b"]" * 3_000_000))
     add(request("deep-mismatched", "/v1/batch", b"[{" * 600 + b"]}" * 600))
+    add(request("unbalanced-many", "/v1/batch", b"]" + b"[{}]" * 20_000))
     return out
 
 
