@@ -35,7 +35,7 @@ from router.health import Backpressure, PausedDestinations
 from router.ingest import Ingest, json_response
 from router.logs import configure_logging
 from router.metrics import Metrics
-from router.middleware import middleware
+from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import sandbox_klaviyo
@@ -87,7 +87,7 @@ def build_app(
     # Ingest decompresses gzip bodies itself (capped, with JSON errors), so aiohttp must not.
     app = web.Application(
         client_max_size=settings.max_request_bytes + 1,
-        handler_args={"auto_decompress": False},
+        handler_args={"auto_decompress": False, "logger": PROTOCOL_LOG},
         middlewares=[middleware(metrics)],
     )
     app[SETTINGS] = settings

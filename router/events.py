@@ -363,7 +363,9 @@ def read_batch(body: bytes) -> tuple[list[dict[str, Any]], BatchDefaults] | None
 
     None for anything else (not a JSON object with a non-empty array of objects under ``batch``,
     batch-level ``context`` or ``integrations`` to merge, a ``sentAt`` that is no timestamp, text
-    that is not UTF-8): the caller parses such a body in full and explains what is wrong.
+    that is not UTF-8, nesting too deep to parse): the caller parses such a body in full and
+    explains what is wrong. A field of :data:`READ_FIELDS` holding a number out of range is left
+    raw, for intake to refuse that event (:mod:`router.intake`).
     """
     try:
         body.decode("utf-8")  # the raw spans are not checked for it

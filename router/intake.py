@@ -46,6 +46,8 @@ log = structlog.get_logger("router.intake")
 REASON_PREFIX = "rejected at ingest: "
 #: What a write key is replaced with wherever it is found.
 MASK = "***"
+#: The shortest write key scrubbed from stored events (:class:`WriteKeys`).
+MIN_KEY_LENGTH = 8
 #: Texts nesting deeper than this are not parsed at all (the parsers recurse; msgspec's limit is
 #: Python's recursion limit): a request body of such depth is refused whole (:meth:`Intake.screen`).
 PARSE_DEPTH = 255
@@ -254,10 +256,13 @@ class WriteKeys:
     A JSON text may spell any character of a key as an escape (``\\u0077`` for ``w``), so a key is
     looked for with each of its characters either way; a text with neither a key nor such an escape
     anywhere is known clean after a substring search per key and one for a backslash.
+
+    Keys shorter than :data:`MIN_KEY_LENGTH` are not looked for: they would match ordinary text
+    (a key ``k`` would turn every ``track`` into ``trac***``), and they protect nothing anyway.
     """
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = tuple(sorted({k for k in keys if k}, key=len, reverse=True))
+        self._keys = tuple(sorted({k for k in keys if len(k) >= MIN_KEY_LENGTH}, key=len, reverse=True))
         self._needles = tuple(k.encode() for k in self._keys)
         chars = sorted({c for k in self._keys for c in k})
         self._escapes = re.compile(b"|".join(_escape_forms(c) for c in chars)) if chars else None

@@ -7,10 +7,16 @@
   ``{"code", "message"}`` like the router's.
 - Anything else a handler lets escape is a bug: it is logged with its traceback
   (``request_failed``) and answered ``500 {"code": "internal_error", ...}``, counted like any answer.
+
+Requests too malformed to reach the app (a header line past 8 KB, a NUL in a header, a bad URL)
+are answered 400 by aiohttp's protocol handler, which logs through :data:`PROTOCOL_LOG`: there
+they are one warning line (``bad_http_request: ...``), not an error with a traceback a client
+could fill the log with.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +24,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from router.ingest import json_response
 from router.metrics import Metrics
@@ -27,6 +34,25 @@ log = structlog.get_logger("router.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: The label of requests no route matched (keeps the label set bounded).
 UNMATCHED = "unmatched"
+
+
+class _BadHttpRequests(logging.Filter):
+    """Turns aiohttp's "Error handling request" for a malformed request into one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            # the first line, without the excerpt of the request aiohttp quotes (it may hold credentials)
+            text = re.split(r":\s*b['\"]", str(error.message).splitlines()[0])[0]
+            record.msg, record.args = "bad_http_request: %s", (text[:200],)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+#: The logger of aiohttp's protocol handler in the router's apps (``handler_args``).
+PROTOCOL_LOG = logging.getLogger("router.http.protocol")
+PROTOCOL_LOG.addFilter(_BadHttpRequests())
 
 
 def route_label(request: web.Request) -> str:

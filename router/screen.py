@@ -39,10 +39,13 @@ class Brackets:
         if b"\\" in text:  # escaped backslashes, then escaped quotes: what is left of strings is quoted
             text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
         skeleton = text.translate(None, _NOT_STRUCTURE)
-        brackets = skeleton.replace(b'""', b"")
-        if b'"' in brackets:  # some string holds a bracket: take the strings out one by one
-            brackets = _STRING.sub(b"", skeleton)
-        self.brackets = brackets.translate(_ONE_KIND)
+        # Every string is an empty pair of quotes in the skeleton unless one holds a bracket: then
+        # some quote has no neighbour to pair with, counting pairs from the left.
+        if skeleton.count(b'"') == 2 * skeleton.count(b'""'):
+            brackets = skeleton.translate(_ONE_KIND, b'"')
+        else:  # take the strings out one by one
+            brackets = _STRING.sub(b"", skeleton).translate(_ONE_KIND)
+        self.brackets = brackets
 
     def containers(self) -> int:
         """How many arrays and objects the text holds."""
@@ -78,7 +81,12 @@ class Brackets:
 
         Linear in the number of brackets, at C speed, for texts nesting at most 255 levels.
         """
-        levels = bytes(itertools.accumulate(memoryview(self.brackets.translate(_STEPS)).cast("b"), initial=0))
+        try:
+            levels = bytes(
+                itertools.accumulate(memoryview(self.brackets.translate(_STEPS)).cast("b"), initial=0)
+            )
+        except ValueError:  # a level below 0 or above 255: not JSON, or too deep to count this way
+            return self.containers()
         return levels.count(bytes((level - 1, level)))
 
 
@@ -87,15 +95,15 @@ def nesting_depth(text: bytes, limit: int | None = None) -> int:
     return Brackets(text).depth(limit)
 
 
-#: Maps digits to ``0``, ``E`` to ``e`` and what can end a number (``]``, ``}``, whitespace) to ``,``,
-#: leaving every other byte as it is (searching text of few distinct bytes is slow); ``+`` is
-#: deleted with it, so that ``1e+999`` reads as ``0e000,`` like ``1e999``.
+#: Maps digits to ``0``, ``E`` to ``e`` and what can end a number (``]``, ``}``, whitespace) to
+#: ``,``; deletes ``+`` (so that ``1e+999`` reads as ``0e000,`` like ``1e999``) and every letter
+#: but ``e``, leaving a shorter text to search (``"8e668f"`` reads as ``"0e000"``).
 _NUMBER_SHAPES = bytes.maketrans(b"0123456789E]} \t\r\n", b"0000000000e,,,,,,")
-#: Shapes of a number out of a double's range: an exponent of three to eight digits that ends a
-#: number (a hexadecimal id such as ``"8e668f"`` does not end there), a longer one, or a run of
-#: 200 digits (with an exponent of two digits, 210 overflow).
-_HUGE_EXPONENTS = tuple(b"e" + b"0" * digits + b"," for digits in range(3, 9))
-_LONG_EXPONENT = b"e" + b"0" * 9
+_NOT_IN_SHAPES = b"+" + bytes(set(b"ABCDFGHIJKLMNOPQRSTUVWXYZabcdfghijklmnopqrstuvwxyz"))
+#: A number out of a double's range: an exponent of three digits or more that ends a number (a
+#: hexadecimal id such as ``"8e668f"`` does not end there), or a run of 200 digits (with an
+#: exponent of two digits, 210 overflow).
+_HUGE_EXPONENT = re.compile(rb"e000+,")
 _LONG_DIGITS = b"0" * 200
 
 
@@ -104,7 +112,5 @@ def may_hold_huge_number(text: bytes) -> bool:
 
     True when one may be (or a string holds text shaped like one): parse to know.
     """
-    shapes = text.translate(_NUMBER_SHAPES, b"+") + b","
-    if b"e000" in shapes and (_LONG_EXPONENT in shapes or any(s in shapes for s in _HUGE_EXPONENTS)):
-        return True
-    return _LONG_DIGITS in shapes
+    shapes = text.translate(_NUMBER_SHAPES, _NOT_IN_SHAPES) + b","
+    return _HUGE_EXPONENT.search(shapes) is not None or _LONG_DIGITS in shapes

@@ -719,7 +719,7 @@ class TestMaxDepthHolds:
 
     async def test_one_large_batch(self, make_client: MakeClient, backend: Queue) -> None:
         """499 queued, then a batch of 10 000 with max_queue_depth 500: refused whole, 503."""
-        client = await make_client(max_queue_depth=500, max_batch_events=20_000)
+        client = await make_client(max_queue_depth=500)
         assert (await post(client, "/v1/batch", {"batch": [track(i) for i in range(499)]}))[0] == 200
         response = await client.post(
             "/v1/batch",

@@ -194,3 +194,10 @@ def test_screened_text_skips_the_checks() -> None:
     ):
         assert not intake.screen(dirty).clean, dirty
     assert intake.screen(b"[" * 300 + b"]" * 300).depth > 255
+
+
+def test_short_write_keys_are_not_scrubbed() -> None:
+    """A key shorter than 8 characters would match ordinary text: it is not looked for."""
+    short = replace(SETTINGS, sources=(Source(name="s", write_key="k", destinations=("klaviyo",)),))
+    result = Intake(short).prepare({"type": "track", "event": "k", "userId": "u"}, received_at=RECEIVED)
+    assert isinstance(result, Accepted) and orjson.loads(result.payload)["type"] == "track"

@@ -64,6 +64,7 @@ def test_nodes_at_a_level() -> None:
     brackets = Brackets(body)
     assert brackets.containers() == 8
     assert brackets.nodes_at(3) == 4  # three events, and context.c
+    assert Brackets(b"]" + b"[{}]" * 3).nodes_at(2) == 6  # not JSON: every container
 
 
 @pytest.mark.parametrize(
