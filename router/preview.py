@@ -9,8 +9,9 @@ Without batching (:class:`SinglePreview`) each input's requests follow it. With 
 (:class:`BatchPreview`) inputs are planned window by window as a delivery worker claims and plans
 them: windows sized by :func:`router.plan.claim_size` from ``window`` (delivery's ``batch_size``:
 at most twice that many inputs), each through :func:`router.plan.plan_payloads`, the workers'
-planning path. Each window's requests are written before the next window is read, so memory holds
-one window and its requests, whatever the input's size.
+planning path. A window's requests are written at the latest while the window after it is read
+(it may be planned in a process of its own meanwhile: :class:`BatchPreview`), so memory holds two
+windows and their requests at most, whatever the input's size.
 
 Per-profile order across windows: a window's requests all precede the next window's, as a key's
 later jobs wait in the queue until its earlier ones are settled; inside a window, profile upserts
