@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -39,10 +40,12 @@ from router.ingest import Ingest, json_response
 from router.logs import configure_logging
 from router.mapping import MappingSets
 from router.metrics import Metrics
+from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
+from router.sockets import listen
 
 log = structlog.get_logger("router.app")
 
@@ -99,7 +102,9 @@ def build_app(
     ingest = Ingest(settings, queue, metrics=metrics, pressure=pressure)
     # Ingest decompresses gzip bodies itself (capped, with JSON errors), so aiohttp must not.
     app = web.Application(
-        client_max_size=settings.max_request_bytes + 1, handler_args={"auto_decompress": False}
+        client_max_size=settings.max_request_bytes + 1,
+        handler_args={"auto_decompress": False, "logger": PROTOCOL_LOG},
+        middlewares=[middleware(metrics)],
     )
     app[SETTINGS] = settings
     app[QUEUE] = queue
@@ -110,7 +115,13 @@ def build_app(
     app[MAPPINGS] = mappings
     app[INGEST] = ingest
     app.add_routes(ingest.routes())
-    app.add_routes([web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics_text)])
+    app.add_routes(
+        [
+            web.get("/health", health, name="health"),
+            web.get("/ready", ready, name="ready"),
+            web.get("/metrics", metrics_text, name="metrics"),
+        ]
+    )
     add_admin_routes(app, queue, settings.admin_token, mappings)
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
@@ -316,6 +327,17 @@ async def _work(settings: Settings, mappings: MappingSets) -> int:
 
 
 async def _serve(settings: Settings, mappings: MappingSets) -> int:
+    sockets = listen(
+        settings.host, settings.port
+    )  # first: a taken address stops serve before anything starts
+    try:
+        return await _serve_on(settings, mappings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[socket.socket]) -> int:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -337,8 +359,8 @@ async def _serve(settings: Settings, mappings: MappingSets) -> int:
             print(f"klaviyo-router: cannot open the queue: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-            await site.start()
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
             print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",
