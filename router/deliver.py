@@ -360,42 +360,48 @@ class Deliverer:
 
         When planning fails as a whole (a planning process died, or something failed outside any
         one payload), the batch is split until the jobs that fail alone are found: those become
-        dead letters, the rest is planned again. If that fails too, every job counts an attempt.
+        dead letters, the rest is planned again. A job is blamed only when others could be
+        planned: if nothing could, or the rest fails again, every job counts an attempt instead.
         """
         fill = self.settings.fill_event_jobs
         try:
             return await self._planner.plan(jobs, self.destination, carry_partial=fill, carried=carried)
-        except Exception:
+        except Exception as exc:
             self.log.exception("batch_planning_failed", jobs=len(jobs))
+            error = exc
         fresh = jobs[carried.jobs :]
-        culprits = await self._culprits(fresh)
+        search = _Search()
+        await self._culprits(fresh, 0, search)
+        culprits = search.culprits if search.planned else {}
         rest = [*jobs[: carried.jobs], *(job for n, job in enumerate(fresh) if n not in culprits)]
         try:
+            if not search.planned:
+                raise error
             work = await self._planner.plan(rest, self.destination, carry_partial=fill, carried=carried)
         except Exception as exc:
-            self.log.exception("batch_planning_failed_again", jobs=len(rest))
-            reason = unexpected("planning failed", exc)
-            work = Plan([Verdict(job, RETRY, reason) for job in rest], [])
+            self.log.error("batch_planning_failed_again", jobs=len(rest), error=repr(exc)[:200])
+            work = Plan([Verdict(job, RETRY, unexpected("planning failed", exc)) for job in rest], [])
         for n, reason in sorted(culprits.items()):
+            self.log.warning("job_cannot_be_planned", **fresh[n].log_context(), reason=reason)
             work.verdicts.append(Verdict(fresh[n], DEAD, reason))
         return work
 
-    async def _culprits(self, jobs: Sequence[Job], offset: int = 0) -> dict[int, str]:
-        """The jobs that cannot be planned, found by halving (index in ``jobs`` + ``offset`` → why)."""
+    async def _culprits(self, jobs: Sequence[Job], offset: int, search: _Search) -> None:
+        """Find the jobs that cannot be planned, by halving (``search.culprits``: index in the
+        batch's fresh jobs → why; ``search.planned``: whether any part could be planned)."""
         try:
             await self._planner.plan_payloads(
                 [job.payload for job in jobs], self.destination, progress=[job.progress for job in jobs]
             )
-            return {}
+            search.planned = True
+            return
         except Exception as exc:
             if len(jobs) == 1:
-                self.log.warning("job_cannot_be_planned", **jobs[0].log_context(), error=repr(exc)[:200])
-                return {offset: unexpected("planning failed", exc)}
+                search.culprits[offset] = unexpected("planning failed", exc)
+                return
         half = len(jobs) // 2
-        return {
-            **await self._culprits(jobs[:half], offset),
-            **await self._culprits(jobs[half:], offset + half),
-        }
+        await self._culprits(jobs[:half], offset, search)
+        await self._culprits(jobs[half:], offset + half, search)
 
     # ------------------------------------------------------------ send and settle
 
@@ -586,6 +592,15 @@ class Deliverer:
             return False
         await self.queue.retry(job.id, at=at, error=verdict.reason, progress=verdict.accepted)
         return True
+
+
+@dataclass(slots=True)
+class _Search:
+    """What splitting a batch whose planning failed found (see :meth:`Deliverer._plan`)."""
+
+    culprits: dict[int, str] = field(default_factory=dict)
+    #: Some part of the batch could be planned: the failure is its culprits', not the planner's.
+    planned: bool = False
 
 
 #: Why a job sent nothing more in a batch although nothing of its own failed.

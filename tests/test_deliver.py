@@ -866,6 +866,24 @@ async def test_a_batch_whose_planning_fails_is_split_to_find_the_job_that_causes
     assert planner.calls <= 2 + 2 * 11  # the batch, halves down to the one job (log2 1001 < 11), the rest
 
 
+class BrokenPlanner(Planner):
+    """A planner that cannot plan anything (its processes cannot be started, say)."""
+
+    async def plan_payloads(self, payloads: Sequence[bytes], destination: Destination, **options: Any) -> Any:
+        raise OSError("[Errno 24] Too many open files")
+
+
+async def test_a_planner_that_fails_whatever_it_is_given_blames_no_job(rig: Rig) -> None:
+    """Nothing of the batch can be planned: no job is a dead letter for it; each counts an attempt."""
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(8)))
+    deliverer = rig.deliverer(planner=BrokenPlanner(MappingSets([None])))
+    assert await deliverer.deliver_once() == 8
+    jobs = [await rig.job(job_id) for job_id in ids]
+    assert {(job.state, job.attempts) for job in jobs} == {(PENDING, 1)}
+    assert {job.last_error for job in jobs} == {"planning failed: OSError: [Errno 24] Too many open files"}
+    assert rig.fake.requests == []
+
+
 async def test_stopping_does_not_wait_for_a_long_retry_after(rig: Rig) -> None:
     """A worker waiting for a 60 s block of its endpoint stops at once; the job goes back untried."""
     limits = RateLimits()
