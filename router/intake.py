@@ -53,7 +53,7 @@ MIN_KEY_LENGTH = 8
 PARSE_DEPTH = 255
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Accepted:
     """An event ready to queue."""
 
