@@ -40,7 +40,7 @@ from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
-from router.sockets import listen
+from router.sockets import BACKLOG, listen
 
 log = structlog.get_logger("router.app")
 
@@ -308,7 +308,7 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
             return 1
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock).start()
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
             print(banner(settings, runner.addresses, sandbox_url), flush=True)
             log.info(
                 "server_started",

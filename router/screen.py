@@ -57,8 +57,9 @@ class Screened:
         skeleton = text.translate(None, _NOT_STRUCTURE)
         # Every string is an empty pair of quotes in the skeleton unless one holds a bracket: then
         # some quote has no neighbour to pair with, counting pairs from the left.
-        if skeleton.count(b'"') == 2 * skeleton.count(b'""'):
-            self.brackets = skeleton.translate(_ONE_KIND, b'"')
+        brackets = skeleton.translate(_ONE_KIND, b'"')
+        if len(skeleton) - len(brackets) == 2 * skeleton.count(b'""'):
+            self.brackets = brackets
         else:  # take the strings out one by one
             self.brackets = _STRING.sub(b"", skeleton).translate(_ONE_KIND)
 
