@@ -210,9 +210,13 @@ class Intake:
         message_id = (
             str(message_id) if isinstance(message_id, str | int | float) and message_id != "" else None
         )
-        if stored is not None:
-            text = stored if isinstance(stored, str) else stored.decode("utf-8", "replace")
-            payload = orjson.dumps({"raw_text": self.write_keys.scrub_text(text)})
+        if stored is not None:  # scrubbed as JSON text first: a key may be spelled with escapes there
+            text = (
+                stored
+                if isinstance(stored, str)
+                else self.write_keys.scrub(stored).decode("utf-8", "replace")
+            )
+            payload = orjson.dumps({"raw_text": text})
         else:
             payload = dead_payload(message if message is not None else raw)
         if screened:
