@@ -380,20 +380,32 @@ def read_batch(body: bytes) -> tuple[list[dict[str, Any]], BatchDefaults] | None
         or (sent_at is not None and not is_timestamp(sent_at))
     ):
         return None
+    return [_read_fields(event) for event in parsed.batch], BatchDefaults(sent_at=sent_at)
+
+
+_EVENT_DECODER = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def read_event(text: bytes) -> dict[str, Any] | None:
+    """One event's JSON text read as :func:`read_batch` reads each event of a batch body: only
+    :data:`READ_FIELDS` decoded (``replay`` reads captured NDJSON lines so). None for anything else
+    (not a JSON object, text that is not UTF-8): the caller parses it in full and explains."""
     try:
-        events = [
-            {
-                key: _VALUE_DECODER.decode(value) if key in READ_FIELDS else value
-                for key, value in event.items()
-            }
-            for event in parsed.batch
-        ]
+        text.decode("utf-8")  # the raw spans are not checked for it
+        event = _EVENT_DECODER.decode(text)
+    except (UnicodeDecodeError, msgspec.MsgspecError):
+        return None
+    return _read_fields(event)
+
+
+def _read_fields(event: dict[str, msgspec.Raw]) -> dict[str, Any]:
+    """``event`` with its :data:`READ_FIELDS` decoded."""
+    try:
+        return {
+            key: _VALUE_DECODER.decode(value) if key in READ_FIELDS else value for key, value in event.items()
+        }
     except msgspec.MsgspecError:  # a number out of range (the only thing msgspec had not checked)
-        events = [
-            {key: _read_field(value) if key in READ_FIELDS else value for key, value in event.items()}
-            for event in parsed.batch
-        ]
-    return events, BatchDefaults(sent_at=sent_at)
+        return {key: _read_field(value) if key in READ_FIELDS else value for key, value in event.items()}
 
 
 def _read_field(value: msgspec.Raw) -> Any:

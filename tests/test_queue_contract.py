@@ -299,6 +299,64 @@ async def test_list_jobs_filters_and_pages(queue: Queue) -> None:
     assert await queue.list_jobs(JobState.PENDING) == []
 
 
+# --- archive replay: delivered jobs sent again -----------------------------------------------
+
+
+async def delivered_at(queue: Queue, moments: list[float], **job: str) -> list[int]:
+    """One job per moment, each claimed and acked at it; their ids."""
+    ids: list[int] = []
+    for i, moment in enumerate(moments):
+        await queue.enqueue([new_job(f"d{len(ids)}-{i}-{moment}", **job)], now=T0)
+        (claimed,) = await queue.claim(job.get("destination", "klaviyo"), 1, lease_seconds=LEASE, now=T0)
+        await queue.ack([claimed.id], now=moment)
+        ids.append(claimed.id)
+    return ids
+
+
+async def test_delivered_lists_done_jobs_by_when_they_were_acked(queue: Queue) -> None:
+    """[since, until) on the time of the ack, by id, per destination or all, in pages; pending,
+    in-flight and dead jobs are never listed."""
+    early, on_since, inside, on_until = await delivered_at(queue, [T0 + 1, T0 + 10, T0 + 15, T0 + 20])
+    (eu,) = await delivered_at(queue, [T0 + 12], destination="eu")
+    await queue.enqueue([new_job("pending"), new_job("flying")], now=T0)
+    await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0)
+    await queue.add_dead([new_job("dead")], "bad", now=T0 + 12)
+    assert await queue.delivered(since=T0 + 10, until=T0 + 20) == [on_since, inside, eu]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 20, destination="klaviyo") == [on_since, inside]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 21, limit=2) == [on_since, inside]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 21, after_id=inside) == [on_until, eu]
+    assert await queue.delivered(since=T0, until=T0 + 1) == []
+    assert early not in await queue.delivered(since=T0 + 2, until=T0 + 100)
+
+
+async def test_resend_sends_done_jobs_back_in_their_place(queue: Queue) -> None:
+    """Done → pending with attempts and error cleared, claimable in id order with what is pending;
+    the row is otherwise kept (id, payload, created_at); other states and unknown ids are ignored."""
+    await queue.enqueue([new_job("a", key="u1"), new_job("b", key="u1")], now=T0)
+    await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0)
+    await queue.retry(1, at=T0, error="503 busy", now=T0)  # a retried job later delivered
+    await queue.ack(await claim_ids(queue, limit=1), now=T0 + 1)
+    await queue.ack(await claim_ids(queue, limit=1, now=T0 + 1), now=T0 + 2)
+    await queue.enqueue([new_job("c", key="u1")], now=T0 + 3)
+    await queue.add_dead([new_job("dead")], "bad", now=T0 + 3)
+    assert await queue.resend([1, 3, 4, 99], now=T0 + 5) == 1  # 3 is pending, 4 dead, 99 unknown
+    again = await queue.get(1)
+    assert again is not None
+    assert (again.state, again.attempts, again.last_error, again.next_attempt_at, again.updated_at) == (
+        JobState.PENDING,
+        0,
+        None,
+        T0 + 5,
+        T0 + 5,
+    )
+    assert (again.message_id, again.created_at, again.message()) == ("a", T0, {"messageId": "a"})
+    assert await queue.delivered(since=T0, until=T0 + 10) == [2]
+    # the key's jobs travel together, the one sent again (id 1) before the pending one (id 3)
+    assert await claim_ids(queue, now=T0 + 5) == [1, 3]
+    assert await queue.resend([1, 2], now=T0 + 6) == 1  # 1 is in flight again
+    assert (await queue.counts())[JobState.DONE] == 0
+
+
 # --- counts and cleanup ----------------------------------------------------------------------
 
 
@@ -492,7 +550,8 @@ def active_counts(path: Path) -> tuple[dict[tuple[str, str], int], dict[tuple[st
 
 async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: Path) -> None:
     """queue_keys (what the hot-key check reads) follows every way a job enters or leaves the
-    active states: enqueue (both paths), claim, ack, retry, dead letter, revive, release, purge."""
+    active states: enqueue (both paths), claim, ack, retry, dead letter, revive, release, purge,
+    resend."""
     path = tmp_path / "queue.db"
     queue = SqliteQueue(path, QueueOptions(retention=100, dedupe_window=100))
     await queue.open()
@@ -512,8 +571,9 @@ async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: 
         assert kept == counted and sum(counted.values()) == 11 - 3
         assert await queue.revive([fourth], now=T0) == 1
         await queue.purge()
+        assert await queue.resend([first], now=T0) == 1
         kept, counted = active_counts(path)
-        assert kept == counted and sum(counted.values()) == 11 - 2
+        assert kept == counted and sum(counted.values()) == 11 - 1
         await queue.ack(await claim_ids(queue, now=T0 + 10), now=T0 + 10)
         await queue.ack(await claim_ids(queue, now=T0 + 10, destination="eu"), now=T0 + 10)
         assert active_counts(path) == ({}, {})

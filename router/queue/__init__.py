@@ -235,6 +235,24 @@ class Queue(Protocol):
     async def purge(self, job_ids: Sequence[int] | None = None) -> int:
         """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
 
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked at ``since`` ≤ time < ``until`` (their ``updated_at``), of one
+        destination or all, above ``after_id``, by id, ``limit`` at most: what an archive replay
+        re-sends (page with ``after_id`` = the last id of the previous page)."""
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared (the rest of the row, id and
+        ``created_at`` included, kept: the jobs keep their place in per-profile order); ids that
+        are not done jobs are ignored. Returns how many were sent back."""
+
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""
 

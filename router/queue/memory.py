@@ -193,6 +193,36 @@ class MemoryQueue:
             del self._jobs[job.id]
         return len(dead)
 
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked in ``[since, until)``, above ``after_id``, by id."""
+        found = [
+            job.id
+            for job in self._jobs.values()
+            if job.state == JobState.DONE
+            and job.id > after_id
+            and since <= job.updated_at < until
+            and (destination is None or job.destination == destination)
+        ]
+        return sorted(found)[:limit]
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        now = time.time() if now is None else now
+        done = self._in_state(job_ids, JobState.DONE)
+        for job in done:
+            self._put(
+                job, state=JobState.PENDING, attempts=0, next_attempt_at=now, last_error=None, updated_at=now
+            )
+        return len(done)
+
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""
         result = dict.fromkeys(JobState, 0)

@@ -199,6 +199,30 @@ class SqliteQueue:
             return await self._update("purge_all_jobs", {})
         return await self._update("purge_jobs", {"ids": _ids(job_ids)})
 
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked in ``[since, until)``, above ``after_id``, by id."""
+        params = {
+            "since": since,
+            "until": until,
+            "destination": destination,
+            "after_id": after_id,
+            "limit": limit,
+        }
+        rows = await self._reader.run(lambda conn: conn.execute(QUERIES["list_delivered"], params).fetchall())
+        return [row["id"] for row in rows]
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        return await self._update("resend_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""
         if destination is None:
