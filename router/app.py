@@ -45,7 +45,7 @@ from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
-from router.sockets import listen
+from router.sockets import BACKLOG, listen
 
 log = structlog.get_logger("router.app")
 
@@ -360,7 +360,7 @@ async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[soc
             return 1
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock).start()
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
             print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",
