@@ -83,7 +83,12 @@ _ESCAPED = "\ufffe"
 
 
 def lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the connection to the database failed (try again later)."""
+    """Whether ``exc`` says the connection to the database failed (try again later).
+
+    Besides the errors that say so, asyncpg's "cannot switch to state ..." comes from a connection
+    whose server process ended while it sat idle in the pool (the goodbye arrived unasked)."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc)
     return isinstance(exc, _LOST_ERRORS)
@@ -314,10 +319,20 @@ class PostgresQueue:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        if self._pool is None:
+        """A pooled connection; when it turns out lost, every idle one is replaced (a server that
+        ended one connection has likely ended all of them)."""
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("the postgresql queue is not open")
-        async with self._pool.acquire() as conn:
-            yield conn
+        async with pool.acquire() as conn:
+            try:
+                yield conn
+            except Exception as exc:
+                if lost(exc):  # the others may be gone too: the pool opens new ones in their place
+                    with contextlib.suppress(asyncpg.InterfaceError):  # already gone from the pool
+                        conn.terminate()
+                    await pool.expire_connections()
+                raise
 
     async def _transaction(self, work: Work[T], *, retries: int) -> T:
         """Run ``work`` in one transaction. A connection lost before the commit was sent is tried
