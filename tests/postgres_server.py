@@ -150,6 +150,10 @@ class CuttableProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self.cut:  # cut while this connection was being made
+            writer.transport.abort()
+            upstream_writer.transport.abort()
+            return
         self._links.update((writer, upstream_writer))
         await asyncio.gather(
             self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
