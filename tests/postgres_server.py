@@ -135,6 +135,9 @@ class CuttableProxy:
     def restore(self) -> None:
         self.cut = False
 
+    def severed(self) -> bool:
+        return self.cut
+
     async def stop(self) -> None:
         self.sever()
         if self._server is not None:
@@ -150,7 +153,7 @@ class CuttableProxy:
         except OSError:
             writer.transport.abort()
             return
-        if self.cut:  # cut while this connection was being made
+        if self.severed():  # cut while this connection was being made
             writer.transport.abort()
             upstream_writer.transport.abort()
             return
