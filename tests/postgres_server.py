@@ -22,7 +22,7 @@ import pytest
 #: The server's maintenance database, where test databases are created and dropped.
 SERVER_ENV = "KLAVIYO_ROUTER_TEST_POSTGRES_DSN"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = "queue_jobs, queue_dedupe, ratelimit_buckets, ratelimit_slots"
+TABLES = "queue_jobs, queue_dedupe, queue_keys, ratelimit_buckets, ratelimit_slots"
 
 
 def server_url() -> str:

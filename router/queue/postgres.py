@@ -55,6 +55,7 @@ from router.queue import (
     QueueOptions,
     QueueUnavailable,
     group_by_message,
+    key_major,
     sql,
 )
 
@@ -196,22 +197,40 @@ class PostgresQueue:
     async def claim(
         self, destination: str, limit: int, *, lease_seconds: float, now: float | None = None
     ) -> list[Job]:
-        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order."""
+        """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order.
+
+        In one transaction, after the claims of the destination before it: release expired leases,
+        read the keys that block (and which of them are hot), read pending jobs in id order until
+        ``CLAIM_WINDOW * limit`` of them are eligible, choose key by key (:func:`key_major`, as the
+        memory queue does) and lease the chosen."""
         moment = _now(now)
-        arguments = (
-            destination,
-            moment,
-            limit,
-            CLAIM_WINDOW * limit,
-            self.options.hot_key_threshold,
-            moment + lease_seconds,
-        )
+        window = CLAIM_WINDOW * limit
 
         async def claim(conn: Any) -> list[Any]:
             await conn.execute(QUERIES["claim_lock"], destination)
             await conn.execute(QUERIES["release_expired_leases"], destination, moment)
-            rows: list[Any] = await conn.fetch(QUERIES["claim_jobs"], *arguments)
-            return rows
+            blocking = {
+                row[0]: (row[1], row[2])
+                for row in await conn.fetch(
+                    QUERIES["claim_blocking"], destination, moment, self.options.hot_key_threshold
+                )
+            }
+            eligible: list[tuple[int, str | None]] = []
+            after = 0
+            while len(eligible) < window:
+                rows = await conn.fetch(QUERIES["claim_candidates"], destination, moment, after, 2 * window)
+                eligible += [(row[0], row[1]) for row in rows if _eligible(row[0], row[1], blocking)]
+                if len(rows) < 2 * window:
+                    break
+                after = rows[-1][0]
+            chosen = key_major(eligible[:window], limit)
+            if not chosen:
+                return []
+            keys = dict(eligible)
+            leased: list[Any] = await conn.fetch(
+                QUERIES["lease_jobs"], chosen, [keys[i] for i in chosen], moment, moment + lease_seconds
+            )
+            return leased
 
         rows = await self._transaction(claim, retries=1)
         return sorted(map(_job, rows), key=attrgetter("id"))
@@ -251,17 +270,18 @@ class PostgresQueue:
         """Delete done jobs past retention and dedupe entries past the window, a chunk per
         statement; returns how many."""
         moment = _now(now)
-        total = 0
-        for name, cutoff in (
-            ("delete_old_jobs", moment - self.options.retention),
-            ("delete_old_dedupe", moment - self.options.dedupe_window),
-        ):
-            while True:
-                deleted = await self._settle(name, cutoff, self._cleanup_batch)
-                total += deleted
-                if deleted < self._cleanup_batch:
-                    break
+        total = await self._delete_in_chunks("delete_old_jobs", moment - self.options.retention)
+        total += await self._delete_in_chunks("delete_old_dedupe", moment - self.options.dedupe_window)
+        await self._delete_in_chunks("delete_idle_keys")  # counts of keys left without jobs: no jobs
         return total
+
+    async def _delete_in_chunks(self, name: str, *arguments: Any) -> int:
+        total = 0
+        while True:
+            deleted = await self._settle(name, *arguments, self._cleanup_batch)
+            total += deleted
+            if deleted < self._cleanup_batch:
+                return total
 
     # ------------------------------------------------------------ reads
 
@@ -597,6 +617,15 @@ def _split_url(url: str) -> tuple[str, int]:
             raise ConfigError(f"queue.url: pool_size must be a whole number of at least 2, not {value!r}")
         size = int(value)
     return urlunsplit(parts._replace(query=urlencode(kept))), size
+
+
+def _eligible(job_id: int, key: str | None, blocking: dict[str, tuple[int, bool]]) -> bool:
+    """Whether a due pending job may be claimed: its key has no earlier job in flight or waiting for
+    a retry, or is hot (then order is given up for it)."""
+    if key is None:
+        return True
+    found = blocking.get(key)
+    return found is None or found[0] > job_id or found[1]
 
 
 def _job(row: Any) -> Job:

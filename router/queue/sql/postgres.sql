@@ -28,9 +28,6 @@ CREATE INDEX queue_jobs_in_flight ON queue_jobs (destination, lease_expires_at) 
 -- Jobs waiting for a retry (only retry_job counts an attempt and sets a later due time).
 CREATE INDEX queue_jobs_retrying ON queue_jobs (destination, next_attempt_at)
     WHERE state = 'pending' AND attempts > 0;
--- Active jobs per ordering key: the hot-key count of the keys a claim finds blocked.
-CREATE INDEX queue_jobs_active_key ON queue_jobs (destination, ordering_key)
-    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL;
 CREATE INDEX queue_jobs_done ON queue_jobs (updated_at) WHERE state = 'done';
 CREATE INDEX queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
 CREATE TABLE queue_dedupe (
@@ -40,6 +37,64 @@ CREATE TABLE queue_dedupe (
     PRIMARY KEY (source, message_id)
 );
 CREATE INDEX queue_dedupe_seen ON queue_dedupe (seen_at);
+-- Active jobs counted per ordering key, for the hot-key check of claims (a count of a hot key's jobs
+-- would read all of them, on every claim). Statement-level triggers keep it, one upsert per statement
+-- that changes which jobs are active, keys in sorted order: statements of several processes lock
+-- the rows they share in the same order.
+CREATE TABLE queue_keys (
+    destination text NOT NULL,
+    ordering_key text NOT NULL,
+    active bigint NOT NULL,
+    PRIMARY KEY (destination, ordering_key)
+);
+CREATE FUNCTION queue_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, count(*) FROM added_jobs
+    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    GROUP BY destination, ordering_key
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_added AFTER INSERT ON queue_jobs
+    REFERENCING NEW TABLE AS added_jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_added();
+CREATE FUNCTION queue_keys_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- +1 per changed job active after, -1 per changed job active before: a job that stays active
+    -- (a claim) or inactive cancels out, with no join of the two transition tables
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, sum(change) FROM (
+        SELECT destination, ordering_key, 1 AS change FROM moved_to
+        WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+        UNION ALL
+        SELECT destination, ordering_key, -1 AS change FROM moved_from
+        WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    ) AS changes
+    GROUP BY destination, ordering_key
+    HAVING sum(change) <> 0
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_moved AFTER UPDATE ON queue_jobs
+    REFERENCING OLD TABLE AS moved_from NEW TABLE AS moved_to
+    FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_moved();
+CREATE FUNCTION queue_keys_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, -count(*) FROM deleted_jobs
+    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    GROUP BY destination, ordering_key
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_deleted AFTER DELETE ON queue_jobs
+    REFERENCING OLD TABLE AS deleted_jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_deleted();
 
 -- name: migrate_2
 -- Klaviyo's per-endpoint send budgets shared by every router of the cluster (router/klaviyo/shared_ratelimit.py).
@@ -152,24 +207,23 @@ FROM unnest(
 ) AS job (source, destination, message_id, ordering_key, payload, state, at, error);
 
 -- name: claim_lock
--- Held until the claiming transaction ends: claims of one destination take turns across the
--- cluster, each seeing the jobs the one before leased (per-profile order across processes).
-SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || $1, 0));
+-- Held until the claiming transaction ends: claims of destination $1 take turns across the
+-- cluster, each seeing the jobs the one before leased (per-profile order across processes). The
+-- claim's scan of pending jobs must walk their index in id order and stop at its limit: the
+-- planner is told not to read them all into a bitmap and sort (which it prefers while the
+-- table's statistics still describe it nearly empty, as they do after a burst).
+SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || $1, 0)),
+    set_config('enable_bitmapscan', 'off', true);
 
 -- name: release_expired_leases
 -- In-flight jobs of a destination ($1) whose lease ran out by $2 (their worker died) go back to
--- pending, as they were; run by a claim just before claim_jobs, in the same transaction.
+-- pending, as they were; run by a claim just before it looks for jobs, in the same transaction.
 UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2
 WHERE state = 'in_flight' AND destination = $1 AND lease_expires_at <= $2;
 
--- name: claim_jobs
--- Lease due pending jobs of destination $1 at time $2 key by key (Queue.claim): of the $4 oldest
--- eligible jobs, each ordering key's together, keys in the order of their oldest, $3 at most,
--- leased until $6. A job is not eligible while an earlier job of its key is in flight or waiting
--- for a retry, unless more than $5 jobs of that key are active. The chosen rows are locked with
--- SKIP LOCKED; a job whose earlier chosen job of the same (ordered) key was skipped, being locked
--- by another transaction, stays behind. Returns the leased jobs, columns in the order of Job's
--- fields, in no order.
+-- name: claim_blocking
+-- The ordering keys of destination $1 that hold back later jobs at time $2: each with its first
+-- job in flight or waiting for a retry, and whether it is hot (more than $3 jobs active).
 WITH blockers AS (
     SELECT ordering_key, id FROM queue_jobs
     WHERE state = 'in_flight' AND destination = $1 AND ordering_key IS NOT NULL
@@ -180,53 +234,39 @@ WITH blockers AS (
 ),
 blocking AS (
     SELECT ordering_key, min(id) AS first_id FROM blockers GROUP BY ordering_key
-),
-hot AS (
-    SELECT job.ordering_key FROM queue_jobs AS job
-    WHERE job.destination = $1 AND job.state IN ('pending', 'in_flight')
-        AND job.ordering_key IN (SELECT ordering_key FROM blocking)
-    GROUP BY job.ordering_key
-    HAVING count(*) > $5
-),
-eligible AS (
-    SELECT job.id, job.ordering_key
-    FROM queue_jobs AS job
-    LEFT JOIN blocking ON blocking.ordering_key = job.ordering_key
-    WHERE job.destination = $1
-        AND job.state = 'pending'
-        AND job.next_attempt_at <= $2
-        AND (
-            blocking.first_id IS NULL
-            OR blocking.first_id > job.id
-            OR job.ordering_key IN (SELECT ordering_key FROM hot)
-        )
-    ORDER BY job.id
-    LIMIT $4
-),
-chosen AS (
-    SELECT id, ordering_key FROM (
-        SELECT id, ordering_key,
-            min(id) OVER (PARTITION BY ordering_key, CASE WHEN ordering_key IS NULL THEN id END) AS key_first
-        FROM eligible
-    ) AS ranked
-    ORDER BY key_first, id
-    LIMIT $3
+)
+SELECT blocking.ordering_key, blocking.first_id, coalesce(counted.active, 0) > $3 AS hot
+FROM blocking
+LEFT JOIN queue_keys AS counted
+    ON counted.destination = $1 AND counted.ordering_key = blocking.ordering_key;
+
+-- name: claim_candidates
+-- Due pending jobs of destination $1 at time $2 with ids above $3, by id, $4 at most.
+SELECT id, ordering_key FROM queue_jobs
+WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2 AND id > $3
+ORDER BY id
+LIMIT $4;
+
+-- name: lease_jobs
+-- Lease the chosen jobs ($1 ids, $2 their ordering keys) at $3 until $4, locking them with SKIP
+-- LOCKED: a job another transaction holds is left, and so are the chosen jobs after it of its
+-- ordering key. Returns the leased jobs, columns in the order of Job's fields, in no order.
+WITH chosen AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[]) AS chosen (id, ordering_key)
 ),
 locked AS (
     SELECT job.id FROM queue_jobs AS job
-    WHERE job.id IN (SELECT id FROM chosen) AND job.state = 'pending'
+    WHERE job.id = ANY($1::bigint[]) AND job.state = 'pending'
     ORDER BY job.id
     FOR UPDATE SKIP LOCKED
 ),
 skipped AS (
     SELECT ordering_key, min(id) AS first_id FROM chosen
-    WHERE ordering_key IS NOT NULL
-        AND id NOT IN (SELECT id FROM locked)
-        AND ordering_key NOT IN (SELECT ordering_key FROM hot)
+    WHERE ordering_key IS NOT NULL AND id NOT IN (SELECT id FROM locked)
     GROUP BY ordering_key
 )
 UPDATE queue_jobs AS job
-SET state = 'in_flight', lease_expires_at = $6, updated_at = $2
+SET state = 'in_flight', lease_expires_at = $4, updated_at = $3
 FROM locked
 WHERE job.id = locked.id
     AND NOT EXISTS (
@@ -287,6 +327,12 @@ DELETE FROM queue_jobs WHERE id IN (
 -- Forget up to $2 (source, message_id) pairs last accepted at or before $1.
 DELETE FROM queue_dedupe WHERE (source, message_id) IN (
     SELECT source, message_id FROM queue_dedupe WHERE seen_at <= $1 LIMIT $2
+);
+
+-- name: delete_idle_keys
+-- Forget up to $1 ordering keys with no active job left (their counts stay at 0 until then).
+DELETE FROM queue_keys WHERE (destination, ordering_key) IN (
+    SELECT destination, ordering_key FROM queue_keys WHERE active <= 0 LIMIT $1
 );
 
 -- name: get_job
