@@ -55,6 +55,8 @@ name = "bench"
 private_key = "pk_bench_0000"
 base_url = "{base_url}"
 list_id = "XUepkK"
+[delivery]
+workers = {workers}
 """
 
 
@@ -125,14 +127,15 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
             filled = time.perf_counter()
             queued, lists = await fill(queue, messages(args.mix, args.events), destination.name)
             print(
-                f"delivery: {queued:,} events queued in {time.perf_counter() - filled:.1f} s; 3 work processes"
+                f"delivery: {queued:,} events queued in {time.perf_counter() - filled:.1f} s; "
+                f"3 work processes, {args.workers} workers each"
             )
             async with aiohttp.ClientSession() as session:
                 await session.post(
                     f"{base_url}/__fake__/lists",
                     json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
                 )
-                with workers(workdir, queue_url, base_url, 3):
+                with workers(workdir, queue_url, base_url, 3, args.workers):
                     started = await first_request(session, base_url)
                     while True:
                         counts = await queue.counts(destination.name)
@@ -161,7 +164,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
 
 
 @contextlib.contextmanager
-def workers(workdir: Path, queue_url: str, base_url: str, count: int) -> Iterator[None]:
+def workers(workdir: Path, queue_url: str, base_url: str, count: int, workers_each: int) -> Iterator[None]:
     """``count`` ``klaviyo-router work`` processes on ``queue_url``, stopped on the way out."""
     started = []
     try:
@@ -169,7 +172,11 @@ def workers(workdir: Path, queue_url: str, base_url: str, count: int) -> Iterato
             folder = workdir / f"work-{n}"
             folder.mkdir()
             config = folder / "work.toml"
-            config.write_text(WORK_CONFIG.format(data_dir=folder, queue_url=queue_url, base_url=base_url))
+            config.write_text(
+                WORK_CONFIG.format(
+                    data_dir=folder, queue_url=queue_url, base_url=base_url, workers=workers_each
+                )
+            )
             started.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "router", "work", "--config", str(config)],
@@ -223,6 +230,7 @@ def main() -> None:
         help="a PostgreSQL server's maintenance database; each run creates and drops its own",
     )
     parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix for delivery, a JSON array")
+    parser.add_argument("--workers", type=int, default=4, help="delivery workers per process (default 4)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the delivery run")
     parser.add_argument("--skip-delivery", action="store_true", help="only the ingest runs")
     asyncio.run(main_async(parser.parse_args()))
