@@ -235,7 +235,9 @@ def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "work",
         help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
         description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
-        "Run as many as you like against one PostgreSQL queue; with SQLite, on the same machine.",
+        'With queue.url = "postgresql://..." run as many as you like, on any machines, beside any '
+        "number of serve processes: they take turns at claims and share one Klaviyo account's rate "
+        "limits through the database. With SQLite, only on the machine that holds the file.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)
