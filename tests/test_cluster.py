@@ -179,6 +179,20 @@ class Cluster:
             child(name, ["serve", "--config", str(config)], self.folder, announces=r"listening on (\S+)")
         )
 
+    async def start(
+        self, count: int, queue_url: str
+    ) -> tuple[list[Child], Traffic, PostgresQueue, asyncio.Task[None]]:
+        """``count`` routers on ``queue_url``, the senders' traffic to them under way, and the test's
+        own view of the queue (straight to the database)."""
+        routers = list(await asyncio.gather(*(self.router(f"router-{n}", queue_url) for n in range(count))))
+        traffic = Traffic([router.url for router in routers])
+        queue = PostgresQueue(self.database_url)
+        await queue.open()
+        self.stack.push_async_callback(queue.close)
+        sending = asyncio.create_task(traffic.send_all(self.session))
+        self.stack.push_async_callback(_settle, sending)
+        return routers, traffic, queue, sending
+
     async def delivered(self, within: float) -> dict[str, Any]:
         """The fake's state once it holds an event for every message."""
         await eventually(
@@ -247,13 +261,7 @@ def check_order(sent: list[str]) -> list[str]:
 @pytest.mark.timeout(150)
 async def test_three_routers_share_the_work_and_survive_a_sigkill(tmp_path: Path) -> None:
     async with asyncio.timeout(140), cluster(tmp_path) as run:
-        routers = list(await asyncio.gather(*(run.router(f"router-{n}") for n in range(3))))
-        traffic = Traffic([router.url for router in routers])
-        queue = PostgresQueue(run.database_url)
-        await queue.open()
-        run.stack.push_async_callback(queue.close)
-        sending = asyncio.create_task(traffic.send_all(run.session))
-        run.stack.push_async_callback(_settle, sending)
+        routers, traffic, queue, sending = await run.start(3, run.database_url)
 
         await when(traffic, 0.4)
         assert await routers[1].stop(signal.SIGKILL) == -signal.SIGKILL
@@ -292,15 +300,7 @@ async def test_routers_ride_out_lost_database_connections(tmp_path: Path) -> Non
         proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5432)
         await proxy.start()
         run.stack.push_async_callback(proxy.stop)
-        routers = list(
-            await asyncio.gather(*(run.router(f"router-{n}", proxy.url(run.database_url)) for n in range(2)))
-        )
-        traffic = Traffic([router.url for router in routers])
-        queue = PostgresQueue(run.database_url)
-        await queue.open()
-        run.stack.push_async_callback(queue.close)
-        sending = asyncio.create_task(traffic.send_all(run.session))
-        run.stack.push_async_callback(_settle, sending)
+        routers, traffic, queue, sending = await run.start(2, proxy.url(run.database_url))
 
         await when(traffic, 0.3)
         proxy.sever()

@@ -382,23 +382,19 @@ class PostgresQueue:
                 attempt += 1
 
     async def _read(self, work: Work[T]) -> T:
-        """Run a read, once more on a fresh connection if the first was lost."""
-        for attempt in range(2):
-            try:
-                async with self._connection() as conn:
-                    return await work(conn)
-            except Exception as exc:
-                if not lost(exc):
-                    raise
-                if attempt:
-                    raise self._unavailable(exc) from exc
-        raise AssertionError("unreachable")
+        """Run a read: once more on a fresh connection if the first was lost, then give up."""
+        return await self._run(work, patience=0.0)
 
     async def _patiently(self, work: Work[T]) -> T:
-        """Run an idempotent statement, trying again while the database is out of reach, for up to
-        ``patience`` seconds (backing off from 50 ms to 2 s)."""
-        deadline = time.monotonic() + self._patience
-        delay = 0.05
+        """Run an idempotent statement, trying again while the database is out of reach."""
+        return await self._run(work, patience=self._patience)
+
+    async def _run(self, work: Work[T], *, patience: float) -> T:
+        """Run ``work`` on a pooled connection. A lost connection is tried again at once on a fresh
+        one (the first use of a connection whose server process ended is where that shows), then
+        every 50 ms to 2 s (doubling) for up to ``patience`` seconds; then :class:`QueueUnavailable`."""
+        deadline = time.monotonic() + patience
+        delay = 0.0
         while True:
             try:
                 async with self._connection() as conn:
@@ -406,11 +402,14 @@ class PostgresQueue:
             except Exception as exc:
                 if not lost(exc):
                     raise
-                if time.monotonic() + delay > deadline:
+                if delay and time.monotonic() + delay > deadline:
                     raise self._unavailable(exc) from exc
-                log.warning("queue_connection_lost", server=self.where, retry_in=delay, error=_describe(exc))
+                if delay:
+                    log.warning(
+                        "queue_connection_lost", server=self.where, retry_in=delay, error=_describe(exc)
+                    )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 2.0) if delay else 0.05
 
     async def _settle(self, name: str, *arguments: Any) -> int:
         """Run one idempotent update or delete of ``QUERIES[name]`` patiently; the rows it changed."""
