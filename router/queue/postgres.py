@@ -135,24 +135,23 @@ class PostgresQueue:
         """Connect, apply migrations (one process at a time), start the group-commit writers."""
         if self._pool is not None:
             return
-        try:
-            pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._connect_timeout,
-                command_timeout=self._command_timeout,
-                reset=_reset,
-            )
-        except Exception as exc:
-            if lost(exc):
-                raise self._unavailable(exc) from exc
-            raise
+        # no floor of idle connections: the pool would keep reconnecting to a database that is
+        # away, logging a traceback each time; connections are opened as operations need them
+        pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+            reset=_reset,
+        )
         try:
             async with pool.acquire() as conn:
                 await _migrate(conn)
-        except BaseException:
-            await pool.close()
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, Exception) and lost(exc):
+                raise self._unavailable(exc) from exc
             raise
         self._pool = pool
         self._commits.start()
