@@ -190,7 +190,7 @@ async def test_a_cut_connection_makes_calls_fail_clearly_then_heal(url: str) -> 
     host, port = "127.0.0.1", 5432
     proxy = CuttableProxy(host, port)
     await proxy.start()
-    queue = await opened(proxy.url(url), patience=1.0, connect_timeout=1.0)
+    queue = await opened(proxy.url(url), patience=10.0, connect_timeout=1.0)
     try:
         await queue.enqueue([new_job("a")], now=T0)
         [job] = await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0)
