@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,8 +37,8 @@ from router.logs import configure_logging
 from router.metrics import Metrics
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
-from router.sandbox import sandbox_klaviyo
-from router.settings import Settings
+from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
+from router.settings import PRIVATE_KEY_ENV, Settings
 
 log = structlog.get_logger("router.app")
 
@@ -246,9 +247,9 @@ async def _work(settings: Settings) -> int:
     queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
     await queue.open()
     try:
-        async with sandbox_klaviyo(settings) as (settings, sandbox_url):
-            if sandbox_url:
-                print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", flush=True)
+        async with sandbox_klaviyo(settings) as (settings, sandbox):
+            if sandbox is not None:
+                print(f"sandbox Klaviyo at {sandbox.url}: nothing leaves this machine", flush=True)
             stop = asyncio.Event()
             task = asyncio.create_task(
                 deliver_all(
@@ -276,8 +277,10 @@ async def _serve(settings: Settings) -> int:
         retention=settings.retention,
         hot_key_threshold=settings.hot_key_threshold,
     )
-    async with sandbox_klaviyo(settings) as (settings, sandbox_url):
+    async with sandbox_klaviyo(settings) as (settings, sandbox):
         app = build_app(settings, queue, contexts=delivery_contexts(settings))
+        if sandbox is not None:
+            add_sandbox_routes(app, sandbox.fake)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
             await runner.setup()
@@ -287,7 +290,7 @@ async def _serve(settings: Settings) -> int:
         try:
             site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
             await site.start()
-            print(banner(settings, runner.addresses, sandbox_url), flush=True)
+            print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",
                 address=_address(runner.addresses),
@@ -346,15 +349,20 @@ def banner(settings: Settings, addresses: Sequence[Any], sandbox_url: str | None
             f"  (kept in {settings.data_dir / 'write_key'})"
         )
     if settings.sandbox:
+        key_is = "set but empty" if os.environ.get(PRIVATE_KEY_ENV) is not None else "not set"
         lines.append(
-            "  SANDBOX: KLAVIYO_PRIVATE_KEY is not set, so nothing is sent to Klaviyo. "
-            + (
-                f"Events go to a fake Klaviyo at {sandbox_url}."
-                if sandbox_url
-                else "Events are queued but not delivered (no fake Klaviyo available)."
-            )
-            + " Set KLAVIYO_PRIVATE_KEY or use --config to deliver for real."
+            f"  SANDBOX: {PRIVATE_KEY_ENV} is {key_is}, so nothing is sent to Klaviyo "
+            f"(set it, or use --config, to deliver for real)."
         )
+        if sandbox_url:
+            lines.append(
+                f"  sandbox: a fake Klaviyo at {sandbox_url}, kept in {settings.data_dir / JOURNAL_FILE}"
+            )
+            lines.append(
+                f"  what it received: {_address(addresses)}/sandbox/state, or `klaviyo-router sandbox`"
+            )
+        else:
+            lines.append("  sandbox: none available, so events are queued but not delivered.")
     return "\n".join(lines)
 
 

@@ -18,11 +18,11 @@ import orjson
 
 from router import __version__
 from router.destination import Destination
-from router.errors import ConfigError, MappingError, Skipped, TransformError
+from router.errors import ConfigError, MappingError, PartlyRefused, Skipped, TransformError
 from router.klaviyo.batch import batch
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
-from router.transform import transform
+from router.transform import TransformWarning, transform
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -41,8 +41,11 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description=(
             "Read RudderStack/Segment messages (NDJSON, or a JSON array; each a bare message or "
             '{"message": ..., "metadata": ...}) and print one NDJSON line per Klaviyo request '
-            '({"method","path","body"}), one per rejected input ({"error","status","index"}) and one '
-            'per skipped input ({"skipped","index"}). Use it to test a mapping change offline.'
+            '({"method","path","body"}), one per rejected input ({"error","status","index"}; an '
+            "identify whose list subscription is refused also prints its profile request), one per "
+            'skipped input ({"skipped","index"}) and one per thing an input was sent without '
+            '({"warning","code","index"}: a phone dropped under invalid_phone = drop, a consent '
+            "channel the current API has not). Use it to test a mapping change offline."
         ),
     )
     p.add_argument(
@@ -72,10 +75,14 @@ def run_transform(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     requests: list[KlaviyoRequest] = []
     for index, message in enumerate(_read_messages(args.input)):
+        warnings: list[TransformWarning] = []
+        refused: TransformError | None = None
         try:
             if isinstance(message, _Unreadable):
                 raise TransformError(message.reason)
-            produced = transform(message, destination, mappings, index=index)
+            produced = transform(message, destination, mappings, index=index, warnings=warnings)
+        except PartlyRefused as exc:
+            produced, refused = exc.requests, exc
         except TransformError as exc:
             _emit(out, {"error": exc.message, "status": exc.status, "index": index})
             continue
@@ -87,6 +94,10 @@ def run_transform(args: argparse.Namespace) -> int:
         else:
             for request in produced:
                 _emit(out, request.to_json())
+        for warning in warnings:
+            _emit(out, {"warning": warning.message, "code": warning.code, "index": index})
+        if refused is not None:
+            _emit(out, {"error": refused.message, "status": refused.status, "index": index})
     for request in batch(requests):
         _emit(out, request.to_json())
     out.flush()
@@ -175,9 +186,19 @@ def run_check_mappings(args: argparse.Namespace) -> int:
         return 1
     for name, path in files.items():
         origin = "built-in" if path.resolve().is_relative_to(BUILTIN_DIR.resolve()) else "yours"
-        print(f"ok  {name:32} {origin:8} {path}")
+        print(f"ok  {name:32} {origin:8} {_shown(path)}")
     print(f"{len(files)} mapping files valid")
     return 0
+
+
+def _shown(path: Path) -> Path:
+    """The file itself (a built-in one of a clone is ``mappings/klaviyo/...``), relative to the
+    current folder when under it."""
+    real = path.resolve()
+    try:
+        return real.relative_to(Path.cwd())
+    except ValueError:
+        return real
 
 
 # ---------------------------------------------------------------- serve and the sandbox
@@ -208,7 +229,10 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
         "fake-klaviyo",
         help="run the fake Klaviyo API locally (a sandbox for trying the router)",
         description="Run an in-memory emulation of the Klaviyo endpoints the router uses, with "
-        "Klaviyo's validation, status codes and rate limits. GET /__fake__/state shows what it received.",
+        "Klaviyo's validation, status codes and rate limits. Point a destination's base_url at it "
+        "(any private key is accepted). Its control API is below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=FAKE_CONTROL_API,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
@@ -221,10 +245,103 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.set_defaults(run=run_fake_klaviyo)
 
 
+#: The control API of the fake (``router.fake_klaviyo.control``), for ``fake-klaviyo --help``.
+FAKE_CONTROL_API = """\
+control API (JSON in and out):
+  GET    /__fake__/state       everything it holds: profiles, events, lists, memberships,
+                               subscriptions, import jobs, counters (?summary=1: counts only)
+  GET    /__fake__/requests    every request received, with the status answered
+                               (Authorization redacted; ?since=N skips the first N)
+  POST   /__fake__/reset       forget all data, counters, rate-limit windows and faults
+  POST   /__fake__/lists       create lists with chosen ids: {"lists": [{"id": "XUepkK", "name": "News"}]}
+  POST   /__fake__/config      {"rate_limits": false, "rate_limit_scale": 0.5, "api_keys": ["pk_a"]}
+                               (api_keys null: any key is accepted)
+  GET    /__fake__/faults      the faults configured
+  DELETE /__fake__/faults      remove every fault
+  POST   /__fake__/faults      add faults; every key optional ("clear": true first):
+    "scripts": {"/api/events": [503, {"status": 429, "retry_after": 2}, "timeout", "pass"]}
+               answers for the next requests to a path, "METHOD path" or operationId, in order
+    "random_5xx_rate": 0.05, "seed": 1, "random_statuses": [500, 503]
+    "hold_seconds": 30         how long a "timeout" holds a request before dropping it
+    "revoked_keys": ["pk_a"]   answer 401 to these keys
+    "bulk_failures": [{"operation_id": "bulk_create_events", "indices": [0], "detail": "Invalid."}]
+               report items of the next bulk job invalid (or, with "values": [...], every
+               item containing one of those strings)
+
+example:
+  curl -X POST localhost:8765/__fake__/faults -d '{"scripts": {"/api/events": [503]}}'
+"""
+
+
 def run_fake_klaviyo(args: argparse.Namespace) -> int:
     from router.fake_klaviyo import run
 
     return run(args.host, args.port, rate_limits=not args.no_rate_limits, store=not args.no_store)
+
+
+def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sandbox",
+        help="show what the sandbox Klaviyo of serve received (profiles, events, lists)",
+        description="Without KLAVIYO_PRIVATE_KEY, serve delivers to a sandbox: a fake Klaviyo whose writes "
+        "are kept in <data_dir>/sandbox.ndjson. This prints what it holds, rebuilt from that file "
+        "(the router need not run). A running router shows the same at GET /sandbox/state and "
+        "GET /sandbox/requests; POST /__fake__/reset on the sandbox's own port empties it.",
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML config file (default: the embedded default's data folder)"
+    )
+    p.add_argument("--json", action="store_true", help="everything it holds, as GET /sandbox/state gives it")
+    p.set_defaults(run=run_sandbox)
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from router.logs import configure_logging
+    from router.sandbox import JOURNAL_FILE, read_sandbox
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+    configure_logging("warning", settings.log_format)  # stdout is the listing
+    journal = settings.data_dir / JOURNAL_FILE
+    if not journal.exists():
+        print(f"the sandbox has received nothing yet ({journal} does not exist)")
+        return 0
+    fake = asyncio.run(read_sandbox(settings.data_dir))
+    if args.json:
+        _emit(sys.stdout.buffer, fake.to_json())
+        return 0
+    state = fake.to_json()
+    print(
+        f"{_count(len(state['profiles']), 'profile')}, {_count(len(state['events']), 'event')}, "
+        f"{_count(len(state['lists']), 'list')} (from {journal})"
+    )
+    emails = {p["id"]: _who(p["attributes"]) for p in state["profiles"]}
+    for profile in state["profiles"]:
+        attributes = {k: v for k, v in profile["attributes"].items() if v is not None and k not in SERVER_SET}
+        print(f"profile {emails[profile['id']]}: {orjson.dumps(attributes).decode()}")
+    for event in state["events"]:
+        print(
+            f"event   {event['metric']!r} of {emails.get(event['profile_id'], event['profile_id'])} at {event['time']}"
+        )
+    for klaviyo_list in state["lists"]:
+        members = state["memberships"].get(klaviyo_list["id"], [])
+        names = ", ".join(emails.get(m, m) for m in members) or "no members"
+        print(f"list    {klaviyo_list['id']} ({klaviyo_list['attributes']['name']}): {names}")
+    for profile_id, channels in state["subscriptions"].items():
+        consent = ", ".join(f"{channel} {record['status']}" for channel, record in channels.items())
+        print(f"consent {emails.get(profile_id, profile_id)}: {consent}")
+    return 0
+
+
+#: Profile attributes Klaviyo sets itself, left out of the sandbox listing.
+SERVER_SET = frozenset({"created", "updated", "last_event_date"})
+
+
+def _who(attributes: dict[str, Any]) -> str:
+    for key in ("email", "phone_number", "external_id", "anonymous_id"):
+        if attributes.get(key):
+            return str(attributes[key])
+    return "?"
 
 
 # ---------------------------------------------------------------- work
@@ -233,11 +350,13 @@ def run_fake_klaviyo(args: argparse.Namespace) -> int:
 def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "work",
-        help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
-        description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
-        'With queue.url = "postgresql://..." run as many as you like, on any machines, beside any '
-        "number of serve processes: they take turns at claims and share one Klaviyo account's rate "
-        "limits through the database. With SQLite, only on the machine that holds the file.",
+        help="run delivery workers only (no HTTP server), beside an ingest-only serve or on other machines",
+        description="Deliver queued events to every configured destination until SIGINT/SIGTERM, "
+        "from the queue of the config. Pair it with serve and [delivery] workers = 0 to keep ingest "
+        'and delivery in separate processes. With queue.url = "postgresql://..." run as many as you '
+        "like, on any machines, beside any number of serve processes: they take turns at claims and "
+        "share one Klaviyo account's rate limits through the database. With SQLite, only on the "
+        "machine that holds the file.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)
@@ -306,17 +425,17 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
         jobs = await deadletters.list_dead(
             queue, limit=args.limit, reason=args.reason, destination=args.destination
         )
-        for job in jobs:
-            row = deadletters.summary(job)
-            if args.json:
+        rows = [deadletters.summary(job) for job in jobs]
+        if args.json:
+            for row in rows:
                 _emit(sys.stdout.buffer, row)
-            else:
-                what = row["event"] or row["type"] or "?"
-                print(
-                    f"{row['id']:>8}  {row['dead_since']}  {row['destination']:<12} {what!s:<24} {row['reason']}"
-                )
-        if not args.json:
-            print(f"{len(jobs)} dead letters" + (" (limit reached)" if len(jobs) == args.limit else ""))
+        else:
+            if rows:
+                print(_dead_letter_line(DEAD_LETTER_HEADER))
+            for row in rows:
+                print(_dead_letter_line({k: "-" if v is None else v for k, v in row.items()}))
+            limited = " (limit reached)" if len(jobs) == args.limit else ""
+            print(f"{_count(len(jobs), 'dead letter')}{limited}")
         sys.stdout.flush()
         return 0
     if args.action == "show":
@@ -329,8 +448,31 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
     if problem := selection.problem():
         raise UsageError(problem)
     count = await getattr(deadletters, args.action)(queue, selection)
-    print(f"{'retried' if args.action == 'retry' else 'purged'} {count} dead letters")
+    print(f"{'retried' if args.action == 'retry' else 'purged'} {_count(count, 'dead letter')}")
     return 0
+
+
+#: The header row of ``dead-letters list``, keyed like :func:`router.deadletters.summary`.
+DEAD_LETTER_HEADER = {
+    "id": "ID",
+    "dead_since": "DEAD SINCE",
+    "destination": "DESTINATION",
+    "type": "TYPE",
+    "event": "EVENT",
+    "reason": "REASON",
+}
+
+
+def _dead_letter_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['id']!s:>8}  {row['dead_since']!s:<20}  {row['destination']!s:<12}  "
+        f"{row['type']!s:<8}  {row['event']!s:<24}  {row['reason']}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- entry point
@@ -341,6 +483,7 @@ CONFIGURE = (
     configure_transform,
     configure_check_mappings,
     configure_dead_letters,
+    configure_sandbox,
     configure_fake_klaviyo,
 )
 
@@ -348,7 +491,8 @@ CONFIGURE = (
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klaviyo-router",
-        description="Route RudderStack/Segment events, captured logs and query results into Klaviyo.",
+        description="Route RudderStack/Segment events into Klaviyo: an HTTP API the SDKs post to, a "
+        "durable queue, mapping files, delivery with Klaviyo's rate limits, dead letters.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)

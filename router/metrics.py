@@ -65,6 +65,13 @@ class Metrics:
             ["destination", "result"],
             registry=self.registry,
         )
+        self.transform_warnings = Counter(
+            "router_transform_warnings",
+            "Settled jobs sent with something left out, per destination and warning "
+            "(invalid_phone_dropped, consent_channel_ignored).",
+            ["destination", "warning"],
+            registry=self.registry,
+        )
         self.klaviyo_requests = Counter(
             "router_klaviyo_requests",
             "Requests sent to Klaviyo, per endpoint (operationId) and result (ok, retry, permanent, auth).",

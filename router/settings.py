@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from router.destination import Destination
+from router.destination import Destination, env_secret
 from router.errors import ConfigError
 
 ENV_PREFIX = "KLAVIYO_ROUTER_"
@@ -191,7 +191,9 @@ class Settings:
         """
         env = os.environ if env is None else env
         write_key = read_or_create_write_key(data_dir)
-        private_key = env.get(PRIVATE_KEY_ENV, "")
+        private_key = env.get(
+            PRIVATE_KEY_ENV, ""
+        ).strip()  # set but empty: the sandbox, and the banner says so
         if private_key:
             destination = Destination(name="klaviyo", private_key=private_key)
         else:
@@ -362,11 +364,7 @@ def _secret(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: expected a non-empty string (literal or env:VAR)")
     if value.startswith("env:"):
-        var = value[4:].strip()
-        resolved = os.environ.get(var, "") if var else ""
-        if not resolved:
-            raise ConfigError(f"{where}: environment variable {var or '(none)'} is not set")
-        return resolved
+        return env_secret(value[4:].strip(), where=where)
     return value
 
 

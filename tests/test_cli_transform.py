@@ -189,6 +189,34 @@ class TestRejectedAndSkipped:
             "index": 1,
         }
 
+    def test_warning_line(self, cli: Cli) -> None:
+        """A phone dropped under invalid_phone 'drop' is a {"warning", "code", "index"} line after
+        the input's requests."""
+        config = cli.write("drop.json", orjson.dumps({**CONFIG, "invalid_phone": "drop"}))
+        message = {"type": "identify", "userId": "u1", "traits": {"email": "a@x.com", "phone": "12"}}
+        status, out, _ = cli.run(str(cli.ndjson(TRACK, message)), config=config)
+        lines = [orjson.loads(line) for line in out.splitlines()]
+        assert status == 0
+        assert [line.get("path") for line in lines] == ["/api/events", "/api/profile-import", None]
+        assert "phone_number" not in lines[1]["body"]["data"]["attributes"]
+        assert lines[2] == {
+            "warning": "traits.phone: Phone number is not in E.164 format ('12'); set default_phone_region "
+            "to accept national numbers; sent without it (invalid_phone = drop)",
+            "code": "invalid_phone_dropped",
+            "index": 1,
+        }
+
+    def test_partly_refused_line(self, cli: Cli) -> None:
+        """An identify whose subscription is refused prints its profile request, then its error line."""
+        message = {
+            **IDENTIFY,
+            "traits": {"email": "a@x.com", "properties": {"subscribe": False, "consent": "emial"}},
+        }
+        lines = cli.lines(str(cli.ndjson(message)))
+        assert [line.get("path") for line in lines] == ["/api/profile-import", None]
+        assert lines[1]["index"] == 0
+        assert lines[1]["error"].startswith("consent: unknown consent channel 'emial'")
+
     def test_bad_json_line(self, cli: Cli) -> None:
         """A line that is not JSON is rejected at its index, naming its line number; the rest go on."""
         path = cli.write(
@@ -238,9 +266,11 @@ class TestUsageErrors:
         )
 
     def test_unknown_config_key(self, cli: Cli) -> None:
-        """An unknown key is named with the file."""
-        config = cli.write("extra.json", orjson.dumps({**CONFIG, "listid": "L1"}))
-        assert cli.usage_error(str(cli.ndjson(TRACK)), config=config) == f"{config}: unknown key 'listid'"
+        """An unknown key is named with the file, and the known keys are listed."""
+        config = cli.write("extra.json", orjson.dumps({**CONFIG, "list_idd": "L1"}))
+        error = cli.usage_error(str(cli.ndjson(TRACK)), config=config)
+        assert error.startswith(f"{config}.list_idd: unknown key (known: additional_page_info, ")
+        assert ", list_id, " in error
 
     def test_ignored_rudderstack_keys(self, cli: Cli) -> None:
         """RudderStack keys that do not apply are accepted and ignored."""
@@ -256,6 +286,11 @@ class TestUsageErrors:
         [
             ("consent", 5, "consent: expected a channel name or a list of them"),
             ("consent", ["email", 1], "consent: expected a channel name or a list of them"),
+            (
+                "consent",
+                ["emial"],
+                "consent: unknown consent channel 'emial' (Klaviyo's current API subscribes 'email' and 'sms')",
+            ),
             ("smsConsent", "yes", "smsConsent: expected true or false, got str"),
             (
                 "default_phone_region",

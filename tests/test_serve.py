@@ -19,7 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
+from router.app import banner
 from router.queue import JobState, open_queue
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
@@ -234,11 +236,28 @@ class TestServe:
 class TestSandbox:
     """The sandbox destination is pointed at a fake Klaviyo on a loopback port for the run."""
 
+    @pytest.mark.parametrize(
+        ("value", "said"), [(None, "is not set"), ("", "is set but empty"), ("  ", "is set but empty")]
+    )
+    def test_banner_says_why(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, said: str
+    ) -> None:
+        """KLAVIYO_PRIVATE_KEY unset, or set to nothing: the sandbox, and the banner tells which."""
+        if value is None:
+            monkeypatch.delenv("KLAVIYO_PRIVATE_KEY", raising=False)
+        else:
+            monkeypatch.setenv("KLAVIYO_PRIVATE_KEY", value)
+        settings = Settings.embedded_default(tmp_path, env=os.environ)
+        assert settings.sandbox
+        text = banner(settings, [("127.0.0.1", 8080)], "http://127.0.0.1:9")
+        assert f"SANDBOX: KLAVIYO_PRIVATE_KEY {said}, so nothing is sent to Klaviyo" in text
+
     async def test_fake_klaviyo_started(self, tmp_path: Path) -> None:
         """Sandbox settings come back with the fake's URL, which answers HTTP; real settings are untouched."""
         settings = Settings.embedded_default(tmp_path, env={})
-        async with sandbox_klaviyo(settings) as (sandboxed, url):
-            assert url is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        async with sandbox_klaviyo(settings) as (sandboxed, sandbox):
+            assert sandbox is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", sandbox.url)
+            url = sandbox.url
             assert sandboxed.destinations[0].base_url == url
             async with aiohttp.ClientSession() as session, session.get(url + "/api/accounts/") as response:
                 assert response.status < 500
