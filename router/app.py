@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -35,10 +36,12 @@ from router.health import Backpressure, PausedDestinations
 from router.ingest import Ingest, json_response
 from router.logs import configure_logging
 from router.metrics import Metrics
+from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
+from router.sockets import listen
 
 log = structlog.get_logger("router.app")
 
@@ -84,7 +87,9 @@ def build_app(
     ingest = Ingest(settings, queue, metrics=metrics, pressure=pressure)
     # Ingest decompresses gzip bodies itself (capped, with JSON errors), so aiohttp must not.
     app = web.Application(
-        client_max_size=settings.max_request_bytes + 1, handler_args={"auto_decompress": False}
+        client_max_size=settings.max_request_bytes + 1,
+        handler_args={"auto_decompress": False, "logger": PROTOCOL_LOG},
+        middlewares=[middleware(metrics)],
     )
     app[SETTINGS] = settings
     app[QUEUE] = queue
@@ -93,7 +98,13 @@ def build_app(
     app[PRESSURE] = pressure
     app[INGEST] = ingest
     app.add_routes(ingest.routes())
-    app.add_routes([web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics_text)])
+    app.add_routes(
+        [
+            web.get("/health", health, name="health"),
+            web.get("/ready", ready, name="ready"),
+            web.get("/metrics", metrics_text, name="metrics"),
+        ]
+    )
     add_admin_routes(app, queue, settings.admin_token)
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
@@ -267,6 +278,17 @@ async def _work(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    sockets = listen(
+        settings.host, settings.port
+    )  # first: a taken address stops serve before anything starts
+    try:
+        return await _serve_on(settings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -288,8 +310,8 @@ async def _serve(settings: Settings) -> int:
             print(f"klaviyo-router: cannot open the queue: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-            await site.start()
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
             print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",

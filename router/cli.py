@@ -1,28 +1,28 @@
 """The ``klaviyo-router`` command line: one ``configure_<command>`` and one ``<command>`` per subcommand.
 
 Exit status: 0 on success (``transform`` also when some inputs were rejected: they are reported
-on stdout), 1 when the work failed, 2 for unusable arguments or configuration, with a one-line
-reason on stderr.
+on stdout; with ``--strict``, 1), 1 when the work failed, 2 for unusable arguments or
+configuration, with a one-line reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
 from router import __version__
+from router.capture import STDIN, CaptureFile, Record, Unreadable, expand, unpack, with_defaults
 from router.destination import Destination
-from router.errors import ConfigError, MappingError, PartlyRefused, Skipped, TransformError
-from router.klaviyo.batch import batch
-from router.klaviyo.requests import KlaviyoRequest
+from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
-from router.transform import TransformWarning, transform
+from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -39,69 +39,127 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "transform",
         help="print the Klaviyo requests that events would produce (offline, nothing is sent)",
         description=(
-            "Read RudderStack/Segment messages (NDJSON, or a JSON array; each a bare message or "
-            '{"message": ..., "metadata": ...}) and print one NDJSON line per Klaviyo request '
+            "Read RudderStack/Segment events and print one NDJSON line per Klaviyo request "
             '({"method","path","body"}), one per rejected input ({"error","status","index"}; an '
             "identify whose list subscription is refused also prints its profile request), one per "
             'skipped input ({"skipped","index"}) and one per thing an input was sent without '
             '({"warning","code","index"}: a phone dropped under invalid_phone = drop, a consent '
-            "channel the current API has not). Use it to test a mapping change offline."
+            "channel the current API has not). Input: NDJSON, a JSON array, or a batch body "
+            '({"batch": [...]}) per line or per file; each event bare or as {"message": ..., '
+            '"metadata": ...}; gzip-compressed or not. Read and written as a stream: any size of '
+            "input runs in the same memory. Use it to test a mapping change offline."
         ),
     )
     p.add_argument(
         "--destination",
-        required=True,
+        metavar="CONFIG.json|NAME",
+        help="without --config: a JSON file of destination settings, with the project's keys "
+        "(private_key, list_id, consent, ...) or RudderStack's (privateApiKey, listId, consent, "
+        "smsConsent, enforceEmailAsPrimary, ...); with --config: the name of one of its "
+        "[[destinations]] (needed only when it has several)",
+    )
+    p.add_argument(
+        "--config",
         type=Path,
-        metavar="CONFIG.json",
-        help="destination settings: the project's keys (private_key, list_id, consent, ...) "
-        "or RudderStack's (privateApiKey, listId, consent, smsConsent, enforceEmailAsPrimary, ...)",
+        metavar="router.toml",
+        help="take the destination from this config file (the one serve uses) instead of a JSON file",
     )
     p.add_argument(
         "--batch",
         action="store_true",
-        help="merge the requests into the bulk jobs delivery would send for the whole input",
+        help="merge the requests into the bulk jobs delivery would send: inputs are planned by "
+        "windows of [delivery] batch_size (1000 without --config), as the workers plan their claims",
     )
     p.add_argument("--mappings-dir", type=Path, help="folder of mapping files extending the built-in ones")
-    p.add_argument("input", nargs="?", default="-", help="event file, or - for standard input (default)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any input was rejected")
+    p.add_argument(
+        "input",
+        nargs="*",
+        default=[STDIN],
+        help="event files, folders or glob patterns, or - for standard input (the default)",
+    )
     p.set_defaults(run=run_transform)
 
 
 def run_transform(args: argparse.Namespace) -> int:
-    destination = _load_destination(args.destination, args.mappings_dir)
+    destination, window = _transform_destination(args)
     try:
         mappings = load_mappings(destination.mappings_dir)
     except MappingError as exc:
         raise UsageError(exc.message) from None
+    files = _input_files(args.input)
     out = sys.stdout.buffer
-    requests: list[KlaviyoRequest] = []
-    for index, message in enumerate(_read_messages(args.input)):
-        warnings: list[TransformWarning] = []
-        refused: TransformError | None = None
+    preview: Preview = (
+        BatchPreview(out, destination, mappings, window=window, processes=PLANNING_PROCESSES)
+        if args.batch
+        else SinglePreview(out, destination, mappings)
+    )
+    failed = False
+    for name in files:
+        label = name if len(files) > 1 else ""
         try:
-            if isinstance(message, _Unreadable):
-                raise TransformError(message.reason)
-            produced = transform(message, destination, mappings, index=index, warnings=warnings)
-        except PartlyRefused as exc:
-            produced, refused = exc.requests, exc
-        except TransformError as exc:
-            _emit(out, {"error": exc.message, "status": exc.status, "index": index})
-            continue
-        except Skipped as exc:
-            _emit(out, {"skipped": exc.message, "index": index})
-            continue
-        if args.batch:
-            requests.extend(produced)
-        else:
-            for request in produced:
-                _emit(out, request.to_json())
-        for warning in warnings:
-            _emit(out, {"warning": warning.message, "code": warning.code, "index": index})
-        if refused is not None:
-            _emit(out, {"error": refused.message, "status": refused.status, "index": index})
-    for request in batch(requests):
-        _emit(out, request.to_json())
-    out.flush()
-    return 0
+            with CaptureFile(name) as capture:
+                for record in capture.records():
+                    if record.plain():
+                        preview_record(preview, record, label)
+                    else:
+                        for event in unpack(record):
+                            preview_record(preview, event, label)
+        except Unreadable as exc:
+            preview.finish()
+            print(f"klaviyo-router: {exc}", file=sys.stderr)
+            failed = True
+    preview.finish()
+    if failed:
+        return 1
+    return 1 if args.strict and preview.refused else 0
+
+
+def preview_record(preview: Preview, record: Record, label: str) -> None:
+    """One record of a captured file through ``preview`` (``label``: the file's name in errors)."""
+    if record.problem is not None:
+        preview.refuse(f"{record.where(label)}: {record.problem}")
+    elif record.text is not None:
+        preview.add(record.text, record, label)
+    else:
+        preview.add(orjson.dumps(with_defaults(record.value, record.defaults)), record, label)
+
+
+def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
+    """The destination to transform for, and the window of inputs planned together."""
+    if args.config is None:
+        if args.destination is None:
+            raise UsageError("transform needs --destination CONFIG.json, or --config router.toml")
+        return _load_destination(Path(args.destination), args.mappings_dir), WINDOW
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+    destination = _configured_destination(settings, args.destination, f"{args.config}")
+    if args.mappings_dir is not None:
+        destination = dataclasses.replace(destination, mappings_dir=args.mappings_dir)
+    return destination, settings.delivery_batch_size
+
+
+def _configured_destination(settings: Any, name: str | None, where: str) -> Destination:
+    """The destination called ``name`` in ``settings``, or its only one."""
+    known = [d.name for d in settings.destinations]
+    if name is None:
+        if len(known) == 1:
+            return settings.destinations[0]  # type: ignore[no-any-return]
+        raise UsageError(
+            f"{where} has several destinations: name one with --destination ({', '.join(known)})"
+        )
+    try:
+        return settings.destination(name)  # type: ignore[no-any-return]
+    except KeyError:
+        raise UsageError(f"{where}: no [[destinations]] named {name!r} (known: {', '.join(known)})") from None
+
+
+def _input_files(arguments: Sequence[str]) -> list[str]:
+    try:
+        return expand(arguments)
+    except Unreadable as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _emit(out: BinaryIO, obj: dict[str, Any]) -> None:
@@ -125,41 +183,75 @@ def _load_destination(path: Path, mappings_dir: Path | None) -> Destination:
         raise UsageError(exc.message) from None
 
 
-class _Unreadable:
-    """An input line that is not a message; reported as a rejection at its index."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+# ---------------------------------------------------------------- replay
 
 
-def _read_messages(source: str) -> Iterator[Any]:
+def configure_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay captured event files into the queue (or re-send delivered ones: --archive)",
+        description=(
+            "Read captured RudderStack/Segment events (NDJSON, JSON arrays, batch bodies "
+            '{"batch": [...]} per line or per file, gzip of any; files, folders, glob patterns, '
+            "or - for standard input) and enqueue them for delivery as if they had been posted to "
+            "the source's write key: the same validation, limits and dead letters as ingest, the "
+            "same (source, messageId) dedupe (an event without messageId gets one derived from its "
+            "content), so replaying a file again enqueues nothing new. Started again with the same "
+            "arguments after an interruption, it goes on where it stopped. With --archive, jobs "
+            "delivered in a time window are sent to delivery again through the current mappings."
+        ),
+        epilog="Exit status: 0 done; 1 when a file could not be read to its end, the queue failed, "
+        "or (--strict) an event was rejected; 2 for unusable arguments or configuration.",
+    )
+    p.add_argument("files", nargs="*", metavar="FILE", help="event files, folders, glob patterns, or -")
+    p.add_argument("--config", type=Path, help="TOML config file (default: the embedded default's, ./data)")
+    p.add_argument(
+        "--source", help="the [[sources]] the events are replayed as (needed when there are several)"
+    )
+    p.add_argument(
+        "--since",
+        metavar="T",
+        help="only events at or after T (ISO 8601 date or date-time, UTC unless a zone is given; or a "
+        "duration ago: 90m, 36h, 7d); the event's timestamp, else originalTimestamp, receivedAt, sentAt. "
+        "With --archive: jobs delivered at or after T",
+    )
+    p.add_argument("--until", metavar="T", help="only events before T (same forms as --since)")
+    p.add_argument(
+        "--type", action="append", metavar="TYPE", help="only events of these call types (repeat, or a,b)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="enqueue nothing: print the Klaviyo requests the files would produce, as transform --batch does",
+    )
+    p.add_argument("--rate", type=float, metavar="N", help="read at most N events a second")
+    p.add_argument(
+        "--again", action="store_true", help="replay files that a run with the same arguments finished"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any event was rejected")
+    p.add_argument(
+        "--archive",
+        action="store_true",
+        help="send jobs delivered between --since and --until (default: now) to delivery again, "
+        "through the current mappings (needs --since; asks first unless --yes)",
+    )
+    p.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="--archive: only this destination's jobs; --dry-run: the destination to plan for",
+    )
+    p.add_argument("--yes", action="store_true", help="--archive: do not ask for confirmation")
+    p.set_defaults(run=run_replay)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from router import replay
+
     try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{source}: cannot read: {exc.strerror}") from None
-    if data.lstrip()[:1] == b"[":
-        try:
-            entries = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UsageError(f"{source}: not a valid JSON array: {exc}") from None
-        yield from (_unwrap(entry) for entry in entries)
-        return
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield _unwrap(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
-            yield _Unreadable(f"line {number}: not valid JSON: {exc}")
-
-
-def _unwrap(entry: Any) -> Any:
-    """Accept ``{"message": ..., "metadata": ...}`` entries as well as bare messages."""
-    if isinstance(entry, dict) and isinstance(entry.get("message"), dict) and "type" not in entry:
-        return entry["message"]
-    if not isinstance(entry, dict):
-        return _Unreadable(f"message must be a JSON object, got {type(entry).__name__}")
-    return entry
+        return replay.run(args)
+    except replay.ReplayError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- check-mappings
@@ -481,6 +573,7 @@ CONFIGURE = (
     configure_serve,
     configure_work,
     configure_transform,
+    configure_replay,
     configure_check_mappings,
     configure_dead_letters,
     configure_sandbox,

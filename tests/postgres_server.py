@@ -85,6 +85,7 @@ async def empty_tables(url: str) -> None:
     conn = await asyncpg.connect(url, timeout=5)
     try:
         await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
+        await conn.execute("UPDATE queue_depth SET active = 0")
     finally:
         await conn.close()
 

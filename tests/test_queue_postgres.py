@@ -297,3 +297,54 @@ async def test_hot_key_escape_holds_across_processes(url: str, queue_options: Qu
     finally:
         await first.close()
         await second.close()
+
+
+async def kept_and_counted(url: str) -> tuple[tuple[int, dict[str, int]], tuple[int, dict[str, int]]]:
+    """(what queue_depth and queue_keys say, what the jobs say): active jobs, and per ordering key."""
+    conn = await asyncpg.connect(url)
+    try:
+        depth = await conn.fetchval("SELECT sum(active) FROM queue_depth")
+        keys = dict(await conn.fetch("SELECT ordering_key, active FROM queue_keys WHERE active <> 0"))
+        active = "state IN ('pending', 'in_flight')"
+        counted = await conn.fetchval(f"SELECT count(*) FROM queue_jobs WHERE {active}")
+        per_key = dict(
+            await conn.fetch(
+                f"SELECT ordering_key, count(*) FROM queue_jobs WHERE {active} AND ordering_key IS NOT NULL"
+                " GROUP BY ordering_key"
+            )
+        )
+    finally:
+        await conn.close()
+    return (depth, keys), (counted, per_key)
+
+
+async def test_max_depth_holds_across_processes_and_the_counts_follow_every_change(url: str) -> None:
+    queues = [await opened(url) for _ in range(3)]
+    try:
+        batches = [[new_job(f"{n}-{i}", key=f"u{i % 7}") for i in range(100)] for n in range(12)]
+        results = await asyncio.gather(
+            *(queues[n % 3].enqueue(batch, now=T0, max_depth=450) for n, batch in enumerate(batches)),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["EnqueueResult"] * 4 + ["QueueFull"] * 8
+        kept, counted = await kept_and_counted(url)
+        assert kept == counted and kept[0] == 400
+        # every way a job enters or leaves the active states, from several processes
+        first, second, *rest = await claim_ids(queues[0], limit=50)
+        await queues[1].ack([first], now=T0)
+        await queues[2].retry(second, at=T0 + 5, error="503", now=T0)
+        await queues[0].dead_letter(rest[0], reason="400", now=T0)
+        await queues[1].release(rest[1:], now=T0)
+        assert await queues[2].revive([rest[0]], now=T0) == 1
+        assert await queues[0].resend([first], now=T0) == 1
+        await queues[1].add_dead([new_job("refused", key="u1")], "bad input", now=T0)
+        await queues[2].purge()
+        kept, counted = await kept_and_counted(url)
+        assert kept == counted and kept[0] == 400
+        await queues[0].ack(await claim_ids(queues[0], now=T0 + 10, limit=1000), now=T0 + 10)
+        kept, counted = await kept_and_counted(url)
+        assert kept == counted and kept[0] < 400
+        assert await queues[1].enqueue([new_job("late")], now=T0, max_depth=kept[0] + 1) == enqueued(1, 0)
+    finally:
+        for queue in queues:
+            await queue.close()

@@ -52,8 +52,10 @@ from router.queue import (
     Job,
     JobState,
     NewJob,
+    QueueFull,
     QueueOptions,
     QueueUnavailable,
+    check_depth,
     group_by_message,
     key_major,
     sql,
@@ -173,10 +175,16 @@ class PostgresQueue:
 
     # ------------------------------------------------------------ enqueue (group commit)
 
-    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
-        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, now: float | None = None, max_depth: int | None = None
+    ) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window.
+
+        With ``max_depth``, store nothing and raise :class:`~router.queue.QueueFull` when the active
+        jobs of the whole queue plus these would be more: the group's transaction takes the depth
+        lock, so enqueues with a limit take turns across the cluster and never add up past it."""
         groups, dropped = group_by_message(jobs)
-        result: EnqueueResult = await self._commits.submit(_Write(groups, dropped, now, None))
+        result: EnqueueResult = await self._commits.submit(_Write(groups, dropped, now, None, max_depth))
         return result
 
     async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
@@ -184,7 +192,7 @@ class PostgresQueue:
         if jobs:
             await self._commits.submit(_Write([list(jobs)], 0, now, reason))
 
-    async def _store_group(self, writes: list[_Write]) -> list[EnqueueResult | None]:
+    async def _store_group(self, writes: list[_Write]) -> list[EnqueueResult | QueueFull | None]:
         """Store a group of writes in one transaction (retried while the connection is lost before
         the commit)."""
         return await self._transaction(
@@ -304,6 +312,25 @@ class PostgresQueue:
             lambda conn: conn.fetch(QUERIES["list_jobs"], state.value, limit, after_id, reason, destination)
         )
         return [_job(row) for row in rows]
+
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked in ``[since, until)``, above ``after_id``, by id."""
+        rows = await self._read(
+            lambda conn: conn.fetch(QUERIES["list_delivered"], after_id, since, until, destination, limit)
+        )
+        return [row[0] for row in rows]
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        return await self._settle("resend_jobs", list(job_ids), _now(now))
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""
@@ -432,6 +459,13 @@ class _Write:
     dropped: int
     now: float | None
     dead_reason: str | None
+    #: Active jobs the queue may hold with this call's (None: no limit).
+    max_depth: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Jobs the call adds, counted as if none were a duplicate."""
+        return sum(map(len, self.groups))
 
 
 class _GroupCommit:
@@ -439,12 +473,12 @@ class _GroupCommit:
 
     def __init__(
         self,
-        store: Callable[[list[_Write]], Awaitable[list[EnqueueResult | None]]],
+        store: Callable[[list[_Write]], Awaitable[list[EnqueueResult | QueueFull | None]]],
         *,
         writers: int,
         max_batch: int,
     ) -> None:
-        self._store = store
+        self._store = store  # a write's result, or the exception it fails with (QueueFull)
         self._writers = writers
         self._max_batch = max_batch
         self._waiting: list[tuple[_Write, asyncio.Future[Any]]] = []
@@ -501,6 +535,8 @@ class _GroupCommit:
         for (_, future), (result, error) in zip(batch, outcomes, strict=True):
             if future.done():  # the caller was cancelled; the write stands anyway
                 continue
+            if isinstance(result, Exception):
+                result, error = None, result
             if error is None:
                 future.set_result(result)
             else:
@@ -513,14 +549,18 @@ class _GroupCommit:
             return None, exc
 
 
-async def _store_writes(conn: Any, writes: list[_Write], dedupe_window: float) -> list[EnqueueResult | None]:
+async def _store_writes(
+    conn: Any, writes: list[_Write], dedupe_window: float
+) -> list[EnqueueResult | QueueFull | None]:
     """Store a group's writes with two statements: record every messageId (the first write naming
     a pair owns it; the database says which pairs were not seen within the window), then insert
-    every job, in write order, the dead letters with them."""
+    every job, in write order, the dead letters with them. Writes that would take the queue past
+    their ``max_depth`` are refused first, in order, each counting those admitted before it."""
     moment = time.time()
+    refused = await _refused_for_depth(conn, writes)
     owners: dict[tuple[str, str], tuple[int, float]] = {}
     for index, write in enumerate(writes):
-        if write.dead_reason is None:
+        if write.dead_reason is None and index not in refused:
             at = moment if write.now is None else write.now
             for group in write.groups:
                 owners.setdefault((group[0].source, _to_text(group[0].message_id)), (index, at))
@@ -536,9 +576,12 @@ async def _store_writes(conn: Any, writes: list[_Write], dedupe_window: float) -
         )
         accepted = {(row[0], row[1]) for row in rows}
     columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
-    results: list[EnqueueResult | None] = []
+    results: list[EnqueueResult | QueueFull | None] = []
     for index, write in enumerate(writes):
         at = moment if write.now is None else write.now
+        if index in refused:
+            results.append(refused[index])
+            continue
         if write.dead_reason is not None:
             _add_jobs(columns, write.groups[0], JobState.DEAD, at, _error_text(write.dead_reason))
             results.append(None)
@@ -555,6 +598,26 @@ async def _store_writes(conn: Any, writes: list[_Write], dedupe_window: float) -
     if columns[0]:
         await conn.execute(QUERIES["insert_jobs"], *columns)
     return results
+
+
+async def _refused_for_depth(conn: Any, writes: list[_Write]) -> dict[int, QueueFull]:
+    """The writes (by index) that would take the queue past their ``max_depth``, taken in order,
+    under the depth lock (held until the transaction ends)."""
+    if all(write.max_depth is None for write in writes):
+        return {}
+    await conn.execute(QUERIES["depth_lock"])
+    active: int = await conn.fetchval(QUERIES["active_jobs"])
+    refused: dict[int, QueueFull] = {}
+    for index, write in enumerate(writes):
+        if write.dead_reason is not None:
+            continue
+        try:
+            check_depth(active, write.count, write.max_depth)
+        except QueueFull as full:
+            refused[index] = full
+            continue
+        active += write.count
+    return refused
 
 
 def _add_jobs(

@@ -47,6 +47,14 @@ CREATE TABLE queue_keys (
     active bigint NOT NULL,
     PRIMARY KEY (destination, ordering_key)
 );
+-- Active jobs of every destination, for enqueue's max_depth, kept by the same triggers: their sum
+-- over 16 rows, each statement adding to the row of its server process (pg_backend_pid() % 16), so
+-- that acks of several processes do not queue up on one row.
+CREATE TABLE queue_depth (
+    shard integer PRIMARY KEY,
+    active bigint NOT NULL
+);
+INSERT INTO queue_depth (shard, active) SELECT shard, 0 FROM generate_series(0, 15) AS shard;
 CREATE FUNCTION queue_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO queue_keys (destination, ordering_key, active)
@@ -55,6 +63,9 @@ BEGIN
     GROUP BY destination, ordering_key
     ORDER BY destination, ordering_key
     ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active + added.active
+    FROM (SELECT count(*) AS active FROM added_jobs WHERE state IN ('pending', 'in_flight')) AS added
+    WHERE shard = pg_backend_pid() % 16 AND added.active <> 0;
     RETURN NULL;
 END
 $$;
@@ -76,6 +87,12 @@ BEGIN
     HAVING sum(change) <> 0
     ORDER BY destination, ordering_key
     ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active + moved.active
+    FROM (
+        SELECT (SELECT count(*) FROM moved_to WHERE state IN ('pending', 'in_flight'))
+            - (SELECT count(*) FROM moved_from WHERE state IN ('pending', 'in_flight')) AS active
+    ) AS moved
+    WHERE shard = pg_backend_pid() % 16 AND moved.active <> 0;
     RETURN NULL;
 END
 $$;
@@ -90,6 +107,9 @@ BEGIN
     GROUP BY destination, ordering_key
     ORDER BY destination, ordering_key
     ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active - deleted.active
+    FROM (SELECT count(*) AS active FROM deleted_jobs WHERE state IN ('pending', 'in_flight')) AS deleted
+    WHERE shard = pg_backend_pid() % 16 AND deleted.active <> 0;
     RETURN NULL;
 END
 $$;
@@ -181,6 +201,15 @@ ON CONFLICT (component) DO UPDATE SET version = excluded.version;
 -- name: ping
 -- Cheapest round trip through the database.
 SELECT 1;
+
+-- name: depth_lock
+-- Held until the enqueueing transaction ends: enqueues with a max_depth take turns across the
+-- cluster, each counting the jobs the one before stored.
+SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:depth', 0));
+
+-- name: active_jobs
+-- Jobs pending or in flight, of every destination (kept in queue_depth by the triggers).
+SELECT coalesce(sum(active), 0)::bigint FROM queue_depth;
 
 -- name: see_messages
 -- Record (source, message_id) pairs as accepted at their time, in one statement: $1 sources, $2
@@ -308,6 +337,25 @@ WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
 -- Dead jobs ($1) back to pending, due at $2, with attempts reset.
 UPDATE queue_jobs SET state = 'pending', attempts = 0, next_attempt_at = $2, updated_at = $2
 WHERE id = ANY($1::bigint[]) AND state = 'dead';
+
+-- name: list_delivered
+-- Ids of done jobs acked at $2 <= updated_at < $3 (of destination $4, or all when NULL), above id
+-- $1, by id, $5 at most (archive replay).
+SELECT id FROM queue_jobs
+WHERE state = 'done'
+    AND id > $1
+    AND updated_at >= $2 AND updated_at < $3
+    AND ($4::text IS NULL OR destination = $4)
+ORDER BY id
+LIMIT $5;
+
+-- name: resend_jobs
+-- Done jobs ($1) back to pending, due at $2, attempts and last error cleared; their ids (so their
+-- place in per-profile order) and created_at are kept.
+UPDATE queue_jobs
+SET state = 'pending', attempts = 0, next_attempt_at = $2, lease_expires_at = NULL, last_error = NULL,
+    updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'done';
 
 -- name: purge_jobs
 -- Delete dead jobs ($1).
