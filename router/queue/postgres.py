@@ -13,6 +13,9 @@ Every process ingests and delivers against the same tables; what keeps them corr
   recorded by one ``unnest`` upsert, every job inserted by one ``unnest`` insert), whatever the
   number of calls and jobs. A group that fails for a reason of its own is stored again call by
   call, so one bad call fails alone.
+- **Counts**: statement-level triggers keep the active jobs per ordering key (``queue_keys``, the
+  hot-key check) and in all (``queue_depth``, ``max_depth``); enqueues with a ``max_depth`` take
+  turns at that check under an advisory lock, so no two processes pass it together.
 - **Migrations** run at start-up under an advisory lock, each in the transaction that records the
   new version in ``schema_versions``: processes starting at once apply each exactly once.
 - **Connection loss**: an operation that finds its connection lost before it committed runs again
