@@ -27,6 +27,7 @@ from router.queue import (
     sqlite_threads,
 )
 from router.queue.memory import MemoryQueue
+from router.queue.postgres import PostgresQueue
 from router.queue.sqlite import SqliteQueue
 
 T0 = 1_700_000_000.0
@@ -277,6 +278,11 @@ async def test_progress_is_added_by_retry_release_and_dead_letter_and_kept_by_re
     revived = await queue.get(3)
     assert revived is not None and (revived.attempts, revived.progress) == (0, 0b11)
     assert [job.progress for job in await queue.list_jobs(JobState.PENDING)] == [0b101, 0b10, 0b11]
+    assert [job.id for job in await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0)] == [1, 2, 3]
+    await queue.ack([1], now=T0)
+    assert await queue.resend([1], now=T0) == 1  # sent again: every step
+    resent = await queue.get(1)
+    assert resent is not None and (resent.state, resent.progress) == (JobState.PENDING, 0)
 
 
 async def test_oldest_due_is_the_job_delivery_should_be_working_on(queue: Queue) -> None:
@@ -892,9 +898,14 @@ def test_sql_file_mistakes(text: str, error: str) -> None:
         sql.parse(text)
 
 
-def test_postgresql_url_is_refused_clearly_until_the_backend_exists() -> None:
-    with pytest.raises(ConfigError, match=r"queue.url: the PostgreSQL queue is not available yet"):
-        open_queue("postgresql://127.0.0.1/router")
+def test_open_queue_picks_postgresql_and_reads_its_pool_size() -> None:
+    for scheme in ("postgresql", "postgres"):
+        queue = open_queue(f"{scheme}://router:secret@db.example:5433/router?pool_size=3", retention=9)
+        assert isinstance(queue, PostgresQueue)
+        assert queue.options == QueueOptions(retention=9)
+        assert queue.where == "db.example:5433/router"  # what messages name: never the password
+    with pytest.raises(ConfigError, match="pool_size must be a whole number of at least 2, not 'x'"):
+        open_queue("postgresql://127.0.0.1/router?pool_size=x")
 
 
 async def test_extend_keeps_a_job_leased(queue: Queue) -> None:

@@ -8,7 +8,7 @@ revision headers, timeouts.
 
 The client holds its own connection slots and takes one only after the pacer admitted the request:
 a request never waits for a connection once admitted, so a ``Retry-After`` that arrives in the
-meantime is seen (:meth:`~router.klaviyo.ratelimit.SlidingWindow.blocked`) before it goes, and it
+meantime is seen (:meth:`~router.klaviyo.ratelimit.Pacer.blocked`) before it goes, and it
 waits for its turn again instead of going early.
 """
 
@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 
 from router.destination import Destination
-from router.klaviyo.ratelimit import RateLimits, SlidingWindow, retry_after
+from router.klaviyo.ratelimit import Pacer, RateLimits, retry_after
 from router.klaviyo.requests import REVISION, KlaviyoRequest
 from router.klaviyo.spec import Endpoint, endpoint_for
 
@@ -174,7 +174,7 @@ class KlaviyoClient:
         """A paced ``GET`` of ``path`` (with its query); the JSON answer is in ``Outcome.body``."""
         return await self.send(KlaviyoRequest(method="GET", path=path, body={}), give_up=give_up)
 
-    async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: SlidingWindow) -> Outcome:
+    async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: Pacer) -> Outcome:
         try:
             async with self._session.request(
                 request.method,
@@ -194,7 +194,7 @@ class KlaviyoClient:
             raise
 
 
-async def _admitted(window: SlidingWindow, give_up: asyncio.Event | None) -> bool:
+async def _admitted(window: Pacer, give_up: asyncio.Event | None) -> bool:
     """Wait for a slot of ``window``; False when ``give_up`` is set first."""
     if give_up is None:
         await window.acquire()

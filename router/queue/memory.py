@@ -244,12 +244,18 @@ class MemoryQueue:
         return sorted(found)[:limit]
 
     async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
-        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        """Done → pending, due now, attempts, last error and progress cleared; returns how many."""
         now = time.time() if now is None else now
         done = self._in_state(job_ids, JobState.DONE)
         for job in done:
             self._put(
-                job, state=JobState.PENDING, attempts=0, next_attempt_at=now, last_error=None, updated_at=now
+                job,
+                state=JobState.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                last_error=None,
+                updated_at=now,
+                progress=0,
             )
         return len(done)
 

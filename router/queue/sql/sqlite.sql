@@ -367,11 +367,12 @@ ORDER BY id
 LIMIT :limit;
 
 -- name: resend_jobs
--- Done jobs (ids as a JSON array) back to pending, due now, attempts and last error cleared; their
--- ids (so their place in per-profile order) and created_at are kept.
+-- Done jobs (ids as a JSON array) back to pending, due now, attempts, last error and progress
+-- cleared (every step goes again); their ids (so their place in per-profile order) and created_at
+-- are kept.
 UPDATE queue_jobs
 SET state = 'pending', attempts = 0, next_attempt_at = :now, lease_expires_at = NULL, last_error = NULL,
-    updated_at = :now
+    updated_at = :now, progress = 0
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'done';
 
 -- name: purge_jobs
