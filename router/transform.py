@@ -161,6 +161,9 @@ class _Call:
         mapping = self.mappings.profile
         attributes = mapping.fields.run(self.holders, self.ctx)
         properties = mapping.properties.collect(self.holders) if mapping.properties else {}
+        # custom properties a field of the mapping converts (``properties.last_event_date``) win
+        # over the same keys passed through unconverted
+        properties.update(attributes.pop("properties", None) or {})
         meta = self.patch_properties()
         for names in meta.values():
             for name in names:
