@@ -2,8 +2,9 @@
 
 When no private key is configured (:attr:`Settings.sandbox`), ``serve`` starts
 ``router.fake_klaviyo.build_fake_app()`` on ``127.0.0.1:<free port>`` and points the sandbox
-destination's ``base_url`` at it, so delivery has somewhere harmless to send to. Lists are created
-on first use there, since a sandbox user cannot create them.
+destination's ``base_url`` at it, so delivery has somewhere harmless to send to. The lists the
+destinations name (``list_id``) exist there from the start; any other list id is refused, as
+Klaviyo refuses it, so a mistyped id does not "work" in the sandbox only to fail for real.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import replace
 import structlog
 from aiohttp import web
 
-from router.fake_klaviyo import build_fake_app
+from router.fake_klaviyo import build_fake_app, fake_of
 from router.settings import Settings
 
 log = structlog.get_logger("router.sandbox")
@@ -30,7 +31,10 @@ async def sandbox_klaviyo(settings: Settings) -> AsyncIterator[tuple[Settings, s
     if not settings.sandbox:
         yield settings, None
         return
-    app = build_fake_app(auto_create_lists=True)
+    app = build_fake_app()
+    for destination in settings.destinations:
+        if destination.list_id and destination.list_id not in fake_of(app).lists:
+            fake_of(app).create_list(destination.list_id, list_id=destination.list_id)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

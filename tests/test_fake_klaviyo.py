@@ -306,16 +306,15 @@ async def test_bulk_import_job(harness: Harness) -> None:
     assert job["type"] == "profile-bulk-import-job"
     assert {
         key: job["attributes"][key] for key in ("status", "total_count", "completed_count", "failed_count")
-    } == {
-        "status": "complete",
-        "total_count": 3,
-        "completed_count": 2,
-        "failed_count": 1,
-    }
+    } == {"status": "queued", "total_count": 3, "completed_count": 0, "failed_count": 0}
     assert len(harness.fake.profiles) == 2
     assert len(harness.fake.members(list_id)) == 2
     status, fetched, _ = await harness.call("GET", f"/api/profile-bulk-import-jobs/{job['id']}")
     assert (status, fetched["data"]["id"]) == (200, job["id"])
+    assert {
+        key: fetched["data"]["attributes"][key]
+        for key in ("status", "total_count", "completed_count", "failed_count")
+    } == {"status": "complete", "total_count": 3, "completed_count": 2, "failed_count": 1}
     status, errors, _ = await harness.call("GET", f"/api/profile-bulk-import-jobs/{job['id']}/import-errors")
     assert status == 200
     assert (
