@@ -331,6 +331,21 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
     return 0
 
 
+# ---------------------------------------------------------------- sync and sync-runs
+
+
+def configure_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from router.sync.command import configure_sync as configure
+
+    configure(sub)
+
+
+def configure_sync_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from router.sync.command import configure_sync_runs as configure
+
+    configure(sub)
+
+
 # ---------------------------------------------------------------- entry point
 
 CONFIGURE = (
@@ -339,6 +354,8 @@ CONFIGURE = (
     configure_transform,
     configure_check_mappings,
     configure_dead_letters,
+    configure_sync,
+    configure_sync_runs,
     configure_fake_klaviyo,
 )
 

@@ -1,0 +1,225 @@
+"""A source row → its key, its checksum and, when it must be sent, the Klaviyo profile (pure).
+
+Reading a row (:meth:`RowReader.read`) is cheap: it resolves the column names, drops empty cells,
+finds the key and checksums what the row holds. Only rows that are new or changed since the last
+run are converted (:meth:`RowReader.profile`): every cell through the converter of its profile
+column (the profile mapping's), which is where a bad phone, time zone or coordinate is refused.
+A refused row is an :class:`Invalid` naming the row, the column and why; it goes to the report and
+the other rows go on.
+
+Keys: an email-only sync (the default, seed 001's "Email address only") keys rows by email and
+requires it; a full-profile sync by the first of email, phone number and external id present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from router.errors import ConfigError, TransformError
+from router.fields import MISSING, Context, put
+from router.sync.columns import CSV_NAMES, IDENTIFIERS, PROPERTIES, Column, read_header
+
+#: Klaviyo's limit on one profile of a bulk import job.
+MAX_PROFILE_BYTES: Final = 100 * 1024
+_KEY_PREFIX: Final = {"email": "email:", "phone_number": "phone:", "external_id": "external_id:"}
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A row that is not sent: its number (1 = the first row after the header), column and reason."""
+
+    row: int
+    column: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A readable row: what it holds, before conversion."""
+
+    number: int
+    #: ``email:ada@example.com``, ``phone:+1617...``, ``external_id:42``.
+    key: str
+    #: Of the settings and the row's cells: equal checksums mean nothing to send again.
+    checksum: str
+    #: Profile column or custom property name → (source column, value), non-empty cells only.
+    cells: Mapping[str, tuple[str, Any]]
+    #: Custom properties whose cell was empty (unset when ``clear_empty``).
+    empty: tuple[str, ...] = ()
+
+
+def key_identifier(key: str) -> tuple[str, str]:
+    """``("email", "ada@example.com")`` for a key: the filter a profile id look-up uses."""
+    for name, prefix in _KEY_PREFIX.items():
+        if key.startswith(prefix):
+            return name, key[len(prefix) :]
+    raise ValueError(f"not a sync key: {key!r}")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+class RowReader:
+    """Reads rows of one source for one sync."""
+
+    def __init__(
+        self,
+        columns: Iterable[str],
+        table: Mapping[str, Column],
+        *,
+        renames: Mapping[str, str],
+        full_profile: bool,
+        clear_empty: bool,
+        fingerprint: str,
+        ctx: Context,
+    ) -> None:
+        self._table = table
+        self._renames = renames
+        self._full = full_profile
+        self._clear_empty = clear_empty and full_profile
+        self._fingerprint = fingerprint
+        self._ctx = ctx
+        header = read_header(list(columns), renames, table)
+        #: source name → (profile column or None, the name it is kept under)
+        self._names: dict[str, tuple[str | None, str]] = {
+            source: (column, column or wanted) for source, column, wanted in header.columns
+        }
+        #: The profile columns and custom properties, in source order (the CSV output's columns).
+        self.output_columns: tuple[str, ...] = tuple(name for _, name in self._names.values())
+
+    @property
+    def names(self) -> Mapping[str, tuple[str | None, str]]:
+        """Source column → (its profile column or None, the name it is kept under)."""
+        return self._names
+
+    def _resolve(self, source: str) -> tuple[str | None, str]:
+        """A column the header did not name (a later NDJSON object's key): resolved alone."""
+        found = self._names.get(source)
+        if found is None:
+            try:
+                ((_, column, wanted),) = read_header([source], {}, self._table).columns
+            except ConfigError:
+                column, wanted = None, source
+            found = self._names[source] = (column, column or wanted)
+        return found
+
+    def read(self, number: int, raw: Mapping[str, Any]) -> Row | Invalid:
+        """The row's key and checksum, or why it has none."""
+        cells: dict[str, tuple[str, Any]] = {}
+        empty: list[str] = []
+        for source, value in raw.items():
+            column, name = self._resolve(source)
+            if _blank(value):
+                if column is None:
+                    empty.append(name)
+                continue
+            cells[name] = (source, value)
+        key = self._key(cells)
+        if isinstance(key, str):
+            digest = hashlib.blake2b(
+                orjson.dumps([self._fingerprint, sorted(cells.items()), sorted(empty)]), digest_size=16
+            ).hexdigest()
+            return Row(number, key, digest, cells, tuple(empty) if self._clear_empty else ())
+        return Invalid(number, *key)
+
+    def _key(self, cells: Mapping[str, tuple[str, Any]]) -> str | tuple[str, str]:
+        names = IDENTIFIERS if self._full else ("email",)
+        for name in names:
+            found = cells.get(name)
+            if found is not None:
+                value = str(found[1]).strip()
+                if name == "email":
+                    return _KEY_PREFIX[name] + value.lower()
+                if name == "phone_number":  # in E.164, as Klaviyo holds it (a removal looks it up)
+                    try:
+                        value = self._table[name].convert(value, found[0], self._ctx)
+                    except TransformError as exc:
+                        return found[0], _reason(exc.message, found[0])
+                return _KEY_PREFIX[name] + value
+        if self._full:
+            return "email", "no identifier: a row needs an email, phone_number or external_id"
+        return (
+            "email",
+            "an email is required (an email-only sync; --full-profile also matches on phone_number or external_id)",
+        )
+
+    def profile(self, row: Row) -> dict[str, Any] | Invalid:
+        """The profile resource of a row (``{"type": "profile", "attributes", "meta"?}``), or why not."""
+        attributes: dict[str, Any] = {}
+        custom: dict[str, Any] = {}
+        for name, (source, value) in row.cells.items():
+            column = self._table.get(name)
+            if column is None:
+                if not self._full:
+                    continue
+                if name == PROPERTIES:
+                    merged = _properties(value)
+                    if merged is None:
+                        return Invalid(row.number, source, "expected an object of custom properties (JSON)")
+                    custom.update(merged)
+                else:
+                    custom[name] = value
+                continue
+            if not self._full and name not in IDENTIFIERS:
+                continue
+            try:
+                converted = column.convert(value, source, self._ctx)
+            except TransformError as exc:
+                return Invalid(row.number, source, _reason(exc.message, source))
+            if converted is not MISSING:
+                put(attributes, column.target, converted)
+        if custom:
+            attributes["properties"] = {**custom, **(attributes.get("properties") or {})}
+        resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
+        if row.empty:
+            resource["meta"] = {"patch_properties": {"unset": list(row.empty)}}
+        size = len(orjson.dumps(resource))
+        if size > MAX_PROFILE_BYTES:
+            return Invalid(row.number, "", f"the profile is {size} bytes; Klaviyo takes at most 100 KB")
+        return resource
+
+    def csv_values(self, resource: Mapping[str, Any]) -> dict[str, Any]:
+        """A profile as the columns of Klaviyo's CSV import (identifiers under their CSV names)."""
+        attributes = resource["attributes"]
+        values: dict[str, Any] = {}
+        for name in self.output_columns:
+            column = self._table.get(name)
+            if column is not None:
+                value = _at(attributes, column.target)
+                values[CSV_NAMES.get(name, name)] = value
+            elif name != PROPERTIES:
+                values[name] = (attributes.get("properties") or {}).get(name)
+        return values
+
+
+def _properties(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _at(attributes: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = attributes
+    for key in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _reason(message: str, source: str) -> str:
+    """A converter's text without the column name it starts with (the report has a column of its own)."""
+    prefix = f"{source}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
