@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,14 @@ from router.deliver import DeliverySettings, deliver_all
 from router.errors import ConfigError
 from router.health import Backpressure, PausedDestinations
 from router.ingest import Ingest, json_response
+from router.klaviyo.ratelimit import RateLimits
 from router.logs import configure_logging
 from router.metrics import Metrics
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
+from router.sync.schedule import sync_contexts
 
 log = structlog.get_logger("router.app")
 
@@ -187,7 +189,9 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
         return 2
 
 
-def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
+def delivery_contexts(
+    settings: Settings, limits: Mapping[str, RateLimits] | None = None
+) -> Sequence[CleanupContext]:
     """The cleanup context that runs the delivery workers inside ``serve``.
 
     None without destinations, or with ``[delivery] workers = 0`` (an ingest-only node).
@@ -208,6 +212,7 @@ def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
                 settings=DeliverySettings.from_settings(settings),
                 paused=app[PAUSED],
                 metrics=app[METRICS],
+                limits=limits,
             ),
             name="delivery",
         )
@@ -277,7 +282,10 @@ async def _serve(settings: Settings) -> int:
         hot_key_threshold=settings.hot_key_threshold,
     )
     async with sandbox_klaviyo(settings) as (settings, sandbox_url):
-        app = build_app(settings, queue, contexts=delivery_contexts(settings))
+        # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per account)
+        limits = {d.name: RateLimits(scale=settings.delivery_rate_limit_scale) for d in settings.destinations}
+        contexts = [*delivery_contexts(settings, limits), *sync_contexts(settings, limits)]
+        app = build_app(settings, queue, contexts=contexts)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
             await runner.setup()

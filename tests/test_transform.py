@@ -629,7 +629,11 @@ class TestKlaviyoFieldNames:
         [
             ("timezone", "Mars/Olympus", "traits.timezone: 'Mars/Olympus' is not an IANA time zone name"),
             ("ip", "300.1.1.1", "traits.ip: '300.1.1.1' is not an IP address"),
-            ("last_event_date", "yesterday-ish", "traits.last_event_date: 'yesterday-ish' is not a date or time"),
+            (
+                "last_event_date",
+                "yesterday-ish",
+                "traits.last_event_date: 'yesterday-ish' is not a date or time",
+            ),
             ("latitude", "north", "traits.latitude: expected a number, got 'north'"),
             ("phone_number", "12", "traits.phone_number: Phone number is not in E.164 format ('12')"),
         ],

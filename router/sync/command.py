@@ -170,15 +170,27 @@ def run_sync_command(args: argparse.Namespace) -> int:
 
 
 async def sync_once(
-    settings: Settings, config: SyncConfig, options: RunOptions, *, limits: RateLimits | None = None
+    settings: Settings,
+    config: SyncConfig,
+    options: RunOptions,
+    *,
+    limits: RateLimits | None = None,
+    sandbox: bool = True,
 ) -> Summary:
-    """One run of ``config`` with the settings' destination and state (``sync`` and ``serve`` use it)."""
+    """One run of ``config`` with the settings' destination and state (``sync`` and ``serve`` use it).
+
+    ``sandbox``: start the sandbox's fake Klaviyo when the settings have no private key (``serve``
+    has one running already). ``limits``: the destination's pacer, when shared with delivery.
+    """
     if settings.resolved_queue_url.startswith("sqlite:"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = open_state(settings.resolved_queue_url)
     await state.open()
     try:
-        async with sandbox_klaviyo(settings) as (settings, sandbox_url):
+        async with sandbox_klaviyo(settings if sandbox else replace(settings, sandbox=False)) as (
+            settings,
+            sandbox_url,
+        ):
             if sandbox_url:
                 print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", file=sys.stderr)
             name = config.destination or settings.destinations[0].name

@@ -78,6 +78,8 @@ class RunOptions:
     csv_out: Path | None = None
     #: Progress display on stderr (a bar on a terminal, lines otherwise).
     progress: bool = True
+    #: Print the estimate before sending (``serve``'s scheduled runs only log their summary).
+    estimate: bool = True
     #: Where the estimate and notes go (stderr by default).
     notes: IO[str] | None = None
 
@@ -194,13 +196,14 @@ class Runner:
         self._csv: CsvOut | None = None
         self._progress: Progress | None = None
         self._source_names: dict[str, str] = {}
+        self._started = time.monotonic()
 
     # -- the run ----------------------------------------------------------------------------------------
 
     async def run(self) -> Summary:
         """The run; :class:`~router.errors.ConfigError` / :class:`SourceError` before it starts mean
         unusable arguments (nothing recorded or sent)."""
-        started = time.monotonic()
+        self._started = time.monotonic()
         mappings = load_mappings(self.destination.mappings_dir)
         source = open_source(self.config.source, query=self.config.query, database=self.config.database)
         try:
@@ -217,9 +220,12 @@ class Runner:
             await self._run(source, reader)
         finally:
             await source.close()
-            self.summary.seconds = time.monotonic() - started
-            self.summary.requests = self.klaviyo.requests
+            self._stamp()
         return self.summary
+
+    def _stamp(self) -> None:
+        self.summary.seconds = time.monotonic() - self._started
+        self.summary.requests = self.klaviyo.requests
 
     async def _run(self, source: Source, reader: RowReader) -> None:
         details = {
@@ -239,7 +245,7 @@ class Runner:
             self._csv = CsvOut(self.options.csv_out, reader.output_columns)
         try:
             total = await source.count()
-            if total is not None:
+            if total is not None and self.options.estimate:
                 for line in estimate(total).lines():
                     print(f"sync {self.config.name}: {line}", file=self._notes, flush=True)
             self._progress = Progress(
@@ -267,6 +273,7 @@ class Runner:
             self._report.close()
             if self._csv is not None:
                 self._csv.close()
+            self._stamp()
             summary = self.summary.to_json()
             await self.state.finish_run(self.summary.run_id, self.summary.status, summary)
             log.info("sync_finished", **{k: v for k, v in summary.items() if k != "sample"})

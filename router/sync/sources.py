@@ -176,13 +176,8 @@ class _CsvFile:
             self._text = io.TextIOWrapper(
                 _open_binary(self._path, self._gzipped), encoding="utf-8-sig", newline=""
             )
-            sample = self._text.read(65536)
-            self._text.seek(0)
-            try:
-                dialect: Any = csv.Sniffer().sniff(sample.split("\n", 1)[0], delimiters=",;\t|")
-            except csv.Error:
-                dialect = csv.excel
-            self._reader = csv.reader(self._text, dialect)
+            tabs = self._path.name.lower().removesuffix(".gz").endswith(".tsv")
+            self._reader = csv.reader(self._text, csv.excel_tab if tabs else csv.excel)
             try:
                 self._header = [name.strip() for name in next(self._reader)]
             except StopIteration:
