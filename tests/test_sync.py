@@ -646,6 +646,34 @@ async def _runs(folder: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in out.splitlines()]
 
 
+class TestReadmeExample:
+    async def test_the_example_config_and_csv_run_as_the_readme_says(
+        self, aiohttp_server: AiohttpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``sync --name vip --config examples/sync.toml``: 5 sent, the two bad rows reported, then unchanged."""
+        from router.settings import Settings
+        from router.sync.command import sync_once
+
+        app = build_fake_app(rate_limits=False)
+        server = await aiohttp_server(app)
+        monkeypatch.chdir(ROOT)
+        settings = Settings.load(ROOT / "examples" / "sync.toml", env={})
+        destination = replace(settings.destinations[0], base_url=str(server.make_url("")).rstrip("/"))
+        settings = replace(settings.with_destination(destination), data_dir=tmp_path)
+        (vip,) = settings.syncs
+        report = tmp_path / "bad-rows.csv"
+        dry = await sync_once(settings, vip, RunOptions(progress=False, dry_run=True))
+        assert (dry.creates, dry.invalid, fake_of(app).lists) == (5, 2, {})
+        first = await sync_once(settings, vip, RunOptions(progress=False, report=report))
+        assert (first.status, first.sent, first.invalid, first.added) == ("done", 5, 2, 5)
+        assert [line.split(",")[:2] for line in report.read_text().splitlines()[1:]] == [
+            ["5", "phone_number"],
+            ["6", "timezone"],
+        ]
+        again = await sync_once(settings, vip, RunOptions(progress=False))
+        assert (again.sent, again.unchanged) == (0, 5)
+
+
 # -- pure parts ---------------------------------------------------------------------------------------------
 
 

@@ -53,8 +53,8 @@ UPDATE sync_schema SET version = 1;
 
 -- name: lookup
 -- What the state knows of a batch of keys.
-SELECT k.key, k.checksum, k.status, k.member, k.profile_id, k.seen_run
-FROM json_each(:keys) AS j JOIN sync_keys AS k ON k.sync = :sync AND k.key = j.value;
+SELECT key, checksum, status, member, profile_id, seen_run FROM sync_keys
+WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys));
 
 -- name: mark_seen
 -- Keys the query returned in this run (present again: no longer absent).
@@ -79,9 +79,9 @@ ON CONFLICT (sync, key) DO UPDATE SET
 
 -- name: refuse_job_items
 -- Items of a finished job Klaviyo refused ([[index, error], ...]): failed, to be sent again; their keys.
-UPDATE sync_keys SET checksum = NULL, status = 'failed', last_error = value ->> 1, updated_at = :now
-FROM json_each(:refused)
-WHERE sync_keys.job_id = :job AND sync_keys.job_index = value ->> 0
+UPDATE sync_keys SET checksum = NULL, status = 'failed', updated_at = :now,
+    last_error = (SELECT value ->> 1 FROM json_each(:refused) WHERE value ->> 0 = sync_keys.job_index)
+WHERE job_id = :job AND job_index IN (SELECT value ->> 0 FROM json_each(:refused))
 RETURNING key, job_index;
 
 -- name: confirm_job
@@ -125,8 +125,8 @@ WHERE sync = :sync AND member = 1 AND (seen_run IS NULL OR seen_run <> :run);
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].
-UPDATE sync_keys SET profile_id = value ->> 1 FROM json_each(:ids)
-WHERE sync_keys.sync = :sync AND sync_keys.key = value ->> 0;
+UPDATE sync_keys SET profile_id = (SELECT value ->> 1 FROM json_each(:ids) WHERE value ->> 0 = sync_keys.key)
+WHERE sync = :sync AND key IN (SELECT value ->> 0 FROM json_each(:ids));
 
 -- name: record_removed
 -- Keys removed from the list.
