@@ -254,6 +254,24 @@ class TestRows:
         again = await rig.sync(source, full_profile=True)
         assert (again.sent, again.unchanged) == (1, 3)
 
+    async def test_a_jobs_import_errors_are_mapped_back_to_rows(self, rig: Rig) -> None:
+        rig.fake.refuse_in_imports(["+16172000003"], "This phone number belongs to another profile.")
+        report = rig.folder / "report.csv"
+        source = write_csv(rig.folder / "a.csv", people(5))
+        summary = await rig.sync(source, full_profile=True, options=RunOptions(progress=False, report=report))
+        assert (summary.sent, summary.failed, summary.added) == (4, 1, 4)
+        (line,) = list(csv.DictReader(report.read_text().splitlines()))
+        assert (line["row"], line["column"], line["key"]) == (
+            "4",
+            "phone_number",
+            "email:person3@example.com",
+        )
+        assert "belongs to another profile" in line["reason"]
+        assert "person3@example.com" not in rig.member_emails()
+        rig.fake.import_refusals.clear()
+        again = await rig.sync(source, full_profile=True)
+        assert (again.sent, again.unchanged, again.added) == (1, 4, 1)
+
     async def test_email_only_sends_identity_only_and_needs_an_email(self, rig: Rig) -> None:
         rows = people(3)
         rows[2]["email"] = ""

@@ -228,6 +228,18 @@ def _import_error(job_id: str, index: int, problems: Problems, original: Any) ->
     }
 
 
+def _refused_in_import(fake: FakeKlaviyo, item: Mapping[str, Any], pointer: str) -> Problems:
+    """Import errors configured with :meth:`FakeKlaviyo.refuse_in_imports`."""
+    if not fake.import_refusals:
+        return []
+    attributes = item.get("attributes") or {}
+    return [
+        (f"{pointer}/attributes/{name}", fake.import_refusals[attributes[name]])
+        for name in IDENTIFIERS
+        if isinstance(attributes.get(name), str) and attributes[name] in fake.import_refusals
+    ]
+
+
 def bulk_import_profiles(call: Call) -> web.Response:
     """``POST /api/profile-bulk-import-jobs``: applied at once; bad profiles become the job's import errors."""
     data = call.body["data"]
@@ -240,7 +252,9 @@ def bulk_import_profiles(call: Call) -> web.Response:
     _raise_problems(_injected(call, PROFILES_BASE, items))
     job = call.fake.new_import_job(len(items), list_ids)
     for index, item in enumerate(items):
-        problems = _profile_problems(call.fake, item, f"{PROFILES_BASE}/{index}")
+        problems = _profile_problems(call.fake, item, f"{PROFILES_BASE}/{index}") + _refused_in_import(
+            call.fake, item, f"{PROFILES_BASE}/{index}"
+        )
         if problems:
             job.errors.append(_import_error(job.id, index, problems, item))
             continue

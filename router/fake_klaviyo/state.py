@@ -125,6 +125,8 @@ class FakeKlaviyo:
         self.sent_early: dict[str, int] = {}
         self._retry_deadlines: dict[tuple[str, str], float] = {}
         self._index: dict[tuple[str, str], str] = {}
+        #: Identifier value → the reason a bulk import job records an import error for its profile.
+        self.import_refusals: dict[str, str] = {}
         self.limiter.reset()
 
     # -- runtime knobs ---------------------------------------------------------------------------------
@@ -155,6 +157,11 @@ class FakeKlaviyo:
         self.faults.fail_bulk_items(
             operation_id, indices=indices, values=values, detail=detail or "Invalid input."
         )
+
+    def refuse_in_imports(self, values: Iterable[str], detail: str = "Invalid profile.") -> None:
+        """Bulk import jobs accept profiles holding one of ``values`` as an identifier, then report
+        them as import errors (the job's ``failed_count``), as Klaviyo does for what it cannot import."""
+        self.import_refusals.update(dict.fromkeys(values, detail))
 
     def clear_faults(self) -> None:
         """Remove every configured fault."""

@@ -62,7 +62,7 @@ from router.sync.state import AlreadyRunning, Known, SyncState
 log = structlog.get_logger("router.sync")
 
 #: Import jobs in flight at once (Klaviyo's burst for bulk imports is 10 a second).
-JOBS_IN_FLIGHT: Final = 10
+JOBS_IN_FLIGHT: Final = 8
 #: Keys shown per kind in a dry run's sample.
 SAMPLE: Final = 5
 HEARTBEAT_SECONDS: Final = 30.0
@@ -407,20 +407,20 @@ class Runner:
 
     async def _send(self, job: _Job) -> None:
         try:
-            await self._send_job(job.entries, job.items)
+            items, job.items = job.items, []  # the job's bytes are let go once Klaviyo has them
+            await self._send_job(job.entries, items)
         finally:
             self._slots.release()
 
-    async def _send_job(
-        self, entries: Sequence[_Entry], items: Sequence[bytes], *, again: bool = True
-    ) -> None:
+    async def _send_job(self, entries: Sequence[_Entry], items: list[bytes], *, again: bool = True) -> None:
         with_list = self.list_id if not self.config.subscribe else None
         job_id, outcome = await self.klaviyo.import_profiles(items, with_list)
-        if job_id is None:
+        if job_id is not None:
+            items.clear()
+        else:
             failed = dict(outcome.failed_items) if outcome.kind == "permanent" else {}
-            if (
-                again and failed and len(failed) < len(entries)
-            ):  # Klaviyo named the bad items: the rest go again
+            # Klaviyo named the bad items: the others go again, once
+            if again and failed and len(failed) < len(entries):
                 await self._fail([(entries[i], reason) for i, reason in failed.items()])
                 keep = [i for i in range(len(entries)) if i not in failed]
                 await self._send_job([entries[i] for i in keep], [items[i] for i in keep], again=False)
