@@ -26,12 +26,13 @@ from router.errors import ConfigError
 from router.fake_klaviyo import FakeKlaviyo, build_fake_app, fake_of
 from router.klaviyo.client import KlaviyoClient
 from router.klaviyo.ratelimit import RateLimits
+from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import load_mappings
 from router.sync.columns import column_table
 from router.sync.config import SyncConfig, parse_schedule, parse_sync
 from router.sync.plan import estimate, removal_refusal
 from router.sync.run import RunOptions, Summary, run_sync
-from router.sync.send import Klaviyo
+from router.sync.send import Klaviyo, import_body
 from router.sync.state import SqliteSyncState, SyncState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +191,32 @@ class TestMirror:
         assert first.removed == 0 and len(rig.fake.members(rig.list_id())) == 10
         second = await rig.sync(smaller, full_profile=True, grace_runs=1)
         assert second.removed == 1 and "person9@example.com" not in rig.member_emails()
+
+    async def test_rows_converted_in_a_process_of_their_own(self, rig: Rig) -> None:
+        """Big runs convert in a spawned process: the same profiles, report and state."""
+        rows = people(30)
+        rows[4]["timezone"] = "Nowhere/Land"
+        options = RunOptions(progress=False, process_from_rows=0)
+        summary = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
+        assert (summary.sent, summary.invalid, summary.added) == (29, 1, 29)
+        again = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
+        assert (again.sent, again.unchanged, again.invalid) == (0, 29, 1)  # the bad row is reported again
+
+    async def test_subscribe_uses_bulk_subscribe_jobs_with_explicit_consent(self, rig: Rig) -> None:
+        rows = people(3)
+        rows[2]["email"] = ""  # phone only: no email consent possible
+        summary = await rig.sync(
+            write_csv(rig.folder / "a.csv", rows), full_profile=True, subscribe=["email"]
+        )
+        assert (summary.sent, summary.failed, summary.added) == (2, 1, 2)
+        list_id = rig.list_id()
+        for n in (0, 1):
+            profile = rig.fake.find_profile(email=f"person{n}@example.com")
+            assert profile is not None
+            assert rig.fake.consent(profile.id, "email.marketing") == "SUBSCRIBED"
+            assert rig.fake.subscriptions[profile.id]["email.marketing"].list_id == list_id
+        imports = [r for r in rig.fake.requests if r.operation_id == "bulk_import_profiles"]
+        assert all("relationships" not in r.json["data"] for r in imports)  # membership comes with consent
 
     async def test_add_mode_never_removes(self, rig: Rig) -> None:
         await rig.sync(write_csv(rig.folder / "a.csv", people(10)), full_profile=True, mode="add")
@@ -588,7 +615,7 @@ async def _until(check: Any, within: float = 30.0) -> None:
 
 
 class TestChildProcesses:
-    @pytest.mark.timeout(60)
+    @pytest.mark.timeout(150)
     async def test_a_run_killed_midway_resumes_without_resending(
         self, aiohttp_server: AiohttpServer, tmp_path: Path
     ) -> None:
@@ -615,7 +642,7 @@ class TestChildProcesses:
         assert accepted == 2
 
         process = await _router(*args, "--json", folder=tmp_path)
-        assert await asyncio.wait_for(process.wait(), 50) == 0, (tmp_path / "child.log").read_text()[-2000:]
+        assert await asyncio.wait_for(process.wait(), 120) == 0, (tmp_path / "child.log").read_text()[-2000:]
         assert sum(r.operation_id == "bulk_import_profiles" for r in fake.requests) == 2  # nothing sent again
         (list_id,) = fake.lists
         assert len(fake.members(list_id)) == 12_000
@@ -662,6 +689,28 @@ async def _runs(folder: Path) -> list[dict[str, Any]]:
     )
     out, _ = await process.communicate()
     return [orjson.loads(line) for line in out.splitlines()]
+
+
+class TestSandbox:
+    async def test_the_sandbox_has_the_configured_list_and_refuses_others(self, tmp_path: Path) -> None:
+        """A mistyped list id fails in the sandbox as it would in Klaviyo (issue 14, item 9)."""
+        from router.sandbox import sandbox_klaviyo
+        from router.settings import Settings
+
+        settings = replace(Settings.embedded_default(tmp_path, env={}), data_dir=tmp_path)
+        settings = settings.with_destination(replace(settings.destinations[0], list_id="XUepkK"))
+        async with sandbox_klaviyo(settings) as (sandboxed, url), aiohttp.ClientSession() as session:
+            assert url is not None
+            destination = sandboxed.destinations[0]
+            client = KlaviyoClient(session, destination)
+            for list_id, expected in (("XUepkK", "ok"), ("XUepkk", "permanent")):
+                profile = b'{"type":"profile","attributes":{"email":"ada@example.com"}}'
+                request = KlaviyoRequest.from_json(
+                    import_body([profile], list_id), path="/api/profile-bulk-import-jobs"
+                )
+                outcome = await client.send(request)
+                assert outcome.kind == expected, outcome
+            assert "List 'XUepkk' does not exist" in outcome.detail
 
 
 class TestReadmeExample:

@@ -179,9 +179,6 @@ class RowReader:
         resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
         if row.empty:
             resource["meta"] = {"patch_properties": {"unset": list(row.empty)}}
-        size = len(orjson.dumps(resource))
-        if size > MAX_PROFILE_BYTES:
-            return Invalid(row.number, "", f"the profile is {size} bytes; Klaviyo takes at most 100 KB")
         return resource
 
     def csv_values(self, resource: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -43,12 +43,14 @@ from router.fields import Context
 from router.mapping import load_mappings
 from router.sync.columns import column_table
 from router.sync.config import SyncConfig
+from router.sync.convert import PROCESS_FROM_ROWS, Converted, Converter
 from router.sync.plan import (
     MAX_FILTER_VALUES,
     MAX_JOB_BYTES,
     MAX_JOB_PROFILES,
     MAX_LIST_IDS,
     MAX_SUBSCRIBE,
+    Change,
     change,
     estimate,
     removal_refusal,
@@ -57,7 +59,7 @@ from router.sync.report import CsvOut, Progress, Report
 from router.sync.rows import Invalid, Row, RowReader, key_identifier
 from router.sync.send import Klaviyo, Refused
 from router.sync.sources import Source, SourceError, open_source
-from router.sync.state import AlreadyRunning, Known, SyncState
+from router.sync.state import AlreadyRunning, SyncState
 
 log = structlog.get_logger("router.sync")
 
@@ -80,6 +82,8 @@ class RunOptions:
     progress: bool = True
     #: Print the estimate before sending (``serve``'s scheduled runs only log their summary).
     estimate: bool = True
+    #: Rows (by the source's count) from which rows are converted in a process of their own.
+    process_from_rows: int = PROCESS_FROM_ROWS
     #: Where the estimate and notes go (stderr by default).
     notes: IO[str] | None = None
 
@@ -151,6 +155,15 @@ class _Entry:
     was_member: bool
     #: Email / phone of the profile, for a subscribe job (only when the sync subscribes).
     identifiers: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A row to convert, and what the comparison found."""
+
+    row: Row
+    kind: Change
+    was_member: bool
 
 
 @dataclass(slots=True)
@@ -253,7 +266,7 @@ class Runner:
             )
             self.list_id = await self._prepare_list()
             await self._finish_open_jobs()
-            await self._stream(source, reader)
+            await self._stream(source, reader, total)
             if self.config.mode == "mirror":
                 await self._remove()
             self.summary.status = "dry-run" if self.options.dry_run else "done"
@@ -310,66 +323,100 @@ class Runner:
 
     # -- reading and sending ------------------------------------------------------------------------------
 
-    async def _stream(self, source: Source, reader: RowReader) -> None:
+    async def _stream(self, source: Source, reader: RowReader, total: int | None) -> None:
+        converter = Converter(
+            reader,
+            csv=self._csv is not None,
+            identifiers=bool(self.config.subscribe),
+            in_process=total is None or total < self.options.process_from_rows,
+        )
         number = 0
         beat = time.monotonic()
         job = _Job()
-        async with asyncio.TaskGroup() as group:
-            async for batch in source.batches():
-                rows: list[Row] = []
-                for raw in batch:
-                    number += 1
-                    read = reader.read(number, raw)
-                    if isinstance(read, Invalid):
-                        self._invalid(read)
-                    else:
-                        rows.append(read)
-                known = await self.state.lookup(self.config.name, [row.key for row in rows])
-                seen: dict[str, int] = {}
-                for row in rows:
-                    entry = known.get(row.key)
-                    if row.key in seen or (entry is not None and entry.seen_run == self.summary.run_id):
-                        first = seen.get(row.key)
-                        where = f"row {first}" if first else "an earlier row"
-                        self._invalid(
-                            Invalid(row.number, "", f"the same {row.key} as {where}: left out"), row.key
-                        )
-                        continue
-                    seen[row.key] = row.number
-                    job, valid = await self._row(group, job, reader, row, entry)
-                    if not valid:
-                        seen.pop(row.key)
-                self.summary.rows = number
-                await self.state.mark_seen(self.config.name, self.summary.run_id or 0, list(seen))
-                if self._progress is not None:
-                    self._progress.update(read=len(batch))
-                if time.monotonic() - beat > HEARTBEAT_SECONDS:
-                    beat = time.monotonic()
-                    await self.state.heartbeat(self.summary.run_id or 0)
-            if job.entries:
-                await self._dispatch(group, job)
+        converting: asyncio.Future[list[Converted | Invalid]] | None = None
+        waiting: list[_Pending] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for batch in source.batches():
+                    rows = self._read(reader, batch, number)
+                    number += len(batch)
+                    pending = await self._compare(rows)
+                    # this batch converts while the last one's profiles go into jobs
+                    following = asyncio.ensure_future(converter.convert([p.row for p in pending]))
+                    if converting is not None:
+                        job = await self._fill(group, job, waiting, await converting)
+                    converting, waiting = following, pending
+                    self.summary.rows = number
+                    if self._progress is not None:
+                        self._progress.update(read=len(batch))
+                    if time.monotonic() - beat > HEARTBEAT_SECONDS:
+                        beat = time.monotonic()
+                        await self.state.heartbeat(self.summary.run_id or 0)
+                if converting is not None:
+                    job = await self._fill(group, job, waiting, await converting)
+                    converting = None
+                if job.entries:
+                    await self._dispatch(group, job)
+        finally:
+            if converting is not None:
+                converting.cancel()
+            converter.close()
 
-    async def _row(
-        self, group: asyncio.TaskGroup, job: _Job, reader: RowReader, row: Row, entry: Known | None
-    ) -> tuple[_Job, bool]:
-        """Count, convert and send one row as it needs; the job being filled, and whether the row is valid."""
-        kind = change(entry, row.checksum, needs_membership=self.config.uses_list)
-        if kind == "unchanged" and self._csv is None:
-            self.summary.unchanged += 1
-            return job, True
-        resource = reader.profile(row)
-        if isinstance(resource, Invalid):
-            self._invalid(resource, row.key)
-            return job, False
-        if self._csv is not None:
-            self._csv.add(reader.csv_values(resource))
-        if kind == "unchanged":
-            self.summary.unchanged += 1
-            return job, True
-        self._count_change(kind, row.key)
-        if not self.options.dry_run:
-            job = await self._add(group, job, row, resource, entry is not None and entry.member)
-        return job, True
+    def _read(self, reader: RowReader, batch: Sequence[Mapping[str, Any]], before: int) -> list[Row]:
+        """The batch's readable rows (numbered from ``before + 1``); the others are reported."""
+        rows: list[Row] = []
+        for number, raw in enumerate(batch, start=before + 1):
+            read = reader.read(number, raw)
+            if isinstance(read, Invalid):
+                self._invalid(read)
+            else:
+                rows.append(read)
+        return rows
+
+    async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
+        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted."""
+        known = await self.state.lookup(self.config.name, [row.key for row in rows])
+        seen: dict[str, int] = {}
+        pending: list[_Pending] = []
+        for row in rows:
+            entry = known.get(row.key)
+            if row.key in seen or (entry is not None and entry.seen_run == self.summary.run_id):
+                where = f"row {seen[row.key]}" if row.key in seen else "an earlier row"
+                self._invalid(Invalid(row.number, "", f"the same {row.key} as {where}: left out"), row.key)
+                continue
+            seen[row.key] = row.number
+            kind = change(entry, row.checksum, needs_membership=self.config.uses_list)
+            if kind == "unchanged":
+                self.summary.unchanged += 1
+                if self._csv is None:
+                    continue
+            pending.append(_Pending(row, kind, entry is not None and entry.member))
+        # seen: kept out of this run's removals (a row with a bad value is reported, not removed)
+        await self.state.mark_seen(self.config.name, self.summary.run_id or 0, list(seen))
+        return pending
+
+    async def _fill(
+        self,
+        group: asyncio.TaskGroup,
+        job: _Job,
+        pending: Sequence[_Pending],
+        converted: Sequence[Converted | Invalid],
+    ) -> _Job:
+        """Put converted rows into jobs (a full one is sent); the job being filled."""
+        for item, result in zip(pending, converted, strict=True):
+            if isinstance(result, Invalid):
+                self._invalid(result, item.row.key)
+                if item.kind == "unchanged":
+                    self.summary.unchanged -= 1
+                continue
+            if self._csv is not None and result.csv_values is not None:
+                self._csv.add(result.csv_values)
+            if item.kind == "unchanged":
+                continue
+            self._count_change(item.kind, item.row.key)
+            if not self.options.dry_run:
+                job = await self._add(group, job, item, result)
+        return job
 
     def _invalid(self, problem: Invalid, key: str = "") -> None:
         self.summary.invalid += 1
@@ -384,21 +431,16 @@ class Runner:
         if self.options.dry_run and len(sample) < SAMPLE:
             sample.append(key)
 
-    async def _add(
-        self, group: asyncio.TaskGroup, job: _Job, row: Row, resource: dict[str, Any], was_member: bool
-    ) -> _Job:
+    async def _add(self, group: asyncio.TaskGroup, job: _Job, item: _Pending, converted: Converted) -> _Job:
         """Put a profile in the job being filled; a full job is sent and a new one returned."""
-        item = orjson.dumps(resource)
-        if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + len(item) + 1 > MAX_JOB_BYTES):
+        size = len(converted.encoded)
+        if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + size + 1 > MAX_JOB_BYTES):
             await self._dispatch(group, job)
             job = _Job()
-        identifiers = None
-        if self.config.subscribe:
-            attributes = resource["attributes"]
-            identifiers = {k: attributes[k] for k in ("email", "phone_number") if k in attributes}
-        job.entries.append(_Entry(row.number, row.key, row.checksum, was_member, identifiers))
-        job.items.append(item)
-        job.size += len(item) + 1
+        row = item.row
+        job.entries.append(_Entry(row.number, row.key, row.checksum, item.was_member, converted.identifiers))
+        job.items.append(converted.encoded)
+        job.size += size + 1
         return job
 
     async def _dispatch(self, group: asyncio.TaskGroup, job: _Job) -> None:
