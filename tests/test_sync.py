@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from router.destination import Destination
@@ -114,17 +115,24 @@ async def _no_wait(seconds: float) -> None:
     await asyncio.sleep(0)
 
 
+async def started_rig(
+    aiohttp_server: AiohttpServer, app: web.Application, state: SyncState, folder: Path
+) -> Rig:
+    """``app`` served on loopback, a destination pointing at it, and ``state`` opened."""
+    server = await aiohttp_server(app)
+    await state.open()
+    destination = Destination(private_key=KEY, base_url=str(server.make_url("")).rstrip("/"))
+    return Rig(fake_of(app), destination, state, folder)
+
+
 @pytest.fixture
 async def rig(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator[Rig]:
     app = build_fake_app(rate_limits=False, api_keys=[KEY], import_job_reads=3)
-    server = await aiohttp_server(app)
-    state = SqliteSyncState(str(tmp_path / "queue.db"))
-    await state.open()
-    destination = Destination(private_key=KEY, base_url=str(server.make_url("")).rstrip("/"))
+    started = await started_rig(aiohttp_server, app, SqliteSyncState(str(tmp_path / "queue.db")), tmp_path)
     try:
-        yield Rig(fake_of(app), destination, state, tmp_path)
+        yield started
     finally:
-        await state.close()
+        await started.state.close()
 
 
 class TestMirror:
@@ -387,15 +395,8 @@ class TestRefusals:
         self, aiohttp_server: AiohttpServer, tmp_path: Path
     ) -> None:
         app = build_fake_app(api_keys=[KEY], rate_limit_scale=1 / 150)  # 1 list a day, 1 a second
-        server = await aiohttp_server(app)
-        state = SqliteSyncState(str(tmp_path / "queue.db"))
-        await state.open()
-        rig = Rig(
-            fake_of(app),
-            Destination(private_key=KEY, base_url=str(server.make_url("")).rstrip("/")),
-            state,
-            tmp_path,
-        )
+        rig = await started_rig(aiohttp_server, app, SqliteSyncState(str(tmp_path / "queue.db")), tmp_path)
+        state = rig.state
         try:
             source = write_csv(tmp_path / "a.csv", people(2))
             assert (await rig.sync(source, list="first")).status == "done"
@@ -539,15 +540,8 @@ class TestPostgresState:
         from router.sync.state import open_state
 
         app = build_fake_app(rate_limits=False, api_keys=[KEY])
-        server = await aiohttp_server(app)
-        state = open_state(postgres_dsn)
-        await state.open()
-        rig = Rig(
-            fake_of(app),
-            Destination(private_key=KEY, base_url=str(server.make_url("")).rstrip("/")),
-            state,
-            tmp_path,
-        )
+        rig = await started_rig(aiohttp_server, app, open_state(postgres_dsn), tmp_path)
+        state = rig.state
         try:
             await rig.sync(write_csv(tmp_path / "a.csv", people(10)), full_profile=True)
             second = await rig.sync(

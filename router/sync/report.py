@@ -19,6 +19,8 @@ from typing import IO, Any
 import orjson
 from tqdm import tqdm
 
+from router.errors import TransformError
+from router.fields import CONVERTERS, Context
 from router.sync.columns import CSV_NAMES
 
 REPORT_COLUMNS = ("row", "column", "reason", "key")
@@ -65,15 +67,13 @@ class CsvOut:
 
 
 def _text(value: Any) -> str:
+    """A cell: text as the transform writes it (``true``, ``42.5``), objects and lists as JSON."""
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return orjson.dumps(value).decode()
+    try:
+        return str(CONVERTERS["string"](value, "", Context()))
+    except TransformError:
+        return orjson.dumps(value).decode()
 
 
 class Progress:
