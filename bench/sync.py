@@ -7,8 +7,9 @@ ones, then syncs it (full profile, mirror mode, into a new list) into a fake Kla
 subprocess (its own core) that enforces Klaviyo's documented burst/steady limits per endpoint and
 validates every body without keeping it (``--no-store``). The sync runs in this process, with its
 state in a SQLite file as ``klaviyo-router sync`` keeps it. Then PERCENT of the rows (default 1)
-change and the sync runs again. Printed for each run: elapsed time, rows/s, profiles sent,
-requests, and this process's peak RSS so far; for the first run also the time Klaviyo's limits
+change and the sync runs again (it must send exactly those). Printed for each run: elapsed time,
+rows/s, profiles sent, requests, CPU seconds (the sync, its conversion process, the fake) and this
+process's peak RSS so far; for the first run also the time Klaviyo's limits
 imply for the import jobs alone (the bound) and for the one-by-one Update Profile path.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from deliver import fake_klaviyo, free_port
+from procstat import cpu_seconds
 from speed import speed_line
 
 from router.destination import Destination
@@ -34,7 +36,7 @@ from router.klaviyo.ratelimit import RateLimits
 from router.runtime import tune_runtime
 from router.sync.config import parse_sync
 from router.sync.plan import estimate
-from router.sync.run import RunOptions, Summary, run_sync
+from router.sync.run import RunOptions, run_sync
 from router.sync.send import Klaviyo
 from router.sync.state import SqliteSyncState
 
@@ -95,26 +97,36 @@ def write_rows(path: Path, rows: int, changed: set[int]) -> None:
             writer.writerow(row(number, "platinum" if number in changed else "gold"))
 
 
-async def sync(path: Path, state: SqliteSyncState, destination: Destination) -> tuple[Summary, float]:
+def cpu() -> tuple[float, float]:
+    """CPU seconds of this process, and of its children that have ended (the conversion process)."""
+    own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, ended.ru_utime + ended.ru_stime
+
+
+async def sync(path: Path, state: SqliteSyncState, destination: Destination, fake: int) -> tuple[str, int]:
+    """One run: its line of figures, and the profiles it sent."""
     config = parse_sync(
         {"name": "bench", "source": str(path), "list": "Bench audience", "full_profile": True},
         "bench",
         ("k",),
     )
+    before, fake_before = cpu(), cpu_seconds(fake)
     started = time.perf_counter()
     async with aiohttp.ClientSession() as session:
         client = KlaviyoClient(session, destination, limits=RateLimits())
         summary = await run_sync(config, destination, state, Klaviyo(client), RunOptions(progress=False))
-    return summary, time.perf_counter() - started
-
-
-def line(label: str, summary: Summary, seconds: float) -> str:
+    seconds = time.perf_counter() - started
+    await asyncio.sleep(0.5)  # the conversion process ends and is counted
+    after = cpu()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return (
-        f"{label}: {seconds:.1f} s, {summary.rows / seconds:,.0f} rows/s, {summary.sent:,} sent, "
+    figures = (
+        f"{seconds:.1f} s, {summary.rows / seconds:,.0f} rows/s, {summary.sent:,} sent, "
         f"{summary.unchanged:,} unchanged, {summary.invalid} invalid, {summary.failed} failed, "
-        f"{summary.requests} requests ({summary.status}); peak RSS so far {peak:.0f} MB"
+        f"{summary.requests} requests ({summary.status}); CPU: sync {after[0] - before[0]:.1f} s "
+        f"+ conversion process {after[1] - before[1]:.1f} s, fake Klaviyo {cpu_seconds(fake) - fake_before:.1f} s; "
+        f"peak RSS so far {peak:.0f} MB"
     )
+    return figures, summary.sent
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -141,15 +153,15 @@ async def run(args: argparse.Namespace) -> int:
         name="k", private_key="pk_bench_0123456789", base_url=f"http://127.0.0.1:{port}"
     )
     try:
-        async with fake_klaviyo(port):
-            summary, seconds = await sync(source, state, destination)
-            print(line("first run", summary, seconds))
+        async with fake_klaviyo(port) as fake:
+            figures, _ = await sync(source, state, destination, fake.pid)
+            print(f"first run: {figures}")
             changed = set(random.Random(7).sample(range(args.rows), int(args.rows * args.changed / 100)))
             write_rows(source, args.rows, changed)
-            summary, seconds = await sync(source, state, destination)
-            print(line(f"re-run, {len(changed):,} rows changed", summary, seconds))
-            if summary.sent != len(changed):
-                print(f"UNEXPECTED: the re-run sent {summary.sent} profiles for {len(changed)} changed rows")
+            figures, sent = await sync(source, state, destination, fake.pid)
+            print(f"re-run, {len(changed):,} rows changed: {figures}")
+            if sent != len(changed):
+                print(f"UNEXPECTED: the re-run sent {sent} profiles for {len(changed)} changed rows")
                 return 1
     finally:
         await state.close()
