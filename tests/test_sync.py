@@ -707,6 +707,29 @@ class TestSandbox:
             assert "List 'XUepkk' does not exist" in outcome.detail
 
 
+class TestCommand:
+    @pytest.mark.parametrize(
+        ("args", "reason"),
+        [
+            (["missing.csv", "--list", "VIP"], "missing.csv: cannot read"),
+            (["--name", "nope"], "--name: no [[syncs]] named 'nope'"),
+            ([], "give either source (a file) or query"),
+            (["--query", "SELECT 1", "--list", "VIP"], "a query needs a database"),
+            (["a.csv", "--mode", "mirror"], "mode mirror needs the name of a list"),
+            (["a.csv", "--list", "VIP", "--column", "oops"], "expected SOURCE COLUMN=PROFILE COLUMN"),
+        ],
+    )
+    def test_unusable_arguments_exit_2_with_one_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], reason: str
+    ) -> None:
+        from router.cli import main
+
+        config = _config(tmp_path, "http://127.0.0.1:9")
+        assert main(["sync", *args, "--config", str(config)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert reason in err and len(err.splitlines()) == 1, err
+
+
 class TestReadmeExample:
     async def test_the_example_config_and_csv_run_as_the_readme_says(
         self, aiohttp_server: AiohttpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -121,9 +121,17 @@ def sync_config(args: argparse.Namespace, settings: Settings) -> SyncConfig:
     """The sync the arguments name: a ``[[syncs]]`` entry, or one made of the arguments."""
     destinations = tuple(d.name for d in settings.destinations)
     if args.name is not None:
-        if args.source or args.query or args.database or args.list_name:
+        if (
+            args.source
+            or args.query
+            or args.database
+            or args.list_name
+            or args.mode
+            or args.column
+            or args.full_profile
+        ):
             raise ConfigError(
-                "--name runs a [[syncs]] entry as configured: leave out SOURCE, --query, --database and --list"
+                "--name runs a [[syncs]] entry as configured: leave out SOURCE, --query, --database, --list, --mode, --column and --full-profile"
             )
         found = next((sync for sync in settings.syncs if sync.name == args.name), None)
         if found is None:

@@ -18,6 +18,7 @@ import orjson
 
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.imports import IMPORT_PATH, ImportResult, follow, job_id
+from router.klaviyo.imports import _relative as relative_link
 from router.klaviyo.requests import KlaviyoRequest
 from router.sync.plan import MAX_FILTER_VALUES
 from router.transform import _subscriptions as subscriptions
@@ -49,7 +50,7 @@ class Klaviyo:
         self.attempts = attempts
         self.import_wait = import_wait
         self._sleep = sleep
-        #: Requests sent, by Klaviyo operation path (for the summary).
+        #: Requests sent so far, retries included (for the summary).
         self.requests = 0
 
     async def send(self, request: KlaviyoRequest) -> Outcome:
@@ -200,8 +201,5 @@ def _filter(operator: str, field: str, values: Sequence[str]) -> str:
 
 
 def _next(page: Any) -> str | None:
-    link = (page.get("links") or {}).get("next") if isinstance(page, dict) else None
-    if not isinstance(link, str) or not link:
-        return None
-    start = link.find("/api/")
-    return link[start:] if start >= 0 else None
+    """The path of the next page (``links.next``), if there is one."""
+    return relative_link((page.get("links") or {}).get("next") if isinstance(page, dict) else None)
