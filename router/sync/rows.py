@@ -40,17 +40,15 @@ class Invalid:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """A readable row: what it holds, before conversion."""
+    """A readable row, before conversion: the source's cells as they came."""
 
     number: int
     #: ``email:ada@example.com``, ``phone:+1617...``, ``external_id:42``.
     key: str
     #: Of the settings and the row's cells: equal checksums mean nothing to send again.
     checksum: str
-    #: Profile column or custom property name → (source column, value), non-empty cells only.
-    cells: Mapping[str, tuple[str, Any]]
-    #: Custom properties whose cell was empty (unset when ``clear_empty``).
-    empty: tuple[str, ...] = ()
+    #: Source column → value.
+    raw: Mapping[str, Any]
 
 
 def key_identifier(key: str) -> tuple[str, str]:
@@ -83,13 +81,14 @@ class RowReader:
         self._renames = renames
         self._full = full_profile
         self._clear_empty = clear_empty and full_profile
-        self._fingerprint = fingerprint
+        self._fingerprint = fingerprint.encode()
         self._ctx = ctx
         header = read_header(list(columns), renames, table)
         #: source name → (profile column or None, the name it is kept under)
         self._names: dict[str, tuple[str | None, str]] = {
             source: (column, column or wanted) for source, column, wanted in header.columns
         }
+        self._id_sources: list[tuple[str, list[str]]] | None = None
         #: The profile columns and custom properties, in source order (the CSV output's columns).
         self.output_columns: tuple[str, ...] = tuple(name for _, name in self._names.values())
 
@@ -107,41 +106,36 @@ class RowReader:
             except ConfigError:
                 column, wanted = None, source
             found = self._names[source] = (column, column or wanted)
+            self._id_sources = None
         return found
 
     def read(self, number: int, raw: Mapping[str, Any]) -> Row | Invalid:
-        """The row's key and checksum, or why it has none."""
-        cells: dict[str, tuple[str, Any]] = {}
-        empty: list[str] = []
-        for source, value in raw.items():
-            column, name = self._resolve(source)
-            if _blank(value):
-                if column is None:
-                    empty.append(name)
-                continue
-            cells[name] = (source, value)
-        key = self._key(cells)
+        """The row's key and checksum, or why it has none (cheap: nothing is converted here)."""
+        if raw.keys() - self._names.keys():
+            for source in raw:
+                self._resolve(source)
+        key = self._key(raw)
         if isinstance(key, str):
-            digest = hashlib.blake2b(
-                orjson.dumps([self._fingerprint, sorted(cells.items()), sorted(empty)]), digest_size=16
-            ).hexdigest()
-            return Row(number, key, digest, cells, tuple(empty) if self._clear_empty else ())
+            digest = hashlib.blake2b(self._fingerprint, digest_size=16)
+            digest.update(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+            return Row(number, key, digest.hexdigest(), raw)
         return Invalid(number, *key)
 
-    def _key(self, cells: Mapping[str, tuple[str, Any]]) -> str | tuple[str, str]:
-        names = IDENTIFIERS if self._full else ("email",)
-        for name in names:
-            found = cells.get(name)
-            if found is not None:
-                value = str(found[1]).strip()
+    def _key(self, raw: Mapping[str, Any]) -> str | tuple[str, str]:
+        for name, sources in self._identifier_sources():
+            for source in sources:
+                value = raw.get(source)
+                if _blank(value):
+                    continue
+                text = str(value).strip()
                 if name == "email":
-                    return _KEY_PREFIX[name] + value.lower()
+                    return _KEY_PREFIX[name] + text.lower()
                 if name == "phone_number":  # in E.164, as Klaviyo holds it (a removal looks it up)
                     try:
-                        value = self._table[name].convert(value, found[0], self._ctx)
+                        text = self._table[name].convert(text, source, self._ctx)
                     except TransformError as exc:
-                        return found[0], _reason(exc.message, found[0])
-                return _KEY_PREFIX[name] + value
+                        return source, _reason(exc.message, source)
+                return _KEY_PREFIX[name] + text
         if self._full:
             return "email", "no identifier: a row needs an email, phone_number or external_id"
         return (
@@ -149,12 +143,27 @@ class RowReader:
             "an email is required (an email-only sync; --full-profile also matches on phone_number or external_id)",
         )
 
+    def _identifier_sources(self) -> list[tuple[str, list[str]]]:
+        """Each identifier the key may come from, in order, with the source columns holding it."""
+        if self._id_sources is None:
+            names = IDENTIFIERS if self._full else ("email",)
+            self._id_sources = [
+                (name, [s for s, (column, _) in self._names.items() if column == name]) for name in names
+            ]
+        return self._id_sources
+
     def profile(self, row: Row) -> dict[str, Any] | Invalid:
         """The profile resource of a row (``{"type": "profile", "attributes", "meta"?}``), or why not."""
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
-        for name, (source, value) in row.cells.items():
-            column = self._table.get(name)
+        empty: list[str] = []
+        for source, value in row.raw.items():
+            column_name, name = self._resolve(source)
+            if _blank(value):
+                if column_name is None and name != PROPERTIES:
+                    empty.append(name)
+                continue
+            column = self._table.get(name) if column_name is not None else None
             if column is None:
                 if not self._full:
                     continue
@@ -177,8 +186,8 @@ class RowReader:
         if custom:
             attributes["properties"] = {**custom, **(attributes.get("properties") or {})}
         resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
-        if row.empty:
-            resource["meta"] = {"patch_properties": {"unset": list(row.empty)}}
+        if empty and self._clear_empty:
+            resource["meta"] = {"patch_properties": {"unset": empty}}
         return resource
 
     def csv_values(self, resource: Mapping[str, Any]) -> dict[str, Any]:

@@ -374,8 +374,17 @@ class Runner:
         return rows
 
     async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
-        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted."""
-        known = await self.state.lookup(self.config.name, [row.key for row in rows])
+        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted.
+
+        Every key is marked seen, so it is kept out of this run's removals, even when a bad value
+        keeps its row from being sent (it is reported).
+        """
+        known = await self.state.see(
+            self.config.name,
+            self.summary.run_id or 0,
+            [row.key for row in rows],
+            dry_run=self.options.dry_run,
+        )
         seen: dict[str, int] = {}
         pending: list[_Pending] = []
         for row in rows:
@@ -391,8 +400,6 @@ class Runner:
                 if self._csv is None:
                     continue
             pending.append(_Pending(row, kind, entry is not None and entry.member))
-        # seen: kept out of this run's removals (a row with a bad value is reported, not removed)
-        await self.state.mark_seen(self.config.name, self.summary.run_id or 0, list(seen))
         return pending
 
     async def _fill(

@@ -32,8 +32,7 @@ from router.queue import sqlite_path
 
 #: Positional order of each query's parameters (the PostgreSQL file's ``$1``, ``$2``, ...).
 PARAMS: Final[Mapping[str, tuple[str, ...]]] = {
-    "lookup": ("sync", "keys"),
-    "mark_seen": ("sync", "run", "keys"),
+    "see": ("sync", "run", "dry_run", "keys"),
     "record_sent": ("sync", "run", "job", "now", "entries"),
     "record_failed": ("sync", "run", "now", "entries"),
     "refuse_job_items": ("job", "now", "refused"),
@@ -133,13 +132,18 @@ class SyncState:
 
     # -- keys ------------------------------------------------------------------------------------------
 
-    async def lookup(self, sync: str, keys: Sequence[str]) -> dict[str, Known]:
-        rows = await self._rows("lookup", {"sync": sync, "keys": _json(list(keys))})
-        return {row[0]: Known(row[1], row[2], bool(row[3]), row[4], row[5]) for row in rows}
+    async def see(
+        self, sync: str, run: int, keys: Sequence[str], *, dry_run: bool = False
+    ) -> dict[str, Known]:
+        """Mark keys the run's query returned as seen; what the state knew of them before.
 
-    async def mark_seen(self, sync: str, run: int, keys: Sequence[str]) -> None:
-        if keys:
-            await self._run("mark_seen", {"sync": sync, "run": run, "keys": _json(list(keys))})
+        ``Known.seen_run`` is the run that saw a key before this call (this run: a duplicate).
+        """
+        if not keys:
+            return {}
+        params = {"sync": sync, "run": run, "dry_run": dry_run, "keys": _json(list(keys))}
+        rows = await self._rows("see", params)
+        return {row[0]: Known(row[1], row[2], bool(row[3]), row[4], row[5]) for row in rows}
 
     async def record_sent(
         self, sync: str, run: int, job: str, entries: Sequence[tuple[str, str, int]]

@@ -12,6 +12,7 @@ CREATE TABLE sync_keys (
     profile_id TEXT,
     member BOOLEAN NOT NULL DEFAULT false,
     seen_run BIGINT,
+    previous_run BIGINT,
     absent_runs INTEGER NOT NULL DEFAULT 0,
     job_id TEXT,
     job_index INTEGER,
@@ -49,15 +50,13 @@ CREATE TABLE sync_lists (
 );
 UPDATE sync_schema SET version = 1;
 
--- name: lookup
--- What the state knows of a batch of keys.
-SELECT k.key, k.checksum, k.status, k.member::int AS member, k.profile_id, k.seen_run
-FROM jsonb_array_elements_text($2::jsonb) AS j(key) JOIN sync_keys AS k ON k.sync = $1 AND k.key = j.key;
-
--- name: mark_seen
--- Keys the query returned in this run (present again: no longer absent).
-UPDATE sync_keys SET seen_run = $2, absent_runs = 0
-WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($3::jsonb));
+-- name: see
+-- Keys the query returned in this run: what the state knows of them (with the run that saw them
+-- before, previous_run), and seen now. A real run also clears their absences (grace_runs).
+UPDATE sync_keys SET previous_run = seen_run, seen_run = $2,
+    absent_runs = CASE WHEN $3 THEN absent_runs ELSE 0 END
+WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($4::jsonb))
+RETURNING key, checksum, status, member::int AS member, profile_id, previous_run;
 
 -- name: record_sent
 -- Keys an import job Klaviyo accepted carries: [[key, checksum, index], ...]. Membership waits for the job's end.

@@ -14,6 +14,7 @@ CREATE TABLE sync_keys (
     profile_id TEXT,
     member INTEGER NOT NULL DEFAULT 0,
     seen_run INTEGER,
+    previous_run INTEGER,
     absent_runs INTEGER NOT NULL DEFAULT 0,
     job_id TEXT,
     job_index INTEGER,
@@ -51,15 +52,13 @@ CREATE TABLE sync_lists (
 );
 UPDATE sync_schema SET version = 1;
 
--- name: lookup
--- What the state knows of a batch of keys.
-SELECT key, checksum, status, member, profile_id, seen_run FROM sync_keys
-WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys));
-
--- name: mark_seen
--- Keys the query returned in this run (present again: no longer absent).
-UPDATE sync_keys SET seen_run = :run, absent_runs = 0
-WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys));
+-- name: see
+-- Keys the query returned in this run: what the state knows of them (with the run that saw them
+-- before, previous_run), and seen now. A real run also clears their absences (grace_runs).
+UPDATE sync_keys SET previous_run = seen_run, seen_run = :run,
+    absent_runs = CASE WHEN :dry_run THEN absent_runs ELSE 0 END
+WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys))
+RETURNING key, checksum, status, member, profile_id, previous_run;
 
 -- name: record_sent
 -- Keys an import job Klaviyo accepted carries: [[key, checksum, index], ...]. Membership waits for the job's end.
