@@ -192,6 +192,22 @@ class TestMirror:
         assert summary.message is not None and "Refusing to remove 5 of the 10 members" in summary.message
         assert len(rig.fake.members(rig.list_id())) == 10
 
+    async def test_a_source_broken_midway_removes_nothing(self, rig: Rig) -> None:
+        await rig.sync(write_csv(rig.folder / "a.csv", people(5)), full_profile=True)
+        broken = write_csv(rig.folder / "b.csv", people(2))
+        with broken.open("a", encoding="utf-8") as out:
+            out.write("x@example.com,1,2,3,4,5,6,7,8,9,10\n")  # more cells than the header
+        summary = await rig.sync(broken, full_profile=True, allow_mass_removal=True)
+        assert summary.status == "failed"
+        assert summary.message is not None and "line 4: 11 fields, the header has 8" in summary.message
+        assert len(rig.fake.members(rig.list_id())) == 5
+
+    async def test_an_empty_result_is_stopped_by_the_guard(self, rig: Rig) -> None:
+        await rig.sync(write_csv(rig.folder / "a.csv", people(5)), full_profile=True)
+        summary = await rig.sync(write_csv(rig.folder / "empty.csv", []), full_profile=True)
+        assert (summary.status, summary.rows, summary.removed) == ("refused", 0, 0)
+        assert len(rig.fake.members(rig.list_id())) == 5
+
     async def test_grace_runs_delay_removal(self, rig: Rig) -> None:
         await rig.sync(write_csv(rig.folder / "a.csv", people(10)), full_profile=True)
         smaller = write_csv(rig.folder / "b.csv", people(9))
@@ -381,6 +397,14 @@ class TestRefusals:
         assert summary.status == "refused"
         assert summary.message is not None and summary.message.startswith("Invalid credentials:")
         assert rig.fake.lists == {} and rig.fake.profiles == {}
+
+    async def test_a_key_refused_midway_stops_the_run(self, rig: Rig) -> None:
+        rig.fake.script("bulk_import_profiles", [401])
+        summary = await rig.sync(write_csv(rig.folder / "a.csv", people(3)), full_profile=True)
+        assert summary.status == "refused"
+        assert summary.message is not None and summary.message.startswith("Invalid credentials:")
+        again = await rig.sync(write_csv(rig.folder / "a.csv", people(3)), full_profile=True)
+        assert (again.status, again.sent) == ("done", 3)  # nothing was recorded as sent
 
     async def test_an_account_at_1000_lists_changes_nothing(self, rig: Rig) -> None:
         for number in range(1000):

@@ -357,6 +357,11 @@ class Runner:
                     converting = None
                 if job.entries:
                     await self._dispatch(group, job)
+        except BaseExceptionGroup as group:  # one failure (a broken source, a refusal) is raised as itself
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
         finally:
             if converting is not None:
                 converting.cancel()
@@ -610,6 +615,14 @@ class Runner:
         await self.state.set_profile_ids(self.config.name, learnt)
         ids.update(learnt)
         return ids
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a group and of the groups inside it."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 async def run_sync(
