@@ -51,6 +51,23 @@ class Row:
     raw: Mapping[str, Any]
 
 
+_COLUMN: Final = "column"
+_CUSTOM: Final = "custom"
+_PROPERTIES: Final = "properties"
+_SKIP: Final = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A source column when converting: a profile column (and its converter), a custom property,
+    the ``properties`` object, or left out (identity only)."""
+
+    kind: str
+    name: str
+    convert: Any = None
+    target: tuple[str, ...] = ()
+
+
 def key_identifier(key: str) -> tuple[str, str]:
     """``("email", "ada@example.com")`` for a key: the filter a profile id look-up uses."""
     for name, prefix in _KEY_PREFIX.items():
@@ -89,6 +106,7 @@ class RowReader:
             source: (column, column or wanted) for source, column, wanted in header.columns
         }
         self._id_sources: list[tuple[str, list[str]]] | None = None
+        self._plans: dict[str, _Plan] = {}
         #: The profile columns and custom properties, in source order (the CSV output's columns).
         self.output_columns: tuple[str, ...] = tuple(name for _, name in self._names.values())
 
@@ -157,38 +175,53 @@ class RowReader:
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         empty: list[str] = []
+        plans = self._plans
+        ctx = self._ctx
         for source, value in row.raw.items():
-            column_name, name = self._resolve(source)
-            if _blank(value):
-                if column_name is None and name != PROPERTIES:
-                    empty.append(name)
+            plan = plans.get(source) or self._plan(source)
+            if value is None or (value.__class__ is str and not value.strip()):
+                if plan.kind is _CUSTOM:
+                    empty.append(plan.name)
                 continue
-            column = self._table.get(name) if column_name is not None else None
-            if column is None:
-                if not self._full:
+            if plan.kind is _COLUMN:
+                try:
+                    converted = plan.convert(value, source, ctx)
+                except TransformError as exc:
+                    return Invalid(row.number, source, _reason(exc.message, source))
+                if converted is MISSING:
                     continue
-                if name == PROPERTIES:
-                    merged = _properties(value)
-                    if merged is None:
-                        return Invalid(row.number, source, "expected an object of custom properties (JSON)")
-                    custom.update(merged)
+                if len(plan.target) == 1:
+                    attributes[plan.target[0]] = converted
                 else:
-                    custom[name] = value
-                continue
-            if not self._full and name not in IDENTIFIERS:
-                continue
-            try:
-                converted = column.convert(value, source, self._ctx)
-            except TransformError as exc:
-                return Invalid(row.number, source, _reason(exc.message, source))
-            if converted is not MISSING:
-                put(attributes, column.target, converted)
+                    put(attributes, plan.target, converted)
+            elif plan.kind is _CUSTOM:
+                custom[plan.name] = value
+            elif plan.kind is _PROPERTIES:
+                merged = _properties(value)
+                if merged is None:
+                    return Invalid(row.number, source, "expected an object of custom properties (JSON)")
+                custom.update(merged)
         if custom:
             attributes["properties"] = {**custom, **(attributes.get("properties") or {})}
         resource: dict[str, Any] = {"type": "profile", "attributes": attributes}
         if empty and self._clear_empty:
             resource["meta"] = {"patch_properties": {"unset": empty}}
         return resource
+
+    def _plan(self, source: str) -> _Plan:
+        """What converting does with a source column, decided once per column."""
+        column_name, name = self._resolve(source)
+        column = self._table.get(name) if column_name is not None else None
+        if column is not None and (self._full or name in IDENTIFIERS):
+            plan = _Plan(_COLUMN, name, column.convert, column.target)
+        elif not self._full or (column is None and column_name is not None and name != PROPERTIES):
+            plan = _Plan(_SKIP, name)
+        elif name == PROPERTIES:
+            plan = _Plan(_PROPERTIES, name)
+        else:
+            plan = _Plan(_CUSTOM, name)
+        self._plans[source] = plan
+        return plan
 
     def csv_values(self, resource: Mapping[str, Any]) -> dict[str, Any]:
         """A profile as the columns of Klaviyo's CSV import (identifiers under their CSV names)."""
