@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import gzip
 import os
@@ -682,6 +683,7 @@ schedule = "every 1h"
         process = await _router("serve", "--config", str(config), folder=tmp_path)
         try:
             await _until(lambda: any(len(members) == 3 for members in fake.memberships.values()))
+            await _until(lambda: _statuses(tmp_path / "data" / "queue.db") == ["done"])
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), 30) == 0
         finally:
@@ -690,6 +692,15 @@ schedule = "every 1h"
                 await process.wait()
         runs = await _runs(tmp_path)
         assert [(run["sync"], run["status"]) for run in runs] == [("vip", "done")]
+
+
+def _statuses(database: Path) -> list[str]:
+    """The statuses of the runs recorded so far (none while the tables do not exist)."""
+    try:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return [row[0] for row in db.execute("SELECT status FROM sync_runs ORDER BY id")]
+    except sqlite3.Error:
+        return []
 
 
 async def _runs(folder: Path) -> list[dict[str, Any]]:

@@ -384,17 +384,12 @@ class Runner:
         Every key is marked seen, so it is kept out of this run's removals, even when a bad value
         keeps its row from being sent (it is reported).
         """
-        known = await self.state.see(
-            self.config.name,
-            self.summary.run_id or 0,
-            [row.key for row in rows],
-            dry_run=self.options.dry_run,
-        )
+        known, before = await self.state.see(self.config.name, [row.key for row in rows])
         seen: dict[str, int] = {}
         pending: list[_Pending] = []
         for row in rows:
             entry = known.get(row.key)
-            if row.key in seen or (entry is not None and entry.seen_run == self.summary.run_id):
+            if row.key in seen or row.key in before:
                 where = f"row {seen[row.key]}" if row.key in seen else "an earlier row"
                 self._invalid(Invalid(row.number, "", f"the same {row.key} as {where}: left out"), row.key)
                 continue
@@ -572,11 +567,11 @@ class Runner:
 
     async def _remove(self) -> None:
         """Members this sync added that the query no longer returns leave the list (``mirror``)."""
-        sync, run, grace = self.config.name, self.summary.run_id or 0, self.config.grace_runs
-        leaving = await self.state.count_leaving(sync, run, grace)
+        sync, grace = self.config.name, self.config.grace_runs
+        leaving = await self.state.count_leaving(sync, grace)
         self.summary.removals = leaving
         if self.options.dry_run or self.list_id is None:
-            for key, _ in await self.state.leaving(sync, run, grace, limit=SAMPLE):
+            for key, _ in await self.state.leaving(sync, grace, limit=SAMPLE):
                 self.summary.sample.setdefault("remove", []).append(key)
             return
         members = await self.state.count_members(sync)
@@ -584,7 +579,7 @@ class Runner:
         if refusal is not None and not self.config.allow_mass_removal:
             raise Refused(refusal)
         after = ""
-        while page := await self.state.leaving(sync, run, grace, after=after, limit=MAX_LIST_IDS):
+        while page := await self.state.leaving(sync, grace, after=after, limit=MAX_LIST_IDS):
             after = page[-1][0]
             ids = await self._profile_ids(page)
             present = {key: profile_id for key, profile_id in ids.items() if profile_id}
@@ -594,7 +589,7 @@ class Runner:
                     raise Refused(f"removing members from the list failed: {outcome.detail}")
             await self.state.record_removed(sync, [key for key, _ in page])
             self.summary.removed += len(present)
-        await self.state.note_absent(sync, run)
+        await self.state.note_absent(sync)
 
     async def _profile_ids(self, page: Sequence[tuple[str, str | None]]) -> dict[str, str | None]:
         """Profile ids of members to remove: stored ones, else looked up by identifier (and stored)."""

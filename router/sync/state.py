@@ -32,7 +32,11 @@ from router.queue import sqlite_path
 
 #: Positional order of each query's parameters (the PostgreSQL file's ``$1``, ``$2``, ...).
 PARAMS: Final[Mapping[str, tuple[str, ...]]] = {
-    "see": ("sync", "run", "dry_run", "keys"),
+    "seen_table": (),
+    "seen_clear": (),
+    "lookup": ("sync", "keys"),
+    "seen_before": ("keys",),
+    "mark_seen": ("keys",),
     "record_sent": ("sync", "run", "job", "now", "entries"),
     "record_failed": ("sync", "run", "now", "entries"),
     "refuse_job_items": ("job", "now", "refused"),
@@ -41,9 +45,9 @@ PARAMS: Final[Mapping[str, tuple[str, ...]]] = {
     "finish_job": ("job", "now"),
     "open_jobs": ("sync",),
     "count_members": ("sync",),
-    "count_leaving": ("sync", "run", "grace"),
-    "leaving": ("sync", "run", "grace", "after", "limit"),
-    "note_absent": ("sync", "run"),
+    "count_leaving": ("sync", "grace"),
+    "leaving": ("sync", "grace", "after", "limit"),
+    "note_absent": ("sync",),
     "set_profile_ids": ("sync", "ids"),
     "record_removed": ("sync", "now", "keys"),
     "start_run": ("sync", "now", "details"),
@@ -68,7 +72,6 @@ class Known:
     status: str
     member: bool
     profile_id: str | None
-    seen_run: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +135,20 @@ class SyncState:
 
     # -- keys ------------------------------------------------------------------------------------------
 
-    async def see(
-        self, sync: str, run: int, keys: Sequence[str], *, dry_run: bool = False
-    ) -> dict[str, Known]:
-        """Mark keys the run's query returned as seen; what the state knew of them before.
+    async def see(self, sync: str, keys: Sequence[str]) -> tuple[dict[str, Known], set[str]]:
+        """What the state knows of a batch of keys, and which of them this run saw before (duplicates).
 
-        ``Known.seen_run`` is the run that saw a key before this call (this run: a duplicate).
+        The keys are remembered as seen for the rest of the run (in a temporary table of the state's
+        connection: nothing is written for the keys that did not change), which keeps them out of
+        the run's removals.
         """
         if not keys:
-            return {}
-        params = {"sync": sync, "run": run, "dry_run": dry_run, "keys": _json(list(keys))}
-        rows = await self._rows("see", params)
-        return {row[0]: Known(row[1], row[2], bool(row[3]), row[4], row[5]) for row in rows}
+            return {}, set()
+        encoded = _json(list(keys))
+        before = {row[0] for row in await self._rows("seen_before", {"keys": encoded})}
+        rows = await self._rows("lookup", {"sync": sync, "keys": encoded})
+        await self._run("mark_seen", {"keys": encoded})
+        return {row[0]: Known(row[1], row[2], bool(row[3]), row[4]) for row in rows}, before
 
     async def record_sent(
         self, sync: str, run: int, job: str, entries: Sequence[tuple[str, str, int]]
@@ -188,19 +193,21 @@ class SyncState:
     async def count_members(self, sync: str) -> int:
         return int((await self._rows("count_members", {"sync": sync}))[0][0])
 
-    async def count_leaving(self, sync: str, run: int, grace: int) -> int:
-        rows = await self._rows("count_leaving", {"sync": sync, "run": run, "grace": grace})
+    async def count_leaving(self, sync: str, grace: int) -> int:
+        """Members the run did not see (so far) that were absent ``grace`` runs before."""
+        rows = await self._rows("count_leaving", {"sync": sync, "grace": grace})
         return int(rows[0][0])
 
     async def leaving(
-        self, sync: str, run: int, grace: int, *, after: str = "", limit: int = 1000
+        self, sync: str, grace: int, *, after: str = "", limit: int = 1000
     ) -> list[tuple[str, str | None]]:
-        """A page of members to remove: (key, profile id if known), by key after ``after``."""
-        params = {"sync": sync, "run": run, "grace": grace, "after": after, "limit": limit}
+        """A page of those members: (key, profile id if known), by key after ``after``."""
+        params = {"sync": sync, "grace": grace, "after": after, "limit": limit}
         return [(row[0], row[1]) for row in await self._rows("leaving", params)]
 
-    async def note_absent(self, sync: str, run: int) -> None:
-        await self._run("note_absent", {"sync": sync, "run": run})
+    async def note_absent(self, sync: str) -> None:
+        """The run's end: members it did not see count one more absence, those it saw none."""
+        await self._run("note_absent", {"sync": sync})
 
     async def set_profile_ids(self, sync: str, ids: Mapping[str, str]) -> None:
         if ids:
@@ -221,6 +228,8 @@ class SyncState:
         if running and time.time() - float(running[0][1]) < stale and _alive(orjson.loads(running[0][2])):
             raise AlreadyRunning(f"sync {sync!r} is already running (run {running[0][0]})")
         await self._run("interrupt_runs", {"sync": sync})
+        await self._run("seen_table", {})
+        await self._run("seen_clear", {})
         owner = {"host": socket.gethostname(), "pid": os.getpid()}
         rows = await self._rows(
             "start_run", {"sync": sync, "now": time.time(), "details": _json({**details, **owner})}
@@ -365,7 +374,8 @@ class PostgresSyncState(SyncState):
         self._pool: Any = None
 
     async def open(self) -> None:
-        self._pool = await self._asyncpg.create_pool(self._url, min_size=1, max_size=2)
+        # one connection: the run's seen keys are in a temporary table, which is the connection's own
+        self._pool = await self._asyncpg.create_pool(self._url, min_size=1, max_size=1)
         async with self._pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", self.MIGRATION_LOCK)
             await connection.execute("CREATE TABLE IF NOT EXISTS sync_schema (version INTEGER NOT NULL)")

@@ -12,7 +12,6 @@ CREATE TABLE sync_keys (
     profile_id TEXT,
     member BOOLEAN NOT NULL DEFAULT false,
     seen_run BIGINT,
-    previous_run BIGINT,
     absent_runs INTEGER NOT NULL DEFAULT 0,
     job_id TEXT,
     job_index INTEGER,
@@ -50,13 +49,26 @@ CREATE TABLE sync_lists (
 );
 UPDATE sync_schema SET version = 1;
 
--- name: see
--- Keys the query returned in this run: what the state knows of them (with the run that saw them
--- before, previous_run), and seen now. A real run also clears their absences (grace_runs).
-UPDATE sync_keys SET previous_run = seen_run, seen_run = $2,
-    absent_runs = CASE WHEN $3 THEN absent_runs ELSE 0 END
-WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($4::jsonb))
-RETURNING key, checksum, status, member::int AS member, profile_id, previous_run;
+-- name: seen_table
+-- The keys the running query returned, kept for the run (the state's one connection's own).
+CREATE TEMP TABLE IF NOT EXISTS sync_seen (key TEXT PRIMARY KEY);
+
+-- name: seen_clear
+-- A new run starts with no key seen.
+TRUNCATE sync_seen;
+
+-- name: lookup
+-- What the state knows of a batch of keys.
+SELECT key, checksum, status, member::int AS member, profile_id FROM sync_keys
+WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($2::jsonb));
+
+-- name: seen_before
+-- Keys of a batch the run has seen already (duplicates in the query's result).
+SELECT key FROM sync_seen WHERE key IN (SELECT jsonb_array_elements_text($1::jsonb));
+
+-- name: mark_seen
+-- Keys of a batch the run has seen.
+INSERT INTO sync_seen (key) SELECT DISTINCT jsonb_array_elements_text($1::jsonb) ON CONFLICT DO NOTHING;
 
 -- name: record_sent
 -- Keys an import job Klaviyo accepted carries: [[key, checksum, index], ...]. Membership waits for the job's end.
@@ -103,20 +115,23 @@ SELECT job_id, items, list_id FROM sync_jobs WHERE sync = $1 AND finished_at IS 
 SELECT count(*) FROM sync_keys WHERE sync = $1 AND member;
 
 -- name: count_leaving
--- Members the run did not see, absent for at least $3 runs before it.
-SELECT count(*) FROM sync_keys
-WHERE sync = $1 AND member AND (seen_run IS NULL OR seen_run <> $2) AND absent_runs >= $3;
+-- Members the run did not see, absent for at least $2 runs before it.
+SELECT count(*) FROM sync_keys AS k
+WHERE k.sync = $1 AND k.member AND k.absent_runs >= $2
+    AND NOT EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key);
 
 -- name: leaving
--- A page of those members, by key after $4.
-SELECT key, profile_id FROM sync_keys
-WHERE sync = $1 AND member AND (seen_run IS NULL OR seen_run <> $2) AND absent_runs >= $3 AND key > $4
-ORDER BY key LIMIT $5;
+-- A page of those members, by key after $3.
+SELECT k.key, k.profile_id FROM sync_keys AS k
+WHERE k.sync = $1 AND k.member AND k.absent_runs >= $2 AND k.key > $3
+    AND NOT EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key)
+ORDER BY k.key LIMIT $4;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs).
-UPDATE sync_keys SET absent_runs = absent_runs + 1
-WHERE sync = $1 AND member AND (seen_run IS NULL OR seen_run <> $2);
+-- Members the run did not see count one more absence (grace_runs); those it saw none.
+UPDATE sync_keys AS k SET absent_runs =
+    CASE WHEN EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key) THEN 0 ELSE k.absent_runs + 1 END
+WHERE k.sync = $1 AND k.member;
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].

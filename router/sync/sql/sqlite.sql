@@ -14,7 +14,6 @@ CREATE TABLE sync_keys (
     profile_id TEXT,
     member INTEGER NOT NULL DEFAULT 0,
     seen_run INTEGER,
-    previous_run INTEGER,
     absent_runs INTEGER NOT NULL DEFAULT 0,
     job_id TEXT,
     job_index INTEGER,
@@ -52,13 +51,26 @@ CREATE TABLE sync_lists (
 );
 UPDATE sync_schema SET version = 1;
 
--- name: see
--- Keys the query returned in this run: what the state knows of them (with the run that saw them
--- before, previous_run), and seen now. A real run also clears their absences (grace_runs).
-UPDATE sync_keys SET previous_run = seen_run, seen_run = :run,
-    absent_runs = CASE WHEN :dry_run THEN absent_runs ELSE 0 END
-WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys))
-RETURNING key, checksum, status, member, profile_id, previous_run;
+-- name: seen_table
+-- The keys the running query returned, kept in memory for the run (this connection's own).
+CREATE TEMP TABLE IF NOT EXISTS sync_seen (key TEXT PRIMARY KEY) WITHOUT ROWID;
+
+-- name: seen_clear
+-- A new run starts with no key seen.
+DELETE FROM temp.sync_seen;
+
+-- name: lookup
+-- What the state knows of a batch of keys.
+SELECT key, checksum, status, member, profile_id FROM sync_keys
+WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys));
+
+-- name: seen_before
+-- Keys of a batch the run has seen already (duplicates in the query's result).
+SELECT key FROM temp.sync_seen WHERE key IN (SELECT value FROM json_each(:keys));
+
+-- name: mark_seen
+-- Keys of a batch the run has seen.
+INSERT OR IGNORE INTO temp.sync_seen (key) SELECT value FROM json_each(:keys);
 
 -- name: record_sent
 -- Keys an import job Klaviyo accepted carries: [[key, checksum, index], ...]. Membership waits for the job's end.
@@ -108,19 +120,19 @@ SELECT count(*) FROM sync_keys WHERE sync = :sync AND member = 1;
 -- name: count_leaving
 -- Members the run did not see, absent for at least :grace runs before it.
 SELECT count(*) FROM sync_keys
-WHERE sync = :sync AND member = 1 AND (seen_run IS NULL OR seen_run <> :run) AND absent_runs >= :grace;
+WHERE sync = :sync AND member = 1 AND absent_runs >= :grace AND key NOT IN (SELECT key FROM temp.sync_seen);
 
 -- name: leaving
 -- A page of those members, by key after :after.
 SELECT key, profile_id FROM sync_keys
-WHERE sync = :sync AND member = 1 AND (seen_run IS NULL OR seen_run <> :run) AND absent_runs >= :grace
-    AND key > :after
+WHERE sync = :sync AND member = 1 AND absent_runs >= :grace AND key > :after
+    AND key NOT IN (SELECT key FROM temp.sync_seen)
 ORDER BY key LIMIT :limit;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs).
-UPDATE sync_keys SET absent_runs = absent_runs + 1
-WHERE sync = :sync AND member = 1 AND (seen_run IS NULL OR seen_run <> :run);
+-- Members the run did not see count one more absence (grace_runs); those it saw none.
+UPDATE sync_keys SET absent_runs = CASE WHEN key IN (SELECT key FROM temp.sync_seen) THEN 0 ELSE absent_runs + 1 END
+WHERE sync = :sync AND member = 1;
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].
