@@ -378,6 +378,20 @@ class TestRows:
         assert profile.attributes["properties"] == {}
 
 
+class TestResume:
+    async def test_an_open_job_gone_from_klaviyo_is_sent_again(self, rig: Rig) -> None:
+        source = write_csv(rig.folder / "a.csv", people(3))
+        run = await rig.state.start_run("vip", {})
+        await rig.state.add_job("vip", run, "01GONE", 3, None)
+        await rig.state.record_sent(
+            "vip", run, "01GONE", [(f"email:person{n}@example.com", "x", n) for n in range(3)]
+        )
+        await rig.state.finish_run(run, "interrupted", {})
+        summary = await rig.sync(source, full_profile=True)
+        assert (summary.status, summary.sent) == ("done", 3)
+        assert await rig.state.open_jobs("vip") == []
+
+
 class TestRefusals:
     async def test_dry_run_changes_nothing(self, rig: Rig) -> None:
         summary = await rig.sync(

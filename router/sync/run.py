@@ -40,6 +40,7 @@ import structlog
 
 from router.destination import Destination
 from router.fields import Context
+from router.klaviyo.imports import IMPORT_PATH
 from router.mapping import load_mappings
 from router.sync.columns import column_table
 from router.sync.config import SyncConfig
@@ -317,6 +318,10 @@ class Runner:
             return
         for job in await self.state.open_jobs(self.config.name):
             log.info("sync_resuming_job", sync=self.config.name, job_id=job.job_id, items=job.items)
+            if (await self.klaviyo.get(f"{IMPORT_PATH}/{job.job_id}")).status == 404:  # expired: send again
+                gone = dict.fromkeys(range(job.items), f"import job {job.job_id} is gone from Klaviyo")
+                await self.state.finish_job(job.job_id, gone, member=False)
+                continue
             await self._settle(
                 job.job_id, None, member=job.list_id is not None and job.list_id == self.list_id
             )
