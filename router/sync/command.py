@@ -39,15 +39,15 @@ def configure_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "sync",
         help="sync query results (CSV, NDJSON, Parquet, SQL) to Klaviyo profiles and a list",
         description=(
-            "Send the rows of a file or a SQL query to Klaviyo as profiles, through bulk import jobs, "
-            "and make a list match them. Columns are Klaviyo's profile parameters (email, phone_number, "
-            "external_id, first_name, last_name, organization, title, image, address1, address2, city, "
-            "region, zip, country, latitude, longitude, timezone, ip, last_event_date, properties; any "
-            "case; Email, PhoneNumber, ExternalID too); other columns are custom properties (with "
-            "--full-profile). Only new and changed rows are sent again; a mirror run removes the members "
-            "it added that the query no longer returns. Prints an estimate first and a summary last "
-            "(kept in sync-runs). Exit 0: done (bad rows are in --report); 1: refused or failed; 2: "
-            "unusable arguments."
+            "Send the rows of a file or a SQL query to Klaviyo as profiles, through bulk import jobs,\n"
+            "and make a list match them. Columns are Klaviyo's profile parameters (email, phone_number,\n"
+            "external_id, first_name, last_name, organization, title, image, address1, address2, city,\n"
+            "region, zip, country, latitude, longitude, timezone, ip, last_event_date, properties; any\n"
+            "case; Email, PhoneNumber, ExternalID too); other columns are custom properties (with\n"
+            "--full-profile). Only new and changed rows are sent again; a mirror run removes the\n"
+            "members it added that the query no longer returns. Prints an estimate first and a\n"
+            "summary last (kept in sync-runs).\n\n"
+            "Exit status: 0 done (bad rows are in --report), 1 refused or failed, 2 unusable arguments."
         ),
         epilog=(
             "examples:\n"
