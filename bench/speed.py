@@ -27,6 +27,32 @@ def mix_payloads(events: Sequence[dict[str, Any]], count: int) -> list[bytes]:
     ]
 
 
+def write_mix_file(path: Path, events: Sequence[dict[str, Any]], count: int) -> None:
+    """``count`` of the mix's events as NDJSON (fresh messageIds, as :func:`mix_payloads`), gzip
+    when ``path`` ends in ``.gz``; written 10 000 at a time, so a file of millions fits in memory."""
+    import gzip
+
+    with gzip.open(path, "wb", compresslevel=1) if path.suffix == ".gz" else path.open("wb") as out:
+        for start in range(0, count, 10_000):
+            chunk = [
+                orjson.dumps({**events[i % len(events)], "messageId": str(uuid.UUID(int=i))})
+                for i in range(start, min(start + 10_000, count))
+            ]
+            out.write(b"\n".join(chunk) + b"\n")
+
+
+def mix_file(folder: Path, mix: Path, count: int) -> Path:
+    """``folder/mix-<count>.ndjson.gz`` (:func:`write_mix_file`), written on first use and kept."""
+    path = folder / f"mix-{count}.ndjson.gz"
+    if not path.exists():
+        started = time.perf_counter()
+        partial = path.with_suffix(".partial.gz")
+        write_mix_file(partial, orjson.loads(mix.read_bytes()), count)
+        partial.rename(path)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s")
+    return path
+
+
 def decode_encode_rate(payloads: Sequence[bytes]) -> float:
     """Events/s of decoding and re-encoding each payload once."""
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""klaviyo-router: RudderStack/Segment events, captured logs and query results into Klaviyo."""
+"""klaviyo-router: RudderStack/Segment events into Klaviyo, correctly, fast and without loss."""
 
 from __future__ import annotations
 

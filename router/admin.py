@@ -26,16 +26,18 @@ from router.queue import Queue
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token", str | None)  # type: ignore[arg-type]
 ADMIN_QUEUE: web.AppKey[Queue] = web.AppKey("admin_queue")
+#: The largest job id a queue stores (a signed 64-bit integer in SQLite and PostgreSQL).
+MAX_ID = 2**63 - 1
 
 
 def add_admin_routes(app: web.Application, queue: Queue, token: str | None) -> None:
     """Register the admin API on ``app`` (``token`` None: every admin path answers 404)."""
     app[ADMIN_TOKEN] = token
     app[ADMIN_QUEUE] = queue
-    app.router.add_get("/admin/dead-letters", _guard(list_dead_letters))
-    app.router.add_get("/admin/dead-letters/{id:[0-9]+}", _guard(show_dead_letter))
-    app.router.add_post("/admin/dead-letters/retry", _guard(retry_dead_letters))
-    app.router.add_post("/admin/dead-letters/purge", _guard(purge_dead_letters))
+    app.router.add_get("/admin/dead-letters", _guard(list_dead_letters), name="admin_list")
+    app.router.add_get("/admin/dead-letters/{id:[0-9]+}", _guard(show_dead_letter), name="admin_show")
+    app.router.add_post("/admin/dead-letters/retry", _guard(retry_dead_letters), name="admin_retry")
+    app.router.add_post("/admin/dead-letters/purge", _guard(purge_dead_letters), name="admin_purge")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -51,8 +53,9 @@ def _guard(handler: Handler) -> Handler:
         token = request.app[ADMIN_TOKEN]
         if not token:
             return _error(404, "the admin API is off: set admin_token to turn it on")
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # surrogateescape: header bytes that are not UTF-8 compare as themselves (and fail)
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
             return _error(401, "admin API: missing or wrong bearer token")
         return await handler(request)
 
@@ -68,6 +71,8 @@ async def list_dead_letters(request: web.Request) -> web.StreamResponse:
         return _error(400, "limit and after must be whole numbers")
     if not 1 <= limit <= 1000:
         return _error(400, "limit must be between 1 and 1000")
+    if not 0 <= after <= MAX_ID:
+        return _error(400, f"after must be a dead-letter id (0 to {MAX_ID})")
     jobs = await deadletters.list_dead(
         request.app[ADMIN_QUEUE],
         limit=limit,
@@ -84,7 +89,8 @@ async def list_dead_letters(request: web.Request) -> web.StreamResponse:
 
 
 async def show_dead_letter(request: web.Request) -> web.StreamResponse:
-    job = await request.app[ADMIN_QUEUE].get(int(request.match_info["id"]))
+    job_id = int(request.match_info["id"])
+    job = await request.app[ADMIN_QUEUE].get(job_id) if job_id <= MAX_ID else None
     if job is None or job.state.value != "dead":
         return _error(404, f"no dead letter {request.match_info['id']}")
     return _json(deadletters.detail(job))
@@ -98,7 +104,9 @@ async def _selection(request: web.Request) -> deadletters.Selection | web.Respon
     if not isinstance(body, dict):
         return _error(400, "body must be a JSON object")
     ids = body.get("ids") or []
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids
+    ):
         return _error(400, '"ids" must be a list of dead-letter ids')
     reason = body.get("reason")
     if reason is not None and not isinstance(reason, str):

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -35,10 +37,12 @@ from router.ingest import Ingest, json_response
 from router.klaviyo.ratelimit import RateLimits
 from router.logs import configure_logging
 from router.metrics import Metrics
+from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
-from router.sandbox import sandbox_klaviyo
-from router.settings import Settings
+from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
+from router.settings import PRIVATE_KEY_ENV, Settings
+from router.sockets import listen
 from router.sync.schedule import sync_contexts
 
 log = structlog.get_logger("router.app")
@@ -85,7 +89,9 @@ def build_app(
     ingest = Ingest(settings, queue, metrics=metrics, pressure=pressure)
     # Ingest decompresses gzip bodies itself (capped, with JSON errors), so aiohttp must not.
     app = web.Application(
-        client_max_size=settings.max_request_bytes + 1, handler_args={"auto_decompress": False}
+        client_max_size=settings.max_request_bytes + 1,
+        handler_args={"auto_decompress": False, "logger": PROTOCOL_LOG},
+        middlewares=[middleware(metrics)],
     )
     app[SETTINGS] = settings
     app[QUEUE] = queue
@@ -94,7 +100,13 @@ def build_app(
     app[PRESSURE] = pressure
     app[INGEST] = ingest
     app.add_routes(ingest.routes())
-    app.add_routes([web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics_text)])
+    app.add_routes(
+        [
+            web.get("/health", health, name="health"),
+            web.get("/ready", ready, name="ready"),
+            web.get("/metrics", metrics_text, name="metrics"),
+        ]
+    )
     add_admin_routes(app, queue, settings.admin_token)
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
@@ -251,9 +263,9 @@ async def _work(settings: Settings) -> int:
     queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
     await queue.open()
     try:
-        async with sandbox_klaviyo(settings) as (settings, sandbox_url):
-            if sandbox_url:
-                print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", flush=True)
+        async with sandbox_klaviyo(settings) as (settings, sandbox):
+            if sandbox is not None:
+                print(f"sandbox Klaviyo at {sandbox.url}: nothing leaves this machine", flush=True)
             stop = asyncio.Event()
             task = asyncio.create_task(
                 deliver_all(
@@ -271,6 +283,17 @@ async def _work(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    sockets = listen(
+        settings.host, settings.port
+    )  # first: a taken address stops serve before anything starts
+    try:
+        return await _serve_on(settings, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -281,11 +304,13 @@ async def _serve(settings: Settings) -> int:
         retention=settings.retention,
         hot_key_threshold=settings.hot_key_threshold,
     )
-    async with sandbox_klaviyo(settings) as (settings, sandbox_url):
+    async with sandbox_klaviyo(settings) as (settings, sandbox):
         # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per account)
         limits = {d.name: RateLimits(scale=settings.delivery_rate_limit_scale) for d in settings.destinations}
         contexts = [*delivery_contexts(settings, limits), *sync_contexts(settings, limits)]
         app = build_app(settings, queue, contexts=contexts)
+        if sandbox is not None:
+            add_sandbox_routes(app, sandbox.fake)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
             await runner.setup()
@@ -293,9 +318,9 @@ async def _serve(settings: Settings) -> int:
             print(f"klaviyo-router: cannot open the queue: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-            await site.start()
-            print(banner(settings, runner.addresses, sandbox_url), flush=True)
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
+            print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",
                 address=_address(runner.addresses),
@@ -354,15 +379,20 @@ def banner(settings: Settings, addresses: Sequence[Any], sandbox_url: str | None
             f"  (kept in {settings.data_dir / 'write_key'})"
         )
     if settings.sandbox:
+        key_is = "set but empty" if os.environ.get(PRIVATE_KEY_ENV) is not None else "not set"
         lines.append(
-            "  SANDBOX: KLAVIYO_PRIVATE_KEY is not set, so nothing is sent to Klaviyo. "
-            + (
-                f"Events go to a fake Klaviyo at {sandbox_url}."
-                if sandbox_url
-                else "Events are queued but not delivered (no fake Klaviyo available)."
-            )
-            + " Set KLAVIYO_PRIVATE_KEY or use --config to deliver for real."
+            f"  SANDBOX: {PRIVATE_KEY_ENV} is {key_is}, so nothing is sent to Klaviyo "
+            f"(set it, or use --config, to deliver for real)."
         )
+        if sandbox_url:
+            lines.append(
+                f"  sandbox: a fake Klaviyo at {sandbox_url}, kept in {settings.data_dir / JOURNAL_FILE}"
+            )
+            lines.append(
+                f"  what it received: {_address(addresses)}/sandbox/state, or `klaviyo-router sandbox`"
+            )
+        else:
+            lines.append("  sandbox: none available, so events are queued but not delivered.")
     return "\n".join(lines)
 
 

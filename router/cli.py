@@ -1,28 +1,28 @@
 """The ``klaviyo-router`` command line: one ``configure_<command>`` and one ``<command>`` per subcommand.
 
 Exit status: 0 on success (``transform`` also when some inputs were rejected: they are reported
-on stdout), 1 when the work failed, 2 for unusable arguments or configuration, with a one-line
-reason on stderr.
+on stdout; with ``--strict``, 1), 1 when the work failed, 2 for unusable arguments or
+configuration, with a one-line reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
 from router import __version__
+from router.capture import STDIN, CaptureFile, Record, Unreadable, expand, unpack, with_defaults
 from router.destination import Destination
-from router.errors import ConfigError, MappingError, Skipped, TransformError
-from router.klaviyo.batch import batch
-from router.klaviyo.requests import KlaviyoRequest
+from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
-from router.transform import transform
+from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -39,58 +39,127 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "transform",
         help="print the Klaviyo requests that events would produce (offline, nothing is sent)",
         description=(
-            "Read RudderStack/Segment messages (NDJSON, or a JSON array; each a bare message or "
-            '{"message": ..., "metadata": ...}) and print one NDJSON line per Klaviyo request '
-            '({"method","path","body"}), one per rejected input ({"error","status","index"}) and one '
-            'per skipped input ({"skipped","index"}). Use it to test a mapping change offline.'
+            "Read RudderStack/Segment events and print one NDJSON line per Klaviyo request "
+            '({"method","path","body"}), one per rejected input ({"error","status","index"}; an '
+            "identify whose list subscription is refused also prints its profile request), one per "
+            'skipped input ({"skipped","index"}) and one per thing an input was sent without '
+            '({"warning","code","index"}: a phone dropped under invalid_phone = drop, a consent '
+            "channel the current API has not). Input: NDJSON, a JSON array, or a batch body "
+            '({"batch": [...]}) per line or per file; each event bare or as {"message": ..., '
+            '"metadata": ...}; gzip-compressed or not. Read and written as a stream: any size of '
+            "input runs in the same memory. Use it to test a mapping change offline."
         ),
     )
     p.add_argument(
         "--destination",
-        required=True,
+        metavar="CONFIG.json|NAME",
+        help="without --config: a JSON file of destination settings, with the project's keys "
+        "(private_key, list_id, consent, ...) or RudderStack's (privateApiKey, listId, consent, "
+        "smsConsent, enforceEmailAsPrimary, ...); with --config: the name of one of its "
+        "[[destinations]] (needed only when it has several)",
+    )
+    p.add_argument(
+        "--config",
         type=Path,
-        metavar="CONFIG.json",
-        help="destination settings: the project's keys (private_key, list_id, consent, ...) "
-        "or RudderStack's (privateApiKey, listId, consent, smsConsent, enforceEmailAsPrimary, ...)",
+        metavar="router.toml",
+        help="take the destination from this config file (the one serve uses) instead of a JSON file",
     )
     p.add_argument(
         "--batch",
         action="store_true",
-        help="merge the requests into the bulk jobs delivery would send for the whole input",
+        help="merge the requests into the bulk jobs delivery would send: inputs are planned by "
+        "windows of [delivery] batch_size (1000 without --config), as the workers plan their claims",
     )
     p.add_argument("--mappings-dir", type=Path, help="folder of mapping files extending the built-in ones")
-    p.add_argument("input", nargs="?", default="-", help="event file, or - for standard input (default)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any input was rejected")
+    p.add_argument(
+        "input",
+        nargs="*",
+        default=[STDIN],
+        help="event files, folders or glob patterns, or - for standard input (the default)",
+    )
     p.set_defaults(run=run_transform)
 
 
 def run_transform(args: argparse.Namespace) -> int:
-    destination = _load_destination(args.destination, args.mappings_dir)
+    destination, window = _transform_destination(args)
     try:
         mappings = load_mappings(destination.mappings_dir)
     except MappingError as exc:
         raise UsageError(exc.message) from None
+    files = _input_files(args.input)
     out = sys.stdout.buffer
-    requests: list[KlaviyoRequest] = []
-    for index, message in enumerate(_read_messages(args.input)):
+    preview: Preview = (
+        BatchPreview(out, destination, mappings, window=window, processes=PLANNING_PROCESSES)
+        if args.batch
+        else SinglePreview(out, destination, mappings)
+    )
+    failed = False
+    for name in files:
+        label = name if len(files) > 1 else ""
         try:
-            if isinstance(message, _Unreadable):
-                raise TransformError(message.reason)
-            produced = transform(message, destination, mappings, index=index)
-        except TransformError as exc:
-            _emit(out, {"error": exc.message, "status": exc.status, "index": index})
-            continue
-        except Skipped as exc:
-            _emit(out, {"skipped": exc.message, "index": index})
-            continue
-        if args.batch:
-            requests.extend(produced)
-        else:
-            for request in produced:
-                _emit(out, request.to_json())
-    for request in batch(requests):
-        _emit(out, request.to_json())
-    out.flush()
-    return 0
+            with CaptureFile(name) as capture:
+                for record in capture.records():
+                    if record.plain():
+                        preview_record(preview, record, label)
+                    else:
+                        for event in unpack(record):
+                            preview_record(preview, event, label)
+        except Unreadable as exc:
+            preview.finish()
+            print(f"klaviyo-router: {exc}", file=sys.stderr)
+            failed = True
+    preview.finish()
+    if failed:
+        return 1
+    return 1 if args.strict and preview.refused else 0
+
+
+def preview_record(preview: Preview, record: Record, label: str) -> None:
+    """One record of a captured file through ``preview`` (``label``: the file's name in errors)."""
+    if record.problem is not None:
+        preview.refuse(f"{record.where(label)}: {record.problem}")
+    elif record.text is not None:
+        preview.add(record.text, record, label)
+    else:
+        preview.add(orjson.dumps(with_defaults(record.value, record.defaults)), record, label)
+
+
+def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
+    """The destination to transform for, and the window of inputs planned together."""
+    if args.config is None:
+        if args.destination is None:
+            raise UsageError("transform needs --destination CONFIG.json, or --config router.toml")
+        return _load_destination(Path(args.destination), args.mappings_dir), WINDOW
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+    destination = _configured_destination(settings, args.destination, f"{args.config}")
+    if args.mappings_dir is not None:
+        destination = dataclasses.replace(destination, mappings_dir=args.mappings_dir)
+    return destination, settings.delivery_batch_size
+
+
+def _configured_destination(settings: Any, name: str | None, where: str) -> Destination:
+    """The destination called ``name`` in ``settings``, or its only one."""
+    known = [d.name for d in settings.destinations]
+    if name is None:
+        if len(known) == 1:
+            return settings.destinations[0]  # type: ignore[no-any-return]
+        raise UsageError(
+            f"{where} has several destinations: name one with --destination ({', '.join(known)})"
+        )
+    try:
+        return settings.destination(name)  # type: ignore[no-any-return]
+    except KeyError:
+        raise UsageError(f"{where}: no [[destinations]] named {name!r} (known: {', '.join(known)})") from None
+
+
+def _input_files(arguments: Sequence[str]) -> list[str]:
+    try:
+        return expand(arguments)
+    except Unreadable as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _emit(out: BinaryIO, obj: dict[str, Any]) -> None:
@@ -114,41 +183,75 @@ def _load_destination(path: Path, mappings_dir: Path | None) -> Destination:
         raise UsageError(exc.message) from None
 
 
-class _Unreadable:
-    """An input line that is not a message; reported as a rejection at its index."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+# ---------------------------------------------------------------- replay
 
 
-def _read_messages(source: str) -> Iterator[Any]:
+def configure_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay captured event files into the queue (or re-send delivered ones: --archive)",
+        description=(
+            "Read captured RudderStack/Segment events (NDJSON, JSON arrays, batch bodies "
+            '{"batch": [...]} per line or per file, gzip of any; files, folders, glob patterns, '
+            "or - for standard input) and enqueue them for delivery as if they had been posted to "
+            "the source's write key: the same validation, limits and dead letters as ingest, the "
+            "same (source, messageId) dedupe (an event without messageId gets one derived from its "
+            "content), so replaying a file again enqueues nothing new. Started again with the same "
+            "arguments after an interruption, it goes on where it stopped. With --archive, jobs "
+            "delivered in a time window are sent to delivery again through the current mappings."
+        ),
+        epilog="Exit status: 0 done; 1 when a file could not be read to its end, the queue failed, "
+        "or (--strict) an event was rejected; 2 for unusable arguments or configuration.",
+    )
+    p.add_argument("files", nargs="*", metavar="FILE", help="event files, folders, glob patterns, or -")
+    p.add_argument("--config", type=Path, help="TOML config file (default: the embedded default's, ./data)")
+    p.add_argument(
+        "--source", help="the [[sources]] the events are replayed as (needed when there are several)"
+    )
+    p.add_argument(
+        "--since",
+        metavar="T",
+        help="only events at or after T (ISO 8601 date or date-time, UTC unless a zone is given; or a "
+        "duration ago: 90m, 36h, 7d); the event's timestamp, else originalTimestamp, receivedAt, sentAt. "
+        "With --archive: jobs delivered at or after T",
+    )
+    p.add_argument("--until", metavar="T", help="only events before T (same forms as --since)")
+    p.add_argument(
+        "--type", action="append", metavar="TYPE", help="only events of these call types (repeat, or a,b)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="enqueue nothing: print the Klaviyo requests the files would produce, as transform --batch does",
+    )
+    p.add_argument("--rate", type=float, metavar="N", help="read at most N events a second")
+    p.add_argument(
+        "--again", action="store_true", help="replay files that a run with the same arguments finished"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any event was rejected")
+    p.add_argument(
+        "--archive",
+        action="store_true",
+        help="send jobs delivered between --since and --until (default: now) to delivery again, "
+        "through the current mappings (needs --since; asks first unless --yes)",
+    )
+    p.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="--archive: only this destination's jobs; --dry-run: the destination to plan for",
+    )
+    p.add_argument("--yes", action="store_true", help="--archive: do not ask for confirmation")
+    p.set_defaults(run=run_replay)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from router import replay
+
     try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{source}: cannot read: {exc.strerror}") from None
-    if data.lstrip()[:1] == b"[":
-        try:
-            entries = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UsageError(f"{source}: not a valid JSON array: {exc}") from None
-        yield from (_unwrap(entry) for entry in entries)
-        return
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield _unwrap(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
-            yield _Unreadable(f"line {number}: not valid JSON: {exc}")
-
-
-def _unwrap(entry: Any) -> Any:
-    """Accept ``{"message": ..., "metadata": ...}`` entries as well as bare messages."""
-    if isinstance(entry, dict) and isinstance(entry.get("message"), dict) and "type" not in entry:
-        return entry["message"]
-    if not isinstance(entry, dict):
-        return _Unreadable(f"message must be a JSON object, got {type(entry).__name__}")
-    return entry
+        return replay.run(args)
+    except replay.ReplayError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- check-mappings
@@ -175,9 +278,19 @@ def run_check_mappings(args: argparse.Namespace) -> int:
         return 1
     for name, path in files.items():
         origin = "built-in" if path.resolve().is_relative_to(BUILTIN_DIR.resolve()) else "yours"
-        print(f"ok  {name:32} {origin:8} {path}")
+        print(f"ok  {name:32} {origin:8} {_shown(path)}")
     print(f"{len(files)} mapping files valid")
     return 0
+
+
+def _shown(path: Path) -> Path:
+    """The file itself (a built-in one of a clone is ``mappings/klaviyo/...``), relative to the
+    current folder when under it."""
+    real = path.resolve()
+    try:
+        return real.relative_to(Path.cwd())
+    except ValueError:
+        return real
 
 
 # ---------------------------------------------------------------- serve and the sandbox
@@ -208,7 +321,10 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
         "fake-klaviyo",
         help="run the fake Klaviyo API locally (a sandbox for trying the router)",
         description="Run an in-memory emulation of the Klaviyo endpoints the router uses, with "
-        "Klaviyo's validation, status codes and rate limits. GET /__fake__/state shows what it received.",
+        "Klaviyo's validation, status codes and rate limits. Point a destination's base_url at it "
+        "(any private key is accepted). Its control API is below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=FAKE_CONTROL_API,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
@@ -221,10 +337,103 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.set_defaults(run=run_fake_klaviyo)
 
 
+#: The control API of the fake (``router.fake_klaviyo.control``), for ``fake-klaviyo --help``.
+FAKE_CONTROL_API = """\
+control API (JSON in and out):
+  GET    /__fake__/state       everything it holds: profiles, events, lists, memberships,
+                               subscriptions, import jobs, counters (?summary=1: counts only)
+  GET    /__fake__/requests    every request received, with the status answered
+                               (Authorization redacted; ?since=N skips the first N)
+  POST   /__fake__/reset       forget all data, counters, rate-limit windows and faults
+  POST   /__fake__/lists       create lists with chosen ids: {"lists": [{"id": "XUepkK", "name": "News"}]}
+  POST   /__fake__/config      {"rate_limits": false, "rate_limit_scale": 0.5, "api_keys": ["pk_a"]}
+                               (api_keys null: any key is accepted)
+  GET    /__fake__/faults      the faults configured
+  DELETE /__fake__/faults      remove every fault
+  POST   /__fake__/faults      add faults; every key optional ("clear": true first):
+    "scripts": {"/api/events": [503, {"status": 429, "retry_after": 2}, "timeout", "pass"]}
+               answers for the next requests to a path, "METHOD path" or operationId, in order
+    "random_5xx_rate": 0.05, "seed": 1, "random_statuses": [500, 503]
+    "hold_seconds": 30         how long a "timeout" holds a request before dropping it
+    "revoked_keys": ["pk_a"]   answer 401 to these keys
+    "bulk_failures": [{"operation_id": "bulk_create_events", "indices": [0], "detail": "Invalid."}]
+               report items of the next bulk job invalid (or, with "values": [...], every
+               item containing one of those strings)
+
+example:
+  curl -X POST localhost:8765/__fake__/faults -d '{"scripts": {"/api/events": [503]}}'
+"""
+
+
 def run_fake_klaviyo(args: argparse.Namespace) -> int:
     from router.fake_klaviyo import run
 
     return run(args.host, args.port, rate_limits=not args.no_rate_limits, store=not args.no_store)
+
+
+def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sandbox",
+        help="show what the sandbox Klaviyo of serve received (profiles, events, lists)",
+        description="Without KLAVIYO_PRIVATE_KEY, serve delivers to a sandbox: a fake Klaviyo whose writes "
+        "are kept in <data_dir>/sandbox.ndjson. This prints what it holds, rebuilt from that file "
+        "(the router need not run). A running router shows the same at GET /sandbox/state and "
+        "GET /sandbox/requests; POST /__fake__/reset on the sandbox's own port empties it.",
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML config file (default: the embedded default's data folder)"
+    )
+    p.add_argument("--json", action="store_true", help="everything it holds, as GET /sandbox/state gives it")
+    p.set_defaults(run=run_sandbox)
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from router.logs import configure_logging
+    from router.sandbox import JOURNAL_FILE, read_sandbox
+    from router.settings import Settings
+
+    settings = Settings.load(args.config)
+    configure_logging("warning", settings.log_format)  # stdout is the listing
+    journal = settings.data_dir / JOURNAL_FILE
+    if not journal.exists():
+        print(f"the sandbox has received nothing yet ({journal} does not exist)")
+        return 0
+    fake = asyncio.run(read_sandbox(settings.data_dir))
+    if args.json:
+        _emit(sys.stdout.buffer, fake.to_json())
+        return 0
+    state = fake.to_json()
+    print(
+        f"{_count(len(state['profiles']), 'profile')}, {_count(len(state['events']), 'event')}, "
+        f"{_count(len(state['lists']), 'list')} (from {journal})"
+    )
+    emails = {p["id"]: _who(p["attributes"]) for p in state["profiles"]}
+    for profile in state["profiles"]:
+        attributes = {k: v for k, v in profile["attributes"].items() if v is not None and k not in SERVER_SET}
+        print(f"profile {emails[profile['id']]}: {orjson.dumps(attributes).decode()}")
+    for event in state["events"]:
+        print(
+            f"event   {event['metric']!r} of {emails.get(event['profile_id'], event['profile_id'])} at {event['time']}"
+        )
+    for klaviyo_list in state["lists"]:
+        members = state["memberships"].get(klaviyo_list["id"], [])
+        names = ", ".join(emails.get(m, m) for m in members) or "no members"
+        print(f"list    {klaviyo_list['id']} ({klaviyo_list['attributes']['name']}): {names}")
+    for profile_id, channels in state["subscriptions"].items():
+        consent = ", ".join(f"{channel} {record['status']}" for channel, record in channels.items())
+        print(f"consent {emails.get(profile_id, profile_id)}: {consent}")
+    return 0
+
+
+#: Profile attributes Klaviyo sets itself, left out of the sandbox listing.
+SERVER_SET = frozenset({"created", "updated", "last_event_date"})
+
+
+def _who(attributes: dict[str, Any]) -> str:
+    for key in ("email", "phone_number", "external_id", "anonymous_id"):
+        if attributes.get(key):
+            return str(attributes[key])
+    return "?"
 
 
 # ---------------------------------------------------------------- work
@@ -233,9 +442,10 @@ def run_fake_klaviyo(args: argparse.Namespace) -> int:
 def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "work",
-        help="run delivery workers only (no HTTP server), e.g. beside serve on other machines",
-        description="Deliver queued events to every configured destination until SIGINT/SIGTERM. "
-        "Run as many as you like against one PostgreSQL queue; with SQLite, on the same machine.",
+        help="run delivery workers only (no HTTP server), beside an ingest-only serve",
+        description="Deliver queued events to every configured destination until SIGINT/SIGTERM, "
+        "from the queue of the config (SQLite: on the machine that holds its file). Pair it with "
+        "serve and [delivery] workers = 0 to keep ingest and delivery in separate processes.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)
@@ -304,17 +514,17 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
         jobs = await deadletters.list_dead(
             queue, limit=args.limit, reason=args.reason, destination=args.destination
         )
-        for job in jobs:
-            row = deadletters.summary(job)
-            if args.json:
+        rows = [deadletters.summary(job) for job in jobs]
+        if args.json:
+            for row in rows:
                 _emit(sys.stdout.buffer, row)
-            else:
-                what = row["event"] or row["type"] or "?"
-                print(
-                    f"{row['id']:>8}  {row['dead_since']}  {row['destination']:<12} {what!s:<24} {row['reason']}"
-                )
-        if not args.json:
-            print(f"{len(jobs)} dead letters" + (" (limit reached)" if len(jobs) == args.limit else ""))
+        else:
+            if rows:
+                print(_dead_letter_line(DEAD_LETTER_HEADER))
+            for row in rows:
+                print(_dead_letter_line({k: "-" if v is None else v for k, v in row.items()}))
+            limited = " (limit reached)" if len(jobs) == args.limit else ""
+            print(f"{_count(len(jobs), 'dead letter')}{limited}")
         sys.stdout.flush()
         return 0
     if args.action == "show":
@@ -327,8 +537,31 @@ async def _dead_letter_action(args: argparse.Namespace, queue: Any, deadletters:
     if problem := selection.problem():
         raise UsageError(problem)
     count = await getattr(deadletters, args.action)(queue, selection)
-    print(f"{'retried' if args.action == 'retry' else 'purged'} {count} dead letters")
+    print(f"{'retried' if args.action == 'retry' else 'purged'} {_count(count, 'dead letter')}")
     return 0
+
+
+#: The header row of ``dead-letters list``, keyed like :func:`router.deadletters.summary`.
+DEAD_LETTER_HEADER = {
+    "id": "ID",
+    "dead_since": "DEAD SINCE",
+    "destination": "DESTINATION",
+    "type": "TYPE",
+    "event": "EVENT",
+    "reason": "REASON",
+}
+
+
+def _dead_letter_line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['id']!s:>8}  {row['dead_since']!s:<20}  {row['destination']!s:<12}  "
+        f"{row['type']!s:<8}  {row['event']!s:<24}  {row['reason']}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- sync and sync-runs
@@ -352,10 +585,12 @@ CONFIGURE = (
     configure_serve,
     configure_work,
     configure_transform,
+    configure_replay,
     configure_check_mappings,
     configure_dead_letters,
     configure_sync,
     configure_sync_runs,
+    configure_sandbox,
     configure_fake_klaviyo,
 )
 
@@ -363,7 +598,8 @@ CONFIGURE = (
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klaviyo-router",
-        description="Route RudderStack/Segment events, captured logs and query results into Klaviyo.",
+        description="Route RudderStack/Segment events into Klaviyo: an HTTP API the SDKs post to, a "
+        "durable queue, mapping files, delivery with Klaviyo's rate limits, dead letters.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)

@@ -422,6 +422,7 @@ class Deliverer:
                 await self.queue.dead_letter(verdict.job.id, reason=verdict.reason)
                 self.log.warning("job_dead_lettered", **verdict.job.log_context(), reason=verdict.reason)
                 dead += 1
+        self._warn(work)
         skipped = sum(1 for v in work.verdicts if v.state == OK and v.reason)  # not released (401)
         counts = {
             "delivered": len(done) - skipped,
@@ -437,6 +438,19 @@ class Deliverer:
                         self.destination.name, result, count, lags if result == "delivered" else []
                     )
         self.log.info("batch_settled", jobs=len(work.verdicts), requests=len(work.requests), **counts)
+
+    def _warn(self, work: Plan) -> None:
+        """Log and count what settled jobs were sent without (a dropped phone, an ignored consent
+        channel); a job retried or released is planned again, and warns then."""
+        for index, warning in work.warnings:
+            job = work.verdicts[index]
+            if job.state not in (OK, DEAD):
+                continue
+            self.log.warning(
+                "transform_warning", **job.job.log_context(), warning=warning.code, detail=warning.message
+            )
+            if self._metrics is not None:
+                self._metrics.transform_warnings.labels(self.destination.name, warning.code).inc()
 
     async def _retry(self, verdict: Verdict, now: float) -> bool:
         job = verdict.job

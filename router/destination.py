@@ -11,7 +11,12 @@ from typing import Any
 from router.errors import ConfigError
 
 KLAVIYO_BASE_URL = "https://a.klaviyo.com"
+#: Consent channels Klaviyo's current API subscribes (``subscriptions.email`` / ``.sms`` of a bulk
+#: subscribe job), for the identifier of each that the event carries (email, phone).
 CONSENT_CHANNELS = ("email", "sms")
+#: The other values seed 003 lists for ``consent`` (email, web, sms, directmail, mobile): those of the
+#: legacy v1/v2 API's ``$consent`` (retired in 2024), with no subscription in the current API.
+LEGACY_CONSENT_CHANNELS = ("web", "directmail", "mobile")
 
 #: RudderStack destination-config keys and the project's names for them.
 RUDDERSTACK_KEYS = {
@@ -65,9 +70,9 @@ class Destination:
     send_page_as_track: bool = False
     #: With ``send_page_as_track``, add the page properties to the event.
     additional_page_info: bool = False
-    #: What a phone number that cannot be made E.164 does: ``reject`` the event (default) or
-    #: ``drop`` the number and send the rest. RudderStack configs of the legacy API (no
-    #: ``apiVersion``, or ``v1``), which never checked phones, default to ``drop``.
+    #: What a phone number that cannot be made E.164 does: ``reject`` the event (default, whatever
+    #: the config's key style) or ``drop`` the number and send the rest, recording each drop (a
+    #: ``transform_warning`` log line with the message id, a metric, a ``warning`` line of ``transform``).
     invalid_phone: str = "reject"
     #: ISO 3166 region used to read national phone numbers (``US``, ``GB``); none: E.164 only.
     default_phone_region: str | None = None
@@ -82,14 +87,12 @@ class Destination:
         """
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
-        if "privateApiKey" in config and config.get("apiVersion") in (None, "", "v1"):
-            values["invalid_phone"] = "drop"
         for key, value in config.items():
             if key in IGNORED_KEYS:
                 continue
             name = RUDDERSTACK_KEYS.get(key, key)
             if name not in known:
-                raise ConfigError(f"{where}: unknown key {key!r}")
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
             values[name] = _coerce(name, value, where=f"{where}.{key}")
         return cls(**values)
 
@@ -129,12 +132,18 @@ def _secret(value: Any, *, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string")
     if value.startswith("env:"):
-        var = value[4:]
-        resolved = os.environ.get(var)
-        if not resolved:
-            raise ConfigError(f"{where}: environment variable {var} is not set")
-        return resolved
+        return env_secret(value[4:].strip(), where=where)
     return value
+
+
+def env_secret(var: str, *, where: str) -> str:
+    """The value of environment variable ``var``; an error naming it when unset or set but empty."""
+    resolved = os.environ.get(var) if var else None
+    if resolved is None:
+        raise ConfigError(f"{where}: environment variable {var or '(none)'} is not set")
+    if not resolved.strip():
+        raise ConfigError(f"{where}: environment variable {var} is set but empty")
+    return resolved
 
 
 def _consent(value: Any, *, where: str) -> tuple[str, ...]:
@@ -142,4 +151,18 @@ def _consent(value: Any, *, where: str) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
         raise ConfigError(f"{where}: expected a channel name or a list of them")
     channels = tuple(v.strip().lower() for v in items if v.strip())
+    for channel in channels:
+        if channel not in CONSENT_CHANNELS:
+            raise ConfigError(f"{where}: {consent_problem(channel)}")
     return channels
+
+
+def consent_problem(channel: str) -> str:
+    """Why ``channel`` (lower case) is no consent channel Klaviyo's current API subscribes."""
+    honoured = " and ".join(repr(c) for c in CONSENT_CHANNELS)
+    if channel in LEGACY_CONSENT_CHANNELS:
+        return (
+            f"consent channel {channel!r} was a value of Klaviyo's retired v1/v2 API; "
+            f"the current API subscribes only {honoured}"
+        )
+    return f"unknown consent channel {channel!r} (Klaviyo's current API subscribes {honoured})"

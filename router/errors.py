@@ -5,6 +5,7 @@
     ├── MappingError           a mapping file is invalid: stop at start-up (file, pointer, reason)
     ├── BadEvent               an incoming message is malformed: reject at ingest (4xx), keep as dead letter
     ├── TransformError         a message cannot become a Klaviyo request: dead letter, replayable
+    │   └── PartlyRefused      part of it can: send that part, then dead-letter the message
     ├── Skipped                a message has no Klaviyo equivalent (alias; page when off): recorded, not sent
     └── DeliveryError          Klaviyo or the network failed a request
         ├── Retryable          429, 408, 5xx, timeouts, connection errors: back off and retry
@@ -15,6 +16,8 @@ The class docstring is the default message.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RouterError(Exception):
@@ -45,6 +48,21 @@ class TransformError(RouterError):
 
     #: HTTP-like status reported for the rejected input (400: the event is at fault).
     status = 400
+
+
+class PartlyRefused(TransformError):
+    """Part of the message cannot be turned into Klaviyo requests; the rest can.
+
+    An identify whose list subscription is unusable (an unknown consent channel) still updates the
+    profile: ``requests`` are sent, and the message is then kept as a dead letter with the reason,
+    so the refused part can be replayed once fixed. Callers that only know :class:`TransformError`
+    refuse the whole message, which loses nothing either.
+    """
+
+    def __init__(self, message: str, requests: list[Any]) -> None:
+        super().__init__(message)
+        #: The requests of the usable part (:class:`router.klaviyo.requests.KlaviyoRequest`).
+        self.requests = requests
 
 
 class Skipped(RouterError):

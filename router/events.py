@@ -47,10 +47,13 @@ _BATCH_OBJECTS = ("context", "integrations")
 
 
 def is_timestamp(value: str) -> bool:
-    """True for an ISO 8601 date or date-time string (the schema's ``iso-timestamp`` format)."""
+    """True for an ISO 8601 date or date-time string (the schema's ``iso-timestamp`` format) that
+    names a moment in UTC's years 1 to 9999 (``0001-01-01T00:00:00+14:00`` does not)."""
     try:
-        datetime.fromisoformat(value)
-    except ValueError:
+        parsed = datetime.fromisoformat(value)
+        if parsed.year in (1, 9999) and parsed.tzinfo is not None:
+            parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         return False
     return True
 
@@ -181,7 +184,7 @@ class BatchDefaults:
         """Read ``sentAt``, ``context`` and ``integrations`` of a batch body; BadEvent if mistyped."""
         sent_at = body.get("sentAt")
         if sent_at is not None and not (isinstance(sent_at, str) and is_timestamp(sent_at)):
-            raise BadEvent(f'"sentAt" must be an ISO 8601 date-time string, got {_describe(sent_at)}')
+            raise BadEvent(f'"sentAt" must be an ISO 8601 date-time string, got {describe(sent_at)}')
         objects: dict[str, Mapping[str, Any] | None] = {}
         for key in _BATCH_OBJECTS:
             value = body.get(key)
@@ -251,7 +254,13 @@ def _timestamp(message: Mapping[str, Any], received_at: datetime, received: str)
     original_at = parse_timestamp(original)
     sent_at = parse_timestamp(message.get("sentAt"))
     if original_at is not None and sent_at is not None:
-        return format_timestamp(received_at - (sent_at - original_at))
+        try:
+            return format_timestamp(received_at - (sent_at - original_at))
+        except OverflowError:
+            raise BadEvent(
+                '"timestamp" cannot be derived: receivedAt - (sentAt - originalTimestamp) falls outside '
+                "the years 1 to 9999"
+            ) from None
     if original_at is not None:
         return str(original)
     return received
@@ -265,7 +274,7 @@ def validate(message: Mapping[str, Any], *, where: str = "") -> None:
         if call_type is None:
             raise BadEvent(f'{_prefix(where)}"type" is required')
         choices = ", ".join(TYPES)
-        raise BadEvent(f'{_prefix(where)}"type" must be one of {choices}, got {_describe(call_type)}')
+        raise BadEvent(f'{_prefix(where)}"type" must be one of {choices}, got {describe(call_type)}')
     if _plainly_valid(message, call_type):
         return
     try:
@@ -292,7 +301,7 @@ def _explain(exc: fastjsonschema.JsonSchemaValueException, call_type: str) -> st
     if rule == "maxLength":
         return f'"{name}" is longer than {exc.rule_definition} characters'
     if rule == "format":
-        return f'"{name}" must be an ISO 8601 date-time string, got {_describe(exc.value)}'
+        return f'"{name}" must be an ISO 8601 date-time string, got {describe(exc.value)}'
     return f'"{name or "event"}" is invalid: {exc.message}'
 
 
@@ -309,10 +318,10 @@ def _kind(value: Any) -> str:
     """The JSON type of a value, for error texts: ``a string``, ``an array``, ..."""
     if isinstance(value, str):
         return "a string"
-    return _describe(value)
+    return describe(value)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     """A short description of a JSON value for error texts (a string's first 40 characters at most)."""
     if value is None:
         return "null"
@@ -354,12 +363,14 @@ def read_batch(body: bytes) -> tuple[list[dict[str, Any]], BatchDefaults] | None
 
     None for anything else (not a JSON object with a non-empty array of objects under ``batch``,
     batch-level ``context`` or ``integrations`` to merge, a ``sentAt`` that is no timestamp, text
-    that is not UTF-8): the caller parses such a body in full and explains what is wrong.
+    that is not UTF-8, nesting too deep to parse): the caller parses such a body in full and
+    explains what is wrong. A field of :data:`READ_FIELDS` holding a number out of range is left
+    raw, for intake to refuse that event (:mod:`router.intake`).
     """
     try:
         body.decode("utf-8")  # the raw spans are not checked for it
         parsed = _BATCH_DECODER.decode(body)
-    except (UnicodeDecodeError, msgspec.MsgspecError):
+    except (UnicodeDecodeError, msgspec.MsgspecError, RecursionError):
         return None
     sent_at = parsed.sentAt
     if (
@@ -369,11 +380,40 @@ def read_batch(body: bytes) -> tuple[list[dict[str, Any]], BatchDefaults] | None
         or (sent_at is not None and not is_timestamp(sent_at))
     ):
         return None
-    events = [
-        {key: _VALUE_DECODER.decode(value) if key in READ_FIELDS else value for key, value in event.items()}
-        for event in parsed.batch
-    ]
-    return events, BatchDefaults(sent_at=sent_at)
+    return [_read_fields(event) for event in parsed.batch], BatchDefaults(sent_at=sent_at)
+
+
+_EVENT_DECODER = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def read_event(text: bytes) -> dict[str, Any] | None:
+    """One event's JSON text read as :func:`read_batch` reads each event of a batch body: only
+    :data:`READ_FIELDS` decoded (``replay`` reads captured NDJSON lines so). None for anything else
+    (not a JSON object, text that is not UTF-8): the caller parses it in full and explains."""
+    try:
+        text.decode("utf-8")  # the raw spans are not checked for it
+        event = _EVENT_DECODER.decode(text)
+    except (UnicodeDecodeError, msgspec.MsgspecError):
+        return None
+    return _read_fields(event)
+
+
+def _read_fields(event: dict[str, msgspec.Raw]) -> dict[str, Any]:
+    """``event`` with its :data:`READ_FIELDS` decoded."""
+    try:
+        return {
+            key: _VALUE_DECODER.decode(value) if key in READ_FIELDS else value for key, value in event.items()
+        }
+    except msgspec.MsgspecError:  # a number out of range (the only thing msgspec had not checked)
+        return {key: _read_field(value) if key in READ_FIELDS else value for key, value in event.items()}
+
+
+def _read_field(value: msgspec.Raw) -> Any:
+    """A field's value decoded; raw when it cannot be (the event is refused for it at intake)."""
+    try:
+        return _VALUE_DECODER.decode(value)
+    except msgspec.MsgspecError:
+        return value
 
 
 def _raw_object(value: Any) -> bool:

@@ -10,6 +10,7 @@ message. The ``type`` names map to the small converters in :data:`CONVERTERS`; a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import math
@@ -265,6 +266,10 @@ def _as_object(value: Any, where: str, ctx: Context) -> dict[str, Any]:
     raise TransformError(f"{where}: expected an object, got {_kind(value)}")
 
 
+#: Converters that leave a value out, instead of refusing the message, when the destination says so
+#: (``invalid_phone = "drop"``): :meth:`FieldSet.dropped` tells what they left out and why.
+DROPPING: Final = frozenset({_as_e164})
+
 #: Every ``type`` a field may name; an unknown one is refused by the schema and here.
 CONVERTERS: Final[Mapping[str, Converter]] = {
     "any": _as_any,
@@ -404,6 +409,15 @@ class Field:
         return mapped
 
 
+def _holds(out: Mapping[str, Any], path: Path_) -> bool:
+    """Whether ``out`` has a value at the nested ``path``."""
+    for key in path:
+        if not isinstance(out, Mapping) or key not in out:
+            return False
+        out = out[key]
+    return True
+
+
 def put(target: dict[str, Any], path: Path_, value: Any) -> None:
     """Set ``value`` at a nested ``path`` of ``target``, creating objects on the way."""
     for key in path[:-1]:
@@ -428,6 +442,20 @@ class FieldSet:
 
     def __iter__(self) -> Iterator[Field]:
         return iter(self.fields)
+
+    def dropped(self, holders: Holders, ctx: Context, out: Mapping[str, Any]) -> list[str]:
+        """Why each value a :data:`DROPPING` converter left out of ``out`` (a result of :meth:`run`)
+        was left out: the error it would have raised. Called only when ``ctx`` lets them drop, so
+        the run itself stays one generated function."""
+        strict = dataclasses.replace(ctx, drop_invalid_phone=False)
+        reasons: list[str] = []
+        for field in self.fields:
+            if field.convert in DROPPING and not _holds(out, field.target):
+                try:
+                    field.resolve(holders, strict)
+                except TransformError as exc:
+                    reasons.append(exc.message)
+        return reasons
 
     def _generate(self) -> Callable[[Holders, Context], dict[str, Any]]:
         env: dict[str, Any] = {"MISSING": MISSING, "TransformError": TransformError}

@@ -1,27 +1,34 @@
 """HTTP ingest: ``POST /v1/{identify,track,page,screen,group,alias,batch,import}``.
 
 Per request: auth (HTTP Basic with the write key as user name, or ``writeKey`` in the body) →
-backpressure → body (gzip, size capped while reading) → JSON → per event: normalise, validate,
-size check → one queue job per destination of the source, and the rejected events as dead letters,
-committed together → answer. The answer comes only after the queue's durable commit.
+backpressure → body (gzip, size capped while reading) → JSON → per event, :mod:`router.intake`
+(normalise, validate, size check) → one queue job per destination of the source, and the rejected
+events as dead letters, committed together → answer. The answer comes only after the queue's
+durable commit.
 
 Answers (JSON; errors carry ``code`` and ``message``, which the RudderStack and Segment SDKs log):
 
 - ``200 {"accepted": N, "duplicates": D, "rejected": [{"index", "messageId", "error"}]}`` when at
-  least one event was accepted (rudder-sdk-python retries anything but exactly 200);
-- ``400`` with the same fields when every event was rejected, or for an unusable body;
-- ``401`` no or unknown write key; ``413`` request or single event over its limit;
-- ``503`` + ``Retry-After`` when the queue is full, the disk is nearly full, the queue fails, or
-  the server is shutting down. Never a 5xx for a client's mistake.
+  least one event was accepted (rudder-sdk-python retries anything but exactly 200); past
+  ``max_listed_rejections`` rejected events, the rest are counted in ``rejected_not_listed``;
+- ``400`` with the same fields when every event was rejected, or for an unusable body (one nesting
+  deeper than :data:`router.intake.PARSE_DEPTH` levels is not even parsed);
+- ``401`` no or unknown write key; ``408`` the body took longer than ``body_timeout`` to arrive
+  (the connection is closed); ``413`` request or single event over its size limit, or more events
+  than ``max_batch_events``; ``415`` an encoding other than gzip;
+- ``503`` + ``Retry-After`` when the queue is full (checked before the body is read, and again
+  atomically with the commit), the disk is nearly full, the queue fails, or the server is
+  shutting down. Never a 5xx for a client's mistake.
+
+A body refused whole after it was read is kept as a dead letter when its source is known, except
+when it is refused for its size or number of events (the client is told and must split it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import time
-import uuid
 import zlib
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,17 +36,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import msgspec
 import orjson
 import structlog
 from aiohttp import web, web_protocol
 
 from router.errors import BadEvent
-from router.events import NO_DEFAULTS, BatchDefaults, decoded, encode, normalize, read_batch, validate
+from router.events import NO_DEFAULTS, BatchDefaults, read_batch
 from router.health import Backpressure
-from router.identity import ordering_key
+from router.intake import PARSE_DEPTH, REASON_PREFIX, Accepted, Intake, Rejected, dead_jobs
 from router.metrics import Metrics
-from router.queue import EnqueueResult, NewJob, Queue
+from router.queue import EnqueueResult, NewJob, Queue, QueueFull
 from router.settings import Settings, Source
 
 log = structlog.get_logger("router.ingest")
@@ -48,19 +54,21 @@ log = structlog.get_logger("router.ingest")
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 #: Batch paths: ``{"batch": [...], "sentAt"?, "context"?, "integrations"?}``.
 BATCH_PATHS = ("batch", "import")
-#: Dead-letter reasons of events rejected here start with this.
-REASON_PREFIX = "rejected at ingest: "
 
 
 class RequestRefused(Exception):
     """The whole request is refused: answered with ``status`` and ``{"code", "message"}``."""
 
-    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: int | None = None, hang_up: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        #: Close the connection right after answering (the rest of the body is not waited for).
+        self.hang_up = hang_up
 
     def response(self) -> web.Response:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
@@ -79,27 +87,10 @@ def json_response(
 
 
 @dataclass(slots=True)
-class _Rejected:
-    index: int
-    message_id: str | None
-    #: What the client is told (``batch[3]: ...``).
-    error: str
-    #: The dead-letter reason (without the request-relative index).
-    reason: str
-    payload: bytes
-
-
-@dataclass(slots=True)
-class _Accepted:
-    message_id: str
-    ordering_key: str | None
-    payload: bytes
-
-
-@dataclass(slots=True)
 class _Prepared:
-    accepted: list[_Accepted] = field(default_factory=list)
-    rejected: list[_Rejected] = field(default_factory=list)
+    accepted: list[Accepted] = field(default_factory=list)
+    #: Each rejected event with its index in the request.
+    rejected: list[tuple[int, Rejected]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -120,6 +111,7 @@ class Ingest:
         self.queue = queue
         self.metrics = metrics
         self.pressure = pressure
+        self.intake = Intake(settings)
         self._sources = {source.write_key: source for source in settings.sources}
         #: Set when shutdown starts: new requests get 503 while in-flight commits finish.
         self.draining = False
@@ -128,7 +120,6 @@ class Ingest:
         self._idle.set()
         #: One ``request_handled`` line per request only at debug level (cheap otherwise).
         self._log_requests = settings.log_level == "debug"
-        self._request_metrics: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def routes(self) -> list[web.RouteDef]:
         """The ingest routes: one per call type and batch path."""
@@ -153,12 +144,13 @@ class Ingest:
             (log.debug if refused.status == 503 else log.info)(
                 "request_refused", path=request.path, status=refused.status, code=refused.code
             )
+            if refused.hang_up:
+                await _answer_and_hang_up(request, response)
         else:
             source = outcome.source
             response = json_response(outcome.body, status=outcome.status)
             self._count(outcome, name)
         elapsed = time.perf_counter() - started
-        self._observe(name, response.status, elapsed)
         if self._log_requests:
             log.debug(
                 "request_handled",
@@ -184,16 +176,46 @@ class Ingest:
                 retry_after=self.settings.retry_after,
             )
         body = await self._read_body(request)
-        plain = read_batch(body) if source is not None and name in BATCH_PATHS else None
+        screening = self.intake.screen(body)
+        if screening.depth > PARSE_DEPTH:
+            reason = (
+                f"the body nests deeper than {PARSE_DEPTH} levels; events may nest "
+                f"{self.intake.max_depth} (max_nesting_depth)"
+            )
+            if source is not None:
+                await self._dead_body(source, body, reason)
+            raise RequestRefused(400, "too_deep", reason)
+        batch = name in BATCH_PATHS
+        if batch:
+            brackets = screening.brackets  # its objects and arrays bound the events, before parsing
+            if brackets.containers() > self.settings.max_batch_events:
+                self._check_count(brackets.nodes_at(3))
+        plain = read_batch(body) if source is not None and batch else None
         if plain is not None and source is not None:  # the common case, read partly (events.read_batch)
             events, defaults = plain
-            prepared = self._prepare(events, path_type=None, defaults=defaults, single=False)
+            self._check_count(len(events))
+            prepared = self._prepare(events, path_type=None, defaults=defaults, screened=screening.clean)
         else:
-            source, prepared = await self._parse_fully(source, body, name)
+            source, prepared = await self._parse_fully(source, body, name, screening.clean)
         result = await self._commit(source, prepared)
-        return _outcome(source, prepared, result, single=name not in BATCH_PATHS)
+        return _outcome(
+            source, prepared, result, single=not batch, listed=self.settings.max_listed_rejections
+        )
 
-    async def _parse_fully(self, source: Source | None, body: bytes, name: str) -> tuple[Source, _Prepared]:
+    def _check_count(self, events: int) -> None:
+        """413 when a request holds more events than ``max_batch_events``."""
+        limit = self.settings.max_batch_events
+        if events > limit:
+            raise RequestRefused(
+                413,
+                "too_many_events",
+                f"the request holds more than {limit} events, the limit per request (max_batch_events): "
+                "send smaller batches",
+            )
+
+    async def _parse_fully(
+        self, source: Source | None, body: bytes, name: str, screened: bool
+    ) -> tuple[Source, _Prepared]:
         """Parse the whole body: single calls, and batches :func:`read_batch` leaves (it explains)."""
         try:
             parsed = orjson.loads(body)
@@ -205,9 +227,10 @@ class Ingest:
             source = self._source_from_body(parsed)
         if name in BATCH_PATHS:
             events, defaults = await self._batch_events(source, parsed, body)
-            return source, self._prepare(events, path_type=None, defaults=defaults, single=False)
+            self._check_count(len(events))
+            return source, self._prepare(events, path_type=None, defaults=defaults, screened=screened)
         await self._check_single(source, parsed, body)
-        return source, self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, single=True)
+        return source, self._prepare([parsed], path_type=name, defaults=NO_DEFAULTS, screened=screened)
 
     def _source_from_header(self, header: str | None) -> Source | None:
         if not header:
@@ -217,7 +240,7 @@ class Ingest:
             return None
         try:
             decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (non-ASCII included), or not UTF-8
             raise RequestRefused(
                 401, "invalid_authorization", "the Authorization header is not valid HTTP Basic credentials"
             ) from None
@@ -257,13 +280,19 @@ class Ingest:
         chunks: list[bytes] = []
         size = 0
         try:
-            while chunk := await request.content.readany():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-        except web.HTTPException:
-            raise
+            async with asyncio.timeout(self.settings.body_timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestRefused(
+                408,
+                "body_timeout",
+                f"the body did not arrive within {self.settings.body_timeout:g} s (body_timeout)",
+                hang_up=True,
+            ) from None
         except (OSError, aiohttp.ClientPayloadError, web_protocol.RequestPayloadError) as exc:
             raise RequestRefused(400, "invalid_body", f"the body could not be read: {exc}") from exc
         body = b"".join(chunks)
@@ -299,70 +328,56 @@ class Ingest:
             raise RequestRefused(400, "invalid_event", "the body must be a JSON object (one event)")
 
     def _prepare(
-        self, events: Sequence[Any], *, path_type: str | None, defaults: BatchDefaults, single: bool
+        self, events: Sequence[Any], *, path_type: str | None, defaults: BatchDefaults, screened: bool
     ) -> _Prepared:
-        """Normalise, validate and serialise every event; collect the rejected ones."""
+        """Prepare every event (:meth:`router.intake.Intake.prepare`); collect the rejected ones."""
         prepared = _Prepared()
         received_at = datetime.now(UTC)
-        limit = self.settings.max_event_bytes
+        prepare = self.intake.prepare
         for index, raw in enumerate(events):
-            message: dict[str, Any] | None = None
-            try:
-                message = normalize(
-                    raw, path_type=path_type, batch_defaults=defaults, received_at=received_at
-                )
-                validate(message)
-                payload = encode(message)
-                if len(payload) > limit:
-                    raise BadEvent(
-                        f"the event is {len(payload)} bytes, over the limit of {limit} bytes (max_event_bytes)"
-                    )
-            except (BadEvent, TypeError, ValueError, msgspec.EncodeError) as exc:
-                prepared.rejected.append(_reject(index, raw, message, exc, single=single))
-                continue
-            prepared.accepted.append(_Accepted(message["messageId"], ordering_key(message), payload))
+            result = prepare(
+                raw, received_at=received_at, path_type=path_type, defaults=defaults, screened=screened
+            )
+            if isinstance(result, Accepted):
+                prepared.accepted.append(result)
+            else:
+                prepared.rejected.append((index, result))
         return prepared
 
     async def _commit(self, source: Source, prepared: _Prepared) -> EnqueueResult:
-        """Enqueue the accepted events and dead-letter the rejected ones, durably, in one go."""
-        jobs = [
-            NewJob(
-                source=source.name,
-                destination=destination,
-                message_id=event.message_id,
-                ordering_key=event.ordering_key,
-                payload=event.payload,
-            )
-            for event in prepared.accepted
-            for destination in source.destinations
-        ]
-        dead: dict[str, list[NewJob]] = {}
-        for rejected in prepared.rejected:
-            dead.setdefault(REASON_PREFIX + rejected.reason, []).extend(
-                _dead_jobs(source, rejected.message_id, rejected.payload)
-            )
-        writes: list[Coroutine[Any, Any, Any]] = [self.queue.add_dead(group, r) for r, group in dead.items()]
+        """Enqueue the accepted events, then dead-letter the rejected ones, durably.
+
+        The enqueue is refused whole when it would take the queue past ``max_queue_depth``; the
+        dead letters are written only after it succeeded, so that a client retrying a 503 does
+        not leave them twice.
+        """
+        result = EnqueueResult(inserted=0, duplicates=0)
+        jobs = [job for event in prepared.accepted for job in event.jobs(source)]
         if jobs:
-            writes.insert(0, self.queue.enqueue(jobs))
-        results = await self._durably(writes)
-        result = results[0] if jobs else EnqueueResult(inserted=0, duplicates=0)
-        self.pressure.note_enqueued(result.inserted)
+            enqueue = self.queue.enqueue(jobs, max_depth=self.settings.max_queue_depth)
+            [result] = await self._durably([enqueue])
+            self.pressure.note_enqueued(result.inserted)
+        dead: dict[str, list[NewJob]] = {}
+        for _, rejected in prepared.rejected:
+            dead.setdefault(rejected.dead_reason, []).extend(rejected.jobs(source))
+        if dead:
+            await self._durably([self.queue.add_dead(group, reason) for reason, group in dead.items()])
         if self._log_requests:
-            for rejected in prepared.rejected:
+            for index, rejected in prepared.rejected:
                 log.debug(
                     "event_rejected",
                     source=source.name,
-                    index=rejected.index,
+                    index=index,
                     message_id=rejected.message_id,
                     error=rejected.reason,
                 )
         return result
 
     async def _dead_body(self, source: Source, body: bytes, reason: str) -> None:
-        """Keep an unusable request body as a dead letter (raw text, the write key masked)."""
-        text = body.decode("utf-8", errors="replace").replace(source.write_key, "***")
+        """Keep an unusable request body as a dead letter (raw text, write keys masked)."""
+        text = self.intake.write_keys.scrub(body).decode("utf-8", errors="replace")
         payload = orjson.dumps({"raw_body": text})
-        await self._durably([self.queue.add_dead(_dead_jobs(source, None, payload), REASON_PREFIX + reason)])
+        await self._durably([self.queue.add_dead(dead_jobs(source, None, payload), REASON_PREFIX + reason)])
         log.info("body_rejected", source=source.name, error=reason, bytes=len(body))
 
     async def _durably(self, writes: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -373,6 +388,10 @@ class Ingest:
             if len(writes) == 1:
                 return [await writes[0]]
             return list(await asyncio.gather(*writes))
+        except QueueFull as full:
+            raise RequestRefused(
+                503, "overloaded", f"not accepting events: {full}", retry_after=self.settings.retry_after
+            ) from None
         except Exception as exc:
             log.error("queue_write_failed", error=str(exc), error_type=type(exc).__name__)
             raise RequestRefused(
@@ -385,17 +404,6 @@ class Ingest:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    def _observe(self, name: str, status: int, elapsed: float) -> None:
-        children = self._request_metrics.get((name, status))
-        if children is None:
-            children = (
-                self.metrics.requests.labels(name, str(status)),
-                self.metrics.request_latency.labels(name),
-            )
-            self._request_metrics[name, status] = children
-        children[0].inc()
-        children[1].observe(elapsed)
 
     def _count(self, outcome: _Outcome, name: str) -> None:
         """Metrics per request; one info line per batch, and per rejected single call."""
@@ -418,6 +426,19 @@ class Ingest:
             )
         elif first_error is not None:
             log.info("event_rejected", source=source, path=name, error=first_error)
+
+
+async def _answer_and_hang_up(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now and close the connection: the client is not waited for any longer."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    transport = request.transport
+    if transport is not None:
+        transport.close()
 
 
 def _too_large(limit: int) -> RequestRefused:
@@ -451,53 +472,30 @@ def gunzip(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _reject(
-    index: int, raw: Any, message: dict[str, Any] | None, exc: Exception, *, single: bool
-) -> _Rejected:
-    reason = exc.message if isinstance(exc, BadEvent) else f"the event cannot be stored as JSON: {exc}"
-    holder = message if message is not None else raw
-    message_id = holder.get("messageId") if isinstance(holder, dict) else None
-    message_id = str(message_id) if message_id not in (None, "") else None
-    return _Rejected(
-        index=index,
-        message_id=message_id,
-        error=reason if single else f"batch[{index}]: {reason}",
-        reason=reason,
-        payload=_dead_payload(message if message is not None else raw),
-    )
-
-
-def _dead_payload(value: Any) -> bytes:
-    """JSON bytes for a dead letter: the event when it is an object, else wrapped in ``raw_event``."""
-    if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k != "writeKey"}
-    else:
-        value = {"raw_event": value}
-    try:
-        return encode(value)
-    except (TypeError, ValueError, msgspec.EncodeError):
-        return orjson.dumps({"raw_text": repr(decoded(value) if isinstance(value, dict) else value)[:65536]})
-
-
-def _dead_jobs(source: Source, message_id: str | None, payload: bytes) -> list[NewJob]:
-    message_id = message_id or str(uuid.uuid4())
-    return [
-        NewJob(source=source.name, destination=d, message_id=message_id, ordering_key=None, payload=payload)
-        for d in source.destinations
-    ]
-
-
-def _outcome(source: Source, prepared: _Prepared, result: EnqueueResult, *, single: bool) -> _Outcome:
+def _outcome(
+    source: Source, prepared: _Prepared, result: EnqueueResult, *, single: bool, listed: int
+) -> _Outcome:
+    """The answer: counts, and the first ``listed`` rejected events (the rest counted)."""
     destinations = max(1, len(source.destinations))
     accepted = len(prepared.accepted)
     duplicates = min(accepted, result.duplicates // destinations)
-    rejected = [{"index": r.index, "messageId": r.message_id, "error": r.error} for r in prepared.rejected]
+    rejected = [
+        {
+            "index": index,
+            "messageId": r.message_id,
+            "error": r.reason if single else f"batch[{index}]: {r.reason}",
+        }
+        for index, r in prepared.rejected[:listed]
+    ]
     body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+    total = len(prepared.rejected)
+    if total > listed:
+        body["rejected_not_listed"] = total - listed
     if accepted:
-        return _Outcome(200, body, source, accepted, len(rejected), duplicates)
-    first = prepared.rejected[0].error
+        return _Outcome(200, body, source, accepted, total, duplicates)
+    first = rejected[0]["error"]
     if single:
         body = {"code": "invalid_event", "message": first, **body}
     else:
         body = {"code": "all_rejected", "message": f"every event was rejected; the first: {first}", **body}
-    return _Outcome(400, body, source, 0, len(rejected), 0)
+    return _Outcome(400, body, source, 0, total, 0)

@@ -18,6 +18,10 @@ import orjson
 import structlog
 
 MASK = "***"
+#: Secrets at least this long are masked wherever they appear, even inside a longer token: a random
+#: key that long is never part of ordinary text. Shorter ones only where they stand alone, between
+#: characters that are not letters or digits, so a one-letter key does not turn ``http`` into ``htt***``.
+SUBSTRING_SECRET_LENGTH = 16
 #: Keys whose values are always masked, whatever they hold (compared without ``_``/``-``, lower case).
 SENSITIVE_KEYS = frozenset(
     {"authorization", "writekey", "privatekey", "privateapikey", "password", "apikey", "admintoken", "token"}
@@ -27,6 +31,10 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 class Redactor:
     """A structlog processor replacing every configured secret, in any string, by ``***``.
+
+    A secret of :data:`SUBSTRING_SECRET_LENGTH` characters or more is masked wherever it occurs;
+    a shorter one where it is not part of a longer word (``"p"`` is masked in ``key=p`` and in
+    ``"p"``, not in ``http``).
 
     Values of keys named like a credential (:data:`SENSITIVE_KEYS`) are masked whatever they hold.
     Dicts, lists and tuples are walked; other objects are rendered with ``str`` first when they
@@ -40,7 +48,11 @@ class Redactor:
     def update(self, secrets: Iterable[str]) -> None:
         """Replace the set of secret values to look for."""
         values = sorted({s for s in secrets if s}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
+        alternatives = [
+            re.escape(v) if len(v) >= SUBSTRING_SECRET_LENGTH else rf"(?<![^\W_]){re.escape(v)}(?![^\W_])"
+            for v in values
+        ]
+        self._pattern = re.compile("|".join(alternatives)) if alternatives else None
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
         for key, value in list(event_dict.items()):

@@ -10,6 +10,7 @@ it once into a :class:`Mappings` whose fields are plain callables. Any problem r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,8 +35,16 @@ KLAVIYO_DIR: Final = BUILTIN_DIR / "klaviyo"
 @dataclass(frozen=True, slots=True)
 class ProfileMapping:
     file: str
+    #: Every field with every source: what calls without a ``call_sources`` rule read.
     fields: FieldSet
     properties: Rest | None
+    #: Call type → the fields as that call may read them (``call_sources`` of the file).
+    by_call: Mapping[str, FieldSet] = dataclasses.field(default_factory=dict)
+
+    def fields_for(self, msg_type: str) -> FieldSet:
+        """The profile fields of a ``msg_type`` call: a page's or a product's properties are not
+        the person's, so on some calls some sources are not read for some fields."""
+        return self.by_call.get(msg_type, self.fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +68,9 @@ class SubscriptionMapping:
     #: ``list_id``, ``subscribe`` and, when the file names them, ``consent`` and ``sms_consent``.
     fields: FieldSet
     use_default_list: bool
+    #: What a message with a list id but no subscribe flag does: ``nothing`` or ``add`` (to the list,
+    #: consent unchanged).
+    when_subscribe_absent: str = "nothing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +233,32 @@ def _claim(index: dict[Any, Any], key: Any, mapping: Any, what: str) -> None:
 
 def _compile_profile(document: Mapping[str, Any], where: str, table: PathTable) -> ProfileMapping:
     fields = field_map(document["fields"], f"{where}: /fields", table)
-    return ProfileMapping(where, fields, compile_rest(document.get("properties"), (), table))
+    by_call: dict[str, FieldSet] = {}
+    for n, rule in enumerate(document.get("call_sources", ())):
+        only = set(rule["only"])
+        unknown = sorted(only.difference(".".join(f.target) for f in fields))
+        if unknown:
+            raise MappingError(
+                f"{where}: at /call_sources/{n}/only: {unknown[0]!r} is not a field of /fields"
+            )
+        for call in rule["calls"]:
+            if call in by_call:
+                raise MappingError(f"{where}: at /call_sources/{n}/calls: {call!r} has a rule already")
+            under = (rule["under"],) if isinstance(rule["under"], str) else tuple(rule["under"])
+            by_call[call] = FieldSet(
+                f if ".".join(f.target) in only else _not_under(f, under) for f in fields
+            )
+    return ProfileMapping(where, fields, compile_rest(document.get("properties"), (), table), by_call)
+
+
+def _not_under(field: Field, prefixes: tuple[str, ...]) -> Field:
+    """``field`` without its sources at or under any of the dotted paths ``prefixes``."""
+    sources = tuple(
+        source
+        for source in field.sources
+        if not any(source[2] == p or source[2].startswith(p + ".") for p in prefixes)
+    )
+    return dataclasses.replace(field, sources=sources)
 
 
 _EVENT_ATTRIBUTES: Final = ("value", "value_currency", "time", "unique_id")
@@ -255,4 +292,5 @@ def _compile_subscription(document: Mapping[str, Any], where: str, table: PathTa
         types=frozenset(document["match"]["type"]),
         fields=FieldSet(compile_field(n, document[n], f"{where}: /{n}", table) for n in names),
         use_default_list=bool(document.get("use_default_list", False)),
+        when_subscribe_absent=document.get("when_subscribe_absent", "nothing"),
     )

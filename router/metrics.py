@@ -33,13 +33,13 @@ class Metrics:
         )
         self.requests = Counter(
             "router_http_requests",
-            "Ingest requests answered, per path and status code.",
+            "HTTP requests answered, per route (batch, track, ..., health, admin, unmatched) and status code.",
             ["path", "status"],
             registry=self.registry,
         )
         self.request_latency = Histogram(
             "router_http_request_duration_seconds",
-            "Time to answer an ingest request, durable commit included.",
+            "Time to answer an HTTP request, per route (an ingest request's durable commit included).",
             ["path"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -63,6 +63,13 @@ class Metrics:
             "router_jobs_settled",
             "Jobs settled by delivery, per destination and result (delivered, skipped, retried, dead).",
             ["destination", "result"],
+            registry=self.registry,
+        )
+        self.transform_warnings = Counter(
+            "router_transform_warnings",
+            "Settled jobs sent with something left out, per destination and warning "
+            "(invalid_phone_dropped, consent_channel_ignored).",
+            ["destination", "warning"],
             registry=self.registry,
         )
         self.klaviyo_requests = Counter(

@@ -30,13 +30,13 @@ from typing import Final
 import orjson
 
 from router.destination import Destination
-from router.errors import Skipped, TransformError
+from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.batch import MAX_EVENTS, Part, assemble, prepare, profiles_in
 from router.klaviyo.client import Outcome
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings
 from router.queue import Job
-from router.transform import transform
+from router.transform import TransformWarning, transform
 
 #: Settle states, worst last: a job takes the worst of its requests' outcomes.
 OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
@@ -79,6 +79,7 @@ class Leftover:
     skipped: tuple[tuple[int, str], ...] = ()
     #: Event requests among the parts.
     events: int = 0
+    warnings: tuple[tuple[int, TransformWarning], ...] = ()
 
     def then(self, other: Leftover) -> Leftover:
         """This leftover's jobs followed by ``other``'s."""
@@ -89,6 +90,7 @@ class Leftover:
             self.refused + tuple((index + shift, reason) for index, reason in other.refused),
             self.skipped + tuple((index + shift, reason) for index, reason in other.skipped),
             self.events + other.events,
+            self.warnings + tuple((index + shift, warning) for index, warning in other.warnings),
         )
 
 
@@ -109,6 +111,8 @@ class Planned:
     #: Event requests the kept jobs made (sizes later claims).
     events: int
     leftover: Leftover = NOTHING_LEFT
+    #: (index, warning) of what the kept jobs were sent without (see :class:`TransformWarning`).
+    warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -122,6 +126,8 @@ class Plan:
     held: list[Job] = field(default_factory=list)
     leftover: Leftover = NOTHING_LEFT
     events: int = 0
+    #: (index into ``verdicts``, warning): logged and counted when the job is settled.
+    warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
 
     @classmethod
     def of(cls, jobs: Sequence[Job], planned: Planned) -> Plan:
@@ -137,6 +143,7 @@ class Plan:
             list(jobs[planned.kept :]),
             planned.leftover,
             planned.events,
+            planned.warnings,
         )
 
 
@@ -166,6 +173,8 @@ def plan_payloads(
 ) -> Planned:
     """Transform each payload and merge the requests into bulk jobs, after those of ``carried``
     (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``).
+    A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests sent
+    and is refused: it becomes a dead letter once they are.
 
     ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
     made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
@@ -175,20 +184,34 @@ def plan_payloads(
     parts = list(carried.parts)
     refused = list(carried.refused)
     skipped = list(carried.skipped)
+    warnings = list(carried.warnings)
+    noted: list[TransformWarning] = []
     for index, payload in enumerate(payloads, start=carried.jobs):
         try:
-            parts.extend(map(prepare, transform(orjson.loads(payload), destination, mappings, index=index)))
+            parts.extend(
+                map(
+                    prepare,
+                    transform(orjson.loads(payload), destination, mappings, index=index, warnings=noted),
+                )
+            )
+        except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
+            parts.extend(map(prepare, exc.requests))
+            refused.append((index, f"transform: {exc.message}"))
         except TransformError as exc:
             refused.append((index, f"transform: {exc.message}"))
+            noted.clear()
         except Skipped as exc:
             skipped.append((index, exc.message))
         except ValueError as exc:  # an unreadable payload
             refused.append((index, f"payload is not valid JSON: {exc}"))
+        if noted:
+            warnings.extend((index, warning) for warning in noted)
+            noted.clear()
     events = [part for part in parts if part.kind == "event"]
     total = carried.jobs + len(payloads)
     rest = len(events) % MAX_EVENTS
     if not (carry_partial and len(events) > MAX_EVENTS and rest):
-        return Planned(assemble(parts), refused, skipped, total, len(events))
+        return Planned(assemble(parts), refused, skipped, total, len(events), warnings=warnings)
     kept = events[len(events) - rest].sources[0]
     leftover = Leftover(
         total - kept,
@@ -196,6 +219,7 @@ def plan_payloads(
         tuple((index - kept, reason) for index, reason in refused if index >= kept),
         tuple((index - kept, reason) for index, reason in skipped if index >= kept),
         rest,
+        tuple((index - kept, warning) for index, warning in warnings if index >= kept),
     )
     return Planned(
         assemble([part for part in parts if part.sources[0] < kept]),
@@ -204,6 +228,7 @@ def plan_payloads(
         kept,
         len(events) - rest,
         leftover,
+        [entry for entry in warnings if entry[0] < kept],
     )
 
 

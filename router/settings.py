@@ -19,6 +19,10 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     [limits]
     max_request_bytes = 4194304                # KLAVIYO_ROUTER_MAX_REQUEST_BYTES (decompressed) → 413
     max_event_bytes = 32768                    # KLAVIYO_ROUTER_MAX_EVENT_BYTES → 413 / rejected
+    max_batch_events = 10000                   # KLAVIYO_ROUTER_MAX_BATCH_EVENTS, events per request → 413
+    max_nesting_depth = 64                     # KLAVIYO_ROUTER_MAX_NESTING_DEPTH, levels of an event (≤ 128)
+    max_listed_rejections = 100                # KLAVIYO_ROUTER_MAX_LISTED_REJECTIONS, in one response
+    body_timeout = 15                          # KLAVIYO_ROUTER_BODY_TIMEOUT, seconds to receive a body → 408
     min_free_disk_bytes = 268435456            # KLAVIYO_ROUTER_MIN_FREE_DISK_BYTES (data_dir) → 503
     retry_after = 5                            # KLAVIYO_ROUTER_RETRY_AFTER, seconds, on 503
 
@@ -73,7 +77,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from router.destination import Destination
+from router.destination import Destination, env_secret
 from router.errors import ConfigError
 from router.sync.config import SyncConfig, parse_syncs
 
@@ -90,6 +94,9 @@ SANDBOX_PRIVATE_KEY = "sandbox-placeholder-key"
 WRITE_KEY_FILE = "write_key"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
+#: The deepest ``limits.max_nesting_depth`` may be: Klaviyo's request envelope adds about ten levels
+#: around an event's properties, and orjson writes at most 255.
+MAX_NESTING_DEPTH = 128
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -120,6 +127,15 @@ class Settings:
     max_request_bytes: int = 4 * 1024 * 1024
     #: Largest single event accepted (serialised, after normalisation).
     max_event_bytes: int = 32 * 1024
+    #: Most events one request may carry (413 past it).
+    max_batch_events: int = 10_000
+    #: Deepest an event may nest arrays and objects (the event itself is level 1); delivery writes
+    #: Klaviyo's requests around it, and JSON writers stop at 255 levels.
+    max_nesting_depth: int = 64
+    #: Most rejected events an answer lists one by one; the rest are counted.
+    max_listed_rejections: int = 100
+    #: Seconds a client has to send a request's body (408 and the connection closed after).
+    body_timeout: float = 15.0
     #: Seconds during which a ``(source, messageId)`` pair is a duplicate.
     dedupe_window: float = 24 * 3600.0
     #: Seconds done jobs are kept for replay.
@@ -171,8 +187,9 @@ class Settings:
             path = Path(env[CONFIG_ENV])
         if path is None:
             data_dir = Path(env.get(ENV_PREFIX + "DATA_DIR") or DEFAULT_DATA_DIR)
-            base = cls.embedded_default(data_dir, env=env)
-            return replace(base, **_scalars({}, env))
+            settings = replace(cls.embedded_default(data_dir, env=env), **_scalars({}, env))
+            settings.check()
+            return settings
         raw = _read_toml(path)
         _check_keys(raw, _TOP_LEVEL, where="")
         destinations = _destinations(raw.get("destinations"))
@@ -186,6 +203,11 @@ class Settings:
 
     def check(self) -> None:
         """Refuse combinations of values that are each fine alone."""
+        if self.max_nesting_depth > MAX_NESTING_DEPTH:
+            raise ConfigError(
+                f"limits.max_nesting_depth: {self.max_nesting_depth} is over {MAX_NESTING_DEPTH}: delivery "
+                "could not write Klaviyo's requests around such an event"
+            )
         if self.delivery_lease <= self.delivery_timeout:
             raise ConfigError(
                 f"delivery.lease: {self.delivery_lease:g} s must be longer than delivery.timeout "
@@ -201,7 +223,9 @@ class Settings:
         """
         env = os.environ if env is None else env
         write_key = read_or_create_write_key(data_dir)
-        private_key = env.get(PRIVATE_KEY_ENV, "")
+        private_key = env.get(
+            PRIVATE_KEY_ENV, ""
+        ).strip()  # set but empty: the sandbox, and the banner says so
         if private_key:
             destination = Destination(name="klaviyo", private_key=private_key)
         else:
@@ -333,6 +357,12 @@ def _seconds(value: Any, where: str) -> float:
     return float(value)
 
 
+def _positive_seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: expected a number of seconds above 0, got {value!r}")
+    return float(value)
+
+
 def _fraction(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ConfigError(f"{where}: expected a number above 0 and at most 1, got {value!r}")
@@ -372,11 +402,7 @@ def _secret(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: expected a non-empty string (literal or env:VAR)")
     if value.startswith("env:"):
-        var = value[4:].strip()
-        resolved = os.environ.get(var, "") if var else ""
-        if not resolved:
-            raise ConfigError(f"{where}: environment variable {var or '(none)'} is not set")
-        return resolved
+        return env_secret(value[4:].strip(), where=where)
     return value
 
 
@@ -392,6 +418,10 @@ _SCALARS = (
     _Scalar("hot_key_threshold", "queue", "hot_key_threshold", _positive_int, _int_text),
     _Scalar("max_request_bytes", "limits", "max_request_bytes", _positive_int, _int_text),
     _Scalar("max_event_bytes", "limits", "max_event_bytes", _positive_int, _int_text),
+    _Scalar("max_batch_events", "limits", "max_batch_events", _positive_int, _int_text),
+    _Scalar("max_nesting_depth", "limits", "max_nesting_depth", _positive_int, _int_text),
+    _Scalar("max_listed_rejections", "limits", "max_listed_rejections", _positive_int, _int_text),
+    _Scalar("body_timeout", "limits", "body_timeout", _positive_seconds, _float_text),
     _Scalar("min_free_disk_bytes", "limits", "min_free_disk_bytes", _non_negative_int, _int_text),
     _Scalar("retry_after", "limits", "retry_after", _positive_int, _int_text),
     _Scalar("delivery_workers", "delivery", "workers", _non_negative_int, _int_text),

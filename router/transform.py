@@ -2,7 +2,11 @@
 
 ``transform(message, destination)`` returns single-endpoint :class:`KlaviyoRequest` records
 (``/api/profile-import``, ``/api/events``, subscription jobs) or raises :class:`TransformError`
-with a text naming what is wrong, or :class:`Skipped` for messages Klaviyo has no use for.
+with a text naming what is wrong (:class:`PartlyRefused` when part of the message can still be
+sent), or :class:`Skipped` for messages Klaviyo has no use for or that ``integrations`` keeps from
+this destination. What was sent with something left out (a phone dropped under
+``invalid_phone = "drop"``, a consent channel the current API has not) is told in
+:class:`TransformWarning` records appended to the caller's ``warnings`` list.
 No I/O, no clock, no mutation of the input. Field names and renames come from the mapping
 files (:mod:`router.mapping`); this module holds only Klaviyo's semantics: identity, consent,
 and the JSON:API envelopes. :mod:`router.klaviyo.batch` merges many results into bulk jobs.
@@ -12,10 +16,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from router.destination import Destination
-from router.errors import Skipped, TransformError
+from router.destination import CONSENT_CHANNELS, LEGACY_CONSENT_CHANNELS, Destination, consent_problem
+from router.errors import PartlyRefused, Skipped, TransformError
 from router.fields import Context
 from router.identity import ordering_key
 from router.klaviyo.requests import KlaviyoRequest
@@ -29,11 +33,22 @@ INTEGRATION_KEYS: Final = ("Klaviyo", "klaviyo", "KLAVIYO")
 INTEGRATION_KEY_SET: Final = frozenset(INTEGRATION_KEYS)
 #: Profile attributes that identify someone (one is needed unless Klaviyo's profile id is known).
 IDENTIFIERS: Final = frozenset({"email", "phone_number", "external_id", "anonymous_id"})
+#: What every destination of this router is called in ``integrations`` (compared ignoring case):
+#: RudderStack's display name and definition name (``Klaviyo``, ``KLAVIYO``), Segment's name.
+INTEGRATION_NAME: Final = "klaviyo"
 PATCH_OPERATIONS: Final = {
     "fieldsToUnset": "unset",
     "fieldsToAppend": "append",
     "fieldsToUnappend": "unappend",
 }
+
+
+class TransformWarning(NamedTuple):
+    """Something left out of what a message was sent as: ``code`` is a stable snake_case name
+    (for metrics and grepping), ``message`` says what and why."""
+
+    code: str
+    message: str
 
 
 def transform(
@@ -42,10 +57,12 @@ def transform(
     mappings: Mappings | None = None,
     *,
     index: int = 0,
+    warnings: list[TransformWarning] | None = None,
 ) -> list[KlaviyoRequest]:
     """The Klaviyo requests for one message, each on its single endpoint.
 
     ``index`` is recorded in each request's ``sources`` so batching can trace items back.
+    ``warnings``, when given, receives what was left out of the requests and why.
     """
     if not isinstance(message, dict):
         raise TransformError(f"message must be a JSON object, got {type(message).__name__}")
@@ -57,10 +74,37 @@ def transform(
         raise TransformError("Event type is required")
     if not isinstance(msg_type, str) or msg_type.lower() not in SUPPORTED_TYPES:
         raise TransformError(f"Event type {msg_type} is not supported")
+    off = switched_off(message.get("integrations"), destination.name)
+    if off is not None:
+        raise Skipped(off)
     if (message.get("context") or {}).get("mappedToDestination"):
         message = reverse_etl(message)
-    call = _Call(message, destination, mappings, index, msg_type.lower())
+    call = _Call(message, destination, mappings, index, msg_type.lower(), warnings)
     return call.run()
+
+
+def switched_off(integrations: Any, name: str) -> str | None:
+    """Why a message's ``integrations`` keeps it from destination ``name``, or None.
+
+    The keys that address a destination, compared ignoring case, most specific first: its own
+    name in the config (``klaviyo-eu``), then ``Klaviyo`` (every Klaviyo destination), then ``All``.
+    ``false`` turns it off; ``true`` or an object of options (``{"fieldsToUnset": [...]}``) on;
+    ``null`` says nothing. As with RudderStack and Segment, ``{"All": false}`` turns off every
+    destination not named with a value of its own.
+    """
+    if not isinstance(integrations, dict) or not integrations:
+        return None
+    keys = {str(key).strip().lower(): key for key in integrations}
+    for wanted in (name.lower(), INTEGRATION_NAME, "all"):
+        key = keys.get(wanted)
+        if key is None or integrations[key] is None:
+            continue
+        if integrations[key] is not False:
+            return None
+        if wanted == "all":
+            return f'integrations: "All" is false and neither "Klaviyo" nor {name!r} is turned on'
+        return f"integrations: {key!r} is false"
+    return None
 
 
 #: Endpoint → request kind, for requests that arrive already transformed.
@@ -120,6 +164,7 @@ class _Call:
         mappings: Mappings,
         index: int,
         msg_type: str,
+        warnings: list[TransformWarning] | None = None,
     ) -> None:
         self.message = message
         self.destination = destination
@@ -130,10 +175,17 @@ class _Call:
         self.key = ordering_key(message)
         self._profile: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.holders = mappings.holders(message)
+        self.warnings = warnings if warnings is not None else []
 
     def run(self) -> list[KlaviyoRequest]:
         if self.type == "identify":
-            return [self.profile_import(), *self.subscription()]
+            profile = self.profile_import()
+            try:
+                return [profile, *self.subscription()]
+            except TransformError as exc:
+                raise PartlyRefused(
+                    f"{exc.message} (the profile update was sent; its list subscription was not)", [profile]
+                ) from None
         if self.type in ("track", "screen"):
             return [self.event()]
         if self.type == "page":
@@ -157,9 +209,16 @@ class _Call:
             self._profile = self.build_profile()
         return self._profile
 
+    def warn(self, code: str, message: str) -> None:
+        self.warnings.append(TransformWarning(code, message))
+
     def build_profile(self) -> tuple[dict[str, Any], dict[str, Any]]:
         mapping = self.mappings.profile
-        attributes = mapping.fields.run(self.holders, self.ctx)
+        fields = mapping.fields_for(self.type)
+        attributes = fields.run(self.holders, self.ctx)
+        if self.ctx.drop_invalid_phone:
+            for reason in fields.dropped(self.holders, self.ctx, attributes):
+                self.warn("invalid_phone_dropped", f"{reason}; sent without it (invalid_phone = drop)")
         properties = mapping.properties.collect(self.holders) if mapping.properties else {}
         # custom properties a field of the mapping converts (``properties.last_event_date``) win
         # over the same keys passed through unconverted
@@ -272,7 +331,11 @@ class _Call:
         if list_id is None and mapping.use_default_list:
             list_id = self.destination.list_id
         subscribe = decision.get("subscribe")
-        if list_id is None or subscribe is None:
+        if list_id is None:
+            return []
+        if subscribe is None:
+            if mapping.when_subscribe_absent == "add":
+                return [self.list_membership(list_id, self.profile()[0])]
             return []
         resource, _ = self.profile()
         attributes = resource["attributes"]
@@ -303,17 +366,32 @@ class _Call:
         return [self.request(f"/api/{job}s", body, "subscribe" if subscribe else "unsubscribe")]
 
     def consent_channels(self, decision: Mapping[str, Any]) -> tuple[str, ...]:
-        """The event's consent (string or list) else the destination's, plus ``sms`` for smsConsent."""
+        """The event's consent (string or list) else the destination's, plus ``sms`` for smsConsent.
+
+        Seed 003's other values (web, directmail, mobile) have no subscription in the current API:
+        left out with a warning. Anything else is refused, naming it.
+        """
         consent = decision.get("consent")
         if consent is None:
             channels = list(self.destination.consent)
         else:
-            items = consent if isinstance(consent, list) else [consent]
-            channels = [c.strip().lower() for c in items if isinstance(c, str)]
+            channels = []
+            for item in consent if isinstance(consent, list) else [consent]:
+                if not isinstance(item, str):
+                    raise TransformError(
+                        f"consent: expected channel names (email, sms), got {type(item).__name__}"
+                    )
+                name = item.strip().lower()
+                if name in CONSENT_CHANNELS:
+                    channels.append(name)
+                elif name in LEGACY_CONSENT_CHANNELS:
+                    self.warn("consent_channel_ignored", f"consent: {consent_problem(name)}; left out")
+                elif name:
+                    raise TransformError(f"consent: {consent_problem(name)}")
         sms = decision.get("sms_consent")
         if sms is True or (sms is None and self.destination.sms_consent):
             channels.append("sms")
-        return tuple(dict.fromkeys(c for c in channels if c in ("email", "sms")))
+        return tuple(dict.fromkeys(channels))
 
     def list_membership(self, list_id: str, resource: dict[str, Any]) -> KlaviyoRequest:
         """Subscribe with no consent channel: list membership only, through a bulk import job."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import subprocess
 import sys
@@ -40,6 +41,7 @@ TRACK_2: dict[str, Any] = {
 }
 PAGE: dict[str, Any] = {"type": "page", "anonymousId": "a1", "name": "Home"}
 NO_ID: dict[str, Any] = {"type": "track", "event": "Ordered", "properties": {}}
+PAGE_SKIPPED = "page call skipped: the destination's send_page_as_track is off"
 
 
 class Cli:
@@ -189,6 +191,34 @@ class TestRejectedAndSkipped:
             "index": 1,
         }
 
+    def test_warning_line(self, cli: Cli) -> None:
+        """A phone dropped under invalid_phone 'drop' is a {"warning", "code", "index"} line after
+        the input's requests."""
+        config = cli.write("drop.json", orjson.dumps({**CONFIG, "invalid_phone": "drop"}))
+        message = {"type": "identify", "userId": "u1", "traits": {"email": "a@x.com", "phone": "12"}}
+        status, out, _ = cli.run(str(cli.ndjson(TRACK, message)), config=config)
+        lines = [orjson.loads(line) for line in out.splitlines()]
+        assert status == 0
+        assert [line.get("path") for line in lines] == ["/api/events", "/api/profile-import", None]
+        assert "phone_number" not in lines[1]["body"]["data"]["attributes"]
+        assert lines[2] == {
+            "warning": "traits.phone: Phone number is not in E.164 format ('12'); set default_phone_region "
+            "to accept national numbers; sent without it (invalid_phone = drop)",
+            "code": "invalid_phone_dropped",
+            "index": 1,
+        }
+
+    def test_partly_refused_line(self, cli: Cli) -> None:
+        """An identify whose subscription is refused prints its profile request, then its error line."""
+        message = {
+            **IDENTIFY,
+            "traits": {"email": "a@x.com", "properties": {"subscribe": False, "consent": "emial"}},
+        }
+        lines = cli.lines(str(cli.ndjson(message)))
+        assert [line.get("path") for line in lines] == ["/api/profile-import", None]
+        assert lines[1]["index"] == 0
+        assert lines[1]["error"].startswith("consent: unknown consent channel 'emial'")
+
     def test_bad_json_line(self, cli: Cli) -> None:
         """A line that is not JSON is rejected at its index, naming its line number; the rest go on."""
         path = cli.write(
@@ -238,9 +268,11 @@ class TestUsageErrors:
         )
 
     def test_unknown_config_key(self, cli: Cli) -> None:
-        """An unknown key is named with the file."""
-        config = cli.write("extra.json", orjson.dumps({**CONFIG, "listid": "L1"}))
-        assert cli.usage_error(str(cli.ndjson(TRACK)), config=config) == f"{config}: unknown key 'listid'"
+        """An unknown key is named with the file, and the known keys are listed."""
+        config = cli.write("extra.json", orjson.dumps({**CONFIG, "list_idd": "L1"}))
+        error = cli.usage_error(str(cli.ndjson(TRACK)), config=config)
+        assert error.startswith(f"{config}.list_idd: unknown key (known: additional_page_info, ")
+        assert ", list_id, " in error
 
     def test_ignored_rudderstack_keys(self, cli: Cli) -> None:
         """RudderStack keys that do not apply are accepted and ignored."""
@@ -256,6 +288,11 @@ class TestUsageErrors:
         [
             ("consent", 5, "consent: expected a channel name or a list of them"),
             ("consent", ["email", 1], "consent: expected a channel name or a list of them"),
+            (
+                "consent",
+                ["emial"],
+                "consent: unknown consent channel 'emial' (Klaviyo's current API subscribes 'email' and 'sms')",
+            ),
             ("smsConsent", "yes", "smsConsent: expected true or false, got str"),
             (
                 "default_phone_region",
@@ -308,16 +345,21 @@ class TestUsageErrors:
         assert cli.usage_error(str(missing)) == f"{missing}: cannot read: No such file or directory"
 
     def test_broken_json_array(self, cli: Cli) -> None:
-        """Input that starts as an array but is not valid JSON cannot be split into messages."""
-        path = cli.write("events.json", b'[{"type": "track"},')
-        assert cli.usage_error(str(path)).startswith(f"{path}: not a valid JSON array: ")
+        """An array cut short: what came before it is written (the input is streamed), then the
+        file and the reason on stderr, exit status 1."""
+        path = cli.write("events.json", b"[" + orjson.dumps(TRACK) + b",")
+        status, out, err = cli.run(str(path))
+        assert status == 1
+        assert [orjson.loads(line) for line in out.splitlines()] == expected(TRACK)
+        assert err.startswith(f"klaviyo-router: {path}: not valid JSON: ")
+        assert err.count("\n") == 1
 
     def test_destination_is_required(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """Without --destination argparse exits 2 with its usage message."""
-        with pytest.raises(SystemExit) as exited:
-            main(["transform", "-"])
-        assert exited.value.code == 2
-        assert "--destination" in capsys.readouterr().err
+        """Without --destination (or --config) there is nothing to transform for."""
+        assert main(["transform", "-"]) == 2
+        assert capsys.readouterr().err == (
+            "klaviyo-router: transform needs --destination CONFIG.json, or --config router.toml\n"
+        )
 
 
 class TestSubprocess:
@@ -358,3 +400,70 @@ class TestSubprocess:
         assert proc.stdout == b""
         assert proc.stderr.decode().count("\n") == 1
         assert proc.stderr.startswith(b"klaviyo-router: ")
+
+
+class TestConfigAndStreams:
+    """--config (the TOML serve uses) with --destination NAME, gzip, several files, --strict."""
+
+    TOML = """
+[[sources]]
+name = "web"
+write_key = "wk_transform_test"
+destinations = ["klaviyo", "eu"]
+[[destinations]]
+name = "klaviyo"
+private_key = "{secret}"
+list_id = "L1"
+[[destinations]]
+name = "eu"
+private_key = "{secret}"
+send_page_as_track = true
+"""
+
+    def config(self, cli: Cli) -> Path:
+        return cli.write("router.toml", self.TOML.format(secret=SECRET).encode())
+
+    def run_config(self, cli: Cli, *args: str) -> tuple[int, str, str]:
+        status = main(["transform", "--config", str(self.config(cli)), *args])
+        out, err = cli.capsys.readouterr()
+        assert SECRET not in out + err
+        return status, out, err
+
+    def test_destination_by_name(self, cli: Cli) -> None:
+        """The named destination's settings apply (eu sends pages as events, klaviyo skips them)."""
+        events = str(cli.ndjson(PAGE))
+        status, out, _ = self.run_config(cli, "--destination", "eu", events)
+        assert status == 0
+        assert orjson.loads(out)["path"] == "/api/events"
+        status, out, _ = self.run_config(cli, "--destination", "klaviyo", events)
+        assert (status, orjson.loads(out)) == (0, {"skipped": PAGE_SKIPPED, "index": 0})
+
+    def test_destination_name_needed_or_unknown(self, cli: Cli) -> None:
+        events = str(cli.ndjson(TRACK))
+        config = self.config(cli)
+        status, out, err = self.run_config(cli, events)
+        assert (status, out) == (2, "")
+        assert err == (
+            f"klaviyo-router: {config} has several destinations: name one with --destination (klaviyo, eu)\n"
+        )
+        status, _, err = self.run_config(cli, "--destination", "us", events)
+        assert (status, err) == (
+            2,
+            f"klaviyo-router: {config}: no [[destinations]] named 'us' (known: klaviyo, eu)\n",
+        )
+
+    def test_gzip_and_several_files(self, cli: Cli) -> None:
+        """gzip is read by its first bytes; indexes run on across files; an error names its file."""
+        first = cli.write("a.ndjson.gz", gzip.compress(orjson.dumps(TRACK) + b"\n"))
+        second = cli.write("b.ndjson", b"{broken\n" + orjson.dumps(TRACK_2) + b"\n")
+        lines = cli.lines(str(first), str(second))
+        assert lines[0] == expected(TRACK)[0]
+        assert lines[1]["index"] == 1 and lines[1]["error"].startswith(f"{second} line 1: not valid JSON: ")
+        assert lines[2] == expected(TRACK_2)[0]
+
+    def test_strict(self, cli: Cli) -> None:
+        """--strict: exit 1 once any input was rejected (the lines are written all the same)."""
+        status, out, _ = cli.run("--strict", str(cli.ndjson(TRACK, NO_ID)))
+        assert status == 1
+        assert [("error" in orjson.loads(line)) for line in out.splitlines()] == [False, True]
+        assert cli.run("--strict", str(cli.ndjson(TRACK, PAGE)))[0] == 0  # skipping is no rejection

@@ -204,11 +204,14 @@ class TestCommandListAndShow:
         """A table of every dead letter with its reason, and a count."""
         status, out, err = command("list")
         assert (status, err) == (0, "")
-        lines = out.splitlines()
-        assert lines[-1] == "3 dead letters"
-        assert [int(line.split()[0]) for line in lines[:-1]] == command.ids.dead
-        assert PLACED_ORDER_REASON in lines[0] and "Order Completed" in lines[0]
-        assert lines[1].endswith(KLAVIYO_REASON) and "identify" in lines[1] and " other " in lines[2]
+        header, *lines, count = out.splitlines()
+        assert header.split() == ["ID", "DEAD", "SINCE", "DESTINATION", "TYPE", "EVENT", "REASON"]
+        assert count == "3 dead letters"
+        assert [int(line.split()[0]) for line in lines] == command.ids.dead
+        assert PLACED_ORDER_REASON in lines[0] and "  track     Order Completed  " in lines[0]
+        assert lines[1].endswith(KLAVIYO_REASON) and "  identify  -  " in lines[1] and " other " in lines[2]
+        types = [line[header.index("TYPE") :].split()[0] for line in lines]  # columns under their header
+        assert types == ["track", "identify", "identify"]
 
     def test_list_filters_and_json(self, command: Command) -> None:
         """``--reason``, ``--destination`` and ``--limit`` narrow the list; ``--json`` prints rows."""
@@ -229,9 +232,13 @@ class TestCommandListAndShow:
         }
         assert rows[0]["dead_since"].endswith("Z")
         _, out, _ = command("list", "--destination", "other")
-        assert out.splitlines()[-1] == "1 dead letters" and out.startswith(f"{command.ids.other:>8}  ")
+        assert out.splitlines()[-1] == "1 dead letter" and out.splitlines()[1].startswith(
+            f"{command.ids.other:>8}  "
+        )
         _, out, _ = command("list", "--limit", "1")
-        assert out.splitlines()[-1] == "1 dead letters (limit reached)"
+        assert out.splitlines()[-1] == "1 dead letter (limit reached)"
+        _, out, _ = command("list", "--reason", "nothing like it")
+        assert out == "0 dead letters\n"
 
     def test_show(self, command: Command) -> None:
         """The summary plus the stored event, without the ``writeKey`` the client put in it."""
@@ -255,7 +262,7 @@ class TestCommandRetryAndPurge:
     def test_retry_by_id(self, command: Command) -> None:
         """The named dead letter is pending again, due now, with its attempts reset; the others stay dead."""
         before = time.time()
-        assert command("retry", command.ids.transform) == (0, "retried 1 dead letters\n", "")
+        assert command("retry", command.ids.transform) == (0, "retried 1 dead letter\n", "")
         job = command.job(command.ids.transform)
         assert job is not None and (job.state, job.attempts) == (JobState.PENDING, 0)
         assert before - 1 <= job.next_attempt_at <= time.time()
@@ -268,7 +275,7 @@ class TestCommandRetryAndPurge:
         """``--reason`` picks by reason text; ``--all`` takes the rest."""
         assert command("retry", "--reason", "Klaviyo 400")[1] == "retried 2 dead letters\n"
         assert command.states()[command.ids.transform] is JobState.DEAD
-        assert command("retry", "--all")[1] == "retried 1 dead letters\n"
+        assert command("retry", "--all")[1] == "retried 1 dead letter\n"
         assert JobState.DEAD not in command.states().values()
 
     def test_retry_leaves_live_jobs_alone(self, command: Command) -> None:
@@ -283,10 +290,10 @@ class TestCommandRetryAndPurge:
 
     def test_purge(self, command: Command) -> None:
         """Purged dead letters are gone; live jobs named by id are kept."""
-        assert command("purge", command.ids.other, command.ids.done)[1] == "purged 1 dead letters\n"
+        assert command("purge", command.ids.other, command.ids.done)[1] == "purged 1 dead letter\n"
         assert command.job(command.ids.other) is None
-        assert command("purge", "--reason", "transform:")[1] == "purged 1 dead letters\n"
-        assert command("purge", "--all")[1] == "purged 1 dead letters\n"
+        assert command("purge", "--reason", "transform:")[1] == "purged 1 dead letter\n"
+        assert command("purge", "--all")[1] == "purged 1 dead letter\n"
         assert command.states() == {command.ids.done: JobState.DONE, command.ids.pending: JobState.PENDING}
 
     @pytest.mark.parametrize(
@@ -549,7 +556,7 @@ class TestRetryAfterMappingFix:
                 capsys.readouterr()
                 retry = ["dead-letters", "--config", str(config), "retry", str(dead.id)]
                 assert await asyncio.to_thread(main, retry) == 0
-                assert capsys.readouterr().out == "retried 1 dead letters\n"
+                assert capsys.readouterr().out == "retried 1 dead letter\n"
                 assert await deliverer.deliver_once() == 1
         finally:
             await queue.close()

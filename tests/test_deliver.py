@@ -10,6 +10,7 @@ at the end.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from router.klaviyo.batch import batch
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
+from router.logs import configure_logging, reset_logging
 from router.mapping import load_mappings
 from router.metrics import Metrics
 from router.plan import DEAD, OK, RELEASE, RETRY, apply_outcome, hold_back, plan
@@ -421,6 +423,70 @@ async def test_transform_refusal_is_dead_and_alias_is_skipped(rig: Rig) -> None:
     assert reason is not None and reason.startswith("payload is not valid JSON: ")
     assert [r.path for r in rig.fake.requests] == ["/api/events"]  # only the good one went out
     assert rig.settled == {"dead": 2, "skipped": 1, "delivered": 1}
+
+
+async def test_a_dropped_phone_is_logged_with_its_message_id_and_counted(rig: Rig) -> None:
+    """invalid_phone 'drop': the event goes out without the phone, and the drop is not silent: a
+    ``transform_warning`` line names the message and the number, and a metric counts it."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        [job_id] = await rig.enqueue(identify("u1", "a@example.com", "m-drop", phone="12"))
+        deliverer = rig.deliverer()
+        deliverer.destination = replace(deliverer.destination, invalid_phone="drop")
+        assert await deliverer.deliver_once() == 1
+    finally:
+        reset_logging()
+    assert await rig.states([job_id]) == [DONE]
+    profile = rig.fake.find_profile(email="a@example.com")
+    assert profile is not None and profile.attributes.get("phone_number") is None
+    [line] = [orjson.loads(x) for x in stream.getvalue().splitlines() if '"transform_warning"' in x]
+    assert (line["message_id"], line["warning"], line["level"]) == (
+        "m-drop",
+        "invalid_phone_dropped",
+        "warning",
+    )
+    assert "('12')" in line["detail"]
+    assert (
+        rig.prometheus.registry.get_sample_value(
+            "router_transform_warnings_total", {"destination": DEST, "warning": "invalid_phone_dropped"}
+        )
+        == 1
+    )
+
+
+async def test_a_partly_refused_identify_updates_the_profile_then_waits_as_a_dead_letter(rig: Rig) -> None:
+    """subscribe false with an unknown consent channel: the profile update is delivered, the job is a
+    dead letter naming the channel (replayable once fixed)."""
+    message = identify(
+        "u1",
+        "a@example.com",
+        "m1",
+        firstName="Ada",
+        properties={"subscribe": False, "consent": "emial", "listId": LIST_ID},
+    )
+    [job_id] = await rig.enqueue(message)
+    assert await rig.deliverer().deliver_once() == 1
+    assert await rig.states([job_id]) == [DEAD_STATE]
+    reason = (await rig.job(job_id)).last_error
+    assert reason is not None and reason.startswith("transform: consent: unknown consent channel 'emial'")
+    profile = rig.fake.find_profile(email="a@example.com")
+    assert profile is not None and profile.attributes["first_name"] == "Ada"
+    assert [r.path for r in rig.fake.requests] == ["/api/profile-import"]
+    assert rig.settled == {"dead": 1}
+
+
+async def test_integrations_false_is_acknowledged_as_skipped(rig: Rig) -> None:
+    """``{"Klaviyo": false}`` and ``{"All": false}``: acked, counted as skipped, nothing sent."""
+    ids = await rig.enqueue(
+        {**track("u1", "Viewed", "m1"), "integrations": {"Klaviyo": False}},
+        {**track("u2", "Viewed", "m2"), "integrations": {"All": False}},
+        {**track("u3", "Viewed", "m3"), "integrations": {"All": False, "Klaviyo": True}},
+    )
+    assert await rig.deliverer().deliver_once() == 3
+    assert await rig.states(ids) == [DONE, DONE, DONE]
+    assert rig.settled == {"skipped": 2, "delivered": 1}
+    assert [r.path for r in rig.fake.requests] == ["/api/events"]
 
 
 async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> None:

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
+from router.cli import FAKE_CONTROL_API
 from router.fake_klaviyo import FakeKlaviyo, FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
 
 KEY = "pk_test_abcdefghijkl"
@@ -805,3 +806,17 @@ async def test_shared_fixture(fake_klaviyo: FakeKlaviyoServer) -> None:
     assert len(fake_klaviyo.state.events) == 1
     fake_klaviyo.clock.advance(1)
     assert fake_klaviyo.clock() == 6001.0
+
+
+def test_control_api_is_documented_in_help() -> None:
+    """Every ``/__fake__/`` route is in ``fake-klaviyo --help`` (the README points there)."""
+    routes = {
+        (route.method, route.resource.canonical)
+        for route in build_fake_app().router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/__fake__/")
+        and route.method != "HEAD"
+    }
+    assert len(routes) >= 8
+    for method, path in routes:
+        assert f"  {method:<6} {path} " in FAKE_CONTROL_API, (method, path)

@@ -10,6 +10,8 @@ import asyncio
 import base64
 import gzip
 import io
+import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -543,3 +545,219 @@ async def test_cleanup_closes_queue(aiohttp_client: AiohttpClient, tmp_path: Pat
     await client.close()
     with pytest.raises(RuntimeError):
         await queue.ping()
+
+
+# --- issue 12: nothing a client sends makes ingest answer 5xx, hold work or keep a key ----------
+
+
+async def raw_request(client: Client, head: bytes, body: bytes = b"", *, wait: float = 5.0) -> bytes:
+    """Send bytes as they are (headers aiohttp's client would refuse to send) and read the answer."""
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(head + b"\r\n\r\n" + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), wait)
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class TestClientInputNever5xx:
+    """The 500s of issue 12 (each reproduced on main): now 4xx with a JSON error and, where the
+    source is known, a dead letter."""
+
+    async def test_timestamps_out_of_range(self, client: Client, backend: Queue) -> None:
+        """sentAt 9999 with originalTimestamp 0001: rejected per event on every path."""
+        bad = track(1, originalTimestamp="0001-01-01T00:00:00Z")
+        status, body = await post(
+            client, "/v1/batch", {"batch": [bad, track(2)], "sentAt": "9999-12-31T23:59:59Z"}
+        )
+        assert status == 200 and body["rejected"][0]["error"].startswith(
+            'batch[0]: "timestamp" cannot be derived'
+        )
+        status, body = await post(client, "/v1/track", bad | {"sentAt": "9999-12-31T23:59:59Z"})
+        assert (status, body["code"]) == (400, "invalid_event")
+        assert len(await jobs(backend, JobState.DEAD)) == 2
+
+    @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/track"])
+    async def test_nesting_past_what_parsers_take(self, client: Client, backend: Queue, path: str) -> None:
+        """1000 levels: the body is refused whole before any parser recurses, and kept."""
+        event = track(1, properties={"d": "@"})
+        raw = orjson.dumps({"batch": [event]} if "track" not in path else event)
+        status, body = await post(client, path, raw.replace(b'"@"', b"[" * 1000 + b"]" * 1000))
+        assert (status, body["code"]) == (400, "too_deep") and "(max_nesting_depth)" in body["message"]
+        (dead,) = await jobs(backend, JobState.DEAD)
+        assert dead.message()["raw_body"].startswith("{")
+
+    async def test_nesting_limit_per_event(self, make_client: MakeClient, backend: Queue) -> None:
+        """Past max_nesting_depth (but parseable) only the deep event is refused, naming the field."""
+        client = await make_client(max_nesting_depth=10)
+        status, body = await post(
+            client, "/v1/batch", {"batch": [track(1, properties={"d": nested(9)}), track(2)]}
+        )
+        assert status == 200 and body["accepted"] == 1
+        assert (
+            body["rejected"][0]["error"]
+            == 'batch[0]: "properties" nests deeper than 10 levels (max_nesting_depth)'
+        )
+        status, body = await post(client, "/v1/track", track(3, context={"d": nested(9)}))
+        assert (status, body["message"]) == (400, '"context" nests deeper than 10 levels (max_nesting_depth)')
+
+    async def test_numbers_out_of_range(self, client: Client, backend: Queue) -> None:
+        """1e999 as userId or inside properties: a rejection of that event, not a 500 nor a 200."""
+        raw = (
+            b'{"batch": [{"type": "track", "event": "E", "userId": 1e999, "messageId": "m-1"},'
+            b' {"type": "track", "event": "E", "userId": "u", "messageId": "m-2", "properties": {"v": 1e999}},'
+            b' {"type": "track", "event": "E", "userId": "u", "messageId": "m-3"}]}'
+        )
+        status, body = await post(client, "/v1/batch", raw)
+        assert (status, body["accepted"]) == (200, 1)
+        assert [r["error"].split(" holds")[0] for r in body["rejected"]] == [
+            'batch[0]: "userId"',
+            'batch[1]: "properties"',
+        ]
+        assert [job.message_id for job in await jobs(backend)] == ["m-3"]
+        for dead in await jobs(backend, JobState.DEAD):
+            assert "1e999" in dead.message()["raw_text"]  # kept, and readable by the dead-letter tools
+
+    @pytest.mark.parametrize("credentials", ["Basic w\xe9\xe9", "Basic \xff\xfe", "Basic " + "é" * 8])
+    async def test_non_ascii_basic_auth(self, client: Client, credentials: str) -> None:
+        """Credentials that are not base64 ASCII → 401 invalid_authorization."""
+        answer = await raw_request(
+            client,
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\nAuthorization: "
+            + credentials.encode("latin-1" if credentials.isascii() or "\xff" in credentials else "utf-8"),
+            b"{}",
+        )
+        assert status_of(answer) == 401 and b'"invalid_authorization"' in answer
+
+    async def test_unexpected_errors_are_counted_json_500s(self, make_client: MakeClient) -> None:
+        """The last-resort middleware: a handler's bug is a logged 500 with a JSON body, counted."""
+        client = await make_client()
+        client.app[INGEST].intake.screen = None  # type: ignore[assignment]  # break the handler
+        status, body = await post(client, "/v1/batch", {"batch": [track(1)]})
+        assert (status, body["code"]) == (500, "internal_error")
+        response = await client.get("/no/such/path")
+        assert response.status == 404 and (await response.json())["code"] == "not_found"
+        text = await (await client.get("/metrics")).text()
+        assert 'router_http_requests_total{path="batch",status="500"} 1.0' in text
+        assert 'router_http_requests_total{path="unmatched",status="404"} 1.0' in text
+
+
+class TestBoundedWork:
+    """A request's work is bounded: events, listed rejections, time to send the body."""
+
+    async def test_too_many_events(self, make_client: MakeClient, backend: Queue) -> None:
+        """More events than max_batch_events → 413 naming the limit; nothing stored."""
+        client = await make_client(max_batch_events=10)
+        status, body = await post(client, "/v1/batch", {"batch": [track(i) for i in range(11)]})
+        assert (status, body["code"]) == (413, "too_many_events") and "10 events" in body["message"]
+        assert "(max_batch_events)" in body["message"]
+        assert await jobs(backend) == [] and await jobs(backend, JobState.DEAD) == []
+        assert (await post(client, "/v1/batch", {"batch": [track(i) for i in range(10)]}))[0] == 200
+
+    async def test_rejections_listed_up_to_a_limit(self, make_client: MakeClient, backend: Queue) -> None:
+        """Past max_listed_rejections the rest are counted; every one is still a dead letter."""
+        client = await make_client(max_listed_rejections=3)
+        status, body = await post(
+            client, "/v1/batch", {"batch": [track(0), *({"type": "track"} for _ in range(10))]}
+        )
+        assert status == 200 and [r["index"] for r in body["rejected"]] == [1, 2, 3]
+        assert body["rejected_not_listed"] == 7
+        assert len(await jobs(backend, JobState.DEAD)) == 10
+
+    async def test_hostile_body_is_cheap(self, client: Client, backend: Queue) -> None:
+        """4 MB of 1 390 000 empty events: refused fast with little memory; /health answers meanwhile."""
+        body = b'{"batch":[' + b"{}," * 1_389_999 + b"{}]}"
+        tracemalloc.start()
+        try:
+            started = time.perf_counter()
+            hostile = asyncio.create_task(
+                client.post("/v1/batch", data=io.BytesIO(body), headers=basic(WRITE_KEY))
+            )
+            await asyncio.sleep(0)
+            health = await client.get("/health")
+            response = await hostile
+            status, answer = response.status, await response.json()
+            elapsed = time.perf_counter() - started
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (status, answer["code"]) == (413, "too_many_events") and health.status == 200
+        assert elapsed < 2.0, elapsed  # about 0.1 s on a quiet machine (tracemalloc slows it)
+        assert peak < 64 * 1024 * 1024, peak  # the body, a copy or two: not 1.29 GB
+        assert await jobs(backend, JobState.DEAD) == []
+
+    async def test_slow_clients_are_cut_off(self, make_client: MakeClient) -> None:
+        """300 connections sending half a body: each gets 408 and is closed after body_timeout."""
+        client = await make_client(body_timeout=0.5)
+        head = b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n" + b"\r\n".join(
+            f"{k}: {v}".encode() for k, v in basic(WRITE_KEY).items()
+        )
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(raw_request(client, head, b"{" * 500, wait=10) for _ in range(300)))
+        elapsed = time.perf_counter() - started
+        assert {status_of(a) for a in answers} == {408}
+        assert all(b'"body_timeout"' in a for a in answers)  # read() returned: the server hung up
+        assert elapsed < 8, elapsed
+        assert (await client.get("/health")).status == 200
+
+
+class TestMaxDepthHolds:
+    """max_queue_depth is checked with the commit, not only from a sample before the body."""
+
+    async def test_one_large_batch(self, make_client: MakeClient, backend: Queue) -> None:
+        """499 queued, then a batch of 10 000 with max_queue_depth 500: refused whole, 503."""
+        client = await make_client(max_queue_depth=500)
+        assert (await post(client, "/v1/batch", {"batch": [track(i) for i in range(499)]}))[0] == 200
+        response = await client.post(
+            "/v1/batch",
+            data=orjson.dumps({"batch": [track(i) for i in range(1000, 11_000)]}),
+            headers=basic(WRITE_KEY),
+        )
+        body = await response.json()
+        assert (response.status, body["code"]) == (503, "overloaded") and "Retry-After" in response.headers
+        assert "(max_queue_depth)" in body["message"]
+        assert len(await jobs(backend)) == 499
+
+    async def test_concurrent_batches(self, make_client: MakeClient, backend: Queue) -> None:
+        """40 batches of 100 at once on an empty queue with max_queue_depth 500: 5 accepted."""
+        client = await make_client(max_queue_depth=500)
+        results = await asyncio.gather(
+            *(
+                post(client, "/v1/batch", {"batch": [track(b * 1000 + i) for i in range(100)]})
+                for b in range(40)
+            )
+        )
+        assert sorted(status for status, _ in results) == [200] * 5 + [503] * 35
+        assert len(await jobs(backend)) == 500
+
+
+class TestWriteKeysNeverStored:
+    """A write key inside an event is stored as *** wherever it is (issue 12, item 8)."""
+
+    async def test_keys_in_events(self, client: Client, backend: Queue) -> None:
+        """context.writeKey, a string holding a key, another source's key, a type equal to a key."""
+        batch = [
+            track(1, context={"writeKey": WRITE_KEY}, properties={"note": f"sent with {FANOUT_KEY}"}),
+            {"type": WRITE_KEY, "userId": "u", "messageId": "m-2"},
+        ]
+        status, body = await post(client, "/v1/batch", {"batch": batch})
+        assert status == 200 and body["rejected"][0]["error"].endswith('got "***"')
+        (job,) = await jobs(backend)
+        assert job.message()["context"] == {"writeKey": "***"}
+        assert job.message()["properties"] == {"note": "sent with ***"}
+        (dead,) = await jobs(backend, JobState.DEAD)
+        for text in (job.payload, dead.payload, (dead.last_error or "").encode(), orjson.dumps(body)):
+            assert WRITE_KEY.encode() not in text and FANOUT_KEY.encode() not in text

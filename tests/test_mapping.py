@@ -277,6 +277,15 @@ class TestCheckMappingsCommand:
         for path in BUILTIN:
             assert any(line.split()[:3] == ["ok", path.name, "built-in"] for line in lines)
 
+    def test_builtins_printed_where_the_readme_says(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """From a clone's top folder, built-in files are shown as ``mappings/klaviyo/<name>``."""
+        monkeypatch.chdir(Path(__file__).resolve().parents[1])
+        assert main(["check-mappings"]) == 0
+        paths = [line.split()[3] for line in capsys.readouterr().out.splitlines() if line.startswith("ok")]
+        assert paths and all(p.startswith("mappings/klaviyo/") for p in paths)
+
     def test_user_folder_marks_users_files(self, capsys: pytest.CaptureFixture[str]) -> None:
         """User files are marked ``yours``, a replaced built-in appears once as the user's."""
         assert main(["check-mappings", str(CASES / "valid")]) == 0

@@ -19,6 +19,7 @@ from router.queue import (
     JobState,
     NewJob,
     Queue,
+    QueueFull,
     QueueOptions,
     open_queue,
     sql,
@@ -298,6 +299,64 @@ async def test_list_jobs_filters_and_pages(queue: Queue) -> None:
     assert await queue.list_jobs(JobState.PENDING) == []
 
 
+# --- archive replay: delivered jobs sent again -----------------------------------------------
+
+
+async def delivered_at(queue: Queue, moments: list[float], **job: str) -> list[int]:
+    """One job per moment, each claimed and acked at it; their ids."""
+    ids: list[int] = []
+    for i, moment in enumerate(moments):
+        await queue.enqueue([new_job(f"d{len(ids)}-{i}-{moment}", **job)], now=T0)
+        (claimed,) = await queue.claim(job.get("destination", "klaviyo"), 1, lease_seconds=LEASE, now=T0)
+        await queue.ack([claimed.id], now=moment)
+        ids.append(claimed.id)
+    return ids
+
+
+async def test_delivered_lists_done_jobs_by_when_they_were_acked(queue: Queue) -> None:
+    """[since, until) on the time of the ack, by id, per destination or all, in pages; pending,
+    in-flight and dead jobs are never listed."""
+    early, on_since, inside, on_until = await delivered_at(queue, [T0 + 1, T0 + 10, T0 + 15, T0 + 20])
+    (eu,) = await delivered_at(queue, [T0 + 12], destination="eu")
+    await queue.enqueue([new_job("pending"), new_job("flying")], now=T0)
+    await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0)
+    await queue.add_dead([new_job("dead")], "bad", now=T0 + 12)
+    assert await queue.delivered(since=T0 + 10, until=T0 + 20) == [on_since, inside, eu]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 20, destination="klaviyo") == [on_since, inside]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 21, limit=2) == [on_since, inside]
+    assert await queue.delivered(since=T0 + 10, until=T0 + 21, after_id=inside) == [on_until, eu]
+    assert await queue.delivered(since=T0, until=T0 + 1) == []
+    assert early not in await queue.delivered(since=T0 + 2, until=T0 + 100)
+
+
+async def test_resend_sends_done_jobs_back_in_their_place(queue: Queue) -> None:
+    """Done → pending with attempts and error cleared, claimable in id order with what is pending;
+    the row is otherwise kept (id, payload, created_at); other states and unknown ids are ignored."""
+    await queue.enqueue([new_job("a", key="u1"), new_job("b", key="u1")], now=T0)
+    await queue.claim("klaviyo", 1, lease_seconds=LEASE, now=T0)
+    await queue.retry(1, at=T0, error="503 busy", now=T0)  # a retried job later delivered
+    await queue.ack(await claim_ids(queue, limit=1), now=T0 + 1)
+    await queue.ack(await claim_ids(queue, limit=1, now=T0 + 1), now=T0 + 2)
+    await queue.enqueue([new_job("c", key="u1")], now=T0 + 3)
+    await queue.add_dead([new_job("dead")], "bad", now=T0 + 3)
+    assert await queue.resend([1, 3, 4, 99], now=T0 + 5) == 1  # 3 is pending, 4 dead, 99 unknown
+    again = await queue.get(1)
+    assert again is not None
+    assert (again.state, again.attempts, again.last_error, again.next_attempt_at, again.updated_at) == (
+        JobState.PENDING,
+        0,
+        None,
+        T0 + 5,
+        T0 + 5,
+    )
+    assert (again.message_id, again.created_at, again.message()) == ("a", T0, {"messageId": "a"})
+    assert await queue.delivered(since=T0, until=T0 + 10) == [2]
+    # the key's jobs travel together, the one sent again (id 1) before the pending one (id 3)
+    assert await claim_ids(queue, now=T0 + 5) == [1, 3]
+    assert await queue.resend([1, 2], now=T0 + 6) == 1  # 1 is in flight again
+    assert (await queue.counts())[JobState.DONE] == 0
+
+
 # --- counts and cleanup ----------------------------------------------------------------------
 
 
@@ -336,6 +395,37 @@ async def test_concurrent_enqueues_are_all_stored(queue: Queue) -> None:
     assert sorted(j.message_id for j in stored) == sorted(f"m{i}" for i in range(calls))
     if isinstance(queue, SqliteQueue):
         assert queue.commits < calls  # group commit: many enqueues per transaction
+
+
+async def test_enqueue_refuses_what_would_pass_max_depth(queue: Queue) -> None:
+    """Past max_depth active jobs an enqueue stores nothing, its messageIds included; acks make room."""
+    await queue.enqueue([new_job(f"a{i}") for i in range(3)], now=T0, max_depth=5)
+    with pytest.raises(QueueFull, match=r"holds 3 jobs; 3 more would pass its limit of 5"):
+        await queue.enqueue([new_job(f"b{i}") for i in range(3)], now=T0, max_depth=5)
+    with pytest.raises(QueueFull):  # one batch larger than the limit, on an emptier queue too
+        await queue.enqueue([new_job(f"c{i}") for i in range(9)], now=T0, max_depth=5)
+    assert await queue.enqueue([new_job("b0"), new_job("b1")], now=T0, max_depth=5) == enqueued(2, 0)
+    await queue.dead_letter(1, reason="400", now=T0)
+    await queue.ack(await claim_ids(queue, limit=1), now=T0)  # in flight still counts until acked
+    assert await queue.enqueue([new_job("b2"), new_job("b2")], now=T0, max_depth=5) == enqueued(1, 1)
+    with pytest.raises(QueueFull):
+        await queue.enqueue([new_job("b3")], now=T0, max_depth=4)
+    stored = await queue.list_jobs(JobState.PENDING) + await queue.list_jobs(JobState.DONE)
+    assert sorted(job.message_id for job in stored) == ["a1", "a2", "b0", "b1", "b2"]
+
+
+async def test_concurrent_enqueues_never_pass_max_depth(queue: Queue) -> None:
+    """40 batches of 100 at once on an empty queue with max_depth 500: five are stored, whole."""
+    outcomes = await asyncio.gather(
+        *(
+            queue.enqueue([new_job(f"m{b}-{i}") for i in range(100)], now=T0, max_depth=500)
+            for b in range(40)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, QueueFull) for o in outcomes) == 35
+    assert [o for o in outcomes if isinstance(o, EnqueueResult)] == [enqueued(100, 0)] * 5
+    assert (await queue.counts())[JobState.PENDING] == 500
 
 
 async def test_concurrent_claims_never_share_a_job(queue: Queue) -> None:
@@ -460,7 +550,8 @@ def active_counts(path: Path) -> tuple[dict[tuple[str, str], int], dict[tuple[st
 
 async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: Path) -> None:
     """queue_keys (what the hot-key check reads) follows every way a job enters or leaves the
-    active states: enqueue (both paths), claim, ack, retry, dead letter, revive, release, purge."""
+    active states: enqueue (both paths), claim, ack, retry, dead letter, revive, release, purge,
+    resend."""
     path = tmp_path / "queue.db"
     queue = SqliteQueue(path, QueueOptions(retention=100, dedupe_window=100))
     await queue.open()
@@ -480,8 +571,9 @@ async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: 
         assert kept == counted and sum(counted.values()) == 11 - 3
         assert await queue.revive([fourth], now=T0) == 1
         await queue.purge()
+        assert await queue.resend([first], now=T0) == 1
         kept, counted = active_counts(path)
-        assert kept == counted and sum(counted.values()) == 11 - 2
+        assert kept == counted and sum(counted.values()) == 11 - 1
         await queue.ack(await claim_ids(queue, now=T0 + 10), now=T0 + 10)
         await queue.ack(await claim_ids(queue, now=T0 + 10, destination="eu"), now=T0 + 10)
         assert active_counts(path) == ({}, {})
@@ -491,6 +583,42 @@ async def test_sqlite_counts_active_jobs_per_key_through_every_change(tmp_path: 
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM queue_keys").fetchone() == (0,)  # idle keys forgotten
     conn.close()
+
+
+async def test_sqlite_counts_active_jobs_through_every_change(tmp_path: Path) -> None:
+    """queue_depth (what an enqueue with max_depth reads) follows every way a job enters or leaves
+    the active states, for jobs with and without an ordering key."""
+    path = tmp_path / "queue.db"
+    queue = SqliteQueue(path, QueueOptions(retention=100))
+    await queue.open()
+
+    def kept_and_counted() -> tuple[int, int]:
+        with sqlite3.connect(path) as conn:
+            kept = conn.execute("SELECT active FROM queue_depth").fetchone()[0]
+            counted = conn.execute(
+                "SELECT count(*) FROM queue_jobs WHERE state IN ('pending', 'in_flight')"
+            ).fetchone()[0]
+        conn.close()
+        return kept, counted
+
+    try:
+        await queue.enqueue([new_job(f"m{i}", key=f"u{i % 3}" if i % 2 else None) for i in range(9)], now=T0)
+        await queue.enqueue([new_job("single")], now=T0)
+        await queue.add_dead([new_job("refused")], "bad input", now=T0)
+        assert kept_and_counted() == (10, 10)
+        first, second, third, fourth, *rest = await claim_ids(queue)
+        await queue.ack([first, second], now=T0)
+        await queue.retry(third, at=T0 + 5, error="503", now=T0)
+        await queue.dead_letter(fourth, reason="400", now=T0)
+        await queue.release(rest, now=T0)
+        assert kept_and_counted() == (7, 7)
+        assert await queue.revive([fourth, 11], now=T0) == 2
+        assert kept_and_counted() == (9, 9)
+        await queue.ack(await claim_ids(queue, now=T0 + 10), now=T0 + 10)
+        await queue.cleanup(now=T0 + 1000)
+        assert kept_and_counted() == (0, 0)
+    finally:
+        await queue.close()
 
 
 async def test_sqlite_reports_a_write_only_after_the_wal_is_synced(
@@ -599,7 +727,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -672,7 +800,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -697,7 +825,7 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"queue_jobs_retrying", "queue_jobs_pending", "queue_jobs_in_flight"} <= names
         assert not names & {"queue_jobs_active", "queue_jobs_active_key"}

@@ -12,6 +12,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
+from router.app import banner
 from router.queue import JobState, open_queue
 from router.sandbox import sandbox_klaviyo
 from router.settings import Settings
@@ -234,14 +237,67 @@ class TestServe:
 class TestSandbox:
     """The sandbox destination is pointed at a fake Klaviyo on a loopback port for the run."""
 
+    @pytest.mark.parametrize(
+        ("value", "said"), [(None, "is not set"), ("", "is set but empty"), ("  ", "is set but empty")]
+    )
+    def test_banner_says_why(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, said: str
+    ) -> None:
+        """KLAVIYO_PRIVATE_KEY unset, or set to nothing: the sandbox, and the banner tells which."""
+        if value is None:
+            monkeypatch.delenv("KLAVIYO_PRIVATE_KEY", raising=False)
+        else:
+            monkeypatch.setenv("KLAVIYO_PRIVATE_KEY", value)
+        settings = Settings.embedded_default(tmp_path, env=os.environ)
+        assert settings.sandbox
+        text = banner(settings, [("127.0.0.1", 8080)], "http://127.0.0.1:9")
+        assert f"SANDBOX: KLAVIYO_PRIVATE_KEY {said}, so nothing is sent to Klaviyo" in text
+
     async def test_fake_klaviyo_started(self, tmp_path: Path) -> None:
         """Sandbox settings come back with the fake's URL, which answers HTTP; real settings are untouched."""
         settings = Settings.embedded_default(tmp_path, env={})
-        async with sandbox_klaviyo(settings) as (sandboxed, url):
-            assert url is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        async with sandbox_klaviyo(settings) as (sandboxed, sandbox):
+            assert sandbox is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", sandbox.url)
+            url = sandbox.url
             assert sandboxed.destinations[0].base_url == url
             async with aiohttp.ClientSession() as session, session.get(url + "/api/accounts/") as response:
                 assert response.status < 500
         real = Settings.embedded_default(tmp_path, env={"KLAVIYO_PRIVATE_KEY": "pk_real"})
         async with sandbox_klaviyo(real) as (unchanged, none):
             assert unchanged is real and none is None
+
+
+class TestPortInUse:
+    """A taken address: one line naming it, exit status 2, and nothing started (issue 12, item 11)."""
+
+    async def run_cli(self, args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", *args, cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode is not None
+        return process.returncode, stdout.decode(), stderr.decode()
+
+    async def test_serve(self, tmp_path: Path) -> None:
+        """The embedded default (which starts a sandbox and workers) on a taken port stops first."""
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            env = clean_env(KLAVIYO_ROUTER_DATA_DIR=str(tmp_path / "data"), KLAVIYO_ROUTER_PORT=str(port))
+            status, stdout, stderr = await self.run_cli(["serve"], env)
+        assert status == 2 and stdout == ""
+        assert (
+            stderr == f"klaviyo-router: server: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+        )
+        assert not (tmp_path / "data" / "queue.db").exists()  # the queue was never opened
+
+    async def test_fake_klaviyo(self) -> None:
+        """``fake-klaviyo`` likewise."""
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            status, stdout, stderr = await self.run_cli(["fake-klaviyo", "--port", str(port)], clean_env())
+        assert (status, stdout) == (2, "")
+        assert (
+            stderr
+            == f"klaviyo-router: fake-klaviyo: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+        )

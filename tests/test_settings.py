@@ -227,7 +227,7 @@ class TestErrors:
             ),
             (
                 MINIMAL.replace('private_key = "pk"', 'private_key = "pk"\ncolour = 1'),
-                "destinations[0]: unknown key 'colour'",
+                "destinations[0].colour: unknown key (known: additional_page_info, base_url, consent, ",
             ),
             (
                 MINIMAL.split("[[destinations]]")[0],
@@ -243,6 +243,26 @@ class TestErrors:
     def test_message(self, tmp_path: Path, text: str, expected: str) -> None:
         """The ConfigError text starts with (or contains) the key path and the reason."""
         assert expected in load_error(tmp_path, text)
+
+    def test_variable_set_but_empty(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """env:VAR with VAR set to nothing says so, rather than 'not set'."""
+        monkeypatch.setenv("EMPTY_FOR_THIS_TEST", "")
+        for old, new, key in (
+            ('write_key = "wk"', 'write_key = "env:EMPTY_FOR_THIS_TEST"', "sources[0].write_key"),
+            ('private_key = "pk"', 'private_key = "env:EMPTY_FOR_THIS_TEST"', "destinations[0].private_key"),
+        ):
+            error = load_error(tmp_path, MINIMAL.replace(old, new))
+            assert f"{key}: environment variable EMPTY_FOR_THIS_TEST is set but empty" in error
+
+    def test_unknown_consent_channel(self, tmp_path: Path) -> None:
+        """A destination's consent is checked when the config loads."""
+        error = load_error(
+            tmp_path, MINIMAL.replace('private_key = "pk"', 'private_key = "pk"\nconsent = ["emial"]')
+        )
+        assert (
+            "destinations[0].consent: unknown consent channel 'emial' (Klaviyo's current API subscribes"
+            in error
+        )
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """An unreadable config file is a ConfigError naming the file."""

@@ -742,8 +742,8 @@ class TestSandbox:
 
         settings = replace(Settings.embedded_default(tmp_path, env={}), data_dir=tmp_path)
         settings = settings.with_destination(replace(settings.destinations[0], list_id="XUepkK"))
-        async with sandbox_klaviyo(settings) as (sandboxed, url), aiohttp.ClientSession() as session:
-            assert url is not None
+        async with sandbox_klaviyo(settings) as (sandboxed, running), aiohttp.ClientSession() as session:
+            assert running is not None
             destination = sandboxed.destinations[0]
             client = KlaviyoClient(session, destination)
             for list_id, expected in (("XUepkK", "ok"), ("XUepkk", "permanent")):

@@ -19,9 +19,10 @@ import pytest
 
 from router.cli import main
 from router.destination import Destination
-from router.errors import Skipped, TransformError
+from router.errors import ConfigError, MappingError, PartlyRefused, Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
-from router.transform import MAX_METRIC_NAME, flatten, transform
+from router.mapping import KLAVIYO_DIR, load_mappings
+from router.transform import MAX_METRIC_NAME, TransformWarning, flatten, transform
 
 CASES = Path(__file__).resolve().parent / "cases"
 GOLDEN = sorted((CASES / "transform").glob("*.json"))
@@ -30,6 +31,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 CONFORMANCE = SHARED / "conformance" / "rudderstack-klaviyo-cases.json"
 
 KEY = "pk_test_transform_secret"
+#: What an identify's refused list subscription adds to the reason (its profile update is sent).
+PARTLY = " (the profile update was sent; its list subscription was not)"
 
 
 def destination(**settings: Any) -> Destination:
@@ -729,12 +732,48 @@ class TestPhoneNumbers:
         text = error_of({"type": "identify", "traits": {"phone": "garbage"}}, invalid_phone="drop")
         assert text.startswith("no usable identifier")
 
-    def test_legacy_rudderstack_config_drops(self) -> None:
-        """A RudderStack config without apiVersion (legacy path, no phone check) drops invalid phones."""
-        legacy = Destination.from_mapping({"privateApiKey": KEY})
-        v2 = Destination.from_mapping({"privateApiKey": KEY, "apiVersion": "v2"})
-        assert legacy.invalid_phone == "drop"
-        assert v2.invalid_phone == "reject"
+    @pytest.mark.parametrize(
+        "config",
+        [
+            {"private_key": KEY},
+            {"privateApiKey": KEY},
+            {"privateApiKey": KEY, "apiVersion": "v1"},
+            {"privateApiKey": KEY, "apiVersion": "v2"},
+        ],
+        ids=["project keys", "rudderstack without apiVersion", "rudderstack v1", "rudderstack v2"],
+    )
+    def test_every_config_style_rejects_by_default(self, config: dict[str, Any]) -> None:
+        """Whatever the key style, an invalid phone rejects the event unless drop is asked for."""
+        dest = Destination.from_mapping(config)
+        assert dest.invalid_phone == "reject"
+        message = {"type": "identify", "userId": "u1", "traits": {"phone": "12", "email": "a@x.com"}}
+        with pytest.raises(TransformError, match=r"traits\.phone: Phone number is not in E\.164 format"):
+            transform(message, dest)
+
+    def test_drop_is_recorded(self) -> None:
+        """invalid_phone 'drop': each phone left out is a warning naming the path and the value."""
+        warnings: list[TransformWarning] = []
+        message = {"type": "identify", "userId": "u1", "traits": {"phone": "12", "email": "a@x.com"}}
+        (profile,) = transform(message, destination(invalid_phone="drop"), warnings=warnings)
+        assert "phone_number" not in profile.body["data"]["attributes"]
+        assert warnings == [
+            TransformWarning(
+                "invalid_phone_dropped",
+                "traits.phone: Phone number is not in E.164 format ('12'); set default_phone_region to "
+                "accept national numbers; sent without it (invalid_phone = drop)",
+            )
+        ]
+
+    def test_valid_phone_under_drop_warns_nothing(self) -> None:
+        """A phone that is sent, or no phone at all, is no warning."""
+        for traits in ({"phone": "+16175551333"}, {"email": "a@x.com"}):
+            warnings: list[TransformWarning] = []
+            transform(
+                {"type": "identify", "userId": "u1", "traits": traits},
+                destination(invalid_phone="drop"),
+                warnings=warnings,
+            )
+            assert warnings == []
 
 
 class TestConsent:
@@ -763,7 +802,8 @@ class TestConsent:
         ],
     )
     def test_event_consent_overrides(self, consent: Any, expected: set[str]) -> None:
-        """The event's consent (string or list, any case) replaces the destination's; unknown channels are ignored."""
+        """The event's consent (string or list, any case) replaces the destination's; seed 003's
+        channels the current API has not (web, directmail, mobile) are left out."""
         (job,) = list_requests(identify({"subscribe": True, "consent": consent}, **self.BOTH), list_id="L1")
         assert set(self.channels(job)) == expected
 
@@ -796,15 +836,16 @@ class TestConsent:
         }
 
     def test_no_channel_resolvable(self) -> None:
-        """Consent channels matching no identifier: rejected, naming the channels and identifiers."""
+        """Consent channels matching no identifier: the subscription is refused, naming the channels
+        and identifiers; an identify's profile update is still sent."""
         text = error_of(identify({"subscribe": True, "consent": "sms"}, email="a@x.com"), list_id="L1")
         assert text == (
             "No subscriptions could be resolved: consent channels ['sms'] match none of the identifiers "
-            "present (email)"
+            f"present (email){PARTLY}"
         )
         text = error_of(identify({"subscribe": True}), list_id="L1")
         assert text.endswith(
-            "consent channels ['email'] match none of the identifiers present (no email or phone)"
+            f"consent channels ['email'] match none of the identifiers present (no email or phone){PARTLY}"
         )
 
     def test_empty_consent_is_list_membership(self) -> None:
@@ -1157,7 +1198,8 @@ ERRORS: list[tuple[str, Any, dict[str, Any], str]] = [
         "no consent channel",
         identify({"subscribe": True, "consent": "sms"}, email="a@x.com"),
         {"list_id": "L1"},
-        "No subscriptions could be resolved: consent channels ['sms'] match none of the identifiers present (email)",
+        "No subscriptions could be resolved: consent channels ['sms'] match none of the identifiers present (email)"
+        + PARTLY,
     ),
     (
         "pre-transformed elsewhere",
@@ -1399,3 +1441,264 @@ class TestUserMappingFolder:
         assert lines[0]["body"] == one(ORDER, mappings_dir=folder)
         assert lines[1]["body"]["data"]["attributes"]["properties"]["Items"][0]["ItemPrice"] == 5
         assert KEY not in out
+
+
+class TestProfileSourcesByCall:
+    """Which sources a profile attribute is read from depends on the call (``call_sources`` of
+    ``profile.json``): a page's or a product's properties are not the person's."""
+
+    SEED_PAGE: dict[str, Any] = load_case(CASES / "transform" / "seed-page-as-track.json")["message"]
+
+    def test_page_title_is_not_the_persons(self) -> None:
+        """Seed 003's page (title 'test_item') says nothing of the person: no title, no location."""
+        page = {**self.SEED_PAGE, "properties": {**self.SEED_PAGE["properties"], "city": "Paris"}}
+        body = one(page, send_page_as_track=True, additional_page_info=True)
+        assert body["data"]["attributes"]["profile"]["data"]["attributes"] == {"anonymous_id": "anon-seed-3"}
+        assert body["data"]["attributes"]["properties"]["title"] == "test_item"
+
+    def test_page_properties_identify_nobody(self) -> None:
+        """Not even an email in a page's properties is taken for the person's."""
+        page = {"type": "page", "name": "Home", "userId": "u1", "properties": {"email": "page@x.com"}}
+        attributes = one(page, send_page_as_track=True)["data"]["attributes"]["profile"]["data"]["attributes"]
+        assert attributes == {"external_id": "u1"}
+
+    @pytest.mark.parametrize("call", ["track", "screen"])
+    def test_product_properties_are_not_the_persons(self, call: str) -> None:
+        """A product's title, image and a store's city stay event properties; the person's traits still apply."""
+        message = {
+            "type": call,
+            "event": "Product Viewed",
+            "name": "Product Viewed",
+            "userId": "u1",
+            "properties": {
+                "title": "Blue Shoe",
+                "image": "https://shop/shoe.png",
+                "city": "Lyon",
+                "organization": "Acme",
+            },
+            "context": {"traits": {"title": "Owner"}},
+        }
+        attributes = one(message)["data"]["attributes"]
+        assert attributes["profile"]["data"]["attributes"] == {"external_id": "u1", "title": "Owner"}
+
+    def test_track_properties_still_identify(self) -> None:
+        """A track's properties.email and .phone still name the person (RudderStack does the same)."""
+        attributes = event_attributes(
+            {"event": "Order Completed", "properties": {"email": "b@x.com", "phone": "+16175551333"}}
+        )
+        assert attributes["profile"]["data"]["attributes"] == {
+            "external_id": "u1",
+            "email": "b@x.com",
+            "phone_number": "+16175551333",
+        }
+
+    def test_identify_reads_every_source(self) -> None:
+        """Calls without a rule (identify) read every source of the field, properties included."""
+        attributes = profile_attributes({"userId": "u1", "properties": {"title": "Dr"}})
+        assert attributes["title"] == "Dr"
+
+    def test_rule_naming_an_unknown_field(self, tmp_path: Path) -> None:
+        """A rule's 'only' must name fields of the file: the error gives the file and pointer."""
+        document = orjson.loads((KLAVIYO_DIR / "profile.json").read_bytes())
+        document["call_sources"][0]["only"] = ["email", "emial"]
+        (tmp_path / "profile.json").write_bytes(orjson.dumps(document))
+        with pytest.raises(
+            MappingError, match=r"profile\.json: at /call_sources/0/only: 'emial' is not a field of /fields"
+        ):
+            load_mappings(tmp_path)
+
+    @pytest.mark.parametrize(
+        ("rules", "error"),
+        [
+            (
+                [{"calls": ["purchase"], "under": "properties", "only": []}],
+                r"profile\.json: at /call_sources/0/calls/0: 'purchase' is not one of",
+            ),
+            (
+                [
+                    {"calls": ["page"], "under": "properties", "only": []},
+                    {"calls": ["track", "page"], "under": "context", "only": []},
+                ],
+                r"profile\.json: at /call_sources/1/calls: 'page' has a rule already",
+            ),
+        ],
+    )
+    def test_bad_rules(self, tmp_path: Path, rules: list[dict[str, Any]], error: str) -> None:
+        """Unknown call types and a call with two rules are refused, naming file and pointer."""
+        document = orjson.loads((KLAVIYO_DIR / "profile.json").read_bytes())
+        (tmp_path / "profile.json").write_bytes(orjson.dumps({**document, "call_sources": rules}))
+        with pytest.raises(MappingError, match=error):
+            load_mappings(tmp_path)
+
+
+class TestConsentChannels:
+    """Consent channels are checked at config load and in events (seed 003 lists email, web, sms,
+    directmail, mobile; Klaviyo's current API subscribes email and sms)."""
+
+    @pytest.mark.parametrize(
+        ("consent", "text"),
+        [
+            (
+                ["emial"],
+                "unknown consent channel 'emial' (Klaviyo's current API subscribes 'email' and 'sms')",
+            ),
+            (
+                "web",
+                "consent channel 'web' was a value of Klaviyo's retired v1/v2 API; the current API subscribes only 'email' and 'sms'",
+            ),
+            (["email", "mobile"], "consent channel 'mobile' was a value"),
+        ],
+    )
+    def test_config_refuses_channels(self, consent: Any, text: str) -> None:
+        """A destination's consent naming anything but email/sms stops loading, saying why."""
+        for key in ("consent",):
+            with pytest.raises(ConfigError) as caught:
+                Destination.from_mapping({"privateApiKey": KEY, key: consent}, where="destinations[0]")
+            assert caught.value.message.startswith(f"destinations[0].{key}: {text}")
+
+    def test_unknown_event_channel_keeps_the_profile_update(self) -> None:
+        """subscribe false with a misspelt channel: the profile update is sent, the unsubscription is
+        refused naming the channel (the message then waits as a dead letter)."""
+        message = identify({"subscribe": False, "consent": ["emial"]}, email="a@x.com", firstName="Ada")
+        with pytest.raises(PartlyRefused) as caught:
+            requests(message, list_id="L1")
+        assert caught.value.message == (
+            "consent: unknown consent channel 'emial' (Klaviyo's current API subscribes 'email' and 'sms')"
+            + PARTLY
+        )
+        (profile,) = caught.value.requests
+        assert profile.path == "/api/profile-import"
+        assert profile.body["data"]["attributes"]["first_name"] == "Ada"
+
+    def test_unknown_channel_subscribing_is_not_a_plain_list_add(self) -> None:
+        """subscribe true with only an unknown channel is refused, not turned into membership without consent."""
+        with pytest.raises(PartlyRefused, match="unknown consent channel 'emial'"):
+            requests(identify({"subscribe": True, "consent": "emial"}, email="a@x.com"), list_id="L1")
+
+    def test_group_with_unknown_channel_is_refused(self) -> None:
+        """A group call has no profile update to keep: the whole message is refused."""
+        message = {
+            "type": "group",
+            "groupId": "L1",
+            "userId": "u1",
+            "traits": {"subscribe": True, "consent": "smss", "email": "a@x.com"},
+        }
+        text = error_of(message)
+        assert (
+            text
+            == "consent: unknown consent channel 'smss' (Klaviyo's current API subscribes 'email' and 'sms')"
+        )
+
+    def test_legacy_event_channel_is_a_warning(self) -> None:
+        """'web' in an event is left out with a warning; email still subscribes."""
+        warnings: list[TransformWarning] = []
+        message = identify({"subscribe": True, "consent": ["email", "web"]}, email="a@x.com")
+        produced = transform(message, destination(list_id="L1"), warnings=warnings)
+        assert set(subscribed_profile(produced[1])["attributes"]["subscriptions"]) == {"email"}
+        assert [w.code for w in warnings] == ["consent_channel_ignored"]
+        assert "'web' was a value of Klaviyo's retired v1/v2 API" in warnings[0].message
+
+    def test_channel_not_text(self) -> None:
+        """A consent entry that is not text is named by its type."""
+        text = error_of(
+            {
+                "type": "group",
+                "groupId": "L1",
+                "userId": "u1",
+                "traits": {"subscribe": True, "consent": [1], "email": "a@x.com"},
+            }
+        )
+        assert text == "consent: expected channel names (email, sms), got int"
+
+
+class TestIntegrations:
+    """``integrations`` keeps a message from a destination as RudderStack and Segment do: recorded as skipped."""
+
+    @pytest.mark.parametrize(
+        ("integrations", "reason"),
+        [
+            ({"Klaviyo": False}, "integrations: 'Klaviyo' is false"),
+            ({"KLAVIYO": False, "All": True}, "integrations: 'KLAVIYO' is false"),
+            ({"klaviyo-eu": False, "Klaviyo": True}, "integrations: 'klaviyo-eu' is false"),
+            (
+                {"All": False},
+                'integrations: "All" is false and neither "Klaviyo" nor \'klaviyo-eu\' is turned on',
+            ),
+            (
+                {"All": False, "Klaviyo": None},
+                'integrations: "All" is false and neither "Klaviyo" nor \'klaviyo-eu\' is turned on',
+            ),
+        ],
+    )
+    def test_skipped(self, integrations: dict[str, Any], reason: str) -> None:
+        """The skip names the key that turned this destination off."""
+        message = {**TRACK, "event": "E", "integrations": integrations}
+        with pytest.raises(Skipped) as skipped:
+            transform(message, destination(name="klaviyo-eu"))
+        assert skipped.value.message == reason
+
+    @pytest.mark.parametrize(
+        "integrations",
+        [
+            {"All": True},
+            {"All": False, "Klaviyo": True},
+            {"All": False, "klaviyo": {"fieldsToUnset": ["a"]}},
+            {"All": False, "Klaviyo": False, "klaviyo-eu": True},
+            {"Klaviyo": False, "klaviyo-us": True, "klaviyo-eu": True},
+            {"Mixpanel": False},
+            {},
+            None,
+            "All",
+        ],
+    )
+    def test_sent(self, integrations: Any) -> None:
+        """Turned on by name, by 'Klaviyo', by options, or not addressed at all."""
+        assert requests({**TRACK, "event": "E", "integrations": integrations}, name="klaviyo-eu")
+
+    def test_every_type_is_skipped(self) -> None:
+        """identify and group calls are kept from the destination too (no profile, no list job)."""
+        for message in (
+            identify({"subscribe": True}, email="a@x.com"),
+            {"type": "group", "groupId": "L", "userId": "u"},
+        ):
+            with pytest.raises(Skipped):
+                transform({**message, "integrations": {"All": False}}, destination(list_id="L1"))
+
+
+class TestListWithoutSubscribeFlag:
+    """An identify with a list id but no subscribe flag (the README's List Id rule)."""
+
+    def test_built_in_does_nothing_with_the_list(self) -> None:
+        """Built-in: the profile is upserted; no list job (RudderStack's behaviour, conformance case
+        klaviyo-identify-150624-test-3), whether the list comes from the event or the destination."""
+        for message, settings in (
+            (identify({"listId": "XUepkK"}, email="a@x.com"), {}),
+            (identify({}, email="a@x.com"), {"list_id": "L1"}),
+        ):
+            assert [r.path for r in requests(message, **settings)] == ["/api/profile-import"]
+
+    def test_add_adds_to_the_list(self, tmp_path: Path) -> None:
+        """A user file with when_subscribe_absent 'add' adds the profile to the event's list, else the
+        destination's, without consent: a bulk import with the list, as seed 003's List Id describes."""
+        document = orjson.loads((KLAVIYO_DIR / "identify-subscription.json").read_bytes())
+        (tmp_path / "identify-subscription.json").write_bytes(
+            orjson.dumps({**document, "when_subscribe_absent": "add"})
+        )
+        for message, expected in (
+            (identify({"listId": "XUepkK"}, email="a@x.com"), "XUepkK"),
+            (identify({}, email="a@x.com"), "L1"),
+        ):
+            produced = requests(message, list_id="L1", mappings_dir=tmp_path)
+            assert [r.path for r in produced] == ["/api/profile-import", "/api/profile-bulk-import-jobs"]
+            data = produced[1].body["data"]
+            assert data["relationships"]["lists"]["data"] == [{"type": "list", "id": expected}]
+            assert "subscriptions" not in data["attributes"]["profiles"]["data"][0]["attributes"]
+        assert [
+            r.path
+            for r in requests(
+                identify({"subscribe": True}, email="a@x.com"), list_id="L1", mappings_dir=tmp_path
+            )
+        ] == [
+            "/api/profile-import",
+            "/api/profile-subscription-bulk-create-jobs",
+        ]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
+from router.errors import ConfigError
 from router.fake_klaviyo.app import build_fake_app
 from router.fake_klaviyo.ratelimit import ManualClock
 from router.fake_klaviyo.state import FakeKlaviyo
 from router.klaviyo.spec import SPEC_REVISION
 from router.runtime import collect_garbage_less
+from router.sockets import listen
 
 log = structlog.get_logger("router.fake_klaviyo")
 
@@ -38,8 +42,16 @@ class FakeKlaviyoServer:
         }
 
 
-async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event | None = None) -> None:
-    """Serve ``app`` on ``host:port`` until ``stop`` is set, or SIGINT / SIGTERM arrives."""
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    stop: asyncio.Event | None = None,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+) -> None:
+    """Serve ``app`` on ``host:port`` (or on ``sockets`` already listening) until ``stop`` is set,
+    or SIGINT / SIGTERM arrives."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -47,8 +59,10 @@ async def serve(app: web.Application, host: str, port: int, stop: asyncio.Event 
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        if sockets is None:
+            await web.TCPSite(runner, host, port).start()
+        for sock in sockets or ():
+            await web.SockSite(runner, sock).start()
         bound_host, bound_port = runner.addresses[0][:2]
         log.info("fake_klaviyo_listening", url=f"http://{bound_host}:{bound_port}")
         await stop.wait()
@@ -68,12 +82,22 @@ def run(
 ) -> int:
     """Run the fake Klaviyo until SIGINT/SIGTERM; logs one line with its URL. Returns the exit status.
 
-    ``port=0`` picks a free port (the logged URL says which). ``api_keys=None`` accepts any private key.
+    ``port=0`` picks a free port (the logged URL says which). A taken address is one line on
+    stderr and exit status 2. ``api_keys=None`` accepts any private key.
     ``store=False`` validates, rate-limits and counts writes without keeping them (load tests).
     Garbage is collected as rarely as in the router: every body it checks is a tree of thousands
     of short-lived objects.
     """
-    collect_garbage_less()
-    app = build_fake_app(rate_limits=rate_limits, api_keys=api_keys, store=store)
-    asyncio.run(serve(app, host, port))
+    try:
+        sockets = listen(host, port, where="fake-klaviyo")  # before anything: a taken port is one line
+    except ConfigError as exc:
+        print(f"klaviyo-router: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        collect_garbage_less()
+        app = build_fake_app(rate_limits=rate_limits, api_keys=api_keys, store=store)
+        asyncio.run(serve(app, host, port, sockets=sockets))
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0

@@ -133,6 +133,24 @@ _STATE_INDEX = JOB_FIELDS.index("state")
 _STATES = {state.value: state for state in JobState}
 
 
+class QueueFull(Exception):
+    """An enqueue refused whole: its jobs would take the queue past ``max_depth`` active jobs."""
+
+    def __init__(self, active: int, adding: int, max_depth: int) -> None:
+        super().__init__(
+            f"the queue holds {active} jobs; {adding} more would pass its limit of {max_depth} (max_queue_depth)"
+        )
+        self.active = active
+        self.adding = adding
+        self.max_depth = max_depth
+
+
+def check_depth(active: int, adding: int, max_depth: int | None) -> None:
+    """Raise :class:`QueueFull` when ``adding`` jobs to ``active`` ones would pass ``max_depth``."""
+    if max_depth is not None and adding and active + adding > max_depth:
+        raise QueueFull(active, adding, max_depth)
+
+
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
     #: Jobs newly stored.
@@ -153,8 +171,17 @@ class Queue(Protocol):
     async def ping(self) -> None:
         """Raise if the store is unreachable (used by ``/ready``)."""
 
-    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
-        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, now: float | None = None, max_depth: int | None = None
+    ) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window.
+
+        With ``max_depth``, the call stores nothing (not even its messageIds for dedupe) and raises
+        :class:`QueueFull` when the active jobs (pending or in flight, of every destination) plus
+        the jobs it adds would be more than ``max_depth``. The jobs it adds are counted as if none
+        were a duplicate (repeats within the call aside). The check and the insert are one atomic
+        step: concurrent calls, from this process or others, never add up past ``max_depth``.
+        """
 
     async def add_dead(self, jobs: Sequence[NewJob], reason: str, *, now: float | None = None) -> None:
         """Store jobs directly as dead letters (events rejected before queueing)."""
@@ -207,6 +234,24 @@ class Queue(Protocol):
 
     async def purge(self, job_ids: Sequence[int] | None = None) -> int:
         """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
+
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked at ``since`` ≤ time < ``until`` (their ``updated_at``), of one
+        destination or all, above ``after_id``, by id, ``limit`` at most: what an archive replay
+        re-sends (page with ``after_id`` = the last id of the previous page)."""
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared (the rest of the row, id and
+        ``created_at`` included, kept: the jobs keep their place in per-profile order); ids that
+        are not done jobs are ignored. Returns how many were sent back."""
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""

@@ -17,6 +17,7 @@ from router.queue import (
     JobState,
     NewJob,
     QueueOptions,
+    check_depth,
     group_by_message,
     key_major,
 )
@@ -50,10 +51,14 @@ class MemoryQueue:
         if not self._open:
             raise RuntimeError("memory queue is not open")
 
-    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
-        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, now: float | None = None, max_depth: int | None = None
+    ) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window;
+        :class:`router.queue.QueueFull` past ``max_depth`` active jobs (see :class:`Queue`)."""
         now = time.time() if now is None else now
         groups, duplicates = group_by_message(jobs)
+        check_depth(len(self._active), len(jobs) - duplicates, max_depth)
         inserted = 0
         for group in groups:
             key = (group[0].source, group[0].message_id)
@@ -187,6 +192,36 @@ class MemoryQueue:
         for job in dead:
             del self._jobs[job.id]
         return len(dead)
+
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked in ``[since, until)``, above ``after_id``, by id."""
+        found = [
+            job.id
+            for job in self._jobs.values()
+            if job.state == JobState.DONE
+            and job.id > after_id
+            and since <= job.updated_at < until
+            and (destination is None or job.destination == destination)
+        ]
+        return sorted(found)[:limit]
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        now = time.time() if now is None else now
+        done = self._in_state(job_ids, JobState.DONE)
+        for job in done:
+            self._put(
+                job, state=JobState.PENDING, attempts=0, next_attempt_at=now, last_error=None, updated_at=now
+            )
+        return len(done)
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""

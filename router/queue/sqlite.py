@@ -42,7 +42,9 @@ from router.queue import (
     Job,
     JobState,
     NewJob,
+    QueueFull,
     QueueOptions,
+    check_depth,
     group_by_message,
     sql,
 )
@@ -105,10 +107,14 @@ class SqliteQueue:
             raise RuntimeError("the sqlite queue writer is not running")
         await self._reader.run(lambda conn: conn.execute(QUERIES["ping"]).fetchall())
 
-    async def enqueue(self, jobs: Sequence[NewJob], *, now: float | None = None) -> EnqueueResult:
-        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], *, now: float | None = None, max_depth: int | None = None
+    ) -> EnqueueResult:
+        """Store jobs as pending, skipping ``(source, message_id)`` pairs seen in the dedupe window;
+        :class:`router.queue.QueueFull` past ``max_depth`` active jobs, checked in the transaction
+        that stores them against the count the triggers of ``queue_depth`` keep."""
         groups, duplicates = group_by_message(jobs)
-        call = _EnqueueCall.build(groups, duplicates, now, self.options.dedupe_window)
+        call = _EnqueueCall.build(groups, duplicates, now, self.options.dedupe_window, max_depth)
         result: EnqueueResult = await self._writer.store(call)
         return result
 
@@ -193,6 +199,30 @@ class SqliteQueue:
             return await self._update("purge_all_jobs", {})
         return await self._update("purge_jobs", {"ids": _ids(job_ids)})
 
+    async def delivered(
+        self,
+        *,
+        since: float,
+        until: float,
+        destination: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[int]:
+        """Ids of done jobs acked in ``[since, until)``, above ``after_id``, by id."""
+        params = {
+            "since": since,
+            "until": until,
+            "destination": destination,
+            "after_id": after_id,
+            "limit": limit,
+        }
+        rows = await self._reader.run(lambda conn: conn.execute(QUERIES["list_delivered"], params).fetchall())
+        return [row["id"] for row in rows]
+
+    async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
+        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        return await self._update("resend_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""
         if destination is None:
@@ -248,10 +278,17 @@ class _EnqueueCall:
     count: int
     #: False when a string holds NUL, which SQLite's JSON functions cut short: store row by row.
     json_safe: bool
+    #: Active jobs the queue may hold with this call's (None: no limit).
+    max_depth: int | None = None
 
     @classmethod
     def build(
-        cls, groups: list[list[NewJob]], dropped: int, now: float | None, dedupe_window: float
+        cls,
+        groups: list[list[NewJob]],
+        dropped: int,
+        now: float | None,
+        dedupe_window: float,
+        max_depth: int | None = None,
     ) -> _EnqueueCall:
         flat = [job for group in groups for job in group]
         messages = orjson.dumps([(group[0].source, group[0].message_id) for group in groups])
@@ -268,6 +305,7 @@ class _EnqueueCall:
             payloads=b"".join([job.payload for job in flat]),
             count=len(flat),
             json_safe=b"\\u0000" not in jobs,
+            max_depth=max_depth,
         )
 
     def mergeable(self, other: _EnqueueCall) -> bool:
@@ -281,10 +319,14 @@ class _EnqueueCall:
 
 
 def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[Outcome]:
-    """Store a run of enqueue calls (all :meth:`_EnqueueCall.mergeable`) in one group commit."""
+    """Store a run of enqueue calls (all :meth:`_EnqueueCall.mergeable`) in one group commit.
+
+    Calls that would take the queue past their ``max_depth`` are refused first, in order, each
+    counting the calls admitted before it."""
     now = time.time() if calls[0].now is None else calls[0].now
     cutoff = now - calls[0].dedupe_window
-    stored = [call for call in calls if call.count]
+    refused = _refused_for_depth(conn, calls)
+    stored = [call for index, call in enumerate(calls) if call.count and index not in refused]
     # One message alone (a single call at low load) is cheaper row by row: fewer, simpler steps.
     if calls[0].json_safe and (len(stored) > 1 or (stored and len(stored[0].groups) > 1)):
         conn.execute(QUERIES["savepoint"])
@@ -297,15 +339,43 @@ def _store_calls(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> list[Ou
                 conn.execute(QUERIES["insert_pending_payloads"], {"jobs": jobs, "payloads": payloads})
                 conn.execute(QUERIES["insert_pending_jobs"], {"jobs": jobs, "now": now})
                 conn.execute(QUERIES["release_savepoint"])
-                return [(EnqueueResult(inserted=c.count, duplicates=c.dropped), None) for c in calls]
+                return [
+                    (None, refused[index])
+                    if index in refused
+                    else (EnqueueResult(inserted=c.count, duplicates=c.dropped), None)
+                    for index, c in enumerate(calls)
+                ]
         except Exception:  # retried call by call below, where the error lands on its own call
             pass
         conn.execute(QUERIES["rollback_to_savepoint"])
         conn.execute(QUERIES["release_savepoint"])
     return [
-        _run_isolated(conn, functools.partial(_store_rows, call=call, now=now, cutoff=cutoff))
-        for call in calls
+        (None, refused[index])
+        if index in refused
+        else _run_isolated(conn, functools.partial(_store_rows, call=call, now=now, cutoff=cutoff))
+        for index, call in enumerate(calls)
     ]
+
+
+def _refused_for_depth(conn: sqlite3.Connection, calls: list[_EnqueueCall]) -> dict[int, QueueFull]:
+    """The calls (by index) that would take the queue past their ``max_depth``, taken in order."""
+    if all(call.max_depth is None for call in calls):
+        return {}
+    active = _active_jobs(conn)
+    refused: dict[int, QueueFull] = {}
+    for index, call in enumerate(calls):
+        try:
+            check_depth(active, call.count, call.max_depth)
+        except QueueFull as full:
+            refused[index] = full
+            continue
+        active += call.count
+    return refused
+
+
+def _active_jobs(conn: sqlite3.Connection) -> int:
+    active: int = conn.execute(QUERIES["active_jobs"]).fetchone()["active"]
+    return active
 
 
 def _join_json(arrays: list[bytes]) -> bytes:
@@ -315,6 +385,8 @@ def _join_json(arrays: list[bytes]) -> bytes:
 
 def _store_rows(conn: sqlite3.Connection, *, call: _EnqueueCall, now: float, cutoff: float) -> EnqueueResult:
     """Store one enqueue call statement by statement (duplicates, NUL in a string, errors)."""
+    if call.max_depth is not None:
+        check_depth(_active_jobs(conn), call.count, call.max_depth)
     stored: list[NewJob] = []
     duplicates = call.dropped
     for group in call.groups:

@@ -195,12 +195,10 @@ async def sync_once(
     state = open_state(settings.resolved_queue_url)
     await state.open()
     try:
-        async with sandbox_klaviyo(settings if sandbox else replace(settings, sandbox=False)) as (
-            settings,
-            sandbox_url,
-        ):
-            if sandbox_url:
-                print(f"sandbox Klaviyo at {sandbox_url}: nothing leaves this machine", file=sys.stderr)
+        resolved = settings if sandbox else replace(settings, sandbox=False)
+        async with sandbox_klaviyo(resolved) as (settings, running):
+            if running is not None:
+                print(f"sandbox Klaviyo at {running.url}: nothing leaves this machine", file=sys.stderr)
             name = config.destination or settings.destinations[0].name
             try:
                 destination = settings.destination(name)

@@ -1,0 +1,295 @@
+"""The Klaviyo requests events would produce, written as they are planned (``transform`` and
+``replay --dry-run``; nothing is sent).
+
+Output is NDJSON: one ``{"method", "path", "body"}`` per request, one ``{"error", "status",
+"index"}`` per input refused (an input refused in part, :class:`~router.errors.PartlyRefused`, also
+has the requests of its usable part), one ``{"skipped", "index"}`` per input Klaviyo has no use for,
+one ``{"warning", "code", "index"}`` per thing an input was sent without
+(:class:`~router.transform.TransformWarning`); ``index`` counts the inputs from 0 across every file.
+
+Without batching (:class:`SinglePreview`) each input's requests follow it. With batching
+(:class:`BatchPreview`) inputs are planned window by window as a delivery worker claims and plans
+them: windows sized by :func:`router.plan.claim_size` from ``window`` (delivery's ``batch_size``:
+at most twice that many inputs), each through :func:`router.plan.plan_payloads`, the workers'
+planning path. A window's requests are written at the latest while the window after it is read
+(it may be planned in a process of its own meanwhile: :class:`BatchPreview`), so memory holds two
+windows and their requests at most, whatever the input's size.
+
+Per-profile order across windows: a window's requests all precede the next window's, as a key's
+later jobs wait in the queue until its earlier ones are settled; inside a window, profile upserts
+go first, then events, then list jobs, as delivery sends them. The inputs behind a window's last,
+partial event job are held over (``carry_partial``, as delivery does): they are the window's last
+inputs, so for every profile they come after the ones written and before the next window's; they
+go out at the head of the next window's event jobs, so every event job but the last is full.
+"""
+
+from __future__ import annotations
+
+import abc
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO, Final
+
+import orjson
+
+from router.capture import Record
+from router.destination import Destination
+from router.errors import PartlyRefused, Skipped, TransformError
+from router.klaviyo.requests import KlaviyoRequest
+from router.mapping import Mappings, load_mappings
+from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_payloads
+from router.runtime import collect_garbage_less
+from router.transform import TransformWarning, transform
+
+#: Processes that plan windows while the next is read: one when there is a core to spare.
+PLANNING_PROCESSES: Final = 1 if (os.cpu_count() or 1) > 1 else 0
+#: Inputs planned together by default (delivery's default ``batch_size``).
+WINDOW: Final = 1000
+#: What :func:`router.plan.plan_payloads` puts before the reasons it gives.
+_TRANSFORM_REFUSED: Final = "transform: "
+_NOT_JSON: Final = "payload is not valid JSON: "
+
+
+def request_line(request: KlaviyoRequest) -> bytes:
+    """``{"method","path","body"}`` and a newline; a bulk body is copied as the bytes it was built as."""
+    head = b'{"method":' + orjson.dumps(request.method) + b',"path":' + orjson.dumps(request.path)
+    return head + b',"body":' + request.payload() + b"}\n"
+
+
+def error_line(index: int, error: str, status: int = TransformError.status) -> bytes:
+    return orjson.dumps({"error": error, "status": status, "index": index}) + b"\n"
+
+
+def skipped_line(index: int, reason: str) -> bytes:
+    return orjson.dumps({"skipped": reason, "index": index}) + b"\n"
+
+
+def warning_line(index: int, warning: TransformWarning) -> bytes:
+    return orjson.dumps({"warning": warning.message, "code": warning.code, "index": index}) + b"\n"
+
+
+class Preview(abc.ABC):
+    """Takes inputs in order and writes what they produce to ``out``; counts what it wrote."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        #: Inputs taken so far (the next one's index).
+        self.inputs = 0
+        self.requests = 0
+        self.refused = 0
+        self.skipped = 0
+
+    @abc.abstractmethod
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
+        """One input as JSON bytes; ``place`` (in the file called ``label``) is named in the error
+        of one that is not JSON."""
+
+    @abc.abstractmethod
+    def refuse(self, error: str, status: int = TransformError.status) -> None:
+        """One input refused before planning (unreadable, or refused by validation)."""
+
+    def finish(self) -> None:
+        """Write what is still held back; then flush."""
+        self.out.flush()
+
+
+class SinglePreview(Preview):
+    """Each input's single-endpoint requests, right after it is read."""
+
+    def __init__(self, out: BinaryIO, destination: Destination, mappings: Mappings) -> None:
+        super().__init__(out)
+        self.destination = destination
+        self.mappings = mappings
+
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
+        index = self.inputs
+        self.inputs += 1
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            self._write_refused(index, _not_json(place, label, str(exc)))
+            return
+        warnings: list[TransformWarning] = []
+        refused: PartlyRefused | None = None
+        try:
+            produced = transform(message, self.destination, self.mappings, index=index, warnings=warnings)
+        except PartlyRefused as exc:
+            produced, refused = exc.requests, exc
+        except TransformError as exc:
+            self._write_refused(index, exc.message, exc.status)
+            return
+        except Skipped as exc:
+            self.skipped += 1
+            self.out.write(skipped_line(index, exc.message))
+            return
+        self.requests += len(produced)
+        self.out.writelines(request_line(request) for request in produced)
+        self.out.writelines(warning_line(index, warning) for warning in warnings)
+        if refused is not None:
+            self._write_refused(index, refused.message, refused.status)
+
+    def refuse(self, error: str, status: int = TransformError.status) -> None:
+        index = self.inputs
+        self.inputs += 1
+        self._write_refused(index, error, status)
+
+    def _write_refused(self, index: int, error: str, status: int = TransformError.status) -> None:
+        self.refused += 1
+        self.out.write(error_line(index, error, status))
+
+
+@dataclass(slots=True)
+class _Window:
+    """Inputs planned together: their payloads, and per job (the held-over ones first) the
+    input's index and place; the lines of inputs refused before planning."""
+
+    payloads: list[bytes] = field(default_factory=list)
+    inputs: list[tuple[int, Record | None, str]] = field(default_factory=list)
+    refused: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class BatchPreview(Preview):
+    """The bulk requests delivery would send, planned window by window (see the module's text).
+
+    With ``processes = 1`` the windows are planned in a process of their own while the next one is
+    read here (planning is nine tenths of the work): the carried jobs of window ``k`` go into
+    window ``k + 1``, so one window is planned at a time, overlapping the reading and writing of
+    the others. Window sizes come from the plan before the last, in both modes, so the output does
+    not depend on the mode.
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        destination: Destination,
+        mappings: Mappings,
+        *,
+        window: int = WINDOW,
+        processes: int = 0,
+    ) -> None:
+        super().__init__(out)
+        self.destination = destination
+        self.mappings = mappings
+        self.window = window
+        self.processes = processes
+        self._filling = _Window()
+        #: Inputs of the next window: what a worker would claim next (:func:`router.plan.claim_size`).
+        self._claim = claim_size(window, None)
+        #: The jobs held over by the last window written, and their inputs.
+        self._leftover: Leftover = NOTHING_LEFT
+        self._carried: list[tuple[int, Record | None, str]] = []
+        #: The last window written, planned (it sizes the windows read after the next one).
+        self._last: Planned | None = None
+        self._pending: tuple[_Window, Future[Planned]] | None = None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
+        filling = self._filling
+        filling.inputs.append((self.inputs, place, label))
+        self.inputs += 1
+        filling.payloads.append(payload)
+        if len(filling.payloads) >= self._claim:
+            self._close(carry_partial=True)
+
+    def refuse(self, error: str, status: int = TransformError.status) -> None:
+        self.refused += 1
+        self._filling.refused.append((self.inputs, error_line(self.inputs, error, status)))
+        self.inputs += 1
+
+    def finish(self) -> None:
+        self._close(carry_partial=False)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        super().finish()
+
+    def _close(self, *, carry_partial: bool) -> None:
+        """Plan the window being filled (after writing the one being planned, whose held-over
+        jobs it carries), and start the next."""
+        window, self._filling = self._filling, _Window()
+        self._settle()
+        if self._last is not None and self._last.kept:  # as a worker sizes its next claim
+            last = self._last
+            self._claim = claim_size(self.window, last.events / last.kept, last.leftover.events)
+        window.inputs[:0] = self._carried
+        if self.processes and carry_partial:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=collect_garbage_less,
+                )
+            future = self._pool.submit(
+                _plan_apart, window.payloads, self.destination, carry_partial, self._leftover
+            )
+            self._pending = (window, future)
+            return
+        planned = plan_payloads(
+            window.payloads,
+            self.destination,
+            self.mappings,
+            carry_partial=carry_partial,
+            carried=self._leftover,
+        )
+        self._write(window, planned)
+
+    def _settle(self) -> None:
+        """Wait for the window being planned apart, and write it."""
+        if self._pending is not None:
+            window, future = self._pending
+            self._pending = None
+            self._write(window, future.result())
+
+    def _write(self, window: _Window, planned: Planned) -> None:
+        inputs = window.inputs
+        lines = window.refused
+        for job, reason in planned.refused:
+            index, place, label = inputs[job]
+            self.refused += 1
+            lines.append((index, error_line(index, _refusal(reason, place, label))))
+        for job, reason in planned.skipped:
+            index = inputs[job][0]
+            self.skipped += 1
+            lines.append((index, skipped_line(index, reason)))
+        for job, warning in planned.warnings:
+            index = inputs[job][0]
+            lines.append((index, warning_line(index, warning)))
+        lines.sort(key=_first)
+        self.out.writelines(line for _, line in lines)
+        self.requests += len(planned.requests)
+        self.out.writelines(request_line(request) for request in planned.requests)
+        self._carried = inputs[planned.kept :]
+        self._leftover = planned.leftover
+        self._last = planned
+
+
+def _plan_apart(
+    payloads: list[bytes], destination: Destination, carry_partial: bool, carried: Leftover
+) -> Planned:
+    """In a planning process: :func:`router.plan.plan_payloads` with the destination's mappings
+    (compiled once per process)."""
+    mappings = load_mappings(destination.mappings_dir)
+    return plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
+
+
+def _first(entry: tuple[int, bytes]) -> int:
+    return entry[0]
+
+
+def _refusal(reason: str, place: Record | None, label: str) -> str:
+    """The transform's own text for a reason :func:`plan_payloads` gave."""
+    if reason.startswith(_TRANSFORM_REFUSED):
+        return reason.removeprefix(_TRANSFORM_REFUSED)
+    if reason.startswith(_NOT_JSON):
+        return _not_json(place, label, reason.removeprefix(_NOT_JSON))
+    return reason
+
+
+def _not_json(place: Record | None, label: str, detail: str) -> str:
+    return (
+        f"{place.where(label)}: not valid JSON: {detail}"
+        if place is not None
+        else f"not valid JSON: {detail}"
+    )
