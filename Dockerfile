@@ -4,6 +4,7 @@
 # /data holds the queue, the generated write key (data/write_key on the host) and, without
 # KLAVIYO_PRIVATE_KEY, the sandbox's journal (data/sandbox.ndjson; GET /sandbox/state on port 8080).
 # -e KLAVIYO_PRIVATE_KEY=pk_... delivers for real; `serve --config /data/router.toml` uses a config.
+# The postgres extra (asyncpg) is in: deploy/compose.yaml runs three of these on one PostgreSQL queue.
 # tests/test_dockerfile.py installs and runs the package the way this file does.
 FROM python:3.11-slim
 
@@ -19,7 +20,7 @@ COPY mappings ./mappings
 COPY router ./router
 # /data is writable by any user: the container may run as the owner of a bind-mounted folder
 # (--user), so what it writes there is the host user's; a named volume starts from this folder.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir '.[postgres]' \
     && useradd --system --no-create-home router \
     && mkdir -p /data && chmod 1777 /data
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,15 @@ class Bodies:
 
 
 async def run_scenario(
-    url: str, scenario: Scenario, bodies: Bodies, *, seconds: float, max_events: int, server_pid: int
+    urls: Sequence[str],
+    scenario: Scenario,
+    bodies: Bodies,
+    *,
+    seconds: float,
+    max_events: int,
+    server_pids: Sequence[int],
 ) -> str:
+    """Drive the routers at ``urls`` (each request to the next in turn); one line of figures."""
     max_requests = max(1, max_events // scenario.events_per_request)
     counter = itertools.count()
     run = f"{scenario.name}-{time.monotonic_ns()}"
@@ -124,6 +131,7 @@ async def run_scenario(
             number = next(counter)
             if number >= max_requests:
                 return
+            url = urls[number % len(urls)]
             async with session.post(
                 url + scenario.path, data=bodies.body(number, run), headers=headers
             ) as resp:
@@ -132,10 +140,10 @@ async def run_scenario(
 
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()
-        server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
+        server_cpu, client_cpu = sum(map(cpu_seconds, server_pids)), time.process_time()
         await asyncio.gather(*(worker(session) for _ in range(scenario.concurrency)))
         elapsed = time.perf_counter() - started
-        server_cpu = cpu_seconds(server_pid) - server_cpu
+        server_cpu = sum(map(cpu_seconds, server_pids)) - server_cpu
         client_cpu = time.process_time() - client_cpu
     ok = statuses.get(200, 0)
     events = ok * scenario.events_per_request
@@ -204,25 +212,30 @@ async def main_async(args: argparse.Namespace) -> None:
                 mix, scenario.events_per_request, batch=scenario.path == "/v1/batch", use_gzip=args.gzip
             )
             line = await run_scenario(
-                url,
+                [url],
                 scenario,
                 bodies,
                 seconds=args.seconds,
                 max_events=args.max_events,
-                server_pid=process.pid,
+                server_pids=[process.pid],
             )
             print(line, flush=True)
         print(f"server peak RSS (VmHWM): {peak_rss(process.pid)}")
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        stop_server(process)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop_server(process: subprocess.Popen[str]) -> None:
+    """SIGTERM the router and wait for it (SIGKILL after 30 s)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def main() -> None:

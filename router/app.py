@@ -35,6 +35,7 @@ from router.errors import ConfigError
 from router.health import Backpressure, PausedDestinations
 from router.ingest import Ingest, json_response
 from router.klaviyo.ratelimit import RateLimits
+from router.klaviyo.shared_ratelimit import shared_pacers
 from router.logs import configure_logging
 from router.metrics import Metrics
 from router.middleware import PROTOCOL_LOG, middleware
@@ -42,7 +43,7 @@ from router.queue import Queue, open_queue
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
-from router.sockets import listen
+from router.sockets import BACKLOG, listen
 from router.sync.schedule import sync_contexts
 
 log = structlog.get_logger("router.app")
@@ -305,8 +306,12 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
         hot_key_threshold=settings.hot_key_threshold,
     )
     async with sandbox_klaviyo(settings) as (settings, sandbox):
-        # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per account)
-        limits = {d.name: RateLimits(scale=settings.delivery_rate_limit_scale) for d in settings.destinations}
+        # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
+        # account), the cluster's when the queue keeps send budgets
+        limits = {
+            d.name: RateLimits(scale=settings.delivery_rate_limit_scale, pacer=shared_pacers(queue, d.name))
+            for d in settings.destinations
+        }
         contexts = [*delivery_contexts(settings, limits), *sync_contexts(settings, limits)]
         app = build_app(settings, queue, contexts=contexts)
         if sandbox is not None:
@@ -319,7 +324,7 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
             return 1
         try:
             for sock in sockets:
-                await web.SockSite(runner, sock).start()
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
             print(banner(settings, runner.addresses, sandbox.url if sandbox else None), flush=True)
             log.info(
                 "server_started",

@@ -442,10 +442,13 @@ def _who(attributes: dict[str, Any]) -> str:
 def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "work",
-        help="run delivery workers only (no HTTP server), beside an ingest-only serve",
+        help="run delivery workers only (no HTTP server), beside an ingest-only serve or on other machines",
         description="Deliver queued events to every configured destination until SIGINT/SIGTERM, "
-        "from the queue of the config (SQLite: on the machine that holds its file). Pair it with "
-        "serve and [delivery] workers = 0 to keep ingest and delivery in separate processes.",
+        "from the queue of the config. Pair it with serve and [delivery] workers = 0 to keep ingest "
+        'and delivery in separate processes. With queue.url = "postgresql://..." run as many as you '
+        "like, on any machines, beside any number of serve processes: they take turns at claims and "
+        "share one Klaviyo account's rate limits through the database. With SQLite, only on the "
+        "machine that holds the file.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)

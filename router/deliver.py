@@ -42,6 +42,7 @@ from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.imports import IMPORT_PATH, follow, job_id
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.requests import KlaviyoRequest
+from router.klaviyo.shared_ratelimit import shared_pacers
 from router.mapping import Mappings, load_mappings
 from router.metrics import Metrics
 from router.plan import (
@@ -59,12 +60,14 @@ from router.plan import (
     phases,
 )
 from router.planner import Planner
-from router.queue import Job, Queue
+from router.queue import Job, Queue, QueueUnavailable
 from router.retry import RetryPolicy
 from router.settings import Settings
 
 log = structlog.get_logger("router.deliver")
 _DEFAULTS: Final = Settings()
+#: Longest pause (s) between a worker's tries while the queue is out of reach.
+QUEUE_BACKOFF: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,12 +174,20 @@ class Deliverer:
         self.log.info("delivery_stopped")
 
     async def _worker(self, stop: asyncio.Event, number: int) -> None:
+        unreachable = 0  # batches in a row that found the queue out of reach
         while not stop.is_set():
             if self.paused.is_paused(self.destination.name):
                 await self._probe_paused(stop, number)
                 continue
             try:
                 done = await self.deliver_once()
+                unreachable = 0
+            except QueueUnavailable as exc:  # back off, doubling up to QUEUE_BACKOFF, until it answers
+                unreachable += 1
+                wait = min(QUEUE_BACKOFF, self.settings.idle_poll * 2**unreachable)
+                self.log.warning("queue_unavailable", worker=number, error=str(exc), retry_in=round(wait, 2))
+                await _sleep_unless(stop, wait)
+                continue
             except Exception:
                 self.log.exception("delivery_batch_failed", worker=number)
                 done = 0
@@ -548,7 +559,7 @@ def _deliverer(
     client = KlaviyoClient(
         session,
         destination,
-        limits=limits or RateLimits(scale=settings.rate_limit_scale),
+        limits=limits or RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
         timeout=settings.timeout,
         observe=metrics.observe_request if metrics is not None else None,
     )

@@ -187,9 +187,9 @@ class Ingest:
             raise RequestRefused(400, "too_deep", reason)
         batch = name in BATCH_PATHS
         if batch:
-            brackets = screening.brackets  # its objects and arrays bound the events, before parsing
-            if brackets.containers() > self.settings.max_batch_events:
-                self._check_count(brackets.nodes_at(3))
+            shape = screening.shape  # its objects and arrays bound the events, before parsing
+            if shape.containers() > self.settings.max_batch_events:
+                self._check_count(shape.nodes_at(3))
         plain = read_batch(body) if source is not None and batch else None
         if plain is not None and source is not None:  # the common case, read partly (events.read_batch)
             events, defaults = plain

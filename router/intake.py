@@ -37,7 +37,7 @@ from router.errors import BadEvent
 from router.events import NO_DEFAULTS, BatchDefaults, decoded, describe, encode, normalize, validate
 from router.identity import ordering_key
 from router.queue import NewJob
-from router.screen import Brackets, may_hold_huge_number, nesting_depth
+from router.screen import Screened, nesting_depth
 from router.settings import Settings, Source
 
 log = structlog.get_logger("router.intake")
@@ -53,7 +53,7 @@ MIN_KEY_LENGTH = 8
 PARSE_DEPTH = 255
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Accepted:
     """An event ready to queue."""
 
@@ -106,8 +106,8 @@ class Screening:
     depth: int
     #: Whether its events need no per-event check nor scrubbing (``prepare(..., screened=True)``).
     clean: bool
-    #: The arrays and objects of the text.
-    brackets: Brackets
+    #: Its arrays and objects.
+    shape: Screened
 
 
 class Intake:
@@ -121,10 +121,10 @@ class Intake:
     def screen(self, text: bytes) -> Screening:
         """Check a whole JSON text at once: it is clean when it nests no deeper than an event may,
         holds no number out of range and no write key (:mod:`router.screen`)."""
-        brackets = Brackets(text)
-        depth = brackets.depth(PARSE_DEPTH)
-        clean = depth <= self.max_depth and not may_hold_huge_number(text) and self.write_keys.absent(text)
-        return Screening(depth, clean, brackets)
+        shape = Screened(text)
+        depth = shape.depth(PARSE_DEPTH)
+        clean = depth <= self.max_depth and not shape.may_hold_huge_number and self.write_keys.absent(text)
+        return Screening(depth, clean, shape)
 
     def prepare(
         self,
@@ -171,12 +171,13 @@ class Intake:
 
     def _check_carriable(self, message: Mapping[str, Any], payload: bytes) -> None:
         """Raise :class:`_Uncarriable` for an event delivery could not read or write back."""
-        if nesting_depth(payload, self.max_depth) > self.max_depth:
+        shape = Screened(payload)
+        if shape.depth(self.max_depth) > self.max_depth:
             field = _culprit(message, lambda part: nesting_depth(part, self.max_depth) >= self.max_depth)
             raise _Uncarriable(
                 f"{self._name(field)} nests deeper than {self.max_depth} levels (max_nesting_depth)", payload
             )
-        if may_hold_huge_number(payload):
+        if shape.may_hold_huge_number:
             try:
                 orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -209,9 +210,13 @@ class Intake:
         message_id = (
             str(message_id) if isinstance(message_id, str | int | float) and message_id != "" else None
         )
-        if stored is not None:
-            text = stored if isinstance(stored, str) else stored.decode("utf-8", "replace")
-            payload = orjson.dumps({"raw_text": self.write_keys.scrub_text(text)})
+        if stored is not None:  # scrubbed as JSON text first: a key may be spelled with escapes there
+            text = (
+                stored
+                if isinstance(stored, str)
+                else self.write_keys.scrub(stored).decode("utf-8", "replace")
+            )
+            payload = orjson.dumps({"raw_text": text})
         else:
             payload = dead_payload(message if message is not None else raw)
         if screened:

@@ -4,15 +4,18 @@ Delivery reads every stored event with orjson and writes Klaviyo's requests with
 must not nest deeper than orjson writes (255 levels, Klaviyo's envelope included) nor hold a number
 orjson refuses to read (one out of a double's range, such as ``1e999``: msgspec, which ingest reads
 batches with, passes it through untouched inside the parts it does not decode). Answering either
-question exactly takes a parse; ingest asks both of every request body, so they are first answered
-with passes over the bytes made in C (``bytes.translate``, ``bytes.replace``, substring search):
+question exactly takes a parse; ingest asks both of every request body, so :class:`Screened`
+answers them with two passes over the bytes made in C (``bytes.translate``, then ``bytes.count``
+and one regular expression with a literal prefix on what is left), about a third of a parse:
 
-- :func:`nesting_depth` exactly, for any JSON text (strings are taken out first, so brackets
-  inside them do not count);
-- :func:`may_hold_huge_number` as an over-approximation: False means no number in the text is out
-  of range; True means one may be, and the caller checks with a parser.
+- the nesting depth exactly, for any JSON text (strings are taken out first, so brackets inside
+  them do not count);
+- whether a number may be out of range, as an over-approximation: False means none is; True means
+  one may be (or a string holds text shaped like one), and the caller checks with a parser.
 
-Only a text that fails the screen is looked at event by event (:mod:`router.intake`).
+(One pass cannot serve both: strings must be empty for the brackets to be counted fast, and
+strings must keep their letters for an ``e`` in a word not to read as an exponent.) Only a text
+that fails the screen is looked at event by event (:mod:`router.intake`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from __future__ import annotations
 import itertools
 import re
 
+#: Digits as ``0``, ``E`` as ``e``, what can end a number (whitespace) as ``,``; ``+`` deleted, so
+#: that ``1e+999`` reads as ``0e000,`` like ``1e999``. Every other byte stays as it is: words keep
+#: an ``e`` apart from the digits after them (``"AppleWebKit/537.36"``).
+_NUMBER_SHAPES = bytes.maketrans(b"0123456789E \t\r\n", b"0000000000e,,,,")
+#: A number out of a double's range: an exponent of three digits or more that ends a number (a
+#: hexadecimal id such as ``"8e668f"`` does not end there), or a run of 200 digits (with an
+#: exponent of two digits, 210 overflow).
+_HUGE_EXPONENT = re.compile(rb"e000+[,\]}]")
+_LONG_DIGITS = b"0" * 200
 #: Deletes every byte but quotes and brackets.
 _NOT_STRUCTURE = bytes(set(range(256)) - set(b'"[]{}'))
 #: Both kinds of brackets as one.
@@ -31,21 +43,25 @@ _STRING = re.compile(rb'"[^"]*"')
 _QUICK_ROUNDS = 16
 
 
-class Brackets:
-    """The arrays and objects of a JSON text, as ``[`` and ``]`` (strings taken out, so brackets
-    inside them do not count). Meaningless for text that is not JSON."""
+class Screened:
+    """What the screen learns of one JSON text: its arrays and objects (as ``[`` and ``]``,
+    strings taken out) and whether it may hold a number out of range. Meaningless for text that
+    is not JSON."""
 
     def __init__(self, text: bytes) -> None:
         if b"\\" in text:  # escaped backslashes, then escaped quotes: what is left of strings is quoted
             text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+        shapes = text.translate(_NUMBER_SHAPES, b"+") + b","
+        #: False when no number in the text can be out of a double's range.
+        self.may_hold_huge_number = _HUGE_EXPONENT.search(shapes) is not None or _LONG_DIGITS in shapes
         skeleton = text.translate(None, _NOT_STRUCTURE)
         # Every string is an empty pair of quotes in the skeleton unless one holds a bracket: then
         # some quote has no neighbour to pair with, counting pairs from the left.
-        if skeleton.count(b'"') == 2 * skeleton.count(b'""'):
-            brackets = skeleton.translate(_ONE_KIND, b'"')
+        brackets = skeleton.translate(_ONE_KIND, b'"')
+        if len(skeleton) - len(brackets) == 2 * skeleton.count(b'""'):
+            self.brackets = brackets
         else:  # take the strings out one by one
-            brackets = _STRING.sub(b"", skeleton).translate(_ONE_KIND)
-        self.brackets = brackets
+            self.brackets = _STRING.sub(b"", skeleton).translate(_ONE_KIND)
 
     def containers(self) -> int:
         """How many arrays and objects the text holds."""
@@ -91,20 +107,8 @@ class Brackets:
 
 
 def nesting_depth(text: bytes, limit: int | None = None) -> int:
-    """How deeply arrays and objects nest in JSON ``text`` (see :meth:`Brackets.depth`)."""
-    return Brackets(text).depth(limit)
-
-
-#: Maps digits to ``0``, ``E`` to ``e`` and what can end a number (``]``, ``}``, whitespace) to
-#: ``,``; deletes ``+`` (so that ``1e+999`` reads as ``0e000,`` like ``1e999``) and every letter
-#: but ``e``, leaving a shorter text to search (``"8e668f"`` reads as ``"0e000"``).
-_NUMBER_SHAPES = bytes.maketrans(b"0123456789E]} \t\r\n", b"0000000000e,,,,,,")
-_NOT_IN_SHAPES = b"+" + bytes(set(b"ABCDFGHIJKLMNOPQRSTUVWXYZabcdfghijklmnopqrstuvwxyz"))
-#: A number out of a double's range: an exponent of three digits or more that ends a number (a
-#: hexadecimal id such as ``"8e668f"`` does not end there), or a run of 200 digits (with an
-#: exponent of two digits, 210 overflow).
-_HUGE_EXPONENT = re.compile(rb"e000+,")
-_LONG_DIGITS = b"0" * 200
+    """How deeply arrays and objects nest in JSON ``text`` (see :meth:`Screened.depth`)."""
+    return Screened(text).depth(limit)
 
 
 def may_hold_huge_number(text: bytes) -> bool:
@@ -112,5 +116,4 @@ def may_hold_huge_number(text: bytes) -> bool:
 
     True when one may be (or a string holds text shaped like one): parse to know.
     """
-    shapes = text.translate(_NUMBER_SHAPES, _NOT_IN_SHAPES) + b","
-    return _HUGE_EXPONENT.search(shapes) is not None or _LONG_DIGITS in shapes
+    return Screened(text).may_hold_huge_number

@@ -10,7 +10,9 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     port = 8080                                # KLAVIYO_ROUTER_PORT (0: any free port)
 
     [queue]
-    url = "sqlite:///data/queue.db"            # KLAVIYO_ROUTER_QUEUE_URL (default <data_dir>/queue.db)
+    url = "sqlite:///data/queue.db"            # KLAVIYO_ROUTER_QUEUE_URL (default <data_dir>/queue.db); or
+                                               # "postgresql://user:password@host:5432/db?pool_size=8":
+                                               # any number of routers on one queue, sharing Klaviyo's limits
     dedupe_window = 86400                      # KLAVIYO_ROUTER_DEDUPE_WINDOW, seconds
     max_depth = 1000000                        # KLAVIYO_ROUTER_MAX_QUEUE_DEPTH, jobs waiting → 503
     retention = 604800                         # KLAVIYO_ROUTER_RETENTION, seconds done jobs are kept

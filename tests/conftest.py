@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from postgres_server import empty_tables, session_database
 from pytest_aiohttp import AiohttpServer
 
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
 from router.queue import Queue, QueueOptions, open_queue
 from router.queue.memory import MemoryQueue
 
-#: Every queue backend; ``postgresql`` runs only when a test server is configured.
+#: Every queue backend (``postgresql``: a database of this test session, see :func:`postgres_url`).
 QUEUE_BACKENDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a PostgreSQL database created for this test session and dropped after it.
+
+    On the server ``KLAVIYO_ROUTER_TEST_POSTGRES_DSN`` names (default: the local one as ``postgres``);
+    a server that cannot be reached fails the tests that need it (deselect them with
+    ``-m "not postgres"``).
+    """
+    with session_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -33,11 +45,11 @@ async def queue(
     elif request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'queue.db'}"
     else:
-        url = os.environ.get("KLAVIYO_ROUTER_TEST_POSTGRES_DSN", "")
-        if not url:
-            pytest.skip("KLAVIYO_ROUTER_TEST_POSTGRES_DSN is not set")
+        url = request.getfixturevalue("postgres_url")
     backend = open_queue(url, queue_options)
     await backend.open()
+    if request.param == "postgresql":
+        await empty_tables(url)
     try:
         yield backend
     finally:

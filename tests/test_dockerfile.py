@@ -57,8 +57,10 @@ def dockerfile() -> dict[str, Any]:
 
 
 def install(target: Path, app: Path, pip_command: list[str]) -> None:
-    """``pip install .`` of ``app`` as the image's RUN does, into ``target`` (dependencies left out)."""
-    assert pip_command[:2] == ["pip", "install"] and pip_command[-1] == ".", pip_command
+    """``pip install .`` (or ``'.[extras]'``) of ``app`` as the image's RUN does, into ``target``
+    (dependencies, the extras' too, left out)."""
+    project = pip_command[-1].strip("'\"")
+    assert pip_command[:2] == ["pip", "install"] and re.fullmatch(r"\.(\[[\w,]+\])?", project), pip_command
     options = [o for o in pip_command[2:-1] if o != "--no-cache-dir"]
     proc = subprocess.run(
         [
@@ -71,7 +73,7 @@ def install(target: Path, app: Path, pip_command: list[str]) -> None:
             "--no-deps",
             "--target",
             str(target),
-            str(app),
+            str(app) + project[1:],
         ],
         capture_output=True,
         text=True,

@@ -35,16 +35,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import os
-import re
 import signal
-import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +48,7 @@ import orjson
 import pytest
 import rudderstack.analytics.client as rudder_client
 import rudderstack.analytics.request as rudder_request
+from processes import FakeControl, child, eventually
 from pytest_aiohttp import AiohttpClient
 from sdk_replay import replay
 
@@ -101,8 +97,6 @@ KILL_TRIGGER = "POST /api/profile-subscription-bulk-create-jobs"
 FAKE_ATTRIBUTES = frozenset({"created", "updated", "last_event_date"})
 MERGED = ("location", "properties")
 IDENTIFIERS = ("email", "phone_number", "external_id", "anonymous_id")
-#: Terminal colour codes, in case a child's log renderer adds them.
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 CONFIG = """
 data_dir = "{data_dir}"
@@ -347,112 +341,6 @@ class Observed:
         return cls(events, duplicates, profiles, consent, members, state["counters"])
 
 
-# -- processes --------------------------------------------------------------------------------------------------
-
-
-def child_env() -> dict[str, str]:
-    """The test's environment without router or Klaviyo settings; output unbuffered."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
-@dataclass
-class Child:
-    """``python -m router ...`` as a child process, its output in a log file."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    log: Path
-    #: The URL it announced, for servers.
-    url: str = ""
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    async def stop(self, signum: int = signal.SIGTERM, *, within: float = 30.0) -> int:
-        """Send ``signum`` and wait for the exit status."""
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-        return await asyncio.wait_for(self.process.wait(), within)
-
-
-@asynccontextmanager
-async def child(name: str, args: Sequence[str], folder: Path, *, announces: str = "") -> AsyncIterator[Child]:
-    """Start ``python -m router *args``; with ``announces``, wait for a URL matched by that pattern.
-
-    Whatever happens, the process is killed and reaped on the way out.
-    """
-    log = folder / f"{name}.log"
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            *args,
-            cwd=ROOT,
-            env=child_env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    running = Child(name, process, log)
-    try:
-        if announces:
-            running.url = await asyncio.wait_for(_announced(running, announces), 30)
-        yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 30)
-
-
-async def _announced(running: Child, pattern: str) -> str:
-    while True:
-        match = re.search(pattern, ANSI.sub("", running.log.read_text(errors="replace")))
-        if match:
-            return match.group(1)
-        if running.process.returncode is not None:
-            raise AssertionError(
-                f"{running.name} exited with {running.process.returncode}:\n{running.tail()}"
-            )
-        await asyncio.sleep(0.02)
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, within: float, what: str
-) -> T:
-    """Poll ``probe`` until ``done`` says yes; fails naming ``what`` and the last value otherwise."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"{what}: still {value!r} after {within} s"
-        await asyncio.sleep(0.01)
-
-
-class FakeControl:
-    """The fake's ``/__fake__/`` control API."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session = session
-        self.url = url
-
-    async def get(self, path: str) -> Any:
-        async with self.session.get(self.url + path) as response:
-            assert response.status == 200, await response.text()
-            return orjson.loads(await response.read())
-
-    async def post(self, path: str, body: Any) -> Any:
-        async with self.session.post(self.url + path, data=orjson.dumps(body)) as response:
-            assert response.status == 200, await response.text()
-            return orjson.loads(await response.read())
-
-    async def armed(self, key: str) -> bool:
-        """Whether a scripted answer for ``key`` is still waiting for its request."""
-        return key in (await self.get("/__fake__/faults"))["scripts"]
-
-
 # -- the SDK ------------------------------------------------------------------------------------------------------
 
 
@@ -585,15 +473,10 @@ async def run_end_to_end(folder: Path, events: list[dict[str, Any]], lists: Iter
         }
         orphaned = {job.id: (await _job(queue, job.id)).state for job in leased}
         done = await queue.list_jobs(JobState.DONE, limit=10_000)
-        done += await queue.list_jobs(JobState.DEAD, limit=10_000)  # the transform's refusals
         payloads = [job.message() for job in sorted(done, key=lambda job: job.id)]
         worker_exit = await restarted.stop()
         serve_exit = await router.stop()
     return Run(state, statuses, jobs, dead, orphaned, payloads, worker_exit, serve_exit)
-
-
-def _either_traits(reasons: dict[str, str]) -> dict[str, str]:
-    return {key: reason.replace("context.traits.", "traits.") for key, reason in reasons.items()}
 
 
 async def _job(queue: Queue, job_id: int) -> Job:
@@ -627,23 +510,19 @@ class TestEndToEnd:
         async with asyncio.timeout(80):  # cancelled in time for the processes to be killed on the way out
             run = await run_end_to_end(tmp_path, events, raw.lists)
 
-        # the queue: every job done but those the transform refuses (invalid phones), none left behind;
-        # the SDKs move traits between traits and context.traits: a refused trait is named by either path
-        assert _either_traits(run.dead) == _either_traits(raw.rejected)
+        # the queue: every job done (the mix has nothing the transform refuses), none left behind
+        assert run.dead == raw.rejected
         assert run.jobs[JobState.DONE] == len(events) - len(raw.rejected)
-        # re-claimed once the lease expired, and settled
-        assert set(run.orphaned.values()) <= {JobState.DONE, JobState.DEAD}
+        assert set(run.orphaned.values()) == {JobState.DONE}  # re-claimed once the lease expired
         assert (run.worker_exit, run.serve_exit) == (0, 0)
         # what the router queued is the mix: the same effects from the queued messages as from the raw ones
         assert sorted(p["messageId"] for p in run.payloads) == sorted(e["messageId"] for e in events)
-        queued = Expected.of(run.payloads, destination_of(config))
-        assert _either_traits(queued.rejected) == _either_traits(raw.rejected)
-        assert replace(queued, rejected=raw.rejected) == raw
+        assert Expected.of(run.payloads, destination_of(config)) == raw
 
         # the fake: the transform's effects, each event once; the faults happened
         observed = Observed.of(run.state)
         assert raw.problems(observed) == []
-        assert len(run.state["events"]) == len(raw.events) == 381  # 650 before phones had to be valid
+        assert len(run.state["events"]) == len(raw.events) == 650
         counters = observed.counters
         assert counters["sent_early"] == {}
         failed = {status: count for status, count in run.statuses.items() if status >= 300 or status == 0}
@@ -673,11 +552,7 @@ class TestTransformBatchReference:
 
         assert main(["transform", "--batch", "--destination", str(settings), str(mix)]) == 0
         lines = [orjson.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
-        # refused: only what the transform refuses one by one (phones no numbering plan holds); no skip
-        refused = {events[line["index"]]["messageId"] for line in lines if "error" in line}
-        assert refused == set(expected.rejected)
-        lines = [line for line in lines if "error" not in line]
-        assert [line for line in lines if "path" not in line] == []
+        assert [line for line in lines if "path" not in line] == []  # no rejection, no skip
 
         app = build_fake_app(rate_limits=False)
         fake = fake_of(app)
@@ -696,7 +571,7 @@ class TestTransformBatchReference:
         observed = Observed.of(fake.to_json())
         assert expected.problems(observed) == []
         assert fake.duplicate_events == 0
-        assert len(fake.events) == len(expected.events) == 381
+        assert len(fake.events) == len(expected.events) == 650
 
     def test_a_profiles_consent_keeps_input_order_across_lists(self) -> None:
         """Unsubscribed from one list, then subscribed to another, in one batch: the subscription goes last."""

@@ -201,3 +201,17 @@ def test_short_write_keys_are_not_scrubbed() -> None:
     short = replace(SETTINGS, sources=(Source(name="s", write_key="k", destinations=("klaviyo",)),))
     result = Intake(short).prepare({"type": "track", "event": "k", "userId": "u"}, received_at=RECEIVED)
     assert isinstance(result, Accepted) and orjson.loads(result.payload)["type"] == "track"
+
+
+def test_keys_escaped_inside_an_event_kept_as_text() -> None:
+    """An event refused as text (a number out of range) still has its escaped key scrubbed."""
+    escaped = b"\\u0077\\u006B" + WRITE_KEY[2:].encode()
+    events, _ = read_batch(
+        b'{"batch": [{"type": "track", "event": "E", "userId": "u", "properties": {"v": 1e999, "k": "'
+        + escaped
+        + b'"}}]}'
+    ) or ([], None)
+    result = guarded(events[0])
+    assert isinstance(result, Rejected) and "out of range" in result.reason
+    assert '"k": "***"' in orjson.loads(result.payload)["raw_text"]
+    assert WRITE_KEY[2:].encode() not in result.payload

@@ -27,6 +27,7 @@ from router.queue import (
     sqlite_threads,
 )
 from router.queue.memory import MemoryQueue
+from router.queue.postgres import PostgresQueue
 from router.queue.sqlite import SqliteQueue
 
 T0 = 1_700_000_000.0
@@ -848,9 +849,14 @@ def test_sql_file_mistakes(text: str, error: str) -> None:
         sql.parse(text)
 
 
-def test_postgresql_url_is_refused_clearly_until_the_backend_exists() -> None:
-    with pytest.raises(ConfigError, match=r"queue.url: the PostgreSQL queue is not available yet"):
-        open_queue("postgresql://127.0.0.1/router")
+def test_open_queue_picks_postgresql_and_reads_its_pool_size() -> None:
+    for scheme in ("postgresql", "postgres"):
+        queue = open_queue(f"{scheme}://router:secret@db.example:5433/router?pool_size=3", retention=9)
+        assert isinstance(queue, PostgresQueue)
+        assert queue.options == QueueOptions(retention=9)
+        assert queue.where == "db.example:5433/router"  # what messages name: never the password
+    with pytest.raises(ConfigError, match="pool_size must be a whole number of at least 2, not 'x'"):
+        open_queue("postgresql://127.0.0.1/router?pool_size=x")
 
 
 async def test_extend_keeps_a_job_leased(queue: Queue) -> None:

@@ -17,8 +17,9 @@ How README.md's fenced blocks are treated (follow this when adding a section):
 - Ports ``8080`` (the router) and ``8765`` (``fake-klaviyo``) in ``sh`` blocks are replaced by free
   ports, and ``KLAVIYO_ROUTER_PORT`` is set to the router's, so the README can use the defaults
   while tests run side by side. No other ``KLAVIYO_ROUTER_*`` or ``KLAVIYO_PRIVATE_KEY`` is set.
-- Other languages are not run: the ``toml`` block is ``examples/router.toml``, the ``json`` block is
-  ``examples/mappings/order-completed.json`` (both checked below); plain fences show output.
+- Other languages are not run: the first ``toml`` block is ``examples/router.toml``, the second
+  the queue URL of "Running several nodes", the ``json`` block is
+  ``examples/mappings/order-completed.json`` (all checked below); plain fences show output.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import orjson
 import pytest
 
 from router.mapping import validate_document
+from router.queue import open_queue
+from router.queue.postgres import PostgresQueue
 from router.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +160,7 @@ class TestReadme:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The README's ``toml`` block is ``examples/router.toml``, and it loads."""
-        ((_, example),) = blocks("toml")
+        (_, example), _ = blocks("toml")
         assert example == (ROOT / "examples" / "router.toml").read_text()
         monkeypatch.setenv("WEB_WRITE_KEY", "w")
         monkeypatch.setenv("KLAVIYO_PRIVATE_KEY", "pk")
@@ -164,6 +168,12 @@ class TestReadme:
         settings = Settings.load(ROOT / "examples" / "router.toml", env={})
         assert [d.name for d in settings.destinations] == ["klaviyo"]
         assert settings.destinations[0].private_key == "pk"
+
+    def test_several_nodes_queue_url_opens_the_postgresql_queue(self) -> None:
+        """The "Running several nodes" block names a PostgreSQL queue with its pool size."""
+        _, (_, snippet) = blocks("toml")
+        queue = open_queue(tomllib.loads(snippet)["queue"]["url"])
+        assert isinstance(queue, PostgresQueue) and queue.where == "db.internal:5432/router"
 
     def test_mapping_block_is_the_example_mapping(self) -> None:
         """The README's ``json`` block is ``examples/mappings/order-completed.json``, a valid mapping."""

@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 import pytest
+from processes import child, child_env, eventually
 from pytest_aiohttp import AiohttpServer
-from test_end_to_end import ROOT, Expected, Observed, child, child_env, eventually, load_mix
+from test_end_to_end import ROOT, Expected, Observed, load_mix
 
 from router import replay as replay_module
 from router.cli import main

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.screen import Brackets, may_hold_huge_number, nesting_depth
+from router.screen import Screened, may_hold_huge_number, nesting_depth
 
 #: Strings full of what the screen must not be fooled by: brackets, quotes, backslashes, escapes.
 TRICKY_TEXT = st.text(alphabet=st.sampled_from(list('[]{}"\\/ ae0u,:é\n')), max_size=8)
@@ -61,10 +61,10 @@ def test_limit_stops_counting_early() -> None:
 def test_nodes_at_a_level() -> None:
     """Objects and arrays inside a batch's array are counted, scalars are not."""
     body = orjson.dumps({"batch": [{}, {"a": {"b": 1}}, [1], 1, "x"], "context": {"c": {}}})
-    brackets = Brackets(body)
+    brackets = Screened(body)
     assert brackets.containers() == 8
     assert brackets.nodes_at(3) == 4  # three events, and context.c
-    assert Brackets(b"]" + b"[{}]" * 3).nodes_at(2) == 6  # not JSON: every container
+    assert Screened(b"]" + b"[{}]" * 3).nodes_at(2) == 6  # not JSON: every container
 
 
 @pytest.mark.parametrize(

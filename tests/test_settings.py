@@ -11,6 +11,8 @@ from router.destination import KLAVIYO_BASE_URL
 from router.errors import ConfigError
 from router.settings import ENV_VARS, SANDBOX_BASE_URL, Settings
 
+ROOT = Path(__file__).resolve().parent.parent
+
 FULL = """
 data_dir = "{data_dir}"
 admin_token = "env:TEST_ADMIN_TOKEN"
@@ -335,3 +337,21 @@ class TestDeliveryChecks:
         config.write_text("[delivery]\nplanners = -1\n" + destination)
         with pytest.raises(ConfigError, match=r"delivery.planners: expected an integer ≥ 0, got -1"):
             Settings.load(config, env={})
+
+
+def test_the_compose_deployments_config_loads_with_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/router.toml, with what deploy/compose.yaml sets, is a working config on PostgreSQL."""
+    env = {
+        "KLAVIYO_ROUTER_QUEUE_URL": "postgresql://router:secret@postgres:5432/router?pool_size=8",
+        "KLAVIYO_ROUTER_HOST": "0.0.0.0",
+        "KLAVIYO_PRIVATE_KEY": "pk_0123456789",
+        "WEB_WRITE_KEY": "wk_0123456789",
+    }
+    compose = (ROOT / "deploy" / "compose.yaml").read_text()
+    assert all(name in compose for name in env if name != "KLAVIYO_ROUTER_HOST")  # the image sets the host
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.load(ROOT / "deploy" / "router.toml", env=env)
+    assert settings.resolved_queue_url == env["KLAVIYO_ROUTER_QUEUE_URL"]
+    assert [source.write_key for source in settings.sources] == ["wk_0123456789"]
+    assert settings.destination("klaviyo").private_key == "pk_0123456789"

@@ -18,7 +18,7 @@ from router.fake_klaviyo.ratelimit import ManualClock
 from router.fake_klaviyo.state import FakeKlaviyo
 from router.klaviyo.spec import SPEC_REVISION
 from router.runtime import collect_garbage_less
-from router.sockets import listen
+from router.sockets import BACKLOG, listen
 
 log = structlog.get_logger("router.fake_klaviyo")
 
@@ -62,7 +62,7 @@ async def serve(
         if sockets is None:
             await web.TCPSite(runner, host, port).start()
         for sock in sockets or ():
-            await web.SockSite(runner, sock).start()
+            await web.SockSite(runner, sock, backlog=BACKLOG).start()
         bound_host, bound_port = runner.addresses[0][:2]
         log.info("fake_klaviyo_listening", url=f"http://{bound_host}:{bound_port}")
         await stop.wait()

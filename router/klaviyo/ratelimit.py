@@ -5,6 +5,10 @@ client cannot see. :class:`SlidingWindow` keeps the send times of the last minut
 request go only when no one-second span holds ``burst`` sends and no one-minute span holds
 ``steady`` sends — then no fixed window of any alignment is over either limit. A 429's
 ``Retry-After`` and ``RateLimit-Remaining: 0`` block the endpoint until the time they name.
+
+That is one process's pacing. :class:`RateLimits` takes another :class:`Pacer` per endpoint when
+given a ``pacer`` factory: :mod:`router.klaviyo.shared_ratelimit` paces every process of a cluster
+through the database they share.
 """
 
 from __future__ import annotations
@@ -13,11 +17,30 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 from router.klaviyo.spec import Endpoint
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class Pacer(Protocol):
+    """What the client needs of an endpoint's pacing: wait for a slot, learn from each answer."""
+
+    #: Sends allowed per second and per minute.
+    burst: int
+    steady: int
+
+    async def acquire(self) -> float:
+        """Wait for a slot and take it; returns the seconds waited."""
+
+    def observe(self, headers: Mapping[str, str], status: int) -> None:
+        """Learn from Klaviyo's answer (``Retry-After`` on 429, ``RateLimit-*`` otherwise)."""
+
+
+#: Makes the pacer of one endpoint from its operation id, burst (per second) and steady (per minute).
+PacerFactory = Callable[[str, int, int], Pacer]
 
 
 class SlidingWindow:
@@ -65,14 +88,21 @@ class SlidingWindow:
 
     def observe(self, headers: Mapping[str, str], status: int) -> None:
         """Learn from Klaviyo's answer: ``Retry-After`` on 429, ``RateLimit-*`` otherwise."""
-        now = self._clock()
-        if status == 429:
-            self.block_until(now + retry_after(headers, default=1.0))
-            return
-        remaining = headers.get("RateLimit-Remaining")
-        reset = headers.get("RateLimit-Reset")
-        if remaining is not None and reset is not None and _number(remaining) == 0:
-            self.block_until(now + (_number(reset) or 1.0))
+        seconds = pause_seconds(headers, status)
+        if seconds is not None:
+            self.block_until(self._clock() + seconds)
+
+
+def pause_seconds(headers: Mapping[str, str], status: int) -> float | None:
+    """Seconds an answer says to send nothing more to its endpoint (a 429's ``Retry-After``, or
+    ``RateLimit-Reset`` when ``RateLimit-Remaining`` is 0); None when it says nothing of the kind."""
+    if status == 429:
+        return retry_after(headers, default=1.0)
+    remaining = headers.get("RateLimit-Remaining")
+    reset = headers.get("RateLimit-Reset")
+    if remaining is not None and reset is not None and _number(remaining) == 0:
+        return _number(reset) or 1.0
+    return None
 
 
 def retry_after(headers: Mapping[str, str], *, default: float) -> float:
@@ -91,22 +121,32 @@ def _number(text: str | None) -> float | None:
 
 
 class RateLimits:
-    """One :class:`SlidingWindow` per endpoint, created on first use from the spec's limits."""
+    """One pacer per endpoint, created on first use from the spec's limits: a :class:`SlidingWindow`,
+    or what ``pacer`` makes."""
 
     def __init__(
-        self, *, scale: float = 1.0, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+        self,
+        *,
+        scale: float = 1.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        pacer: PacerFactory | None = None,
     ) -> None:
         #: Multiplier on every limit (below 1 to leave headroom for other clients of the account).
         self.scale = scale
         self._clock = clock
         self._sleep = sleep
-        self._windows: dict[str, SlidingWindow] = {}
+        self._pacer = pacer
+        self._windows: dict[str, Pacer] = {}
 
-    def window(self, endpoint: Endpoint) -> SlidingWindow:
+    def window(self, endpoint: Endpoint) -> Pacer:
         found = self._windows.get(endpoint.operation_id)
         if found is None:
             burst = max(1, int(endpoint.burst_per_second * self.scale))
             steady = max(1, int(endpoint.steady_per_minute * self.scale))
-            found = SlidingWindow(burst, steady, clock=self._clock, sleep=self._sleep)
+            if self._pacer is None:
+                found = SlidingWindow(burst, steady, clock=self._clock, sleep=self._sleep)
+            else:
+                found = self._pacer(endpoint.operation_id, burst, steady)
             self._windows[endpoint.operation_id] = found
         return found

@@ -133,6 +133,15 @@ _STATE_INDEX = JOB_FIELDS.index("state")
 _STATES = {state.value: state for state in JobState}
 
 
+class QueueUnavailable(Exception):
+    """The queue's store cannot be reached now (its database refused or lost the connection).
+
+    Transient: ingest answers 503 with ``Retry-After``, ``/ready`` names it, workers back off and
+    try again. Raised by backends that talk to a server (PostgreSQL); the message names the server
+    (never its password) and the cause.
+    """
+
+
 class QueueFull(Exception):
     """An enqueue refused whole: its jobs would take the queue past ``max_depth`` active jobs."""
 
@@ -326,13 +335,9 @@ def _postgres_queue(url: str, options: QueueOptions) -> Queue:
     try:
         module = importlib.import_module("router.queue.postgres")
     except ModuleNotFoundError as exc:
-        if exc.name != "router.queue.postgres":
-            raise ConfigError(
-                f"queue.url: the PostgreSQL backend needs {exc.name} (pip install '.[postgres]')"
-            ) from exc
         raise ConfigError(
-            "queue.url: the PostgreSQL queue is not available yet; use sqlite:///path (one machine)"
-        ) from None
+            f"queue.url: the PostgreSQL backend needs {exc.name} (pip install 'klaviyo-router[postgres]')"
+        ) from exc
     return cast(Queue, module.PostgresQueue(url, options))
 
 

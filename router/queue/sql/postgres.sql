@@ -1,0 +1,442 @@
+-- Queries of the PostgreSQL queue backend (router/queue/postgres.py), asyncpg's $n parameters.
+-- Times are Unix seconds (double precision), as on SQLite. The schema version of each component is
+-- a row of schema_versions; migrate_<n> sections run in order, each in the transaction that holds
+-- the migration lock (an advisory lock) and records the new version, so processes starting at once
+-- apply each migration exactly once. "Active" jobs are those pending or in flight.
+
+-- name: migrate_1
+-- Jobs (payload inline), the dedupe table, and the indexes claims, cleanup and listings read.
+CREATE TABLE queue_jobs (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source text NOT NULL,
+    destination text NOT NULL,
+    message_id text NOT NULL,
+    ordering_key text,
+    payload bytea NOT NULL,
+    state text NOT NULL CHECK (state IN ('pending', 'in_flight', 'done', 'dead')),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at double precision NOT NULL,
+    lease_expires_at double precision,
+    last_error text,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL
+);
+-- Payloads out of line (uncompressed; orjson's bytes are short and dense), from a row of 128 bytes
+-- on: a claim, an ack or a retry rewrites the job's row, and the payload (a couple of KB, under the
+-- 2 KB at which PostgreSQL would move it by itself) would be copied with it every time.
+ALTER TABLE queue_jobs ALTER COLUMN payload SET STORAGE EXTERNAL;
+ALTER TABLE queue_jobs SET (toast_tuple_target = 128);
+-- What a claim scans, in id order.
+CREATE INDEX queue_jobs_pending ON queue_jobs (destination, id) WHERE state = 'pending';
+-- Leases to release when they run out, and the keys in-flight jobs block.
+CREATE INDEX queue_jobs_in_flight ON queue_jobs (destination, lease_expires_at) WHERE state = 'in_flight';
+-- Jobs waiting for a retry (only retry_job counts an attempt and sets a later due time).
+CREATE INDEX queue_jobs_retrying ON queue_jobs (destination, next_attempt_at)
+    WHERE state = 'pending' AND attempts > 0;
+CREATE INDEX queue_jobs_done ON queue_jobs (updated_at) WHERE state = 'done';
+CREATE INDEX queue_jobs_dead ON queue_jobs (id) WHERE state = 'dead';
+CREATE TABLE queue_dedupe (
+    source text NOT NULL,
+    message_id text NOT NULL,
+    seen_at double precision NOT NULL,
+    PRIMARY KEY (source, message_id)
+);
+CREATE INDEX queue_dedupe_seen ON queue_dedupe (seen_at);
+-- Active jobs counted per ordering key, for the hot-key check of claims (a count of a hot key's jobs
+-- would read all of them, on every claim). Statement-level triggers keep it, one upsert per statement
+-- that changes which jobs are active, keys in sorted order: statements of several processes lock
+-- the rows they share in the same order.
+CREATE TABLE queue_keys (
+    destination text NOT NULL,
+    ordering_key text NOT NULL,
+    active bigint NOT NULL,
+    PRIMARY KEY (destination, ordering_key)
+);
+-- Active jobs of every destination, for enqueue's max_depth, kept by the same triggers: their sum
+-- over 16 rows, each statement adding to the row of its server process (pg_backend_pid() % 16), so
+-- that acks of several processes do not queue up on one row.
+CREATE TABLE queue_depth (
+    shard integer PRIMARY KEY,
+    active bigint NOT NULL
+);
+INSERT INTO queue_depth (shard, active) SELECT shard, 0 FROM generate_series(0, 15) AS shard;
+CREATE FUNCTION queue_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, count(*) FROM added_jobs
+    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    GROUP BY destination, ordering_key
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active + added.active
+    FROM (SELECT count(*) AS active FROM added_jobs WHERE state IN ('pending', 'in_flight')) AS added
+    WHERE shard = pg_backend_pid() % 16 AND added.active <> 0;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_added AFTER INSERT ON queue_jobs
+    REFERENCING NEW TABLE AS added_jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_added();
+CREATE FUNCTION queue_keys_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- +1 per changed job active after, -1 per changed job active before: a job that stays active
+    -- (a claim) or inactive cancels out, with no join of the two transition tables
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, sum(change) FROM (
+        SELECT destination, ordering_key, 1 AS change FROM moved_to
+        WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+        UNION ALL
+        SELECT destination, ordering_key, -1 AS change FROM moved_from
+        WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    ) AS changes
+    GROUP BY destination, ordering_key
+    HAVING sum(change) <> 0
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active + moved.active
+    FROM (
+        SELECT (SELECT count(*) FROM moved_to WHERE state IN ('pending', 'in_flight'))
+            - (SELECT count(*) FROM moved_from WHERE state IN ('pending', 'in_flight')) AS active
+    ) AS moved
+    WHERE shard = pg_backend_pid() % 16 AND moved.active <> 0;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_moved AFTER UPDATE ON queue_jobs
+    REFERENCING OLD TABLE AS moved_from NEW TABLE AS moved_to
+    FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_moved();
+CREATE FUNCTION queue_keys_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO queue_keys (destination, ordering_key, active)
+    SELECT destination, ordering_key, -count(*) FROM deleted_jobs
+    WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+    GROUP BY destination, ordering_key
+    ORDER BY destination, ordering_key
+    ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    UPDATE queue_depth SET active = queue_depth.active - deleted.active
+    FROM (SELECT count(*) AS active FROM deleted_jobs WHERE state IN ('pending', 'in_flight')) AS deleted
+    WHERE shard = pg_backend_pid() % 16 AND deleted.active <> 0;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER queue_keys_deleted AFTER DELETE ON queue_jobs
+    REFERENCING OLD TABLE AS deleted_jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_keys_deleted();
+
+-- name: migrate_2
+-- Klaviyo's per-endpoint send budgets shared by every router of the cluster (router/klaviyo/shared_ratelimit.py).
+-- Unlogged: a reservation writes no WAL and commits without waiting for a disk flush; after a
+-- database crash the tables come back empty, which only forgets the last minute's sends.
+-- ratelimit_buckets holds one row per bucket (destination and endpoint): how many sends were ever
+-- reserved, the latest reserved time, and the time before which nothing may be sent (Retry-After).
+-- ratelimit_slots is each bucket's ring of the last `steady` reserved send times, slot n % steady
+-- holding reservation n.
+CREATE UNLOGGED TABLE ratelimit_buckets (
+    bucket text PRIMARY KEY,
+    steady integer NOT NULL,
+    reserved bigint NOT NULL,
+    last_at double precision NOT NULL,
+    blocked_until double precision NOT NULL
+);
+CREATE UNLOGGED TABLE ratelimit_slots (
+    bucket text NOT NULL,
+    slot integer NOT NULL,
+    at double precision NOT NULL,
+    PRIMARY KEY (bucket, slot)
+);
+-- Reserve the earliest send time that keeps at most p_burst sends in any one-second span and at
+-- most p_steady in any one-minute span, over the reservations of every process (each p_margin
+-- seconds further apart than the limits ask), and not before blocked_until. Reservations only grow,
+-- so checking the new one against the p_burst-th and p_steady-th before it keeps every span within
+-- the limits, whatever the alignment of Klaviyo's fixed windows. Returns the reserved time and the
+-- database's clock: the caller sleeps for the difference. The bucket's row lock serialises the
+-- reservations; each statement after it sees the slots the previous holder committed.
+CREATE FUNCTION ratelimit_reserve(p_bucket text, p_burst integer, p_steady integer, p_margin double precision)
+RETURNS TABLE (send_at double precision, now_at double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    bucket_row ratelimit_buckets;
+    taken bigint;
+    earlier double precision;
+BEGIN
+    INSERT INTO ratelimit_buckets (bucket, steady, reserved, last_at, blocked_until)
+    VALUES (p_bucket, p_steady, 0, 0, 0)
+    ON CONFLICT (bucket) DO NOTHING;
+    SELECT * INTO bucket_row FROM ratelimit_buckets WHERE bucket = p_bucket FOR UPDATE;
+    now_at := extract(epoch FROM clock_timestamp());
+    taken := bucket_row.reserved;
+    IF bucket_row.steady <> p_steady THEN
+        -- another limit (a node with another rate_limit_scale): the ring starts afresh
+        DELETE FROM ratelimit_slots WHERE bucket = p_bucket;
+        taken := 0;
+    END IF;
+    send_at := greatest(now_at, bucket_row.last_at, bucket_row.blocked_until);
+    IF taken >= least(p_burst, p_steady) THEN
+        SELECT at INTO earlier FROM ratelimit_slots
+        WHERE bucket = p_bucket AND slot = (taken - least(p_burst, p_steady)) % p_steady;
+        send_at := greatest(send_at, earlier + 1.0 + p_margin);
+    END IF;
+    IF taken >= p_steady THEN
+        SELECT at INTO earlier FROM ratelimit_slots WHERE bucket = p_bucket AND slot = taken % p_steady;
+        send_at := greatest(send_at, earlier + 60.0 + p_margin);
+    END IF;
+    INSERT INTO ratelimit_slots (bucket, slot, at) VALUES (p_bucket, taken % p_steady, send_at)
+    ON CONFLICT (bucket, slot) DO UPDATE SET at = excluded.at;
+    UPDATE ratelimit_buckets SET steady = p_steady, reserved = taken + 1, last_at = send_at
+    WHERE bucket = p_bucket;
+    RETURN NEXT;
+END
+$$;
+
+-- name: schema_table
+-- The schema version of each component sharing the database (this queue is 'queue').
+CREATE TABLE IF NOT EXISTS schema_versions (component text PRIMARY KEY, version integer NOT NULL);
+
+-- name: migration_lock
+-- Held until the migrating transaction ends: one process at a time checks and migrates.
+SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:migrate', 0));
+
+-- name: schema_version
+-- The version of a component's schema (no row: 0).
+SELECT coalesce((SELECT version FROM schema_versions WHERE component = $1), 0);
+
+-- name: set_schema_version
+-- Record a component's schema version.
+INSERT INTO schema_versions (component, version) VALUES ($1, $2)
+ON CONFLICT (component) DO UPDATE SET version = excluded.version;
+
+-- name: ping
+-- Cheapest round trip through the database.
+SELECT 1;
+
+-- name: depth_lock
+-- Held until the enqueueing transaction ends: enqueues with a max_depth take turns across the
+-- cluster, each counting the jobs the one before stored.
+SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:depth', 0));
+
+-- name: active_jobs
+-- Jobs pending or in flight, of every destination (kept in queue_depth by the triggers).
+SELECT coalesce(sum(active), 0)::bigint FROM queue_depth;
+
+-- name: see_messages
+-- Record (source, message_id) pairs as accepted at their time, in one statement: $1 sources, $2
+-- message ids, $3 times, $4 the dedupe window. A pair accepted within the window before is a
+-- duplicate: it is not recorded and not returned. The arrays hold no pair twice and are sorted, so
+-- that processes inserting overlapping pairs lock them in the same order.
+INSERT INTO queue_dedupe (source, message_id, seen_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::double precision[])
+ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
+    WHERE queue_dedupe.seen_at <= excluded.seen_at - $4
+RETURNING source, message_id;
+
+-- name: insert_jobs
+-- Store jobs in one statement, ids in array order: $1 sources, $2 destinations, $3 message ids,
+-- $4 ordering keys, $5 payloads, $6 states, $7 times (due, created and updated), $8 errors.
+INSERT INTO queue_jobs (
+    source, destination, message_id, ordering_key, payload, state,
+    next_attempt_at, last_error, created_at, updated_at
+)
+SELECT source, destination, message_id, ordering_key, payload, state, at, error, at, at
+FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
+    $7::double precision[], $8::text[]
+) AS job (source, destination, message_id, ordering_key, payload, state, at, error);
+
+-- name: claim_lock
+-- Held until the claiming transaction ends: claims of destination $1 take turns across the
+-- cluster, each seeing the jobs the one before leased (per-profile order across processes). The
+-- claim's scan of pending jobs must walk their index in id order and stop at its limit: the
+-- planner is told not to read them all into a bitmap and sort (which it prefers while the
+-- table's statistics still describe it nearly empty, as they do after a burst).
+SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || $1, 0)),
+    set_config('enable_bitmapscan', 'off', true);
+
+-- name: release_expired_leases
+-- In-flight jobs of a destination ($1) whose lease ran out by $2 (their worker died) go back to
+-- pending, as they were; run by a claim just before it looks for jobs, in the same transaction.
+UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2
+WHERE state = 'in_flight' AND destination = $1 AND lease_expires_at <= $2;
+
+-- name: claim_blocking
+-- The ordering keys of destination $1 that hold back later jobs at time $2: each with its first
+-- job in flight or waiting for a retry, and whether it is hot (more than $3 jobs active).
+WITH blockers AS (
+    SELECT ordering_key, id FROM queue_jobs
+    WHERE state = 'in_flight' AND destination = $1 AND ordering_key IS NOT NULL
+    UNION ALL
+    SELECT ordering_key, id FROM queue_jobs
+    WHERE state = 'pending' AND attempts > 0 AND destination = $1 AND next_attempt_at > $2
+        AND ordering_key IS NOT NULL
+),
+blocking AS (
+    SELECT ordering_key, min(id) AS first_id FROM blockers GROUP BY ordering_key
+)
+SELECT blocking.ordering_key, blocking.first_id, coalesce(counted.active, 0) > $3 AS hot
+FROM blocking
+LEFT JOIN queue_keys AS counted
+    ON counted.destination = $1 AND counted.ordering_key = blocking.ordering_key;
+
+-- name: claim_candidates
+-- Due pending jobs of destination $1 at time $2 with ids above $3, by id, $4 at most.
+SELECT id, ordering_key FROM queue_jobs
+WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2 AND id > $3
+ORDER BY id
+LIMIT $4;
+
+-- name: lease_jobs
+-- Lease the chosen jobs ($1 ids, $2 their ordering keys) at $3 until $4, locking them with SKIP
+-- LOCKED: a job another transaction holds is left, and so are the chosen jobs after it of its
+-- ordering key. Returns the leased jobs, columns in the order of Job's fields, in no order.
+WITH chosen AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[]) AS chosen (id, ordering_key)
+),
+locked AS (
+    SELECT job.id FROM queue_jobs AS job
+    WHERE job.id = ANY($1::bigint[]) AND job.state = 'pending'
+    ORDER BY job.id
+    FOR UPDATE SKIP LOCKED
+),
+skipped AS (
+    SELECT ordering_key, min(id) AS first_id FROM chosen
+    WHERE ordering_key IS NOT NULL AND id NOT IN (SELECT id FROM locked)
+    GROUP BY ordering_key
+)
+UPDATE queue_jobs AS job
+SET state = 'in_flight', lease_expires_at = $4, updated_at = $3
+FROM locked
+WHERE job.id = locked.id
+    AND NOT EXISTS (
+        SELECT FROM skipped WHERE skipped.ordering_key = job.ordering_key AND skipped.first_id < job.id
+    )
+RETURNING job.id, job.source, job.destination, job.message_id, job.ordering_key, job.payload,
+    job.state, job.attempts, job.next_attempt_at, job.lease_expires_at, job.last_error,
+    job.created_at, job.updated_at;
+
+-- name: ack_jobs
+-- Mark in-flight jobs ($1) done at $2.
+UPDATE queue_jobs SET state = 'done', lease_expires_at = NULL, updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
+
+-- name: extend_leases
+-- Push back the lease of in-flight jobs ($1) to $3 (at $2).
+UPDATE queue_jobs SET lease_expires_at = $3, updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
+
+-- name: retry_job
+-- Return an in-flight job ($1) to pending, due at $2, counting one attempt; $3 the error, $4 now.
+UPDATE queue_jobs
+SET state = 'pending', attempts = attempts + 1, next_attempt_at = $2, lease_expires_at = NULL,
+    last_error = $3, updated_at = $4
+WHERE id = $1 AND state = 'in_flight';
+
+-- name: dead_letter_job
+-- Move a pending or in-flight job ($1) to the dead letters with reason $2 at $3, counting one attempt.
+UPDATE queue_jobs
+SET state = 'dead', attempts = attempts + 1, lease_expires_at = NULL, last_error = $2, updated_at = $3
+WHERE id = $1 AND state IN ('pending', 'in_flight');
+
+-- name: release_jobs
+-- Return in-flight jobs ($1) to pending at $2 without counting an attempt.
+UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
+
+-- name: revive_jobs
+-- Dead jobs ($1) back to pending, due at $2, with attempts reset.
+UPDATE queue_jobs SET state = 'pending', attempts = 0, next_attempt_at = $2, updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'dead';
+
+-- name: list_delivered
+-- Ids of done jobs acked at $2 <= updated_at < $3 (of destination $4, or all when NULL), above id
+-- $1, by id, $5 at most (archive replay).
+SELECT id FROM queue_jobs
+WHERE state = 'done'
+    AND id > $1
+    AND updated_at >= $2 AND updated_at < $3
+    AND ($4::text IS NULL OR destination = $4)
+ORDER BY id
+LIMIT $5;
+
+-- name: resend_jobs
+-- Done jobs ($1) back to pending, due at $2, attempts and last error cleared; their ids (so their
+-- place in per-profile order) and created_at are kept.
+UPDATE queue_jobs
+SET state = 'pending', attempts = 0, next_attempt_at = $2, lease_expires_at = NULL, last_error = NULL,
+    updated_at = $2
+WHERE id = ANY($1::bigint[]) AND state = 'done';
+
+-- name: purge_jobs
+-- Delete dead jobs ($1).
+DELETE FROM queue_jobs WHERE id = ANY($1::bigint[]) AND state = 'dead';
+
+-- name: purge_all_jobs
+-- Delete every dead job.
+DELETE FROM queue_jobs WHERE state = 'dead';
+
+-- name: delete_old_jobs
+-- Delete up to $2 done jobs last updated at or before $1.
+DELETE FROM queue_jobs WHERE id IN (
+    SELECT id FROM queue_jobs WHERE state = 'done' AND updated_at <= $1 LIMIT $2
+);
+
+-- name: delete_old_dedupe
+-- Forget up to $2 (source, message_id) pairs last accepted at or before $1.
+DELETE FROM queue_dedupe WHERE (source, message_id) IN (
+    SELECT source, message_id FROM queue_dedupe WHERE seen_at <= $1 LIMIT $2
+);
+
+-- name: delete_idle_keys
+-- Forget up to $1 ordering keys with no active job left (their counts stay at 0 until then).
+DELETE FROM queue_keys WHERE (destination, ordering_key) IN (
+    SELECT destination, ordering_key FROM queue_keys WHERE active <= 0 LIMIT $1
+);
+
+-- name: get_job
+-- One job by id, columns in the order of Job's fields.
+SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
+    lease_expires_at, last_error, created_at, updated_at
+FROM queue_jobs
+WHERE id = $1;
+
+-- name: list_jobs
+-- Jobs in state $1 after id $3, by id, $2 at most, optionally of destination $5 or with an error
+-- containing $4 (case-sensitive); columns in the order of Job's fields.
+SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
+    lease_expires_at, last_error, created_at, updated_at
+FROM queue_jobs
+WHERE state = $1
+    AND id > $3
+    AND ($5::text IS NULL OR destination = $5)
+    AND ($4::text IS NULL OR strpos(last_error, $4) > 0)
+ORDER BY id
+LIMIT $2;
+
+-- name: count_jobs
+-- Number of jobs per state (backpressure asks every few seconds), each state counted through its
+-- own partial index, which autovacuum lets the count read without the rows and their payloads.
+SELECT 'pending' AS state, count(*) AS jobs FROM queue_jobs WHERE state = 'pending'
+UNION ALL
+SELECT 'in_flight', count(*) FROM queue_jobs WHERE state = 'in_flight'
+UNION ALL
+SELECT 'done', count(*) FROM queue_jobs WHERE state = 'done'
+UNION ALL
+SELECT 'dead', count(*) FROM queue_jobs WHERE state = 'dead';
+
+-- name: count_destination_jobs
+-- Number of jobs of destination $1 per state.
+SELECT state, count(*) AS jobs FROM queue_jobs WHERE destination = $1 GROUP BY state;
+
+-- name: ratelimit_reserve
+-- Reserve a send of bucket $1 under $2 per second and $3 per minute, $4 seconds apart beyond them.
+SELECT send_at, now_at FROM ratelimit_reserve($1, $2, $3, $4);
+
+-- name: ratelimit_block
+-- Nothing is sent to bucket $1 for the next $2 seconds (Retry-After, or a used-up window).
+INSERT INTO ratelimit_buckets (bucket, steady, reserved, last_at, blocked_until)
+VALUES ($1, 1, 0, 0, extract(epoch FROM clock_timestamp()) + $2)
+ON CONFLICT (bucket) DO UPDATE
+    SET blocked_until = greatest(ratelimit_buckets.blocked_until, excluded.blocked_until);
+
+-- name: ratelimit_blocked
+-- Seconds before bucket $1 may send again (0: now).
+SELECT greatest(0.0, coalesce(
+    (SELECT blocked_until FROM ratelimit_buckets WHERE bucket = $1) - extract(epoch FROM clock_timestamp()),
+    0.0
+));
