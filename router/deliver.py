@@ -559,7 +559,8 @@ def _deliverer(
     client = KlaviyoClient(
         session,
         destination,
-        limits=limits or RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
+        limits=limits
+        or RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
         timeout=settings.timeout,
         observe=metrics.observe_request if metrics is not None else None,
     )
