@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from router.deliver import DeliverySettings, deliver_all
 from router.errors import ConfigError
 from router.health import Backpressure, PausedDestinations
 from router.ingest import Ingest, json_response
+from router.klaviyo.ratelimit import RateLimits
+from router.klaviyo.shared_ratelimit import shared_pacers
 from router.logs import configure_logging
 from router.metrics import Metrics
 from router.middleware import PROTOCOL_LOG, middleware
@@ -42,6 +44,7 @@ from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
 from router.sockets import BACKLOG, listen
+from router.sync.schedule import sync_contexts
 
 log = structlog.get_logger("router.app")
 
@@ -199,7 +202,9 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
         return 2
 
 
-def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
+def delivery_contexts(
+    settings: Settings, limits: Mapping[str, RateLimits] | None = None
+) -> Sequence[CleanupContext]:
     """The cleanup context that runs the delivery workers inside ``serve``.
 
     None without destinations, or with ``[delivery] workers = 0`` (an ingest-only node).
@@ -220,6 +225,7 @@ def delivery_contexts(settings: Settings) -> Sequence[CleanupContext]:
                 settings=DeliverySettings.from_settings(settings),
                 paused=app[PAUSED],
                 metrics=app[METRICS],
+                limits=limits,
             ),
             name="delivery",
         )
@@ -300,7 +306,14 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
         hot_key_threshold=settings.hot_key_threshold,
     )
     async with sandbox_klaviyo(settings) as (settings, sandbox):
-        app = build_app(settings, queue, contexts=delivery_contexts(settings))
+        # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
+        # account), the cluster's when the queue keeps send budgets
+        limits = {
+            d.name: RateLimits(scale=settings.delivery_rate_limit_scale, pacer=shared_pacers(queue, d.name))
+            for d in settings.destinations
+        }
+        contexts = [*delivery_contexts(settings, limits), *sync_contexts(settings, limits)]
+        app = build_app(settings, queue, contexts=contexts)
         if sandbox is not None:
             add_sandbox_routes(app, sandbox.fake)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)

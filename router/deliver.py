@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -523,8 +523,11 @@ async def deliver_all(
     settings: DeliverySettings | None = None,
     paused: PausedDestinations | None = None,
     metrics: Metrics | None = None,
+    limits: Mapping[str, RateLimits] | None = None,
 ) -> None:
-    """Deliver every destination's jobs until ``stop`` is set (``serve`` and ``work`` run this)."""
+    """Deliver every destination's jobs until ``stop`` is set (``serve`` and ``work`` run this).
+
+    ``limits``: the pacer of each destination by name, when others share it (``serve``'s syncs)."""
     settings = settings or DeliverySettings()
     paused = paused or PausedDestinations()
     connector = aiohttp.TCPConnector(limit=max(8, settings.workers * 2 * len(destinations)))
@@ -533,8 +536,11 @@ async def deliver_all(
         await planner.start(destination.mappings_dir for destination in destinations)
         async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
             for destination in destinations:
+                pacer = (limits or {}).get(destination.name)
                 group.create_task(
-                    _deliverer(queue, destination, session, settings, paused, metrics, planner).run(stop)
+                    _deliverer(queue, destination, session, settings, paused, metrics, planner, pacer).run(
+                        stop
+                    )
                 )
     finally:
         planner.close()
@@ -548,11 +554,13 @@ def _deliverer(
     paused: PausedDestinations,
     metrics: Metrics | None,
     planner: Planner,
+    limits: RateLimits | None = None,
 ) -> Deliverer:
     client = KlaviyoClient(
         session,
         destination,
-        limits=RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
+        limits=limits
+        or RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
         timeout=settings.timeout,
         observe=metrics.observe_request if metrics is not None else None,
     )
