@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from router.deliver import DeliverySettings, deliver_all
 from router.errors import ConfigError, MappingError
 from router.health import Backpressure, PausedDestinations, Stalls
 from router.ingest import Ingest, json_response
+from router.klaviyo.ratelimit import RateLimits
+from router.klaviyo.shared_ratelimit import shared_pacers
 from router.logs import configure_logging
 from router.mapping import MappingSets
 from router.metrics import Metrics
@@ -46,6 +48,7 @@ from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
 from router.sockets import BACKLOG, listen
+from router.sync.schedule import sync_contexts
 
 log = structlog.get_logger("router.app")
 
@@ -240,7 +243,9 @@ def checked_mappings(settings: Settings) -> MappingSets | None:
         return None
 
 
-def delivery_contexts(settings: Settings, mappings: MappingSets | None = None) -> Sequence[CleanupContext]:
+def delivery_contexts(
+    settings: Settings, limits: Mapping[str, RateLimits] | None = None, mappings: MappingSets | None = None
+) -> Sequence[CleanupContext]:
     """The cleanup context that runs the delivery workers inside ``serve`` (with ``mappings``).
 
     None without destinations, or with ``[delivery] workers = 0`` (an ingest-only node).
@@ -261,6 +266,7 @@ def delivery_contexts(settings: Settings, mappings: MappingSets | None = None) -
                 settings=DeliverySettings.from_settings(settings),
                 paused=app[PAUSED],
                 metrics=app[METRICS],
+                limits=limits,
                 mappings=mappings,
             ),
             name="delivery",
@@ -349,7 +355,14 @@ async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[soc
         hot_key_threshold=settings.hot_key_threshold,
     )
     async with sandbox_klaviyo(settings) as (settings, sandbox):
-        app = build_app(settings, queue, contexts=delivery_contexts(settings, mappings), mappings=mappings)
+        # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
+        # account), the cluster's when the queue keeps send budgets
+        limits = {
+            d.name: RateLimits(scale=settings.delivery_rate_limit_scale, pacer=shared_pacers(queue, d.name))
+            for d in settings.destinations
+        }
+        contexts = [*delivery_contexts(settings, limits, mappings), *sync_contexts(settings, limits)]
+        app = build_app(settings, queue, contexts=contexts, mappings=mappings)
         if sandbox is not None:
             add_sandbox_routes(app, sandbox.fake)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)

@@ -568,6 +568,21 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+# ---------------------------------------------------------------- sync and sync-runs
+
+
+def configure_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from router.sync.command import configure_sync as configure
+
+    configure(sub)
+
+
+def configure_sync_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from router.sync.command import configure_sync_runs as configure
+
+    configure(sub)
+
+
 # ---------------------------------------------------------------- entry point
 
 CONFIGURE = (
@@ -577,6 +592,8 @@ CONFIGURE = (
     configure_replay,
     configure_check_mappings,
     configure_dead_letters,
+    configure_sync,
+    configure_sync_runs,
     configure_sandbox,
     configure_fake_klaviyo,
 )

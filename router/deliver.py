@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -676,10 +676,12 @@ async def deliver_all(
     paused: PausedDestinations | None = None,
     metrics: Metrics | None = None,
     mappings: MappingSets | None = None,
+    limits: Mapping[str, RateLimits] | None = None,
 ) -> None:
     """Deliver every destination's jobs until ``stop`` is set (``serve`` and ``work`` run this).
 
     ``mappings``: the sets to plan with, which the caller reloads (default: read now, never reloaded).
+    ``limits``: the pacer of each destination by name, when others share it (``serve``'s syncs).
     """
     settings = settings or DeliverySettings()
     paused = paused or PausedDestinations()
@@ -695,7 +697,8 @@ async def deliver_all(
                 client = KlaviyoClient(
                     session,
                     destination,
-                    limits=RateLimits(
+                    limits=(limits or {}).get(destination.name)
+                    or RateLimits(
                         scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)
                     ),
                     timeout=settings.timeout,

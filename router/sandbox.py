@@ -2,8 +2,10 @@
 
 When no private key is configured (:attr:`Settings.sandbox`), ``serve`` starts
 ``router.fake_klaviyo.build_fake_app()`` on ``127.0.0.1:<free port>`` and points the sandbox
-destination's ``base_url`` at it, so delivery has somewhere harmless to send to. Lists are created
-on first use there, since a sandbox user cannot create them.
+destination's ``base_url`` at it, so delivery has somewhere harmless to send to. The lists the
+destinations name (``list_id``) exist there from the start; any other list id is refused, as
+Klaviyo refuses it, so a mistyped id does not "work" in the sandbox only to fail for real (create
+more with ``POST /__fake__/lists``, or let ``klaviyo-router sync`` create its list by name).
 
 What the sandbox holds outlives a restart: every write it accepts (a ``/api/...`` request answered
 2xx, a list created over ``/__fake__/lists``) is appended to ``<data_dir>/sandbox.ndjson``, and a new
@@ -132,7 +134,7 @@ class Journal:
 @contextlib.asynccontextmanager
 async def running_sandbox(journal: Journal) -> AsyncIterator[Sandbox]:
     """A fake Klaviyo on a free loopback port, holding what ``journal`` recorded and recording more."""
-    app = build_fake_app(auto_create_lists=True)
+    app = build_fake_app()
     app.middlewares.append(journal.middleware)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -158,9 +160,22 @@ async def sandbox_klaviyo(settings: Settings) -> AsyncIterator[tuple[Settings, S
         yield settings, None
         return
     async with running_sandbox(Journal(settings.data_dir / JOURNAL_FILE)) as sandbox:
+        await _create_lists(sandbox, settings)
         for destination in settings.destinations:
             settings = settings.with_destination(replace(destination, base_url=sandbox.url))
         yield settings, sandbox
+
+
+async def _create_lists(sandbox: Sandbox, settings: Settings) -> None:
+    """The lists the destinations name, through the control API (so the journal has them too)."""
+    missing = sorted(
+        {d.list_id for d in settings.destinations if d.list_id and d.list_id not in sandbox.fake.lists}
+    )
+    if missing:
+        async with aiohttp.ClientSession() as session:
+            body = {"lists": [{"id": list_id, "name": list_id} for list_id in missing]}
+            async with session.post(f"{sandbox.url}/__fake__/lists", json=body) as response:
+                response.raise_for_status()
 
 
 async def read_sandbox(data_dir: Path) -> FakeKlaviyo:

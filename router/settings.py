@@ -52,6 +52,12 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     name = "klaviyo"
     private_key = "env:KLAVIYO_PRIVATE_KEY"
 
+    [[syncs]]                                  # optional: audience syncs (router.sync.config)
+    name = "vip"
+    source = "exports/vip.csv"                 # or query = "SELECT ..." with database = "..."
+    list = "VIP customers"
+    schedule = "every 6h"                      # manual (default): klaviyo-router sync --name vip
+
 ``KLAVIYO_ROUTER_CONFIG`` names the file when none is given. An environment variable wins over
 the file, which wins over the default. Unknown keys are errors;
 every error is a :class:`ConfigError` naming the key (``sources[1].write_key: ...``) and the reason.
@@ -75,6 +81,7 @@ from urllib.parse import urlsplit
 
 from router.destination import Destination, env_secret
 from router.errors import ConfigError
+from router.sync.config import SyncConfig, parse_syncs
 
 ENV_PREFIX = "KLAVIYO_ROUTER_"
 #: The config file to load when no path is given.
@@ -170,6 +177,8 @@ class Settings:
     sandbox: bool = False
     #: The file the settings came from; None for the embedded default.
     config_path: Path | None = None
+    #: ``[[syncs]]``: audience syncs (``klaviyo-router sync --name``; scheduled ones run under ``serve``).
+    syncs: tuple[SyncConfig, ...] = ()
 
     @classmethod
     def load(cls, path: Path | None, *, env: Mapping[str, str] | None = None) -> Settings:
@@ -189,7 +198,10 @@ class Settings:
         _check_keys(raw, _TOP_LEVEL, where="")
         destinations = _destinations(raw.get("destinations"))
         sources = _sources(raw.get("sources"), {d.name for d in destinations})
-        settings = cls(sources=sources, destinations=destinations, config_path=path, **_scalars(raw, env))
+        syncs = parse_syncs(raw.get("syncs"), tuple(d.name for d in destinations))
+        settings = cls(
+            sources=sources, destinations=destinations, syncs=syncs, config_path=path, **_scalars(raw, env)
+        )
         settings.check()
         return settings
 
@@ -430,7 +442,7 @@ _SCALARS = (
     _Scalar("log_format", "log", "format", _choice(LOG_FORMATS), _text),
 )
 _SECTIONS = {s.section for s in _SCALARS if s.section}
-_TOP_LEVEL = {s.key for s in _SCALARS if s.section is None} | _SECTIONS | {"sources", "destinations"}
+_TOP_LEVEL = {s.key for s in _SCALARS if s.section is None} | _SECTIONS | {"sources", "destinations", "syncs"}
 #: Every environment variable :meth:`Settings.load` reads, for documentation and ``--help``.
 ENV_VARS = {s.env: s.where for s in _SCALARS}
 

@@ -220,6 +220,9 @@ class _Call:
             for reason in fields.dropped(self.holders, self.ctx, attributes):
                 self.warn("invalid_phone_dropped", f"{reason}; sent without it (invalid_phone = drop)")
         properties = mapping.properties.collect(self.holders) if mapping.properties else {}
+        # custom properties a field of the mapping converts (``properties.last_event_date``) win
+        # over the same keys passed through unconverted
+        properties.update(attributes.pop("properties", None) or {})
         meta = self.patch_properties()
         for names in meta.values():
             for name in names:

@@ -44,6 +44,15 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "add_profiles_to_list": ("POST", "/api/lists/{id}/relationships/profiles"),
     "remove_profiles_from_list": ("DELETE", "/api/lists/{id}/relationships/profiles"),
     "get_profile_ids_for_list": ("GET", "/api/lists/{id}/relationships/profiles"),
+    # audience sync (router/sync): list members, profile lookups by identifier, an import job's profiles
+    "get_profiles_for_list": ("GET", "/api/lists/{id}/profiles"),
+    "get_profiles": ("GET", "/api/profiles"),
+    "get_bulk_import_profiles_jobs": ("GET", "/api/profile-bulk-import-jobs"),
+    "get_profiles_for_bulk_import_profiles_job": ("GET", "/api/profile-bulk-import-jobs/{id}/profiles"),
+    "get_profile_ids_for_bulk_import_profiles_job": (
+        "GET",
+        "/api/profile-bulk-import-jobs/{id}/relationships/profiles",
+    ),
 }
 
 #: Batch limits from the operations' descriptions: operationId -> (max items, pointer to the items).

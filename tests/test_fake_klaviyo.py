@@ -307,16 +307,15 @@ async def test_bulk_import_job(harness: Harness) -> None:
     assert job["type"] == "profile-bulk-import-job"
     assert {
         key: job["attributes"][key] for key in ("status", "total_count", "completed_count", "failed_count")
-    } == {
-        "status": "complete",
-        "total_count": 3,
-        "completed_count": 2,
-        "failed_count": 1,
-    }
+    } == {"status": "queued", "total_count": 3, "completed_count": 0, "failed_count": 0}
     assert len(harness.fake.profiles) == 2
     assert len(harness.fake.members(list_id)) == 2
     status, fetched, _ = await harness.call("GET", f"/api/profile-bulk-import-jobs/{job['id']}")
     assert (status, fetched["data"]["id"]) == (200, job["id"])
+    assert {
+        key: fetched["data"]["attributes"][key]
+        for key in ("status", "total_count", "completed_count", "failed_count")
+    } == {"status": "complete", "total_count": 3, "completed_count": 2, "failed_count": 1}
     status, errors, _ = await harness.call("GET", f"/api/profile-bulk-import-jobs/{job['id']}/import-errors")
     assert status == 200
     assert (
@@ -324,6 +323,45 @@ async def test_bulk_import_job(harness: Harness) -> None:
         == "/data/attributes/profiles/data/2/attributes/phone_number"
     )
     assert (await harness.call("GET", "/api/profile-bulk-import-jobs/01NOPE"))[0] == 404
+
+
+async def test_reads_the_audience_sync_uses(harness: Harness) -> None:
+    """An import job's profiles, a list's profiles (100 a page), profiles by any(email, ...), jobs by status."""
+    _, created_list, _ = await harness.call("POST", "/api/lists", list_body("Audience"))
+    list_id = created_list["data"]["id"]
+    emails = [f"p{n}@example.com" for n in range(150)]
+    body = bulk_import_body(*({"email": email} for email in emails), list_ids=(list_id,))
+    status, job, _ = await harness.call("POST", "/api/profile-bulk-import-jobs", body)
+    job_id = job["data"]["id"]
+    # before the job is complete it has no profiles to show
+    status, early, _ = await harness.call("GET", f"/api/profile-bulk-import-jobs/{job_id}/profiles")
+    assert (status, early["data"]) == (200, [])
+    await harness.call("GET", f"/api/profile-bulk-import-jobs/{job_id}")  # complete now
+    path: str | None = f"/api/profile-bulk-import-jobs/{job_id}/relationships/profiles?page[size]=100"
+    ids: list[str] = []
+    while path:
+        status, page, _ = await harness.call("GET", path)
+        assert status == 200
+        ids += [item["id"] for item in page["data"]]
+        path = page["links"]["next"]
+    assert len(ids) == 150
+    status, page, _ = await harness.call("GET", f"/api/lists/{list_id}/profiles?page[size]=100")
+    assert (status, len(page["data"]), page["data"][0]["attributes"]["email"]) == (200, 100, "p0@example.com")
+    assert page["links"]["next"]
+    assert (await harness.call("GET", f"/api/lists/{list_id}/profiles?page[size]=101"))[0] == 400
+    wanted = 'any(email,["p3@example.com","P7@example.com","nobody@example.com"])'
+    status, found, _ = await harness.call("GET", f"/api/profiles?filter={wanted}")
+    assert status == 200
+    assert sorted(item["attributes"]["email"] for item in found["data"]) == [
+        "p3@example.com",
+        "p7@example.com",
+    ]
+    too_many = "any(email,[" + ",".join(f'"{e}"' for e in emails[:101]) + "])"
+    assert (await harness.call("GET", f"/api/profiles?filter={too_many}"))[0] == 400
+    status, jobs, _ = await harness.call(
+        "GET", '/api/profile-bulk-import-jobs?filter=equals(status,"complete")'
+    )
+    assert [item["id"] for item in jobs["data"]] == [job_id]
 
 
 async def test_bulk_import_with_unknown_list_is_refused(harness: Harness) -> None:

@@ -403,7 +403,7 @@ def test_limits_match_documentation(
 
 def test_spec_metadata() -> None:
     assert spec.SPEC_REVISION == "2026-07-15"
-    assert len(ENDPOINTS) == 14
+    assert len(ENDPOINTS) == 19
     assert endpoint_by_operation("get_lists").page_size_max == 10
     assert endpoint_by_operation("get_profile_ids_for_list").page_size_max == 100
     assert endpoint_by_operation("create_or_update_profile").success_statuses == (200, 201)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import signal
 import sys
 from pathlib import Path
@@ -115,6 +116,19 @@ class TestCommand:
         )
 
 
+async def sandbox_url(server: Any) -> str:
+    """The sandbox's own address, from the rest of the start-up banner."""
+    assert server.process.stdout is not None
+    for line in server.banner:
+        if match := re.search(r"a fake Klaviyo at (http://\S+?),", line):
+            return match.group(1)
+    while line := (await server.process.stdout.readline()).decode():
+        server.banner.append(line)
+        if match := re.search(r"a fake Klaviyo at (http://\S+?),", line):
+            return match.group(1)
+    raise AssertionError(f"no sandbox address in the banner: {server.banner}")
+
+
 async def test_serve_shows_its_sandbox_and_keeps_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,6 +160,10 @@ async def test_serve_shows_its_sandbox_and_keeps_it(
         key = (data / "write_key").read_text().strip()
         headers = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
         async with aiohttp.ClientSession() as session:
+            # the seed's list exists in the sandbox as in an account (an unknown list id is refused)
+            lists = {"lists": [{"id": "XUepkK", "name": "Newsletter"}]}
+            async with session.post(f"{await sandbox_url(server)}/__fake__/lists", json=lists) as response:
+                assert response.status == 200
             for message in (identify, viewed):
                 async with session.post(
                     f"{server.url}/v1/{message['type']}", json=message, headers=headers

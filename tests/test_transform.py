@@ -592,6 +592,74 @@ class TestFlattening:
         assert flatten({"e": {}, "a": {"b": None}}, "p.") == {"p.e": {}, "p.a.b": None}
 
 
+class TestKlaviyoFieldNames:
+    """Klaviyo's own attribute names in traits (seed 000's table) are profile fields, checked, never also
+    custom properties; the audience sync reads its columns from the same table."""
+
+    def test_klaviyo_names_are_converted_and_not_passed_through(self) -> None:
+        traits = {
+            "email": "ada@example.com",
+            "phone_number": "+1 (617) 555-1333",
+            "address1": "1 Main St",
+            "address2": "Apt 9",
+            "latitude": "42.361145",
+            "longitude": -71.057083,
+            "ip": "2001:DB8::1",
+            "timezone": "america/new_york",
+            "last_event_date": "2024-03-01 10:00:00",
+            "external_id": "crm-7",
+            "plan": "gold",
+        }
+        attributes = profile_attributes({"anonymousId": "a1", "traits": traits})
+        assert attributes["phone_number"] == "+16175551333"
+        assert attributes["external_id"] == "crm-7"
+        assert attributes["location"] == {
+            "address1": "1 Main St",
+            "address2": "Apt 9",
+            "latitude": 42.3611,
+            "longitude": -71.0571,
+            "ip": "2001:db8::1",
+            "timezone": "America/New_York",
+        }
+        assert attributes["properties"] == {"plan": "gold", "last_event_date": "2024-03-01T10:00:00Z"}
+
+    def test_user_id_stays_the_external_id(self) -> None:
+        attributes = profile_attributes({"userId": "u1", "traits": {"external_id": "crm-7"}})
+        assert attributes["external_id"] == "u1"
+
+    @pytest.mark.parametrize(
+        ("trait", "value", "detail"),
+        [
+            ("timezone", "Mars/Olympus", "traits.timezone: 'Mars/Olympus' is not an IANA time zone name"),
+            ("ip", "300.1.1.1", "traits.ip: '300.1.1.1' is not an IP address"),
+            (
+                "last_event_date",
+                "yesterday-ish",
+                "traits.last_event_date: 'yesterday-ish' is not a date or time",
+            ),
+            ("latitude", "north", "traits.latitude: expected a number, got 'north'"),
+            ("phone_number", "12", "traits.phone_number: Phone number is not in E.164 format ('12')"),
+        ],
+    )
+    def test_bad_values_are_refused_by_name(self, trait: str, value: str, detail: str) -> None:
+        assert detail in error_of({"type": "identify", "userId": "u1", "traits": {trait: value}})
+
+    @pytest.mark.parametrize(
+        ("raw", "iso"),
+        [
+            ("2024-03-01", "2024-03-01T00:00:00Z"),
+            ("2024-03-01T10:00:00+02:00", "2024-03-01T10:00:00+02:00"),
+            ("03/01/2024 10:30", "2024-03-01T10:30:00Z"),
+            ("1 Mar 2024", "2024-03-01T00:00:00Z"),
+            ("Fri, 01 Mar 2024 10:00:00 GMT", "2024-03-01T10:00:00Z"),
+            (1709287200, "2024-03-01T10:00:00Z"),
+        ],
+    )
+    def test_last_event_date_takes_any_common_date(self, raw: Any, iso: str) -> None:
+        attributes = profile_attributes({"userId": "u1", "traits": {"last_event_date": raw}})
+        assert attributes["properties"]["last_event_date"] == iso
+
+
 class TestPhoneNumbers:
     """Phones are strict E.164 (phonenumbers); national numbers need default_phone_region."""
 
@@ -605,7 +673,7 @@ class TestPhoneNumbers:
             ("1-617-555-1333", "US", "+16175551333"),
             ("020 7946 0958", "GB", "+442079460958"),
             (16175551333, "US", "+16175551333"),
-            ("9112340375", "US", "+19112340375"),
+            ("+9112340375", None, "+9112340375"),  # RudderStack's test number: India, short but plausible
         ],
     )
     def test_normalised(self, phone: Any, region: str | None, expected: str) -> None:
@@ -624,6 +692,12 @@ class TestPhoneNumbers:
             ("garbage", "US", "('garbage')"),
             ("++1617", None, "('++1617')"),
             ("12", "US", "('12')"),
+            # possible (a plausible length) but not valid: Klaviyo would refuse them at delivery
+            ("12345", "GB", "('12345')"),
+            ("(415) 555-2671", "GB", "('(415) 555-2671')"),
+            ("9112340375", "US", "('9112340375')"),  # 911 is no area code
+            ("+10000000000", None, "('+10000000000')"),
+            ("+4412345", None, "('+4412345')"),
             ("+1 617", None, "('+1 617')"),  # too short to be a number of that country
             ("+1 617 555 1333 ext 2", None, "('+1 617 555 1333 ext 2')"),  # too long
             (5.5, None, "(float)"),

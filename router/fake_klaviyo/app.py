@@ -209,7 +209,7 @@ async def _answer(fake: FakeKlaviyo, request: web.Request, raw: bytes, client: s
     try:
         body = _parse_body(request, endpoint, raw)
         _check_body(endpoint, body)
-        if fake.store or request.method == "GET":
+        if fake.store or request.method == "GET" or endpoint.operation_id == "create_list":
             response = HANDLERS[endpoint.operation_id](Call(fake, request, endpoint, params, body))
         else:
             response = _accept_unstored(fake, endpoint, body)
@@ -222,6 +222,9 @@ async def _answer(fake: FakeKlaviyo, request: web.Request, raw: bytes, client: s
 def _accept_unstored(fake: FakeKlaviyo, endpoint: Endpoint, body: Any) -> web.Response:
     """``store=False``: a valid write is answered like Klaviyo would, counted, and not kept."""
     fake.items_accepted[endpoint.operation_id] += max(1, count_items(endpoint, body))
+    if endpoint.operation_id == "bulk_import_profiles":  # a job to follow, with nothing in it
+        job = fake.new_import_job(count_items(endpoint, body), ())
+        return json_response({"data": job.to_json()}, status=202)
     status = endpoint.success_statuses[0] if endpoint.success_statuses else 202
     if status in (202, 204):
         return web.Response(status=status)
@@ -293,8 +296,8 @@ def build_fake_app(
     max_lists: int = DEFAULT_MAX_LISTS,
     seed: int = 0,
     state: FakeKlaviyo | None = None,
-    auto_create_lists: bool = False,
     store: bool = True,
+    import_job_reads: int = 1,
 ) -> web.Application:
     """An aiohttp application emulating the Klaviyo API subset in :mod:`router.klaviyo.spec`.
 
@@ -302,8 +305,9 @@ def build_fake_app(
     enforce the documented limits, multiplied by the scale. ``clock``: seconds, for rate-limit windows and
     ``Retry-After`` bookkeeping. ``faults``: a :class:`Faults` or its JSON form (see
     :meth:`Faults.configure`). ``state``: reuse an existing :class:`FakeKlaviyo` (the other options are then
-    ignored). ``auto_create_lists``: a list id never seen before is created rather than refused (the
-    sandbox of ``serve``). ``store=False``: writes are validated, rate-limited and counted
+    ignored). A list id that does not exist is refused wherever it is used, as Klaviyo does (create
+    lists with ``POST /api/lists``, :meth:`FakeKlaviyo.create_list` or ``POST /__fake__/lists``).
+    ``import_job_reads``: reads of a bulk import job before it is ``complete``. ``store=False``: writes are validated, rate-limited and counted
     (``items_accepted``) but not kept, and the request log keeps no bodies — a load-test target that,
     like Klaviyo's bulk endpoints, answers before processing. The state is reachable as ``app[FAKE_KLAVIYO]`` or :func:`fake_of`.
     """
@@ -319,7 +323,7 @@ def build_fake_app(
             faults=configured,
             max_lists=max_lists,
             seed=seed,
-            auto_create_lists=auto_create_lists,
+            import_job_reads=import_job_reads,
             store=store,
         )
     app = web.Application(client_max_size=CLIENT_MAX_SIZE)

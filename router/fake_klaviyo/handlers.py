@@ -205,10 +205,6 @@ def create_or_update_profile(call: Call) -> web.Response:
 
 def _check_lists(call: Call, references: list[tuple[str, str]]) -> list[str]:
     """The list ids of ``(pointer, id)`` references; 400 naming the pointer of any list that does not exist."""
-    if call.fake.auto_create_lists:
-        for _, list_id in references:
-            if list_id not in call.fake.lists:
-                call.fake.create_list(list_id, "single_opt_in", list_id=list_id)
     problems = [
         (pointer, f"List {list_id!r} does not exist.")
         for pointer, list_id in references
@@ -233,6 +229,18 @@ def _import_error(job_id: str, index: int, problems: Problems, original: Any) ->
     }
 
 
+def _refused_in_import(fake: FakeKlaviyo, item: Mapping[str, Any], pointer: str) -> Problems:
+    """Import errors configured with :meth:`FakeKlaviyo.refuse_in_imports`."""
+    if not fake.import_refusals:
+        return []
+    attributes = item.get("attributes") or {}
+    return [
+        (f"{pointer}/attributes/{name}", fake.import_refusals[attributes[name]])
+        for name in IDENTIFIERS
+        if isinstance(attributes.get(name), str) and attributes[name] in fake.import_refusals
+    ]
+
+
 def bulk_import_profiles(call: Call) -> web.Response:
     """``POST /api/profile-bulk-import-jobs``: applied at once; bad profiles become the job's import errors."""
     data = call.body["data"]
@@ -245,7 +253,9 @@ def bulk_import_profiles(call: Call) -> web.Response:
     _raise_problems(_injected(call, PROFILES_BASE, items))
     job = call.fake.new_import_job(len(items), list_ids)
     for index, item in enumerate(items):
-        problems = _profile_problems(call.fake, item, f"{PROFILES_BASE}/{index}")
+        problems = _profile_problems(call.fake, item, f"{PROFILES_BASE}/{index}") + _refused_in_import(
+            call.fake, item, f"{PROFILES_BASE}/{index}"
+        )
         if problems:
             job.errors.append(_import_error(job.id, index, problems, item))
             continue
@@ -268,8 +278,18 @@ def _job(call: Call, key: str) -> Any:
 
 
 def get_bulk_import_profiles_job(call: Call) -> web.Response:
-    """``GET /api/profile-bulk-import-jobs/{job_id}``."""
-    return json_response({"data": _job(call, "job_id").to_json()})
+    """``GET /api/profile-bulk-import-jobs/{job_id}``: each read moves a job on, to ``complete``."""
+    job = _job(call, "job_id")
+    job.read()
+    return json_response({"data": job.to_json()})
+
+
+def get_bulk_import_profiles_jobs(call: Call) -> web.Response:
+    """``GET /api/profile-bulk-import-jobs``: ``filter`` on status, up to 100 a page."""
+    selected = parse_filter(call.request, ("status",))
+    jobs = [job for job in call.fake.jobs.values() if selected is None or selected.matches(job.status)]
+    page, links = paginate(call.request, jobs, default=20, maximum=100)
+    return json_response({"data": [job.to_json() for job in page], "links": links})
 
 
 def get_errors_for_bulk_import_profiles_job(call: Call) -> web.Response:
@@ -277,6 +297,43 @@ def get_errors_for_bulk_import_profiles_job(call: Call) -> web.Response:
     errors = _job(call, "id").errors
     page, links = paginate(call.request, errors, default=20, maximum=100)
     return json_response({"data": page, "links": links})
+
+
+def _job_profile_ids(call: Call) -> list[str]:
+    """The profiles a finished job created or updated (none while it is queued or processing)."""
+    job = _job(call, "id")
+    return list(job.profile_ids) if job.status == "complete" else []
+
+
+def get_profiles_for_bulk_import_profiles_job(call: Call) -> web.Response:
+    """``GET /api/profile-bulk-import-jobs/{id}/profiles``, up to 100 a page."""
+    page, links = paginate(call.request, _job_profile_ids(call), default=20, maximum=100)
+    profiles = [call.fake.profiles[profile_id].to_json() for profile_id in page]
+    return json_response({"data": profiles, "links": links})
+
+
+def get_profile_ids_for_bulk_import_profiles_job(call: Call) -> web.Response:
+    """``GET /api/profile-bulk-import-jobs/{id}/relationships/profiles``, up to 100 a page."""
+    page, links = paginate(call.request, _job_profile_ids(call), default=20, maximum=100)
+    return json_response(
+        {"data": [{"type": "profile", "id": profile_id} for profile_id in page], "links": links}
+    )
+
+
+def get_profiles(call: Call) -> web.Response:
+    """``GET /api/profiles``: ``filter`` ``equals``/``any`` on id, email, phone_number or external_id;
+    up to 100 a page. Klaviyo takes at most 100 values in an ``any`` filter."""
+    selected = parse_filter(call.request, ("id", "email", "phone_number", "external_id"))
+    if selected is None:
+        ids = list(call.fake.profiles)
+    elif len(selected.values) > 100:
+        raise ApiError.one(400, "An 'any' filter takes at most 100 values.", parameter="filter")
+    else:
+        ids = call.fake.profiles_by(selected.field, selected.values)
+    page, links = paginate(call.request, ids, default=20, maximum=100)
+    return json_response(
+        {"data": [call.fake.profiles[profile_id].to_json() for profile_id in page], "links": links}
+    )
 
 
 # -- consent ---------------------------------------------------------------------------------------------
@@ -476,6 +533,18 @@ def get_profile_ids_for_list(call: Call) -> web.Response:
     return json_response({"data": [{"type": "profile", "id": member} for member in page], "links": links})
 
 
+def get_profiles_for_list(call: Call) -> web.Response:
+    """``GET /api/lists/{id}/profiles``: the members' profiles, ``filter`` on email/phone, up to 100 a page."""
+    list_id = _list_or_404(call)
+    selected = parse_filter(call.request, ("email", "phone_number"))
+    members = call.fake.members(list_id)
+    if selected is not None:
+        wanted = set(call.fake.profiles_by(selected.field, selected.values))
+        members = [member for member in members if member in wanted]
+    page, links = paginate(call.request, members, default=20, maximum=100)
+    return json_response({"data": [call.fake.profiles[member].to_json() for member in page], "links": links})
+
+
 HANDLERS: dict[str, Callable[[Call], web.Response]] = {
     "create_event": create_event,
     "bulk_create_events": bulk_create_events,
@@ -491,4 +560,9 @@ HANDLERS: dict[str, Callable[[Call], web.Response]] = {
     "add_profiles_to_list": add_profiles_to_list,
     "remove_profiles_from_list": remove_profiles_from_list,
     "get_profile_ids_for_list": get_profile_ids_for_list,
+    "get_profiles_for_list": get_profiles_for_list,
+    "get_profiles": get_profiles,
+    "get_bulk_import_profiles_jobs": get_bulk_import_profiles_jobs,
+    "get_profiles_for_bulk_import_profiles_job": get_profiles_for_bulk_import_profiles_job,
+    "get_profile_ids_for_bulk_import_profiles_job": get_profile_ids_for_bulk_import_profiles_job,
 }

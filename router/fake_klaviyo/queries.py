@@ -43,10 +43,13 @@ def parse_filter(request: web.Request, allowed: Sequence[str]) -> Filter | None:
             parameter="filter",
         )
     operator, field, raw = match.groups()
-    try:
-        value: Any = orjson.loads(raw.replace("'", '"'))
+    try:  # Klaviyo quotes strings with double quotes (JSON), or single ones
+        value: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ApiError.one(400, f"Invalid filter value {raw!r}.", parameter="filter") from None
+        try:
+            value = orjson.loads(raw.replace("'", '"'))
+        except orjson.JSONDecodeError:
+            raise ApiError.one(400, f"Invalid filter value {raw!r}.", parameter="filter") from None
     values = value if operator == "any" and isinstance(value, list) else [value]
     return Filter(field, tuple(str(item) for item in values))
 

@@ -179,9 +179,18 @@ class Subscription:
         }
 
 
+#: The statuses an import job goes through, in order (Klaviyo also has ``cancelled``).
+JOB_STATUSES = ("queued", "processing", "complete")
+
+
 @dataclass(slots=True)
 class ImportJob:
-    """A bulk profile import job (the fake completes it at once)."""
+    """A bulk profile import job.
+
+    The fake applies the profiles when it accepts the job, but reports it like Klaviyo: ``queued``
+    in the answer to the import, then one step further on every read of the job until
+    ``complete`` (:attr:`reads_to_complete` reads; counts are zero until then).
+    """
 
     id: str
     created_at: str
@@ -189,7 +198,19 @@ class ImportJob:
     list_ids: list[str] = field(default_factory=list)
     profile_ids: list[str] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "complete"
+    #: Reads of the job (``GET``) after which it says ``complete``; before, ``queued`` then ``processing``.
+    reads_to_complete: int = 1
+    reads: int = 0
+
+    @property
+    def status(self) -> str:
+        if self.reads >= self.reads_to_complete:
+            return "complete"
+        return "queued" if self.reads == 0 else "processing"
+
+    def read(self) -> None:
+        """One ``GET`` of the job: it moves on."""
+        self.reads += 1
 
     @property
     def failed_count(self) -> int:
@@ -198,6 +219,7 @@ class ImportJob:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON:API resource object."""
+        done = self.status == "complete"
         return {
             "type": "profile-bulk-import-job",
             "id": self.id,
@@ -205,10 +227,10 @@ class ImportJob:
                 "status": self.status,
                 "created_at": self.created_at,
                 "total_count": self.total_count,
-                "completed_count": self.total_count - self.failed_count,
-                "failed_count": self.failed_count,
-                "started_at": self.created_at,
-                "completed_at": self.created_at,
+                "completed_count": self.total_count - self.failed_count if done else 0,
+                "failed_count": self.failed_count if done else 0,
+                "started_at": self.created_at if self.status != "queued" else None,
+                "completed_at": self.created_at if done else None,
                 "expires_at": None,
             },
             "relationships": {

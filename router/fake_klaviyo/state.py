@@ -80,13 +80,13 @@ class FakeKlaviyo:
         faults: Faults | None = None,
         max_lists: int = DEFAULT_MAX_LISTS,
         seed: int = 0,
-        auto_create_lists: bool = False,
         store: bool = True,
+        import_job_reads: int = 1,
     ) -> None:
         #: Keep what writes carry (False: validate, rate-limit and count only; see ``build_fake_app``).
         self.store = store
-        #: Create a list the first time a request names an unknown id (the sandbox), instead of 400.
-        self.auto_create_lists = auto_create_lists
+        #: Reads of a bulk import job before it says ``complete`` (``queued``, ``processing`` before).
+        self.import_job_reads = import_job_reads
         #: Accepted private keys; ``None`` accepts any ``Klaviyo-API-Key <key>``.
         self.api_keys: frozenset[str] | None = None if api_keys is None else frozenset(api_keys)
         self.rate_limits = rate_limits
@@ -137,6 +137,8 @@ class FakeKlaviyo:
         self.sent_early: dict[str, int] = {}
         self._retry_deadlines: dict[tuple[str, str], float] = {}
         self._index: dict[tuple[str, str], str] = {}
+        #: Identifier value → the reason a bulk import job records an import error for its profile.
+        self.import_refusals: dict[str, str] = {}
         self.limiter.reset()
 
     # -- runtime knobs ---------------------------------------------------------------------------------
@@ -167,6 +169,11 @@ class FakeKlaviyo:
         self.faults.fail_bulk_items(
             operation_id, indices=indices, values=values, detail=detail or "Invalid input."
         )
+
+    def refuse_in_imports(self, values: Iterable[str], detail: str = "Invalid profile.") -> None:
+        """Bulk import jobs accept profiles holding one of ``values`` as an identifier, then report
+        them as import errors (the job's ``failed_count``), as Klaviyo does for what it cannot import."""
+        self.import_refusals.update(dict.fromkeys(values, detail))
 
     def clear_faults(self) -> None:
         """Remove every configured fault."""
@@ -411,9 +418,20 @@ class FakeKlaviyo:
 
     def new_import_job(self, total_count: int, list_ids: Sequence[str]) -> ImportJob:
         """Register a bulk import job."""
-        job = ImportJob(self.ids.ulid(), now_iso(), total_count, list(list_ids))
+        job = ImportJob(
+            self.ids.ulid(), now_iso(), total_count, list(list_ids), reads_to_complete=self.import_job_reads
+        )
         self.jobs[job.id] = job
         return job
+
+    def profiles_by(self, name: str, values: Iterable[str]) -> list[str]:
+        """Ids of the profiles holding identifier ``name`` (or ``id``) = one of ``values``, in that order."""
+        found: list[str] = []
+        for value in values:
+            profile_id = value if name == "id" else self._index.get(identifier_key(name, value))
+            if profile_id is not None and profile_id in self.profiles and profile_id not in found:
+                found.append(profile_id)
+        return found
 
     # -- snapshot --------------------------------------------------------------------------------------
 
