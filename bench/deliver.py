@@ -43,7 +43,7 @@ from router.destination import Destination
 from router.identity import ordering_key
 from router.klaviyo.client import KlaviyoClient
 from router.klaviyo.spec import Endpoint, endpoint_for
-from router.mapping import load_mappings
+from router.mapping import MappingSets, load_mappings
 from router.metrics import Metrics
 from router.planner import Planner
 from router.queue import JobState, NewJob, Queue, open_queue
@@ -206,8 +206,8 @@ async def run(args: argparse.Namespace) -> int:
                         planners=args.planners,
                         idle_poll=0.05,
                     )
-                    planner = Planner(settings.planners)
-                    await planner.start([destination.mappings_dir])
+                    planner = Planner(MappingSets([destination.mappings_dir]), settings.planners)
+                    await planner.start()
                     timings: list[tuple[str, float, int, float]] = []
                     client = KlaviyoClient(
                         session,

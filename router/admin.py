@@ -5,6 +5,7 @@ GET      ``/admin/dead-letters``         list (``?reason=``, ``?destination=``, 
 GET      ``/admin/dead-letters/{id}``    one dead letter with its event
 POST     ``/admin/dead-letters/retry``   ``{"ids": [..]}`` | ``{"all": true}`` | ``{"reason": "..."}``
 POST     ``/admin/dead-letters/purge``   the same selections
+POST     ``/admin/mappings/reload``      read and check the mapping files again (as SIGHUP)
 =======  ==============================  ===============================================
 
 Every request needs ``Authorization: Bearer <admin_token>``. With no ``admin_token`` configured the
@@ -21,19 +22,26 @@ import orjson
 from aiohttp import web
 
 from router import deadletters
+from router.mapping import MappingSets
 from router.queue import Queue
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN: web.AppKey[str | None] = web.AppKey("admin_token", str | None)  # type: ignore[arg-type]
 ADMIN_QUEUE: web.AppKey[Queue] = web.AppKey("admin_queue")
+ADMIN_MAPPINGS: web.AppKey[MappingSets] = web.AppKey("admin_mappings")
 #: The largest job id a queue stores (a signed 64-bit integer in SQLite and PostgreSQL).
 MAX_ID = 2**63 - 1
 
 
-def add_admin_routes(app: web.Application, queue: Queue, token: str | None) -> None:
+def add_admin_routes(
+    app: web.Application, queue: Queue, token: str | None, mappings: MappingSets | None = None
+) -> None:
     """Register the admin API on ``app`` (``token`` None: every admin path answers 404)."""
     app[ADMIN_TOKEN] = token
     app[ADMIN_QUEUE] = queue
+    if mappings is not None:
+        app[ADMIN_MAPPINGS] = mappings
+        app.router.add_post("/admin/mappings/reload", _guard(reload_mappings), name="admin_mappings_reload")
     app.router.add_get("/admin/dead-letters", _guard(list_dead_letters), name="admin_list")
     app.router.add_get("/admin/dead-letters/{id:[0-9]+}", _guard(show_dead_letter), name="admin_show")
     app.router.add_post("/admin/dead-letters/retry", _guard(retry_dead_letters), name="admin_retry")
@@ -128,3 +136,14 @@ async def purge_dead_letters(request: web.Request) -> web.StreamResponse:
     if isinstance(selection, web.Response):
         return selection
     return _json({"purged": await deadletters.purge(request.app[ADMIN_QUEUE], selection)})
+
+
+async def reload_mappings(request: web.Request) -> web.StreamResponse:
+    """Read and check the mapping files again; 422 with the reason (the running set kept) if they fail."""
+    mappings = request.app[ADMIN_MAPPINGS]
+    error = mappings.reload()
+    if error is not None:
+        return _json(
+            {"reloaded": False, "error": f"mappings not reloaded, the running set is kept: {error}"}, 422
+        )
+    return _json({"reloaded": True, "generation": mappings.generation})

@@ -1,8 +1,12 @@
 """The aiohttp application (:func:`build_app`) and the ``serve`` command (:func:`serve`).
 
 Routes: the ingest paths of :mod:`router.ingest`, ``GET /health`` (the process answers),
-``GET /ready`` (queue reachable, no destination paused, not shutting down), ``GET /metrics``
-(Prometheus text, the app's own registry) and the admin API of :mod:`router.admin`.
+``GET /ready`` (queue reachable, no destination paused or stalled, not shutting down), ``GET
+/metrics`` (Prometheus text, the app's own registry) and the admin API of :mod:`router.admin`.
+
+``serve`` and ``work`` check every destination's mappings before anything starts (exit 2 with the
+file, the JSON pointer and the reason); SIGHUP, like ``POST /admin/mappings/reload``, reloads them,
+and a set that fails its checks leaves the running one in place (:class:`~router.mapping.MappingSets`).
 
 Resources live in ``cleanup_ctx``: the queue is opened before the first request and closed after
 the last commit; the backpressure sampler runs in between. Extra contexts (the delivery worker)
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -31,12 +34,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router import __version__
 from router.admin import add_admin_routes
 from router.deliver import DeliverySettings, deliver_all
-from router.errors import ConfigError
-from router.health import Backpressure, PausedDestinations
+from router.errors import ConfigError, MappingError
+from router.health import Backpressure, PausedDestinations, Stalls
 from router.ingest import Ingest, json_response
 from router.klaviyo.ratelimit import RateLimits
 from router.klaviyo.shared_ratelimit import shared_pacers
 from router.logs import configure_logging
+from router.mapping import MappingSets
 from router.metrics import Metrics
 from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
@@ -55,6 +59,8 @@ QUEUE: web.AppKey[Queue] = web.AppKey("queue")
 METRICS = web.AppKey("metrics", Metrics)
 PAUSED = web.AppKey("paused", PausedDestinations)
 PRESSURE = web.AppKey("pressure", Backpressure)
+STALLS = web.AppKey("stalls", Stalls)
+MAPPINGS = web.AppKey("mappings", MappingSets)
 INGEST = web.AppKey("ingest", Ingest)
 
 #: Seconds between two backpressure samples (queue depth, free disk); a count can scan the queue.
@@ -71,15 +77,24 @@ def build_app(
     contexts: Sequence[CleanupContext] = (),
     manage_queue: bool = True,
     sample_interval: float = SAMPLE_INTERVAL,
+    mappings: MappingSets | None = None,
 ) -> web.Application:
     """The router's web application.
 
     ``queue`` is opened and closed by the app unless ``manage_queue`` is False. ``paused`` is the
     registry the delivery worker updates (a new one by default). ``contexts`` are extra cleanup
-    contexts (the delivery worker) run inside the app's own.
+    contexts (the delivery worker) run inside the app's own. ``mappings``: the sets delivery uses,
+    which ``POST /admin/mappings/reload`` reloads (default: the destinations' sets, read now).
     """
     metrics = Metrics()
     paused = paused if paused is not None else PausedDestinations(metrics)
+    if mappings is None:
+        mappings = MappingSets(destination.mappings_dir for destination in settings.destinations)
+    stalls = Stalls(
+        queue,
+        [destination.name for destination in settings.destinations],
+        stall_after=settings.delivery_stall_after,
+    )
     pressure = Backpressure(
         queue,
         data_dir=settings.data_dir,
@@ -99,6 +114,8 @@ def build_app(
     app[METRICS] = metrics
     app[PAUSED] = paused
     app[PRESSURE] = pressure
+    app[STALLS] = stalls
+    app[MAPPINGS] = mappings
     app[INGEST] = ingest
     app.add_routes(ingest.routes())
     app.add_routes(
@@ -108,7 +125,7 @@ def build_app(
             web.get("/metrics", metrics_text, name="metrics"),
         ]
     )
-    add_admin_routes(app, queue, settings.admin_token)
+    add_admin_routes(app, queue, settings.admin_token, mappings)
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
     app.cleanup_ctx.append(_sampler_context(sample_interval))
@@ -131,13 +148,16 @@ def _sampler_context(interval: float) -> CleanupContext:
     async def sampler(app: web.Application) -> AsyncIterator[None]:
         pressure = app[PRESSURE]
         await pressure.refresh()
-        task = asyncio.create_task(pressure.run(interval), name="backpressure-sampler")
+        tasks = [
+            asyncio.create_task(pressure.run(interval), name="backpressure-sampler"),
+            asyncio.create_task(app[STALLS].run(interval), name="stall-sampler"),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     return sampler
 
@@ -163,8 +183,17 @@ async def ready(request: web.Request) -> web.Response:
         problems.append(f"queue unreachable: {type(exc).__name__}: {exc}")
     paused = app[PAUSED].snapshot()
     problems.extend(f"destination {name} paused: {reason}" for name, reason in sorted(paused.items()))
+    stalled = app[STALLS].stalled()
+    problems.extend(f"destination {name} stalled: {reason}" for name, reason in stalled.items())
     overloaded = app[PRESSURE].overloaded()
-    body: dict[str, Any] = {"ready": not problems, "problems": problems, "paused": paused}
+    mappings = app[MAPPINGS]
+    body: dict[str, Any] = {
+        "ready": not problems,
+        "problems": problems,
+        "paused": paused,
+        "stalled": stalled,
+        "mappings": {"generation": mappings.generation, "last_reload_refused": mappings.reload_error},
+    }
     if overloaded:
         body["backpressure"] = overloaded
     return json_response(body, status=200 if not problems else 503)
@@ -193,19 +222,31 @@ def serve(config_path: Path | None, *, host: str | None = None, port: int | None
     settings = replace(
         settings, host=settings.host if host is None else host, port=settings.port if port is None else port
     )
+    mappings = checked_mappings(settings)
+    if mappings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
     tune_runtime()
     try:
-        return asyncio.run(_serve(settings))
+        return asyncio.run(_serve(settings, mappings))
     except ConfigError as exc:
         print(f"klaviyo-router: {exc.message}", file=sys.stderr)
         return 2
 
 
+def checked_mappings(settings: Settings) -> MappingSets | None:
+    """Every destination's mappings, read and checked; None (said on stderr, one line) when any fails."""
+    try:
+        return MappingSets(destination.mappings_dir for destination in settings.destinations)
+    except MappingError as exc:
+        print(f"klaviyo-router: mappings: {exc.message}", file=sys.stderr)
+        return None
+
+
 def delivery_contexts(
-    settings: Settings, limits: Mapping[str, RateLimits] | None = None
+    settings: Settings, limits: Mapping[str, RateLimits] | None = None, mappings: MappingSets | None = None
 ) -> Sequence[CleanupContext]:
-    """The cleanup context that runs the delivery workers inside ``serve``.
+    """The cleanup context that runs the delivery workers inside ``serve`` (with ``mappings``).
 
     None without destinations, or with ``[delivery] workers = 0`` (an ingest-only node).
 
@@ -226,6 +267,7 @@ def delivery_contexts(
                 paused=app[PAUSED],
                 metrics=app[METRICS],
                 limits=limits,
+                mappings=mappings,
             ),
             name="delivery",
         )
@@ -255,12 +297,15 @@ def work(config_path: Path | None) -> int:
     if settings.delivery_workers == 0 or not settings.destinations:
         print("klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0", file=sys.stderr)
         return 2
+    mappings = checked_mappings(settings)
+    if mappings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
     tune_runtime()
-    return asyncio.run(_work(settings))
+    return asyncio.run(_work(settings, mappings))
 
 
-async def _work(settings: Settings) -> int:
+async def _work(settings: Settings, mappings: MappingSets) -> int:
     queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
     await queue.open()
     try:
@@ -270,11 +315,15 @@ async def _work(settings: Settings) -> int:
             stop = asyncio.Event()
             task = asyncio.create_task(
                 deliver_all(
-                    queue, settings.destinations, stop, settings=DeliverySettings.from_settings(settings)
+                    queue,
+                    settings.destinations,
+                    stop,
+                    settings=DeliverySettings.from_settings(settings),
+                    mappings=mappings,
                 )
             )
             log.info("worker_started", destinations=[d.name for d in settings.destinations])
-            await _wait_for_signal()
+            await _wait_for_signal(mappings)
             log.info("worker_stopping")
             await _stop_delivery(stop, task)
     finally:
@@ -283,18 +332,18 @@ async def _work(settings: Settings) -> int:
     return 0
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, mappings: MappingSets) -> int:
     sockets = listen(
         settings.host, settings.port
     )  # first: a taken address stops serve before anything starts
     try:
-        return await _serve_on(settings, sockets)
+        return await _serve_on(settings, mappings, sockets)
     finally:
         for sock in sockets:
             sock.close()
 
 
-async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
+async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[socket.socket]) -> int:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -312,8 +361,8 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
             d.name: RateLimits(scale=settings.delivery_rate_limit_scale, pacer=shared_pacers(queue, d.name))
             for d in settings.destinations
         }
-        contexts = [*delivery_contexts(settings, limits), *sync_contexts(settings, limits)]
-        app = build_app(settings, queue, contexts=contexts)
+        contexts = [*delivery_contexts(settings, limits, mappings), *sync_contexts(settings, limits)]
+        app = build_app(settings, queue, contexts=contexts, mappings=mappings)
         if sandbox is not None:
             add_sandbox_routes(app, sandbox.fake)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
@@ -331,7 +380,7 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
                 address=_address(runner.addresses),
                 queue=_safe_url(settings.resolved_queue_url),
             )
-            await _wait_for_signal()
+            await _wait_for_signal(mappings)
             log.info("server_stopping")
             app[INGEST].draining = True
         finally:
@@ -340,15 +389,17 @@ async def _serve_on(settings: Settings, sockets: list[socket.socket]) -> int:
     return 0
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(mappings: MappingSets) -> None:
+    """Until SIGINT or SIGTERM; SIGHUP reloads ``mappings`` meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, mappings.reload)
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 

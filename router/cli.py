@@ -302,7 +302,8 @@ def configure_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the HTTP ingest server (and delivery workers)",
         description="Run the RudderStack/Segment-compatible HTTP API. With no --config, runs the "
         "embedded default: SQLite under ./data, a generated write key, and a sandbox Klaviyo "
-        "until KLAVIYO_PRIVATE_KEY is set.",
+        "until KLAVIYO_PRIVATE_KEY is set. The mapping files are checked before anything starts "
+        "(exit 2 naming the file and the problem); SIGHUP reloads them.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -448,7 +449,7 @@ def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         'and delivery in separate processes. With queue.url = "postgresql://..." run as many as you '
         "like, on any machines, beside any number of serve processes: they take turns at claims and "
         "share one Klaviyo account's rate limits through the database. With SQLite, only on the "
-        "machine that holds the file.",
+        "machine that holds the file. The mapping files are checked before anything starts; SIGHUP reloads them.",
     )
     p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
     p.set_defaults(run=run_work)

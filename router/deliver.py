@@ -4,22 +4,33 @@ Each worker claims a batch of jobs sized to fill whole event bulk jobs and plans
 current mappings (:mod:`router.plan`), after the jobs an earlier batch held over; the jobs behind
 its own last full event job it holds over in turn. A batch the queue left short of a full event
 job, while other batches are out, gives its jobs back and claims again when one of them settles.
-The worker sends the requests in phases (profile upserts and events, then the list jobs that need
-those profiles), then settles every job by the worst outcome among the requests that carried it:
 
-- every request done → ``ack``;
+The worker sends the plan stage by stage (profile upserts, then events, then list jobs in
+rounds; requests of one stage that share a profile one after another), settling each request's
+step for every job it carried (:func:`~router.plan.apply_outcome`). Before each wave it checks
+what failed so far: a job one step of which failed, and the later jobs of its profile, send
+nothing more in this batch; the rest is planned again without them and goes on. Then every job
+is settled by the worst outcome of its steps, and what Klaviyo accepted is stored with it (its
+progress), so a later attempt sends only the steps still missing:
+
+- every step accepted → ``ack``;
+- held back (an earlier job of its profile failed, another item of its bulk job was refused, or
+  delivery is stopping) → ``release``: back to the queue without an attempt counted;
 - a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
   (never before Klaviyo's ``Retry-After``), or dead letter once attempts or age run out;
 - a permanent refusal (400, 404, 409, 413, 422) → dead letter with Klaviyo's detail; for a bulk
-  job that names items by ``source.pointer``, only those items' jobs — the others are retried at once;
+  job that names items by ``source.pointer``, only those items' jobs;
 - 401/403 → the destination is paused (``/ready`` reports it), the batch's jobs are released
   untouched, and one worker probes now and then until Klaviyo takes the key again.
 
 A message the transform refuses is dead-lettered with the reason; one with no Klaviyo equivalent
-(alias, page when off) is acknowledged as skipped. Per-profile order comes from the queue (a job
-waits while an earlier one of its profile is in flight or waiting for a retry; a key's consecutive
-jobs are leased together, in order) and from :func:`~router.plan.hold_back` (a profile's later
-jobs in a batch are retried behind an earlier one that is).
+(alias, page when off) is acknowledged as skipped. A job that cannot be planned at all (its
+payload crashes the planner) never holds up the others: a batch whose planning fails is split
+until the jobs that fail alone are found; they become dead letters and the rest is planned again.
+Any other exception while sending counts an attempt for the batch's jobs, so nothing loops forever.
+Per-profile order comes from the queue (a job waits while an earlier one of its profile is in
+flight or waiting for a retry; a key's consecutive jobs are leased together, in order) and, within
+a batch, from the stages and the held-back jobs above.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
@@ -35,29 +46,31 @@ import aiohttp
 import structlog
 
 from router.destination import Destination
-from router.errors import MappingError
 from router.health import PausedDestinations
-from router.klaviyo.batch import MAX_EVENTS
-from router.klaviyo.client import KlaviyoClient, Outcome
-from router.klaviyo.imports import IMPORT_PATH, follow, job_id
+from router.klaviyo.batch import LIST_STAGE, MAX_EVENTS
+from router.klaviyo.client import NOT_SENT, KlaviyoClient, Outcome, scrub
+from router.klaviyo.imports import IMPORT_PATH, ImportResult, follow, job_id
 from router.klaviyo.ratelimit import RateLimits
-from router.klaviyo.requests import KlaviyoRequest
 from router.klaviyo.shared_ratelimit import shared_pacers
-from router.mapping import Mappings, load_mappings
+from router.mapping import MappingSets
 from router.metrics import Metrics
 from router.plan import (
     DEAD,
+    HELD,
     NOTHING_LEFT,
     OK,
     RELEASE,
     RETRY,
+    STEP_BITS,
     Leftover,
     Plan,
+    Send,
     Verdict,
     apply_outcome,
+    blocked,
     claim_size,
-    hold_back,
-    phases,
+    next_wave,
+    unexpected,
 )
 from router.planner import Planner
 from router.queue import Job, Queue, QueueUnavailable
@@ -137,15 +150,19 @@ class Deliverer:
         planner: Planner | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``planner``: where batches are planned (default: in this process)."""
+        """``planner``: where batches are planned, and with which mappings (default: in this process,
+        with the destination's mappings as they are now: :class:`~router.errors.MappingError` if
+        they are broken)."""
         self.queue = queue
         self.destination = destination
         self.client = client
         self.settings = settings or DeliverySettings()
         self.paused = paused or PausedDestinations()
         self._metrics = metrics
-        self._planner = planner or Planner()
+        self._planner = planner or Planner(MappingSets([destination.mappings_dir]))
         self._clock = clock
+        #: Set when delivery stops: requests still waiting for their turn are not sent.
+        self._stopping = asyncio.Event()
         #: Events per job of the last batch planned (sizes the next claim).
         self._events_per_job: float | None = None
         #: Held by the one worker claiming and planning the first batch (see _claim_and_plan_sized).
@@ -155,7 +172,6 @@ class Deliverer:
         #: Batches being sent or settled; set (and replaced) when one is done (see _claim_filled).
         self._out = 0
         self._settled = asyncio.Event()
-        self._mappings: Mappings | None = None
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
         self.log = log.bind(destination=destination.name)
@@ -165,6 +181,7 @@ class Deliverer:
     async def run(self, stop: asyncio.Event) -> None:
         """Run the configured number of workers until ``stop`` is set."""
         self.log.info("delivery_started", workers=self.settings.workers)
+        self._stopping = stop
         try:
             async with asyncio.TaskGroup() as group:
                 for n in range(self.settings.workers):
@@ -216,15 +233,18 @@ class Deliverer:
         claimed = await self._claim_filled()
         if claimed is None:
             return 0
-        work, leased, heartbeat, _ = claimed
+        work, _, heartbeat, _ = claimed
         self._out += 1
         try:
-            await self._send(work)
-        except BaseException:
-            await _stop(heartbeat)
-            await self.queue.release(leased)
-            raise
-        else:
+            try:
+                await self._send(work)
+            except Exception as exc:  # a bug, not an answer: an attempt for every job, so it cannot loop
+                self.log.exception("delivery_batch_failed", jobs=len(work.verdicts))
+                work.worsen(range(len(work.verdicts)), RETRY, unexpected("delivery failed", exc))
+            except BaseException:  # cancelled: what Klaviyo took is kept, the rest goes back untried
+                await _stop(heartbeat)
+                await self._release(work.verdicts)
+                raise
             await _stop(heartbeat)
             await self._settle(work)
         finally:
@@ -299,19 +319,15 @@ class Deliverer:
         leased = [job.id for job in jobs]
         heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
-            work = await self._planner.plan(
-                jobs,
-                self.destination,
-                self.mappings(),
-                carry_partial=self.settings.fill_event_jobs,
-                carried=carried,
-            )
+            work = await self._plan(jobs, carried)
         except BaseException:
             await _stop(heartbeat)
             await self.queue.release(leased)
             raise
+        leased[:] = [
+            verdict.job.id for verdict in work.verdicts
+        ]  # the held-over ones have their own heartbeat
         if work.held:
-            del leased[len(work.verdicts) :]
             self._hold(work.held, work.leftover)
         if work.verdicts:
             self._events_per_job = work.events / len(work.verdicts)
@@ -350,91 +366,192 @@ class Deliverer:
             except Exception:
                 self.log.exception("lease_renewal_failed", jobs=len(job_ids))
 
-    def mappings(self) -> Mappings:
-        """The current mappings: reloaded when the files change; a broken edit keeps the last good set."""
+    async def _plan(self, jobs: list[Job], carried: Leftover) -> Plan:
+        """Plan ``jobs`` (the first ``carried.jobs`` held over, planned as ``carried``).
+
+        When planning fails as a whole (a planning process died, or something failed outside any
+        one payload), the batch is split until the jobs that fail alone are found: those become
+        dead letters, the rest is planned again. A job is blamed only when others could be
+        planned: if nothing could, or the rest fails again, every job counts an attempt instead.
+        """
+        fill = self.settings.fill_event_jobs
         try:
-            self._mappings = load_mappings(self.destination.mappings_dir)
-        except MappingError as exc:
-            if self._mappings is None:
-                raise
-            self.log.error("mappings_invalid_kept_previous", error=exc.message)
-        assert self._mappings is not None
-        return self._mappings
+            return await self._planner.plan(jobs, self.destination, carry_partial=fill, carried=carried)
+        except Exception as exc:
+            self.log.exception("batch_planning_failed", jobs=len(jobs))
+            error = exc
+        fresh = jobs[carried.jobs :]
+        search = _Search()
+        await self._culprits(fresh, 0, search)
+        culprits = search.culprits if search.planned else {}
+        rest = [*jobs[: carried.jobs], *(job for n, job in enumerate(fresh) if n not in culprits)]
+        try:
+            if not search.planned:
+                raise error
+            work = await self._planner.plan(rest, self.destination, carry_partial=fill, carried=carried)
+        except Exception as exc:
+            self.log.error("batch_planning_failed_again", jobs=len(rest), error=repr(exc)[:200])
+            work = Plan([Verdict(job, RETRY, unexpected("planning failed", exc)) for job in rest], [])
+        for n, reason in sorted(culprits.items()):
+            self.log.warning("job_cannot_be_planned", **fresh[n].log_context(), reason=reason)
+            work.verdicts.append(Verdict(fresh[n], DEAD, reason))
+        return work
+
+    async def _culprits(self, jobs: Sequence[Job], offset: int, search: _Search) -> None:
+        """Find the jobs that cannot be planned, by halving (``search.culprits``: index in the
+        batch's fresh jobs → why; ``search.planned``: whether any part could be planned)."""
+        try:
+            await self._planner.plan_payloads(
+                [job.payload for job in jobs], self.destination, progress=[job.progress for job in jobs]
+            )
+            search.planned = True
+            return
+        except Exception as exc:
+            if len(jobs) == 1:
+                search.culprits[offset] = unexpected("planning failed", exc)
+                return
+        half = len(jobs) // 2
+        await self._culprits(jobs[:half], offset, search)
+        await self._culprits(jobs[half:], offset + half, search)
 
     # ------------------------------------------------------------ send and settle
 
     async def _send(self, work: Plan) -> None:
-        """Send the batch in phases: profiles and events together, then every list job together."""
-        for phase in phases(work.requests):
-            outcomes = await asyncio.gather(*(self.client.send(request) for request in phase))
-            for request, outcome in zip(phase, outcomes, strict=True):
-                apply_outcome(work, request, outcome)
-                if outcome.kind not in ("ok", "auth"):
-                    self.log.warning(
-                        "klaviyo_request_failed",
-                        path=request.path,
-                        status=outcome.status,
-                        result=outcome.kind,
-                        jobs=len(request.sources),
-                        detail=outcome.detail,
-                    )
-            await asyncio.gather(
-                *(
-                    self._follow_import(work, request, outcome)
-                    for request, outcome in zip(phase, outcomes, strict=True)
-                    if request.path == IMPORT_PATH and outcome.kind == "ok"
-                )
-            )
-            refused = next((o for o in outcomes if o.kind == "auth"), None)
+        """Send the plan wave by wave (see the module docstring): at the end every job has each
+        step accepted, or a state that says why not."""
+        follows: list[asyncio.Task[None]] = []
+        try:
+            await self._waves(work, follows)
+        except BaseException:
+            for task in follows:
+                task.cancel()
+            await asyncio.gather(*follows, return_exceptions=True)
+            raise
+        await asyncio.gather(*follows)
+        if not self.paused.is_paused(self.destination.name):
+            return
+        if all(verdict.state != RELEASE for verdict in work.verdicts):
+            self.paused.resume(self.destination.name)
+
+    async def _waves(self, work: Plan, follows: list[asyncio.Task[None]]) -> None:
+        remaining = list(work.sends)
+        while remaining:
+            if remaining[0].stage >= LIST_STAGE and follows:
+                # a list job waits for the imports of its profiles: one Klaviyo refused is not added
+                await asyncio.gather(*follows)
+                follows.clear()
+            if self._stopping.is_set():
+                work.worsen(_jobs_of(remaining), HELD, NOT_SENT)
+                return
+            if any(verdict.state != OK for verdict in work.verdicts):
+                remaining = await self._without_blocked(work, remaining)
+                if not remaining:
+                    return
+            wave = next_wave(remaining, work.verdicts)
+            sent = {id(send) for send in wave}
+            remaining = [send for send in remaining if id(send) not in sent]
+            outcomes = await asyncio.gather(*(self._send_one(send) for send in wave))
+            for send, outcome in zip(wave, outcomes, strict=True):
+                apply_outcome(work, send, outcome)
+                if outcome.kind == "ok" and send.request.path == IMPORT_PATH:
+                    follows.append(asyncio.create_task(self._follow_import(work, send, outcome)))
+            refused = next((outcome for outcome in outcomes if outcome.kind == "auth"), None)
             if refused is not None:
                 self.paused.pause(self.destination.name, refused.detail)
-                self.log.error("destination_paused", status=refused.status, reason=refused.detail)
-                for verdict in work.verdicts:
-                    verdict.worsen(RELEASE, refused.detail)
+                work.worsen(range(len(work.verdicts)), RELEASE, refused.detail)
                 await self.release_held()
                 return
-        if self.paused.is_paused(self.destination.name):
-            self.paused.resume(self.destination.name)
-            self.log.info("destination_resumed")
 
-    async def _follow_import(self, work: Plan, request: KlaviyoRequest, outcome: Outcome) -> None:
-        """Learn which profiles an accepted bulk import refused; those jobs become dead letters."""
+    async def _without_blocked(self, work: Plan, remaining: list[Send]) -> list[Send]:
+        """``remaining``, or, when the next wave carries a job that must not send more now
+        (:func:`~router.plan.blocked`), the jobs of ``remaining`` planned again without those
+        (which are held back)."""
+        stopped = blocked(work.verdicts)
+        if not any(
+            index in stopped for send in next_wave(remaining, work.verdicts) for index in send.carried()
+        ):
+            return remaining
+        jobs = _jobs_of(remaining)
+        work.worsen((index for index in jobs if index in stopped), HELD, HELD_BACK)
+        keep = tuple(index for index in jobs if index not in stopped)
+        self.log.info("batch_replanned", jobs=len(keep), held=len(jobs) - len(keep))
+        if not keep:
+            return []
+        planned = await self._planner.plan_payloads(
+            [work.verdicts[index].job.payload for index in keep],
+            self.destination,
+            progress=[work.verdicts[index].progress for index in keep],
+        )
+        sends = planned.sends(keep)
+        work.refuse(planned.refused, sends, keep)
+        return sends
+
+    async def _send_one(self, send: Send) -> Outcome:
+        request = send.request
+        try:
+            outcome = await self.client.send(request, give_up=self._stopping)
+        except Exception as exc:  # a bug: the jobs count an attempt, and the batch goes on
+            self.log.exception("klaviyo_request_crashed", path=request.path, jobs=len(request.sources))
+            return Outcome(
+                "retry", 0, f"unexpected error sending to Klaviyo: {type(exc).__name__}: {scrub(exc)}"
+            )
+        if outcome.kind not in ("ok", "auth", "unsent"):
+            self.log.warning(
+                "klaviyo_request_failed",
+                path=request.path,
+                status=outcome.status,
+                result=outcome.kind,
+                jobs=len(request.sources),
+                detail=outcome.detail,
+            )
+        return outcome
+
+    async def _follow_import(self, work: Plan, send: Send, outcome: Outcome) -> None:
+        """Learn which profiles an accepted bulk import refused: their step was not done after all,
+        and those jobs become dead letters (a cancelled job: every one is retried)."""
         job = job_id(outcome.body)
         if job is None:
             return
-        result = await follow(self.client, job, wait=self.settings.import_wait)
+        try:
+            result = await follow(
+                _Stoppable(self.client, self._stopping), job, wait=self.settings.import_wait
+            )
+        except Exception as exc:  # an unreadable answer: nothing is known to be refused
+            result = ImportResult(unknown=f"job {job}: {type(exc).__name__}: {scrub(exc)}")
         if result.unknown:
-            self.log.warning("import_job_unchecked", reason=result.unknown, jobs=len(request.sources))
+            self.log.warning("import_job_unchecked", reason=result.unknown, jobs=len(send.request.sources))
+        undone = ~STEP_BITS[send.kind]
         if result.cancelled:
-            for source in request.sources:
-                work.verdicts[source].worsen(RETRY, f"Klaviyo cancelled bulk import job {job}")
-        items = request.item_sources
-        for index, reason in result.refused.items():
-            for source in items[index] if index < len(items) else ():
-                work.verdicts[source].worsen(DEAD, reason)
+            for index in send.carried():
+                work.verdicts[index].accepted &= undone
+                work.verdicts[index].worsen(RETRY, f"Klaviyo cancelled bulk import job {job}")
+        items = send.request.item_sources
+        for item, reason in result.refused.items():
+            for source in items[item] if item < len(items) else ():
+                work.verdicts[send.job(source)].accepted &= undone
+                work.verdicts[send.job(source)].worsen(DEAD, reason)
 
     async def _settle(self, work: Plan) -> None:
-        hold_back(work)
         now = self._clock()
-        done = [v.job.id for v in work.verdicts if v.state == OK]
-        released = [v.job.id for v in work.verdicts if v.state == RELEASE]
+        work.apply_refusals()
+        verdicts = work.verdicts
+        done = [v.job.id for v in verdicts if v.state == OK]
         if done:
             await self.queue.ack(done)
-        if released:
-            await self.queue.release(released)
+        held = await self._release(v for v in verdicts if v.state in (HELD, RELEASE))
         retried = dead = 0
-        for verdict in work.verdicts:
+        for verdict in verdicts:
             if verdict.state == RETRY:
                 if await self._retry(verdict, now):
                     retried += 1
                 else:
                     dead += 1
             elif verdict.state == DEAD:
-                await self.queue.dead_letter(verdict.job.id, reason=verdict.reason)
+                await self.queue.dead_letter(verdict.job.id, reason=verdict.reason, progress=verdict.accepted)
                 self.log.warning("job_dead_lettered", **verdict.job.log_context(), reason=verdict.reason)
                 dead += 1
         self._warn(work)
-        skipped = sum(1 for v in work.verdicts if v.state == OK and v.reason)  # not released (401)
+        skipped = sum(1 for v in verdicts if v.state == OK and v.reason)
         counts = {
             "delivered": len(done) - skipped,
             "skipped": skipped,
@@ -442,13 +559,22 @@ class Deliverer:
             "dead": dead,
         }
         if self._metrics is not None:
-            lags = [now - v.job.created_at for v in work.verdicts if v.state == OK and not v.reason]
+            lags = [now - v.job.created_at for v in verdicts if v.state == OK and not v.reason]
             for result, count in counts.items():
                 if count:
                     self._metrics.observe_settled(
                         self.destination.name, result, count, lags if result == "delivered" else []
                     )
-        self.log.info("batch_settled", jobs=len(work.verdicts), requests=len(work.requests), **counts)
+        self.log.info("batch_settled", jobs=len(verdicts), requests=len(work.sends), held=held, **counts)
+
+    async def _release(self, verdicts: Iterable[Verdict]) -> int:
+        """Give jobs back without an attempt, each with what this batch achieved for it; how many."""
+        by_progress: dict[int, list[int]] = {}
+        for verdict in verdicts:
+            by_progress.setdefault(verdict.accepted, []).append(verdict.job.id)
+        for progress, ids in by_progress.items():
+            await self.queue.release(ids, progress=progress)
+        return sum(len(ids) for ids in by_progress.values())
 
     def _warn(self, work: Plan) -> None:
         """Log and count what settled jobs were sent without (a dropped phone, an ignored consent
@@ -467,19 +593,45 @@ class Deliverer:
         job = verdict.job
         attempts = job.attempts + 1
         policy = self.settings.retry
-        if verdict.innocent:
-            at: float | None = now
-        else:
-            at = policy.decide(
-                attempts=attempts, created_at=job.created_at, now=now, retry_after=verdict.retry_after
-            )
+        at = policy.decide(
+            attempts=attempts, created_at=job.created_at, now=now, retry_after=verdict.retry_after
+        )
         if at is None:
             reason = f"{policy.give_up_reason(attempts=attempts, created_at=job.created_at, now=now)}; last error: {verdict.reason}"
-            await self.queue.dead_letter(job.id, reason=reason)
+            await self.queue.dead_letter(job.id, reason=reason, progress=verdict.accepted)
             self.log.warning("job_dead_lettered", **job.log_context(), reason=reason)
             return False
-        await self.queue.retry(job.id, at=at, error=verdict.reason)
+        await self.queue.retry(job.id, at=at, error=verdict.reason, progress=verdict.accepted)
         return True
+
+
+@dataclass(slots=True)
+class _Search:
+    """What splitting a batch whose planning failed found (see :meth:`Deliverer._plan`)."""
+
+    culprits: dict[int, str] = field(default_factory=dict)
+    #: Some part of the batch could be planned: the failure is its culprits', not the planner's.
+    planned: bool = False
+
+
+#: Why a job sent nothing more in a batch although nothing of its own failed.
+HELD_BACK: Final = "held back: an earlier request of its profile was not delivered"
+
+
+def _jobs_of(sends: Iterable[Send]) -> list[int]:
+    """The batch indexes of every job ``sends`` carry, in order."""
+    return sorted({index for send in sends for index in send.carried()})
+
+
+class _Stoppable:
+    """A client's paced ``get`` that gives up once delivery is stopping (following an import)."""
+
+    def __init__(self, client: KlaviyoClient, stopping: asyncio.Event) -> None:
+        self._client = client
+        self._stopping = stopping
+
+    async def get(self, path: str) -> Outcome:
+        return await self._client.get(path, give_up=self._stopping)
 
 
 class _Claimed(NamedTuple):
@@ -523,47 +675,45 @@ async def deliver_all(
     settings: DeliverySettings | None = None,
     paused: PausedDestinations | None = None,
     metrics: Metrics | None = None,
+    mappings: MappingSets | None = None,
     limits: Mapping[str, RateLimits] | None = None,
 ) -> None:
     """Deliver every destination's jobs until ``stop`` is set (``serve`` and ``work`` run this).
 
-    ``limits``: the pacer of each destination by name, when others share it (``serve``'s syncs)."""
+    ``mappings``: the sets to plan with, which the caller reloads (default: read now, never reloaded).
+    ``limits``: the pacer of each destination by name, when others share it (``serve``'s syncs).
+    """
     settings = settings or DeliverySettings()
     paused = paused or PausedDestinations()
-    connector = aiohttp.TCPConnector(limit=max(8, settings.workers * 2 * len(destinations)))
-    planner = Planner(settings.planners)
+    mappings = mappings or MappingSets(destination.mappings_dir for destination in destinations)
+    connections = max(8, settings.workers * 2)
+    # the clients' own connection slots bound what is in flight: the connector never queues
+    connector = aiohttp.TCPConnector(limit=connections * len(destinations))
+    planner = Planner(mappings, settings.planners)
     try:
-        await planner.start(destination.mappings_dir for destination in destinations)
+        await planner.start()
         async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
             for destination in destinations:
-                pacer = (limits or {}).get(destination.name)
-                group.create_task(
-                    _deliverer(queue, destination, session, settings, paused, metrics, planner, pacer).run(
-                        stop
-                    )
+                client = KlaviyoClient(
+                    session,
+                    destination,
+                    limits=(limits or {}).get(destination.name)
+                    or RateLimits(
+                        scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)
+                    ),
+                    timeout=settings.timeout,
+                    observe=metrics.observe_request if metrics is not None else None,
+                    connections=connections,
                 )
+                deliverer = Deliverer(
+                    queue,
+                    destination,
+                    client,
+                    settings=settings,
+                    paused=paused,
+                    metrics=metrics,
+                    planner=planner,
+                )
+                group.create_task(deliverer.run(stop))
     finally:
         planner.close()
-
-
-def _deliverer(
-    queue: Queue,
-    destination: Destination,
-    session: aiohttp.ClientSession,
-    settings: DeliverySettings,
-    paused: PausedDestinations,
-    metrics: Metrics | None,
-    planner: Planner,
-    limits: RateLimits | None = None,
-) -> Deliverer:
-    client = KlaviyoClient(
-        session,
-        destination,
-        limits=limits
-        or RateLimits(scale=settings.rate_limit_scale, pacer=shared_pacers(queue, destination.name)),
-        timeout=settings.timeout,
-        observe=metrics.observe_request if metrics is not None else None,
-    )
-    return Deliverer(
-        queue, destination, client, settings=settings, paused=paused, metrics=metrics, planner=planner
-    )

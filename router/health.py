@@ -1,8 +1,10 @@
-"""What ``/ready`` reports: destinations paused by delivery, and queue depth / disk pressure.
+"""What ``/ready`` reports: destinations paused or stalled, and queue depth / disk pressure.
 
 :class:`PausedDestinations` is written by the delivery worker (401/403 from Klaviyo pauses a
 destination) and read by ``/ready`` and the metrics. :class:`Backpressure` samples the queue depth
 and the free disk space once a second so that ingest decides on ``503`` without a query per request.
+:class:`Stalls` samples each destination's oldest due job from the queue, so any node (an
+ingest-only one too) sees a destination whose delivery makes no headway, whatever the cause.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -50,6 +53,63 @@ class PausedDestinations:
     def snapshot(self) -> dict[str, str]:
         """Paused destinations and why."""
         return dict(self._paused)
+
+
+class Stalls:
+    """Destinations whose oldest due job (:meth:`~router.queue.Queue.oldest_due`) has stayed the same
+    for ``stall_after`` seconds or more: delivery is not getting anywhere with it (nothing delivers
+    that destination, or the same job keeps failing before it is settled)."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        destinations: Sequence[str],
+        *,
+        stall_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.destinations = list(destinations)
+        #: 0: never report a stall.
+        self.stall_after = stall_after
+        self._clock = clock
+        #: destination → (its oldest due job, since when it has been).
+        self._heads: dict[str, tuple[int, float]] = {}
+        self._stalled: set[str] = set()
+
+    async def refresh(self) -> None:
+        """Sample every destination's oldest due job now."""
+        if not self.stall_after:
+            return
+        now = self._clock()
+        for destination in self.destinations:
+            head = await self.queue.oldest_due(destination)
+            if head is None:
+                self._heads.pop(destination, None)
+            elif self._heads.get(destination, (None, 0.0))[0] != head:
+                self._heads[destination] = (head, now)
+        stalled = self.stalled()
+        for destination, why in stalled.items():
+            if destination not in self._stalled:
+                log.error("destination_stalled", destination=destination, reason=why)
+        for destination in self._stalled - stalled.keys():
+            log.info("destination_unstalled", destination=destination)
+        self._stalled = set(stalled)
+
+    def stalled(self) -> dict[str, str]:
+        """Stalled destinations and why."""
+        if not self.stall_after:
+            return {}
+        now = self._clock()
+        return {
+            destination: f"job {job} is its oldest due job for {now - since:.0f} s (stall_after {self.stall_after:g} s)"
+            for destination, (job, since) in sorted(self._heads.items())
+            if now - since >= self.stall_after
+        }
+
+    async def run(self, interval: float) -> None:
+        """Sample every ``interval`` seconds until cancelled."""
+        await sample_every(interval, self.refresh, "stall_sample_failed")
 
 
 class Backpressure:
@@ -104,13 +164,19 @@ class Backpressure:
         self.depth += jobs
 
     async def run(self, interval: float) -> None:
-        """Sample every ``interval`` seconds until cancelled; a failed sample is logged and retried."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
-                log.warning("backpressure_sample_failed", error=str(exc))
+        """Sample every ``interval`` seconds until cancelled."""
+        await sample_every(interval, self.refresh, "backpressure_sample_failed")
+
+
+async def sample_every(interval: float, refresh: Callable[[], Awaitable[None]], failed: str) -> None:
+    """Call ``refresh`` every ``interval`` seconds until cancelled; a failure is logged as ``failed``
+    and the next sample tries again."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await refresh()
+        except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
+            log.warning(failed, error=str(exc))
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -6,6 +6,12 @@ remaining properties pass through. :func:`load_mappings` reads the built-in file
 extend or override them (same file name replaces, new names add), validates everything, and compiles
 it once into a :class:`Mappings` whose fields are plain callables. Any problem raises
 :class:`MappingError` naming the file, the JSON pointer and what is wrong.
+
+Delivery does not read the folders again by itself: :class:`MappingSets` holds the sets in use,
+checked when ``serve`` or ``work`` starts, and replaces them only when told (SIGHUP, or
+``POST /admin/mappings/reload``) and only with sets that pass every check. An operator edits
+files, reloads, and learns at once whether the new set was taken; a half-saved file never reaches
+a running worker.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Final
 
 import jsonschema
 import orjson
+import structlog
 
 from router.errors import MappingError
 from router.fields import Field, FieldSet, Holders, PathTable, Rest, compile_field, compile_rest, field_map
@@ -27,6 +34,11 @@ from router.fields import Field, FieldSet, Holders, PathTable, Rest, compile_fie
 BUILTIN_DIR: Final = Path(__file__).resolve().parent / "builtin_mappings"
 SCHEMA_PATH: Final = BUILTIN_DIR / "schema.json"
 KLAVIYO_DIR: Final = BUILTIN_DIR / "klaviyo"
+#: What a mapping folder held when read: ``(file name, path, content)`` of each file that counts,
+#: the built-in ones included (plain data: planning processes compile it themselves).
+MappingFiles = tuple[tuple[str, str, bytes], ...]
+
+log = structlog.get_logger("router.mapping")
 
 
 # ---------------------------------------------------------------- compiled mappings
@@ -137,12 +149,21 @@ def validate_document(document: Any, file: str) -> None:
 
 def read_document(path: Path) -> Any:
     """Parse one mapping file, reporting JSON syntax errors with their position."""
+    return _parse(_read(path), str(path))
+
+
+def _read(path: Path) -> bytes:
     try:
-        return orjson.loads(path.read_bytes())
+        return path.read_bytes()
     except OSError as exc:
         raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _parse(content: bytes, where: str) -> Any:
+    try:
+        return orjson.loads(content)
     except orjson.JSONDecodeError as exc:
-        raise MappingError(f"{path}: not valid JSON: {exc}") from None
+        raise MappingError(f"{where}: not valid JSON: {exc}") from None
 
 
 def mapping_files(user_dir: Path | None = None) -> dict[str, Path]:
@@ -175,13 +196,70 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(signature: tuple[tuple[str, Path, tuple[int, int]], ...]) -> Mappings:
-    files = {name: path for name, path, _ in signature}
+    return compile_mappings(tuple((name, str(path), _read(path)) for name, path, _ in signature))
+
+
+def read_mapping_files(user_dir: Path | None = None) -> MappingFiles:
+    """The built-in files and those of ``user_dir`` (see :func:`mapping_files`), read once."""
+    files = mapping_files(user_dir.resolve() if user_dir is not None else None)
+    return tuple((name, str(path), _read(path)) for name, path in files.items())
+
+
+@functools.lru_cache(maxsize=16)
+def compile_mappings(files: MappingFiles) -> Mappings:
+    """Check and compile files as read (:func:`read_mapping_files`); cached by their content."""
     documents: dict[str, Any] = {}
-    for name, path in files.items():
-        document = read_document(path)
-        validate_document(document, str(path))
+    for name, path, content in files:
+        document = _parse(content, path)
+        validate_document(document, path)
         documents[name] = document
-    return _index(documents, files)
+    return _index(documents, {name: Path(path) for name, path, _ in files})
+
+
+class MappingSets:
+    """The mapping sets delivery uses, one per mappings folder (``None``: the built-in files only).
+
+    Every folder is read and checked when the object is made, which raises :class:`MappingError`
+    for the first problem: ``serve`` and ``work`` stop there, before anything starts. Afterwards
+    the sets change only through :meth:`reload`, which replaces all of them or, when any fails its
+    checks, none (the running sets stay, and the error is logged and returned).
+    """
+
+    def __init__(self, folders: Iterable[Path | None]) -> None:
+        self._folders = list(dict.fromkeys(folders))
+        self._files, self._sets = self._read()
+        #: Counts the sets taken; planning processes compile a new generation when it changes.
+        self.generation = 1
+        #: Why the last reload was refused (None when it was taken, or before any).
+        self.reload_error: str | None = None
+
+    def _read(self) -> tuple[dict[Path | None, MappingFiles], dict[Path | None, Mappings]]:
+        files = {folder: read_mapping_files(folder) for folder in self._folders}
+        return files, {folder: compile_mappings(read) for folder, read in files.items()}
+
+    def get(self, folder: Path | None) -> Mappings:
+        """The compiled set of ``folder`` (one this object was made with)."""
+        return self._sets[folder]
+
+    def files(self) -> dict[Path | None, MappingFiles]:
+        """Every set as its files were read (plain data, for planning processes)."""
+        return dict(self._files)
+
+    def reload(self) -> str | None:
+        """Read and check every folder again; take the new sets if they all pass. Returns None
+        when they were taken, else why not (the running sets stay)."""
+        try:
+            files, sets = self._read()
+        except MappingError as exc:
+            self.reload_error = exc.message
+            log.error("mappings_reload_refused", error=exc.message, generation=self.generation)
+            return exc.message
+        self.reload_error = None
+        if files != self._files:
+            self._files, self._sets = files, sets
+            self.generation += 1
+        log.info("mappings_reloaded", generation=self.generation, folders=len(self._folders))
+        return None
 
 
 def _index(documents: Mapping[str, Any], files: Mapping[str, Path]) -> Mappings:

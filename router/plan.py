@@ -1,15 +1,29 @@
 """Claimed jobs → the requests that carry them, and what each answer means for each job (pure).
 
 :func:`plan_payloads` transforms a batch's payloads and merges the results into Klaviyo's bulk
-jobs (:mod:`router.klaviyo.batch`); its :class:`Planned` is plain data, so a planning process
-can do this and send it back (:mod:`router.planner`). :meth:`Plan.of` pairs it with the jobs.
-Each job then takes the worst outcome among the requests that carried it (:func:`apply_outcome`):
+jobs (:mod:`router.klaviyo.batch`), in stages: profile upserts, then events, then list jobs. Its
+:class:`Planned` is plain data, so a planning process can do this and send it back
+(:mod:`router.planner`). :meth:`Plan.of` pairs it with the jobs.
 
-- every request done → ``OK`` (acked);
+A job's requests are its *steps* (an identify: the profile upsert and a subscription). Klaviyo's
+answer to each request settles the step of every job it carried (:func:`apply_outcome`): an
+accepted step sets the bit of its kind in the job's ``accepted`` (:data:`STEP_BITS`), which the
+queue keeps as the job's progress; a later attempt plans only the steps still missing, so nothing
+Klaviyo took is sent again because another step failed. A job then takes the worst outcome of
+its steps:
+
+- every step accepted → ``OK`` (acked);
+- a step not sent, through no fault of its own (an earlier job of its profile failed, another
+  item of its bulk job was refused, delivery is stopping) → ``HELD``: back to the queue untried;
 - a retryable failure (429, 408, 5xx, timeout) → ``RETRY``;
 - a permanent refusal (400, 404, 409, 413, 422) → ``DEAD``; for a bulk job that names items by
-  ``source.pointer``, only those items' jobs — the others are retried at once (``innocent``);
-- 401/403 → ``RELEASE``: the destination is paused and the jobs go back untouched.
+  ``source.pointer``, only those items' jobs (the others are ``HELD``);
+- 401/403 → ``RELEASE``: the destination is paused and the jobs go back untried.
+
+Per-profile order: a stage goes out once the one before is answered, and requests of one stage
+that share a profile one after the other (:func:`next_wave`); a job's later steps, and the later
+jobs of its profile, are not sent once a step failed (:func:`blocked`) but held back for the
+queue to bring again behind it.
 
 Klaviyo's tightest limit for event traffic is ``event-bulk-create-jobs``: 10 requests a second,
 each of at most 1000 events. A batch that sends 1000 + 300 events spends two of those requests
@@ -23,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -31,20 +45,24 @@ import orjson
 
 from router.destination import Destination
 from router.errors import PartlyRefused, Skipped, TransformError
-from router.klaviyo.batch import MAX_EVENTS, Part, assemble, prepare, profiles_in
+from router.klaviyo.batch import MAX_EVENTS, Part, prepare, staged
 from router.klaviyo.client import Outcome
-from router.klaviyo.requests import KlaviyoRequest
+from router.klaviyo.requests import KINDS, KlaviyoRequest
 from router.mapping import Mappings
 from router.queue import Job
 from router.transform import TransformWarning, transform
 
-#: Settle states, worst last: a job takes the worst of its requests' outcomes.
-OK, RETRY, DEAD, RELEASE = 0, 1, 2, 3
-RANK: Final = {"ok": OK, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
+#: Settle states, worst last: a job takes the worst of its steps' outcomes.
+OK, HELD, RETRY, DEAD, RELEASE = 0, 1, 2, 3, 4
+RANK: Final = {"ok": OK, "unsent": HELD, "retry": RETRY, "permanent": DEAD, "auth": RELEASE}
+#: The progress bit of each kind of step (stored in the queue: never reorder, only append).
+STEP_BITS: Final = {kind: 1 << n for n, kind in enumerate(KINDS)}
 #: Claims aim this much past whole event jobs: the overshoot is held over, not sent half empty.
 #: A claim can bring fewer jobs than asked (those of a key in flight elsewhere wait), and a batch
 #: short of one full event job sends what it has; 12 % over makes that rare with the bench mix.
 OVERSHOOT: Final = 0.12
+#: Longest reason kept from an unexpected error.
+MAX_REASON: Final = 500
 
 
 @dataclass(slots=True)
@@ -55,16 +73,22 @@ class Verdict:
     state: int = OK
     reason: str = ""
     retry_after: float | None = None
-    #: Retry at once: the job was refused only because another item of its bulk job was bad.
-    innocent: bool = False
+    #: Progress bits (:data:`STEP_BITS`) of the steps Klaviyo accepted in this batch.
+    accepted: int = 0
+    #: Why the transform refused the rest of a job it made some requests of: once those are
+    #: accepted, the job is a dead letter for this reason (:meth:`Plan.refuse`).
+    refusal: str = ""
 
-    def worsen(
-        self, state: int, reason: str, retry_after: float | None = None, innocent: bool = False
-    ) -> None:
-        if state > self.state or (state == self.state == RETRY and not innocent):
-            self.state, self.reason, self.innocent = state, reason, innocent
-            if retry_after is not None:
-                self.retry_after = max(self.retry_after or 0.0, retry_after)
+    def worsen(self, state: int, reason: str, retry_after: float | None = None) -> None:
+        if state > self.state or (state == self.state == RETRY):
+            self.state, self.reason = state, reason
+        if state == RETRY and retry_after is not None:
+            self.retry_after = max(self.retry_after or 0.0, retry_after)
+
+    @property
+    def progress(self) -> int:
+        """Every step done: before this batch, and in it."""
+        return self.job.progress | self.accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +125,7 @@ NOTHING_LEFT: Final = Leftover()
 class Planned:
     """A batch's payloads planned (plain data: a planning process sends it back)."""
 
+    #: The requests, stage by stage (see :func:`router.klaviyo.batch.staged`).
     requests: list[KlaviyoRequest]
     #: (index, reason) of every job the transform refused: dead letters.
     refused: list[tuple[int, str]]
@@ -113,14 +138,68 @@ class Planned:
     leftover: Leftover = NOTHING_LEFT
     #: (index, warning) of what the kept jobs were sent without (see :class:`TransformWarning`).
     warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
+    #: The stage of each request, and the kind of step it carries for its jobs.
+    stages: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        parts: Sequence[Part],
+        refused: list[tuple[int, str]],
+        skipped: list[tuple[int, str]],
+        kept: int,
+        events: int,
+        leftover: Leftover = NOTHING_LEFT,
+        warnings: list[tuple[int, TransformWarning]] | None = None,
+    ) -> Planned:
+        sends = staged(parts)
+        return cls(
+            [entry.request for entry in sends],
+            refused,
+            skipped,
+            kept,
+            events,
+            leftover,
+            warnings or [],
+            [entry.stage for entry in sends],
+            [entry.kind for entry in sends],
+        )
+
+    def sends(self, jobs: tuple[int, ...] | None = None) -> list[Send]:
+        return [
+            Send(stage, kind, request, jobs)
+            for stage, kind, request in zip(self.stages, self.kinds, self.requests, strict=True)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One request of a plan: its stage, the kind of step it is for each job it carries, and
+    which of the batch's jobs its sources are (``jobs[source]``; None: the sources are the batch's
+    indexes, as in a batch's own plan, not a plan of part of it)."""
+
+    stage: int
+    kind: str
+    request: KlaviyoRequest
+    jobs: tuple[int, ...] | None = None
+
+    def job(self, source: int) -> int:
+        """The batch index of one of the request's sources."""
+        return source if self.jobs is None else self.jobs[source]
+
+    def carried(self) -> list[int]:
+        """The batch indexes of every job the request carries."""
+        jobs = self.jobs
+        return list(self.request.sources) if jobs is None else [jobs[s] for s in self.request.sources]
 
 
 @dataclass(slots=True)
 class Plan:
-    """A claimed batch turned into requests; ``verdicts[i]`` is the settle state of ``jobs[i]``."""
+    """A claimed batch turned into requests; ``verdicts[i]`` is the settle state of its job ``i``."""
 
     verdicts: list[Verdict]
-    requests: list[KlaviyoRequest]
+    sends: list[Send]
     skipped: int = 0
     #: Jobs held over to the next batch (still leased), and what they were planned into.
     held: list[Job] = field(default_factory=list)
@@ -129,22 +208,51 @@ class Plan:
     #: (index into ``verdicts``, warning): logged and counted when the job is settled.
     warnings: list[tuple[int, TransformWarning]] = field(default_factory=list)
 
+    @property
+    def requests(self) -> list[KlaviyoRequest]:
+        return [send.request for send in self.sends]
+
     @classmethod
     def of(cls, jobs: Sequence[Job], planned: Planned) -> Plan:
-        verdicts = [Verdict(job) for job in jobs[: planned.kept]]
-        for index, reason in planned.refused:
-            verdicts[index].worsen(DEAD, reason)
-        for index, reason in planned.skipped:
-            verdicts[index].reason = reason
-        return cls(
-            verdicts,
-            planned.requests,
+        work = cls(
+            [Verdict(job) for job in jobs[: planned.kept]],
+            planned.sends(),
             len(planned.skipped),
             list(jobs[planned.kept :]),
             planned.leftover,
             planned.events,
             planned.warnings,
         )
+        work.refuse(planned.refused, work.sends)
+        for index, reason in planned.skipped:
+            work.verdicts[index].reason = reason
+        return work
+
+    def refuse(
+        self, refused: Iterable[tuple[int, str]], sends: Sequence[Send], jobs: tuple[int, ...] | None = None
+    ) -> None:
+        """Dead-letter the jobs the transform refused (``(index, reason)``; ``jobs[index]`` is the
+        batch index, as for :class:`Send`): at once when ``sends`` carry nothing of a job, else
+        once what they carry of it is accepted (a job refused in part: :meth:`apply_refusals`)."""
+        carried = {index for send in sends for index in send.carried()}
+        for index, reason in refused:
+            job = index if jobs is None else jobs[index]
+            if job in carried:
+                self.verdicts[job].refusal = reason
+            else:
+                self.verdicts[job].worsen(DEAD, reason)
+
+    def apply_refusals(self) -> None:
+        """Every job refused in part whose requests were all accepted becomes a dead letter (one
+        that must go again keeps its refusal for the next attempt's plan to find)."""
+        for verdict in self.verdicts:
+            if verdict.refusal and verdict.state == OK:
+                verdict.worsen(DEAD, verdict.refusal)
+
+    def worsen(self, jobs: Iterable[int], state: int, reason: str) -> None:
+        """Give every job of ``jobs`` (batch indexes) at least ``state``."""
+        for index in jobs:
+            self.verdicts[index].worsen(state, reason)
 
 
 def plan(
@@ -155,11 +263,19 @@ def plan(
     carry_partial: bool = False,
     carried: Leftover = NOTHING_LEFT,
 ) -> Plan:
-    """Transform every job and merge the results into bulk requests (pure). The first
-    ``carried.jobs`` jobs are a last batch's held-over ones, planned as ``carried``."""
-    payloads = [job.payload for job in jobs[carried.jobs :]]
+    """Transform every job (the steps its progress lacks) and merge the results into bulk requests
+    (pure). The first ``carried.jobs`` jobs are a last batch's held-over ones, planned as ``carried``."""
+    fresh = jobs[carried.jobs :]
     return Plan.of(
-        jobs, plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
+        jobs,
+        plan_payloads(
+            [job.payload for job in fresh],
+            destination,
+            mappings,
+            carry_partial=carry_partial,
+            carried=carried,
+            progress=[job.progress for job in fresh],
+        ),
     )
 
 
@@ -170,11 +286,17 @@ def plan_payloads(
     *,
     carry_partial: bool = False,
     carried: Leftover = NOTHING_LEFT,
+    progress: Sequence[int] = (),
 ) -> Planned:
     """Transform each payload and merge the requests into bulk jobs, after those of ``carried``
     (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``).
     A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests sent
     and is refused: it becomes a dead letter once they are.
+
+    ``progress``: for each payload, the bits (:data:`STEP_BITS`) of the steps already done: those
+    are left out (none when empty). A payload that cannot be planned (the transform refuses it,
+    it is not JSON, its requests cannot be encoded, or the transform fails unexpectedly: the same
+    input always fails the same way) is refused with the reason, alone: the others go on.
 
     ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
     made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
@@ -187,23 +309,29 @@ def plan_payloads(
     warnings = list(carried.warnings)
     noted: list[TransformWarning] = []
     for index, payload in enumerate(payloads, start=carried.jobs):
+        done = progress[index - carried.jobs] if progress else 0
         try:
-            parts.extend(
-                map(
-                    prepare,
-                    transform(orjson.loads(payload), destination, mappings, index=index, warnings=noted),
+            try:
+                requests = transform(
+                    orjson.loads(payload), destination, mappings, index=index, warnings=noted
                 )
-            )
-        except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
-            parts.extend(map(prepare, exc.requests))
-            refused.append((index, f"transform: {exc.message}"))
+            except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
+                requests = exc.requests
+                refused.append((index, f"transform: {exc.message}"))
+            parts.extend(prepare(r) for r in requests if not done & STEP_BITS[r.kind])
         except TransformError as exc:
             refused.append((index, f"transform: {exc.message}"))
             noted.clear()
         except Skipped as exc:
             skipped.append((index, exc.message))
+        except orjson.JSONEncodeError as exc:
+            refused.append((index, f"cannot be encoded for Klaviyo: {exc}"))
         except ValueError as exc:  # an unreadable payload
             refused.append((index, f"payload is not valid JSON: {exc}"))
+        except MemoryError:
+            raise  # not this payload's fault: the batch fails (see Deliverer._plan)
+        except Exception as exc:  # a pure function failing: it fails the same way every time
+            refused.append((index, unexpected("planning failed", exc)))
         if noted:
             warnings.extend((index, warning) for warning in noted)
             noted.clear()
@@ -211,7 +339,7 @@ def plan_payloads(
     total = carried.jobs + len(payloads)
     rest = len(events) % MAX_EVENTS
     if not (carry_partial and len(events) > MAX_EVENTS and rest):
-        return Planned(assemble(parts), refused, skipped, total, len(events), warnings=warnings)
+        return Planned.of(parts, refused, skipped, total, len(events), warnings=warnings)
     kept = events[len(events) - rest].sources[0]
     leftover = Leftover(
         total - kept,
@@ -221,8 +349,8 @@ def plan_payloads(
         rest,
         tuple((index - kept, warning) for index, warning in warnings if index >= kept),
     )
-    return Planned(
-        assemble([part for part in parts if part.sources[0] < kept]),
+    return Planned.of(
+        [part for part in parts if part.sources[0] < kept],
         [entry for entry in refused if entry[0] < kept],
         [entry for entry in skipped if entry[0] < kept],
         kept,
@@ -230,6 +358,11 @@ def plan_payloads(
         leftover,
         [entry for entry in warnings if entry[0] < kept],
     )
+
+
+def unexpected(what: str, exc: BaseException) -> str:
+    """A dead letter's reason for an unexpected exception (its type and text, cut short)."""
+    return f"{what}: {type(exc).__name__}: {exc}"[:MAX_REASON]
 
 
 def _shifted(part: Part, by: int) -> Part:
@@ -269,83 +402,63 @@ def claim_size(batch_size: int, events_per_job: float | None, carried_events: in
     return min(max(wanted, batch_size // 2, 1), 2 * batch_size)
 
 
-def apply_outcome(plan: Plan, request: KlaviyoRequest, outcome: Outcome) -> None:
-    """Record what one request's answer means for each job it carried."""
+def apply_outcome(plan: Plan, send: Send, outcome: Outcome) -> None:
+    """Record what one request's answer means for the step it is of each job it carried."""
     state = RANK[outcome.kind]
+    verdicts = plan.verdicts
     if state == OK:
+        bit = STEP_BITS[send.kind]
+        for index in send.carried():
+            verdicts[index].accepted |= bit
         return
-    items = len(request.item_sources)
-    if state == DEAD and outcome.failed_items and items and all(0 <= i < items for i in outcome.failed_items):
-        named = {s for i in outcome.failed_items for s in request.item_sources[i]}
-        for i, sources in enumerate(request.item_sources):
+    items = send.request.item_sources
+    failed = outcome.failed_items
+    if state == DEAD and failed and items and all(0 <= i < len(items) for i in failed):
+        named = {source for i in failed for source in items[i]}
+        for i, sources in enumerate(items):
             for source in sources:
-                if i in outcome.failed_items:
-                    plan.verdicts[source].worsen(DEAD, outcome.failed_items[i])
+                if i in failed:
+                    verdicts[send.job(source)].worsen(DEAD, failed[i])
                 elif source not in named:
-                    plan.verdicts[source].worsen(
-                        RETRY,
-                        f"retried: another item of the same bulk job was refused ({outcome.detail})",
-                        innocent=True,
+                    verdicts[send.job(source)].worsen(
+                        HELD, f"held back: another item of the same bulk job was refused ({outcome.detail})"
                     )
         return
-    for source in request.sources:
-        plan.verdicts[source].worsen(state, outcome.detail, outcome.retry_after)
+    for index in send.carried():
+        verdicts[index].worsen(state, outcome.detail, outcome.retry_after)
 
 
-#: Paths of requests that act on list membership or consent: they go after the profile upserts.
-LIST_PATHS: Final = frozenset(
-    {"/api/profile-subscription-bulk-create-jobs", "/api/profile-subscription-bulk-delete-jobs"}
-)
+def blocked(verdicts: Sequence[Verdict]) -> set[int]:
+    """The jobs whose requests must not be sent now (batch indexes; pure).
 
-
-def phases(requests: Sequence[KlaviyoRequest]) -> list[list[KlaviyoRequest]]:
-    """Requests that may go out together: profile upserts and events first, then list jobs.
-
-    A list job (subscribe, unsubscribe, membership through a bulk import with a list) must not
-    reach Klaviyo before the upsert of its profile. :func:`batch` collapses a profile's operations
-    on one list to the last, but consent is per profile, so its jobs on different lists keep their
-    order: a list job goes in the phase after the last one holding any of its profiles.
-    """
-    first = [r for r in requests if not _is_list_job(r)]
-    later: list[list[KlaviyoRequest]] = []
-    last_phase: dict[str, int] = {}
-    for request in requests:
-        if not _is_list_job(request):
-            continue
-        profiles = profiles_in(request)
-        n = max((last_phase[p] + 1 for p in profiles if p in last_phase), default=0)
-        if n == len(later):
-            later.append([])
-        later[n].append(request)
-        last_phase.update(dict.fromkeys(profiles, n))
-    return [phase for phase in (first, *later) if phase]
-
-
-#: Paths whose bodies never name a list, so placing them needs no look into (or decoding of) the body.
-LISTLESS_PATHS: Final = frozenset({"/api/events", "/api/event-bulk-create-jobs", "/api/profile-import"})
-
-
-def _is_list_job(request: KlaviyoRequest) -> bool:
-    if request.path in LIST_PATHS:
-        return True
-    return request.path not in LISTLESS_PATHS and bool(request.body.get("data", {}).get("relationships"))
-
-
-def hold_back(plan: Plan) -> None:
-    """Retry a profile's later jobs behind an earlier job of the batch that is retried (pure).
-
-    The queue leases consecutive jobs of one ordering key together. When an earlier one must be
-    retried, the later ones (already applied) go back too, due at once: the queue keeps them behind
-    the earlier one, and sending them again after it leaves Klaviyo as if applied in order.
+    A job a step of which failed, and every later job of its profile (ordering key) when it comes
+    back to the queue (held, retried, released): sending those first would apply them out of order.
+    A dead letter does not hold its profile's later jobs back, as in the queue.
     """
     waiting: set[str] = set()
-    for verdict in plan.verdicts:
+    found: set[int] = set()
+    for index, verdict in enumerate(verdicts):
         key = verdict.job.ordering_key
-        if key is None:
-            continue
-        if verdict.state in (RETRY, RELEASE):
-            waiting.add(key)
-        elif verdict.state == OK and key in waiting and not verdict.reason:  # a reason: skipped
-            verdict.worsen(
-                RETRY, "retried: an earlier job of the same profile is retried first", innocent=True
-            )
+        if verdict.state != OK:
+            found.add(index)
+            if key is not None and verdict.state != DEAD:
+                waiting.add(key)
+        elif key is not None and key in waiting:
+            found.add(index)
+    return found
+
+
+def next_wave(sends: Sequence[Send], verdicts: Sequence[Verdict]) -> list[Send]:
+    """The requests to send together next (pure): those of the first stage of ``sends`` that share
+    no profile with a request before them in that stage (those wait for its answer)."""
+    stage = [send for send in sends if send.stage == sends[0].stage]
+    if len(stage) == 1:
+        return stage
+    wave: list[Send] = []
+    seen: set[str] = set()
+    for send in stage:
+        keys = {key for index in send.carried() if (key := verdicts[index].job.ordering_key) is not None}
+        if seen.isdisjoint(keys):
+            wave.append(send)
+        seen.update(keys)
+    return wave

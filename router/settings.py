@@ -167,6 +167,8 @@ class Settings:
     delivery_max_age: float = 86_400.0
     #: While Klaviyo refuses the key, seconds between two tries.
     delivery_pause_probe: float = 30.0
+    #: ``/ready`` reports a destination stalled when its oldest due job stays the same this long (0: never).
+    delivery_stall_after: float = 300.0
     #: Processes that plan delivery batches (transform, batch, encode); 0: the delivering process.
     delivery_planners: int = 1
     log_level: str = "info"
@@ -434,6 +436,7 @@ _SCALARS = (
     _Scalar("delivery_max_attempts", "delivery", "max_attempts", _positive_int, _int_text),
     _Scalar("delivery_max_age", "delivery", "max_age", _seconds, _float_text),
     _Scalar("delivery_pause_probe", "delivery", "pause_probe", _seconds, _float_text),
+    _Scalar("delivery_stall_after", "delivery", "stall_after", _seconds, _float_text),
     _Scalar("delivery_planners", "delivery", "planners", _non_negative_int, _int_text),
     _Scalar("log_level", "log", "level", _choice(LOG_LEVELS), _text),
     _Scalar("log_format", "log", "format", _choice(LOG_FORMATS), _text),

@@ -13,7 +13,7 @@ import pytest
 
 from router.destination import Destination
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock
-from router.klaviyo.client import MAX_DETAIL, KlaviyoClient, Outcome, _safe, classify, error_text
+from router.klaviyo.client import MAX_DETAIL, KlaviyoClient, Outcome, classify, error_text, scrub
 from router.klaviyo.ratelimit import RateLimits, Sleep
 from router.klaviyo.requests import REVISION, KlaviyoRequest
 from router.klaviyo.spec import Endpoint, endpoint_for
@@ -166,7 +166,7 @@ def test_error_text_is_bounded() -> None:
 
 
 def test_safe_masks_keys_in_exception_text() -> None:
-    text = _safe(RuntimeError("header Authorization: Klaviyo-API-Key pk_live_secret rejected"))
+    text = scrub(RuntimeError("header Authorization: Klaviyo-API-Key pk_live_secret rejected"))
     assert "pk_live_secret" not in text and "Klaviyo-API-Key ***" in text
 
 
@@ -300,6 +300,50 @@ async def test_429_holds_the_endpoint_until_retry_after(
     assert [record.status for record in fake.requests] == [429, 202]
     assert fake.requests[1].at >= throttled_at + 2.0
     assert (fake.throttled, fake.sent_early_total) == (1, 0)
+
+
+async def test_a_retry_after_on_a_503_holds_the_endpoint_too(
+    fake_klaviyo: FakeKlaviyoServer, session: aiohttp.ClientSession
+) -> None:
+    fake = fake_klaviyo.state
+    fake.script("create_event", [{"status": 503, "retry_after": 4}])
+    client = client_for(fake_klaviyo, session)
+    first = await client.send(track("u-1", "m-1"))
+    assert (first.kind, first.status, first.retry_after) == ("retry", 503, 4.0)
+    assert (await client.send(track("u-2", "m-2"))).kind == "ok"
+    assert fake.requests[1].at >= fake.requests[0].at + 4.0
+    assert fake.sent_early_total == 0
+
+
+async def test_a_retry_after_holds_back_requests_the_pacer_already_admitted(
+    fake_klaviyo: FakeKlaviyoServer,
+) -> None:
+    """Three requests at once, one connection: the pacer admits all three (the burst allows it),
+    the first gets a 429; the two waiting for the connection do not go before its Retry-After."""
+    fake = fake_klaviyo.state
+    fake.script("create_event", [{"status": 429, "retry_after": 2}])
+    destination = Destination(private_key=fake_klaviyo.api_key, base_url=fake_klaviyo.url)
+    limits = RateLimits(clock=fake_klaviyo.clock, sleep=moving(fake_klaviyo.clock))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        client = KlaviyoClient(session, destination, limits=limits, connections=1)
+        outcomes = await asyncio.gather(*(client.send(track(f"u-{n}", f"m-{n}")) for n in range(3)))
+    assert sorted(outcome.status for outcome in outcomes) == [202, 202, 429]
+    throttled, *later = fake.requests
+    assert throttled.status == 429 and [record.status for record in later] == [202, 202]
+    assert all(record.at >= throttled.at + 2.0 for record in later)
+    assert fake.sent_early_total == 0
+
+
+async def test_a_request_waiting_for_its_turn_gives_up_when_told(
+    fake_klaviyo: FakeKlaviyoServer, session: aiohttp.ClientSession
+) -> None:
+    client = client_for(fake_klaviyo, session)
+    client.limits.window(endpoint(EVENTS)).block_until(fake_klaviyo.clock() + 60)
+    give_up = asyncio.Event()
+    give_up.set()
+    outcome = await client.send(track("u-1"), give_up=give_up)
+    assert (outcome.kind, outcome.status, outcome.detail) == ("unsent", 0, "not sent: delivery is stopping")
+    assert fake_klaviyo.state.requests == []
 
 
 async def test_observe_sees_every_answer(

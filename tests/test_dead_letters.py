@@ -29,6 +29,8 @@ from router.deliver import Deliverer, DeliverySettings
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
 from router.klaviyo.client import KlaviyoClient
+from router.mapping import MappingSets
+from router.planner import Planner
 from router.queue import Job, JobState, NewJob, Queue, open_queue
 from router.settings import Settings
 
@@ -509,11 +511,7 @@ def write_order_mapping(folder: Path, sources: list[str]) -> None:
         "value": {"from": sources, "type": "float", "required": "Placed Order needs an order total"},
         "unique_id": {"from": "messageId", "type": "string"},
     }
-    existed = mapping.exists()
     mapping.write_bytes(orjson.dumps(document))
-    if existed:  # a new mtime whatever the file system's resolution, so the deliverer reloads
-        later = mapping.stat().st_mtime + 10
-        os.utime(mapping, (later, later))
 
 
 @pytest.fixture
@@ -525,7 +523,7 @@ def mappings(tmp_path: Path) -> Iterator[Path]:
 
 
 class TestRetryAfterMappingFix:
-    """A dead letter retried with the command after a mapping fix is delivered with the fixed mapping."""
+    """A dead letter retried with the command after a mapping fix (and a reload) is delivered with the fixed mapping."""
 
     async def test_fixed_mapping_applies(
         self,
@@ -545,7 +543,14 @@ class TestRetryAfterMappingFix:
         try:
             async with aiohttp.ClientSession() as session:
                 client = KlaviyoClient(session, destination, timeout=5)
-                deliverer = Deliverer(queue, destination, client, settings=DeliverySettings(batch_size=10))
+                sets = MappingSets([mappings])
+                deliverer = Deliverer(
+                    queue,
+                    destination,
+                    client,
+                    settings=DeliverySettings(batch_size=10),
+                    planner=Planner(sets),
+                )
                 await queue.enqueue([new_job(order("m1", total=42.5))])
                 assert await deliverer.deliver_once() == 1
                 [dead] = await queue.list_jobs(JobState.DEAD)
@@ -553,6 +558,7 @@ class TestRetryAfterMappingFix:
                 assert fake_klaviyo.state.requests == []
 
                 write_order_mapping(mappings, ["properties.order_total", "properties.total"])
+                assert sets.reload() is None  # the operator reloads the mappings (SIGHUP)
                 capsys.readouterr()
                 retry = ["dead-letters", "--config", str(config), "retry", str(dead.id)]
                 assert await asyncio.to_thread(main, retry) == 0

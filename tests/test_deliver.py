@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from pytest_aiohttp import AiohttpServer
 
 from router.deliver import Deliverer, DeliverySettings
@@ -33,11 +34,24 @@ from router.identity import ordering_key
 from router.klaviyo.batch import batch
 from router.klaviyo.client import KlaviyoClient, Outcome
 from router.klaviyo.ratelimit import RateLimits
-from router.klaviyo.requests import KlaviyoRequest
+from router.klaviyo.spec import endpoint_for
 from router.logs import configure_logging, reset_logging
-from router.mapping import load_mappings
+from router.mapping import MappingSets, load_mappings
 from router.metrics import Metrics
-from router.plan import DEAD, OK, RELEASE, RETRY, apply_outcome, hold_back, plan
+from router.plan import (
+    DEAD,
+    HELD,
+    OK,
+    RELEASE,
+    RETRY,
+    STEP_BITS,
+    Send,
+    apply_outcome,
+    blocked,
+    next_wave,
+    plan,
+)
+from router.planner import Planner
 from router.queue import Job, JobState, NewJob, Queue
 from router.retry import RetryPolicy
 from router.transform import transform
@@ -99,12 +113,23 @@ class Rig:
         return Destination(name=DEST, private_key=KEY, base_url=self.url, mappings_dir=mappings_dir)
 
     def deliverer(
-        self, settings: DeliverySettings = SETTINGS, *, mappings_dir: Path | None = None
+        self,
+        settings: DeliverySettings = SETTINGS,
+        *,
+        mappings_dir: Path | None = None,
+        planner: Planner | None = None,
+        limits: RateLimits | None = None,
     ) -> Deliverer:
         destination = self.destination(mappings_dir)
-        client = KlaviyoClient(self.session, destination, timeout=settings.timeout)
+        client = KlaviyoClient(self.session, destination, timeout=settings.timeout, limits=limits)
         return Deliverer(
-            self.queue, destination, client, settings=settings, paused=self.paused, metrics=self.prometheus
+            self.queue,
+            destination,
+            client,
+            settings=settings,
+            paused=self.paused,
+            metrics=self.prometheus,
+            planner=planner,
         )
 
     @property
@@ -348,20 +373,16 @@ async def test_partial_bulk_failure_dead_letters_only_the_named_items(rig: Rig) 
         assert (await rig.job(ids[n])).last_error == (
             f"Klaviyo 400: invalid: Invalid email domain. (at /data/attributes/events-bulk-create/data/{n})"
         )
-    for n in (0, 2):
+    for n in (0, 2):  # not their fault: back to the queue untried
         job = await rig.job(ids[n])
-        assert job.attempts == 1 and job.next_attempt_at <= time.time()  # retried at once
-        assert job.last_error is not None
-        assert job.last_error.startswith(
-            "retried: another item of the same bulk job was refused (Klaviyo 400"
-        )
+        assert (job.attempts, job.last_error) == (0, None) and job.next_attempt_at <= time.time()
 
     assert await deliverer.deliver_once() == 2
     assert await rig.states(ids) == [DONE, DEAD_STATE, DONE, DEAD_STATE]
     assert rig.statuses() == [400, 202]
     assert sorted(e.unique_id for e in rig.fake.events) == ["m0", "m2"]
     assert rig.fake.duplicate_events == 0
-    assert rig.settled == {"dead": 2, "retried": 2, "delivered": 2}
+    assert rig.settled == {"dead": 2, "delivered": 2}
 
 
 async def test_profiles_a_bulk_import_refuses_later_become_dead_letters(rig: Rig) -> None:
@@ -494,8 +515,10 @@ async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> N
     rig.fake.revoke_key(KEY)
     deliverer = rig.deliverer()
 
-    for _ in range(2):  # a second try while the key is still refused changes nothing
-        assert await deliverer.deliver_once() == 2
+    for attempt in range(2):  # a second try while the key is still refused changes nothing
+        with structlog.testing.capture_logs() as logs:
+            assert await deliverer.deliver_once() == 2
+        assert [entry["event"] for entry in logs].count("destination_paused") == 1 - attempt  # logged once
         assert rig.paused.is_paused(DEST)
         assert rig.paused.snapshot()[DEST].startswith("Klaviyo 401 on POST /api/event-bulk-create-jobs")
         for job_id in ids:
@@ -505,8 +528,10 @@ async def test_401_pauses_releases_and_resumes_once_the_key_works(rig: Rig) -> N
     assert rig.fake.events == []
 
     rig.fake.clear_faults()  # the key works again
-    assert await deliverer.deliver_once() == 2  # the probe
+    with structlog.testing.capture_logs() as logs:
+        assert await deliverer.deliver_once() == 2  # the probe
     assert not rig.paused.is_paused(DEST)
+    assert [entry["event"] for entry in logs].count("destination_resumed") == 1
     assert await rig.states(ids) == [DONE, DONE]
     assert sorted(e.unique_id for e in rig.fake.events) == ["m1", "m2"]
     assert rig.statuses() == [401, 401, 202]
@@ -559,14 +584,14 @@ async def test_dead_letter_retried_after_a_mapping_fix(rig: Rig, tmp_path: Path)
 
     write_mapping(["properties.order_total"])
     [job_id] = await rig.enqueue(track("u1", "Order Completed", "m1", total=42.5))
-    deliverer = rig.deliverer(mappings_dir=tmp_path)
+    sets = MappingSets([tmp_path])
+    deliverer = rig.deliverer(mappings_dir=tmp_path, planner=Planner(sets))
     assert await deliverer.deliver_once() == 1
     job = await rig.job(job_id)
     assert (job.state, job.last_error) == (DEAD_STATE, "transform: Placed Order needs an order total")
 
     write_mapping(["properties.order_total", "properties.total"])
-    later = mapping.stat().st_mtime + 10  # a new mtime, whatever the file system's resolution
-    os.utime(mapping, (later, later))
+    assert sets.reload() is None  # what an operator's SIGHUP (or POST /admin/mappings/reload) does
     assert await rig.queue.revive([job_id]) == 1
     assert await deliverer.deliver_once() == 1
 
@@ -689,23 +714,191 @@ async def test_one_batch_keeps_a_profiles_order(rig: Rig) -> None:
     assert profile is not None and profile.attributes["properties"] == {"plan": "pro"}
 
 
-async def test_a_profiles_later_job_is_retried_behind_an_earlier_one(rig: Rig) -> None:
+async def test_a_profiles_later_job_waits_unsent_behind_an_earlier_one_that_failed(rig: Rig) -> None:
+    """The identify's upsert fails: the track of the same profile in that batch is not sent (and
+    counts no attempt), then goes after the identify, once: nothing is sent twice, nothing early."""
     rig.fake.script("POST /api/profile-import", [503])
-    ids = await rig.enqueue(identify("u1", "u1@example.com", "m1", plan="pro"), track("u1", "Viewed", "m2"))
+    first, second = await rig.enqueue(
+        identify("u1", "u1@example.com", "m1", plan="pro"), track("u1", "Viewed", "m2")
+    )
     deliverer = rig.deliverer()
-    await deliverer.deliver_once()
-    await rig.until_due(ids)
+    assert await deliverer.deliver_once() == 2
+    assert [(j.state, j.attempts) for j in [await rig.job(first), await rig.job(second)]] == [
+        (PENDING, 1),
+        (PENDING, 0),
+    ]
+    await rig.until_due([first])
     while await deliverer.deliver_once():
         pass
-    assert await rig.states(ids) == [DONE, DONE]
-    sent = [(r.path, r.status) for r in rig.fake.requests]
-    last_identify = max(i for i, (path, status) in enumerate(sent) if path == "/api/profile-import")
-    assert sent[last_identify] == ("/api/profile-import", 200)  # an update: the first event made the profile
-    assert sent[-1] == ("/api/events", 202)  # the event is (re)applied after the identify that failed
-    assert last_identify < len(sent) - 1
-    assert [e.unique_id for e in rig.fake.events] == ["m2"]  # and Klaviyo keeps it once
+    assert await rig.states([first, second]) == [DONE, DONE]
+    assert [(r.path, r.status) for r in rig.fake.requests] == [
+        ("/api/profile-import", 503),
+        ("/api/profile-import", 201),  # created: no event made the profile before its identify
+        ("/api/events", 202),
+    ]
+    assert [e.unique_id for e in rig.fake.events] == ["m2"] and rig.fake.duplicate_events == 0
     profile = rig.fake.find_profile(external_id="u1")
     assert profile is not None and profile.attributes["properties"] == {"plan": "pro"}
+
+
+async def test_a_retry_sends_only_the_steps_klaviyo_did_not_accept(rig: Rig) -> None:
+    """An identify is a profile upsert and a subscription: when only the subscription fails, the
+    retry sends only the subscription, and the progress is stored with the job."""
+    rig.fake.script("POST /api/profile-subscription-bulk-create-jobs", [503])
+    [job_id] = await rig.enqueue(
+        identify(
+            "u1", "a@example.com", "m1", firstName="Ada", properties={"listId": LIST_ID, "subscribe": True}
+        )
+    )
+    deliverer = rig.deliverer()
+    assert await deliverer.deliver_once() == 1
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts, job.progress) == (PENDING, 1, STEP_BITS["profile"])
+    await rig.until_due([job_id])
+    assert await deliverer.deliver_once() == 1
+    assert (await rig.job(job_id)).state == DONE
+    assert [(r.path, r.status) for r in rig.fake.requests] == [
+        ("/api/profile-import", 201),
+        ("/api/profile-subscription-bulk-create-jobs", 503),
+        ("/api/profile-subscription-bulk-create-jobs", 202),
+    ]
+    ada = rig.fake.find_profile(email="a@example.com")
+    assert ada is not None and rig.fake.consent(ada.id) == "SUBSCRIBED"
+    assert rig.fake.members(LIST_ID) == [ada.id]
+
+
+async def test_no_subscription_is_sent_for_a_profile_whose_upsert_failed(rig: Rig) -> None:
+    rig.fake.script("POST /api/profile-import", [503])
+    [job_id] = await rig.enqueue(
+        identify("u1", "a@example.com", "m1", properties={"listId": LIST_ID, "subscribe": True})
+    )
+    deliverer = rig.deliverer()
+    assert await deliverer.deliver_once() == 1
+    assert [(r.path, r.status) for r in rig.fake.requests] == [("/api/profile-import", 503)]
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts, job.progress) == (PENDING, 1, 0)
+    await rig.until_due([job_id])
+    assert await deliverer.deliver_once() == 1
+    assert [r.status for r in rig.fake.requests] == [503, 201, 202]
+
+
+async def test_a_profile_upsert_held_up_by_pacing_still_goes_before_its_events(rig: Rig) -> None:
+    """Events wait for the answer to the upsert of their profile in the same batch, however long
+    the upsert waits for its turn."""
+    limits = RateLimits()
+    await rig.enqueue(identify("u1", "u1@example.com", "m1", plan="pro"), track("u1", "Viewed", "m2"))
+    limits.window(endpoint_for("POST", "/api/profile-import")).block_until(time.monotonic() + 0.3)
+    assert await rig.deliverer(limits=limits).deliver_once() == 2
+    assert [r.path for r in rig.fake.requests] == ["/api/profile-import", "/api/events"]
+    assert rig.fake.find_profile(external_id="u1") is not None
+
+
+# -- a job that cannot be sent never holds up the others --------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    """A track whose properties nest ``depth`` objects deep (enqueued as it is, past ingest's checks)."""
+    return b'{"type":"track","userId":"p","event":"P","messageId":"bad","properties":{"d":%s}}' % (
+        b'{"a":' * depth + b"1" + b"}" * depth
+    )
+
+
+POISONS = {
+    # orjson encodes at most 255 levels: the bulk job holding it could never be sent
+    "cannot be encoded": (False, nested(300), "cannot be encoded for Klaviyo: Recursion limit reached"),
+    # flattening 1020 levels hits Python's recursion limit: an exception no transform expects
+    "the transform crashes": (True, nested(1020), "planning failed: RecursionError: maximum recursion depth"),
+}
+
+
+@pytest.mark.parametrize(("flatten", "poison", "reason"), POISONS.values(), ids=POISONS.keys())
+async def test_a_job_that_cannot_be_planned_is_a_dead_letter_and_the_others_go_on(
+    rig: Rig, flatten: bool, poison: bytes, reason: str
+) -> None:
+    """One poison pill among 1000 good events: the 1000 go out in the batch that carried it, once
+    each, and the pill is a dead letter after one attempt."""
+    good = [track(f"u{n}", "Viewed", f"e{n}") for n in range(1000)]
+    await rig.enqueue(*good[:500])
+    [bad] = await rig.enqueue_jobs(
+        [NewJob(source="web", destination=DEST, message_id="bad", ordering_key="p", payload=poison)]
+    )
+    await rig.enqueue(*good[500:])
+    destination = replace(rig.destination(), flatten_properties=flatten)
+    client = KlaviyoClient(rig.session, destination, timeout=5)
+    deliverer = Deliverer(rig.queue, destination, client, settings=replace(SETTINGS, batch_size=1000))
+    batches = [await deliverer.deliver_once() for _ in range(3)]
+    assert batches == [1001, 0, 0]  # one batch, as without the pill
+    job = await rig.job(bad)
+    assert (job.state, job.attempts) == (DEAD_STATE, 1)
+    assert job.last_error is not None and job.last_error.startswith(reason)
+    assert rig.event_job_sizes() == [1000]
+    assert sorted(e.unique_id for e in rig.fake.events) == sorted(f"e{n}" for n in range(1000))
+    assert rig.fake.duplicate_events == 0
+
+
+class DyingPlanner(Planner):
+    """Plans as usual, except that any batch holding the marked payload fails as a whole, the way a
+    planning process that dies on it (a crash in a C extension, say) fails the batch it was given."""
+
+    calls = 0
+
+    async def plan_payloads(self, payloads: Sequence[bytes], destination: Destination, **options: Any) -> Any:
+        self.calls += 1
+        if any(b"kills-the-planner" in payload for payload in payloads):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+        return await super().plan_payloads(payloads, destination, **options)
+
+
+async def test_a_batch_whose_planning_fails_is_split_to_find_the_job_that_causes_it(rig: Rig) -> None:
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(1000)))
+    [bad] = await rig.enqueue(track("p", "kills-the-planner", "bad"))
+    planner = DyingPlanner(MappingSets([None]))
+    deliverer = rig.deliverer(replace(SETTINGS, batch_size=1000), planner=planner)
+    assert await deliverer.deliver_once() == 1001
+    job = await rig.job(bad)
+    assert (job.state, job.attempts) == (DEAD_STATE, 1)
+    assert (
+        job.last_error
+        == "planning failed: BrokenProcessPool: A process in the process pool was terminated abruptly"
+    )
+    assert set(await rig.states(ids)) == {DONE}
+    assert rig.event_job_sizes() == [1000] and rig.fake.duplicate_events == 0
+    assert planner.calls <= 2 + 2 * 11  # the batch, halves down to the one job (log2 1001 < 11), the rest
+
+
+class BrokenPlanner(Planner):
+    """A planner that cannot plan anything (its processes cannot be started, say)."""
+
+    async def plan_payloads(self, payloads: Sequence[bytes], destination: Destination, **options: Any) -> Any:
+        raise OSError("[Errno 24] Too many open files")
+
+
+async def test_a_planner_that_fails_whatever_it_is_given_blames_no_job(rig: Rig) -> None:
+    """Nothing of the batch can be planned: no job is a dead letter for it; each counts an attempt."""
+    ids = await rig.enqueue(*(track(f"u{n}", "Viewed", f"e{n}") for n in range(8)))
+    deliverer = rig.deliverer(planner=BrokenPlanner(MappingSets([None])))
+    assert await deliverer.deliver_once() == 8
+    jobs = [await rig.job(job_id) for job_id in ids]
+    assert {(job.state, job.attempts) for job in jobs} == {(PENDING, 1)}
+    assert {job.last_error for job in jobs} == {"planning failed: OSError: [Errno 24] Too many open files"}
+    assert rig.fake.requests == []
+
+
+async def test_stopping_does_not_wait_for_a_long_retry_after(rig: Rig) -> None:
+    """A worker waiting for a 60 s block of its endpoint stops at once; the job goes back untried."""
+    limits = RateLimits()
+    limits.window(endpoint_for("POST", "/api/events")).block_until(time.monotonic() + 60)
+    [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+    deliverer = rig.deliverer(replace(SETTINGS, workers=1), limits=limits)
+    stop = asyncio.Event()
+    task = asyncio.create_task(deliverer.run(stop))
+    await eventually(lambda: rig.states([job_id]), [IN_FLIGHT])
+    await asyncio.sleep(0.1)  # waiting for its turn
+    stop.set()
+    await asyncio.wait_for(task, 5.0)
+    job = await rig.job(job_id)
+    assert (job.state, job.attempts, job.lease_expires_at) == (PENDING, 0, None)
+    assert rig.fake.requests == []
 
 
 # -- plan and apply_outcome are pure ---------------------------------------------------------------------------
@@ -763,17 +956,18 @@ def test_plan_is_pure() -> None:
     )
 
 
-def fresh() -> tuple[Any, KlaviyoRequest]:
+def fresh() -> tuple[Any, Send]:
     """A plan of JOBS and its bulk events request (three items: jobs 1, 2 and 7)."""
     work = plan(JOBS, Destination(), load_mappings())
-    return work, work.requests[1]
+    return work, work.sends[1]
 
 
-def test_apply_ok_changes_nothing() -> None:
+def test_apply_ok_marks_the_step_accepted_for_every_job_it_carried() -> None:
     work, events = fresh()
     before = [(v.state, v.reason) for v in work.verdicts]
     apply_outcome(work, events, Outcome("ok", 202))
     assert [(v.state, v.reason) for v in work.verdicts] == before
+    assert [v.accepted for v in work.verdicts] == [STEP_BITS["event"], STEP_BITS["event"], 0, 0, 0, 0, 1 << 1]
 
 
 def test_apply_retry_keeps_the_longest_retry_after() -> None:
@@ -782,11 +976,11 @@ def test_apply_retry_keeps_the_longest_retry_after() -> None:
     apply_outcome(work, events, Outcome("retry", 503, "later", retry_after=1.0))
     for index in (0, 1, 6):
         verdict = work.verdicts[index]
-        assert (verdict.state, verdict.reason, verdict.retry_after, verdict.innocent) == (
+        assert (verdict.state, verdict.reason, verdict.retry_after, verdict.accepted) == (
             RETRY,
             "later",
             3.0,
-            False,
+            0,
         )
     assert work.verdicts[2].state == OK  # not in this request
 
@@ -798,51 +992,74 @@ def test_apply_permanent_without_items_kills_every_job_of_the_request() -> None:
     assert {work.verdicts[i].reason for i in (0, 1, 6)} == {"bad job"}
 
 
-def test_apply_permanent_with_items_kills_only_those() -> None:
+def test_apply_permanent_with_items_kills_only_those_and_holds_the_others_back() -> None:
     work, events = fresh()
     apply_outcome(work, events, Outcome("permanent", 400, "bulk refused", failed_items={1: "item 1 is bad"}))
     named, *others = (work.verdicts[i] for i in (1, 0, 6))
     assert (named.state, named.reason) == (DEAD, "item 1 is bad")
     for verdict in others:
-        assert (verdict.state, verdict.innocent) == (RETRY, True)
-        assert verdict.reason == "retried: another item of the same bulk job was refused (bulk refused)"
+        assert verdict.state == HELD
+        assert verdict.reason == "held back: another item of the same bulk job was refused (bulk refused)"
 
 
 def test_apply_worst_outcome_wins() -> None:
     work, events = fresh()
     apply_outcome(work, events, Outcome("permanent", 400, "bulk refused", failed_items={1: "bad"}))
-    apply_outcome(work, events, Outcome("retry", 503, "server error"))  # a real retry beats an innocent one
-    assert (work.verdicts[0].state, work.verdicts[0].innocent, work.verdicts[0].reason) == (
-        RETRY,
-        False,
-        "server error",
-    )
+    apply_outcome(work, events, Outcome("retry", 503, "server error"))  # a real retry beats a hold
+    assert (work.verdicts[0].state, work.verdicts[0].reason) == (RETRY, "server error")
     assert work.verdicts[1].state == DEAD  # dead stays dead
     apply_outcome(work, events, Outcome("auth", 401, "key refused"))
     assert [work.verdicts[i].state for i in (0, 1, 6)] == [RELEASE] * 3
 
 
-def test_hold_back_retries_a_profiles_later_jobs_only() -> None:
+def keyed(job_id: int, message: dict[str, Any], key: str | None) -> Job:
+    return leased(job_id, message).evolve(ordering_key=key)
+
+
+def test_blocked_holds_a_failed_jobs_later_jobs_of_its_profile_only() -> None:
     jobs = [
-        leased(1, identify("u1", "a@example.com", "p1")).evolve(ordering_key="u:u1"),
-        leased(2, track("u2", "Viewed", "e2")).evolve(ordering_key="u:u2"),
-        leased(3, track("u1", "Viewed", "e3")).evolve(ordering_key="u:u1"),
-        leased(4, {"type": "alias", "userId": "u1", "previousId": "a", "messageId": "x4"}).evolve(
-            ordering_key="u:u1"
-        ),
-        leased(5, track("u0", "Viewed", "e5")).evolve(ordering_key=None),
+        keyed(1, identify("u1", "a@example.com", "p1"), "u:u1"),
+        keyed(2, track("u2", "Viewed", "e2"), "u:u2"),
+        keyed(3, track("u1", "Viewed", "e3"), "u:u1"),
+        keyed(4, track("u0", "Viewed", "e4"), None),
+        keyed(5, track("u3", "Viewed", "e5"), "u:u3"),
+        keyed(6, track("u3", "Viewed", "e6"), "u:u3"),
+        keyed(7, track("u0", "Viewed", "e7"), "u:u0"),
+        keyed(8, track("u0", "Viewed", "e8"), "u:u0"),
     ]
     work = plan(jobs, Destination(), load_mappings())
-    work.verdicts[0].worsen(RETRY, "Klaviyo 503")
-    hold_back(work)
-    assert [(v.state, v.innocent) for v in work.verdicts] == [
-        (RETRY, False),
-        (OK, False),  # another profile
-        (RETRY, True),  # u1's later track goes back behind the identify
-        (OK, False),  # skipped: nothing was sent, nothing to reorder
-        (OK, False),  # no ordering key
+    assert blocked(work.verdicts) == set()
+    work.verdicts[0].worsen(RETRY, "Klaviyo 503")  # u1's identify will come back: its track waits
+    work.verdicts[4].worsen(HELD, "held back")  # so does u3's first track: its second waits
+    work.verdicts[6].worsen(DEAD, "refused")  # a dead letter holds nothing back
+    assert blocked(work.verdicts) == {0, 2, 4, 5, 6}
+
+
+def test_requests_of_one_stage_that_share_a_profile_go_one_after_the_other() -> None:
+    """Two event bulk jobs (the second holds a repeated unique_id of u1): the second waits for the
+    first because both carry u1; a profile upsert of the same batch goes before either."""
+    jobs = [
+        keyed(1, track("u1", "Viewed", "e1"), "u:u1"),
+        keyed(2, track("u2", "Viewed", "e2"), "u:u2"),
+        keyed(3, {**track("u1", "Viewed", "e3"), "messageId": "e1"}, "u:u1"),
+        keyed(4, identify("u4", "d@example.com", "p4"), "u:u4"),
     ]
-    assert work.verdicts[2].reason == "retried: an earlier job of the same profile is retried first"
+    work = plan(jobs, Destination(), load_mappings())
+    assert [(send.stage, send.kind, send.request.sources) for send in work.sends] == [
+        (0, "profile", (3,)),
+        (1, "event", (0, 1)),
+        (1, "event", (2,)),
+    ]
+    assert next_wave(work.sends, work.verdicts) == [work.sends[0]]
+    assert next_wave(work.sends[1:], work.verdicts) == [work.sends[1]]
+    assert next_wave(work.sends[2:], work.verdicts) == [work.sends[2]]
+    unrelated = [keyed(n, track(f"v{n}", "Viewed", f"x{n}"), f"u:v{n}") for n in range(1, 3)]
+    apart = plan(
+        [*unrelated, keyed(3, {**track("v1", "Viewed", "y"), "messageId": "x1"}, "u:w")],
+        Destination(),
+        load_mappings(),
+    )
+    assert next_wave(apart.sends, apart.verdicts) == apart.sends  # no profile in common: together
 
 
 async def test_a_backlog_goes_out_in_full_event_jobs(rig: Rig) -> None:

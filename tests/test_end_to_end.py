@@ -9,6 +9,12 @@ SIGKILLed with jobs leased; a new worker takes them over once the (short) lease 
 again what the killed one had already delivered of that batch (the fake drops the repeated events
 by ``unique_id``, as Klaviyo does).
 
+Nothing Klaviyo accepted may be sent again because something else failed: the fake counts every
+write it accepted although it repeats an earlier one (:attr:`FakeKlaviyo.repeats`), and each is
+held against what the input itself repeats (the mix subscribes some profiles to a list twice).
+After the faulty first half there must be no repeat beyond those; after the SIGKILL, no more than
+the steps of the jobs the killed worker held (the one batch whose answers it could not settle).
+
 The fake's final profiles, events, consent and list memberships are then compared with what the
 transform says of the same messages, taken in input order (:class:`Expected`), and the queue must
 hold every job done. The comparison is of effects, not requests, because how jobs fall into batches
@@ -57,10 +63,9 @@ from router.destination import Destination
 from router.errors import Skipped, TransformError
 from router.fake_klaviyo import build_fake_app, fake_of
 from router.fake_klaviyo.state import event_time
-from router.klaviyo.batch import batch
+from router.klaviyo.batch import LIST_STAGE, prepare, staged
 from router.klaviyo.requests import REVISION
 from router.mapping import load_mappings
-from router.plan import phases
 from router.queue import Job, JobState, Queue, open_queue
 from router.settings import Settings
 from router.transform import transform
@@ -78,15 +83,15 @@ LEASE = 4.0
 #: Seconds the worker waits for Klaviyo; a held request costs this much (the fake holds it a little
 #: longer, so the request is logged, with status 0, before the run ends).
 TIMEOUT = 2.0
-#: Faults from the start: a 5xx burst on bulk events, a 429 on bulk profile import, a held subscribe
-#: request, and 5 % random 5xx on everything, reproducible for the seed.
+#: Faults from the start: a 5xx burst on bulk events (one with Retry-After), a storm of 429s on bulk
+#: profile import, a held subscribe request, and 5 % random 5xx on everything, reproducible for the seed.
 FAULTS: dict[str, Any] = {
     "seed": 20261122,
     "random_5xx_rate": 0.05,
     "hold_seconds": TIMEOUT + 0.5,
     "scripts": {
-        "bulk_create_events": [500, 503, 502],
-        "bulk_import_profiles": [{"status": 429, "retry_after": 1}],
+        "bulk_create_events": [500, {"status": 503, "retry_after": 1}, 502],
+        "bulk_import_profiles": [{"status": 429, "retry_after": 1}] * 3,
         "bulk_subscribe_profiles": ["timeout"],
     },
 }
@@ -159,6 +164,9 @@ class Expected:
     #: messageId → why the transform refused it; skipped messageIds.
     rejected: dict[str, str] = field(default_factory=dict)
     skipped: set[str] = field(default_factory=set)
+    #: (kind, JSON text) → how many times the input itself makes this write, keyed as the fake
+    #: fingerprints its accepted writes (:meth:`FakeKlaviyo.note_write`).
+    writes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @classmethod
     def of(cls, messages: Iterable[Mapping[str, Any]], destination: Destination) -> Expected:
@@ -184,12 +192,29 @@ class Expected:
     def add(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "profile":
             self._profile(kind, data["attributes"])
+            self.writes["profiles", json_text(data)] += 1
         elif kind == "event":
             self._event(data["attributes"])
         elif kind in ("subscribe", "unsubscribe"):
             self._consent(kind, data)
+            list_id = data["relationships"]["list"]["data"]["id"]
+            for profile in data["attributes"]["profiles"]["data"]:
+                if kind == "subscribe":
+                    self.writes[
+                        "subscriptions", json_text({"list": list_id, "job": {}, "profile": profile})
+                    ] += 1
+                else:
+                    self.writes["unsubscriptions", json_text({"list": list_id, "profile": profile})] += 1
         else:
             raise AssertionError(f"the mix produced a {kind!r} request, which this test does not model")
+
+    def excess_repeats(self, state: Mapping[str, Any]) -> dict[str, int]:
+        """Writes the fake accepted more often than the input makes them, by kind (an event: once)."""
+        excess: Counter[str] = Counter()
+        for entry in state["repeated"]:
+            allowed = max(1, self.writes[entry["kind"], json_text(entry["item"])])
+            excess[entry["kind"]] += max(0, entry["times"] - allowed)
+        return {kind: count for kind, count in excess.items() if count}
 
     def _profile(self, kind: str, attributes: Mapping[str, Any]) -> str:
         assert "meta" not in attributes, "patch_properties are not modelled"
@@ -381,6 +406,8 @@ class Run:
     """What the end-to-end run left behind."""
 
     state: dict[str, Any]
+    #: The fake's state once the first half (every fault but the SIGKILL) was settled.
+    first_state: dict[str, Any]
     statuses: Counter[int]
     jobs: dict[JobState, int]
     dead: dict[str, str]
@@ -447,6 +474,7 @@ async def run_end_to_end(folder: Path, events: list[dict[str, Any]], lists: Iter
         # first half: 5xx burst, 429, a timeout and random 5xx, one worker throughout
         assert await in_thread(send_with_sdk, router.url, first, within=30) == []
         await all_settled(queue, len(first))
+        first_state = await fake.get("/__fake__/state")
 
         # second half: SIGKILL the worker while its subscribe request hangs, then start another
         await fake.post("/__fake__/faults", {"scripts": {KILL_TRIGGER: ["timeout"]}})
@@ -476,7 +504,7 @@ async def run_end_to_end(folder: Path, events: list[dict[str, Any]], lists: Iter
         payloads = [job.message() for job in sorted(done, key=lambda job: job.id)]
         worker_exit = await restarted.stop()
         serve_exit = await router.stop()
-    return Run(state, statuses, jobs, dead, orphaned, payloads, worker_exit, serve_exit)
+    return Run(state, first_state, statuses, jobs, dead, orphaned, payloads, worker_exit, serve_exit)
 
 
 async def _job(queue: Queue, job_id: int) -> Job:
@@ -526,13 +554,23 @@ class TestEndToEnd:
         counters = observed.counters
         assert counters["sent_early"] == {}
         failed = {status: count for status, count in run.statuses.items() if status >= 300 or status == 0}
+        # nothing Klaviyo accepted was sent again because something else failed: after the faulty
+        # first half no repeat beyond what the input repeats; after the SIGKILL at most the steps
+        # of the jobs the killed worker held
+        first_half = Expected.of(events[: len(events) // 2], destination_of(config))
+        excess_first = first_half.excess_repeats(run.first_state)
+        excess = raw.excess_repeats(run.state)
         print(
             f"\nend to end: {sum(run.statuses.values())} requests, answered {dict(sorted(run.statuses.items()))}; "
-            f"{len(run.orphaned)} jobs orphaned by SIGKILL; "
-            f"{counters['duplicate_events']} re-sent events absorbed by unique_id; "
-            f"{counters['throttled']} throttled; {len(counters['global_unsubscribes'])} global unsubscribes"
+            f"{counters['throttled']} throttled; {len(counters['global_unsubscribes'])} global unsubscribes\n"
+            f"repeats accepted by the fake after the faults: {run.first_state['counters']['repeats']}, "
+            f"beyond the input's own: {excess_first}\n"
+            f"after the SIGKILL ({len(run.orphaned)} jobs orphaned): {counters['repeats']}, "
+            f"beyond the input's own: {excess}"
         )
-        assert failed.get(429, 0) >= 1 and failed.get(0, 0) >= 2, failed
+        assert excess_first == {}
+        assert sum(excess.values()) <= 2 * len(run.orphaned), excess
+        assert failed.get(429, 0) >= 3 and failed.get(0, 0) >= 2, failed
         assert sum(count for status, count in failed.items() if status >= 500) >= 3, failed
 
 
@@ -589,13 +627,14 @@ class TestTransformBatchReference:
         # zed's subscription opens the job for list A before ada's unsubscription from list B
         messages = [group("zed", "A", True), group("ada", "B", False), group("ada", "A", True)]
         destination = Destination(private_key=PRIVATE_KEY)
-        requests = batch(
+        stages = staged(
             [
-                request
+                prepare(request)
                 for index, m in enumerate(messages)
                 for request in transform(m, destination, index=index)
             ]
         )
+        requests = [entry.request for entry in stages]
         sent = [
             (
                 request.path.rsplit("-", 2)[-2],
@@ -613,8 +652,9 @@ class TestTransformBatchReference:
             ("create", "A", "zed@example.com"),
             ("delete", "B", "ada@example.com"),
         ]
-        # delivery sends a phase's requests concurrently: ada's two jobs must be in successive phases
-        assert [[request.path.rsplit("-", 2)[-2] for request in phase] for phase in phases(requests)] == [
-            ["create", "delete"],
-            ["create"],
+        # delivery sends a stage's requests concurrently: ada's two jobs must be in successive stages
+        assert [(entry.stage, entry.request.path.rsplit("-", 2)[-2]) for entry in stages] == [
+            (LIST_STAGE, "create"),
+            (LIST_STAGE, "delete"),
+            (LIST_STAGE + 1, "create"),
         ]

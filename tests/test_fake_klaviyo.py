@@ -405,6 +405,49 @@ async def test_subscribe_and_unsubscribe(harness: Harness) -> None:
     assert harness.fake.global_unsubscribes == [stranger.id]
 
 
+async def test_accepted_repeats_are_counted_by_kind(harness: Harness) -> None:
+    """Klaviyo takes a repeated write without complaint (an event's unique id, an identical upsert,
+    subscription, list add): the fake counts each and lists what was repeated, so tests can tell."""
+    fake = harness.fake
+    fake.create_list("Newsletter", "single_opt_in", list_id="L1")
+    subscribe = consent_body(
+        "create", {"email": "a@example.com", "subscriptions": email_consent("SUBSCRIBED")}, list_id="L1"
+    )
+    unsubscribe = consent_body(
+        "delete", {"email": "a@example.com", "subscriptions": email_consent("UNSUBSCRIBED")}, list_id="L1"
+    )
+    writes = [
+        ("/api/profile-import", profile(email="a@example.com", first_name="Ada")),
+        ("/api/profile-bulk-import-jobs", bulk_import_body({"email": "b@example.com"})),
+        ("/api/profile-bulk-import-jobs", bulk_import_body({"email": "c@example.com"}, list_ids=("L1",))),
+        ("/api/events", event_body("a@example.com", unique_id="e1")),
+        ("/api/profile-subscription-bulk-create-jobs", subscribe),
+        ("/api/profile-subscription-bulk-delete-jobs", unsubscribe),
+    ]
+    for path, body in writes:
+        assert (await harness.call("POST", path, body))[0] < 300
+    assert fake.repeats == {}
+    different = profile(email="a@example.com", first_name="Grace")
+    assert (await harness.call("POST", "/api/profile-import", different))[0] == 200  # not a repeat
+    for path, body in writes[1:]:
+        assert (await harness.call("POST", path, body))[0] < 300
+    assert (await harness.call("POST", "/api/profile-import", writes[0][1]))[0] == 200
+    await harness.call("POST", "/api/profile-import", writes[0][1])
+    assert fake.repeats == {
+        "profiles": 3,
+        "list_adds": 1,
+        "events": 1,
+        "subscriptions": 1,
+        "unsubscriptions": 1,
+    }
+    assert fake.duplicate_events == 1
+    times = {entry["kind"]: entry["times"] for entry in fake.repeated()}
+    assert times["profiles"] == 3  # Ada's upsert: the repeated list has one entry per write, latest count
+    _, state, _ = await harness.call("GET", "/__fake__/state")
+    assert state["counters"]["repeats"] == dict(fake.repeats)
+    assert {entry["kind"] for entry in state["repeated"]} == set(fake.repeats)
+
+
 @pytest.mark.parametrize(
     ("attributes", "historical", "pointer"),
     [

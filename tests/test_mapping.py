@@ -15,20 +15,27 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
+from pytest_aiohttp import AiohttpClient
 
+from router.app import build_app
 from router.cli import main
+from router.destination import Destination
 from router.errors import MappingError
 from router.fields import Context, PathTable, compile_field
 from router.mapping import (
     BUILTIN_DIR,
     KLAVIYO_DIR,
     SCHEMA_PATH,
+    MappingSets,
     load_mappings,
     mapping_files,
     normalise_event_name,
     read_document,
     validate_document,
 )
+from router.queue.memory import MemoryQueue
+from router.settings import Settings
+from router.transform import transform
 
 CASES = Path(__file__).resolve().parent / "cases" / "mappings"
 VALID = sorted((CASES / "valid").glob("*.json"))
@@ -316,3 +323,50 @@ class TestCheckMappingsCommand:
         assert main(["check-mappings", str(tmp_path / "nope")]) == 1
         _, err = capsys.readouterr()
         assert err == f"error: {tmp_path / 'nope'}: mappings_dir is not a folder\n"
+
+
+class TestReload:
+    """The mapping sets delivery uses change only when reloaded (SIGHUP, or the admin API), and
+    only to sets that pass every check; ``/ready`` tells which generation runs."""
+
+    async def test_admin_reload(self, tmp_path: Path, aiohttp_client: AiohttpClient) -> None:
+        folder = tmp_path / "mappings"
+        folder.mkdir()
+        (folder / "viewed.json").write_bytes(orjson.dumps(VIEWED))
+        token = "admin-token-0123456789"
+        settings = Settings(
+            data_dir=tmp_path,
+            min_free_disk_bytes=0,
+            admin_token=token,
+            destinations=(Destination(name="klaviyo", private_key="pk_reload", mappings_dir=folder),),
+        )
+        sets = MappingSets([folder])
+        client = await aiohttp_client(build_app(settings, MemoryQueue(), mappings=sets))
+        headers = {"Authorization": f"Bearer {token}"}
+
+        assert (await client.post("/admin/mappings/reload")).status == 401
+        (folder / "broken.json").write_text('{"kind": "event", "match": {"type": ["track"]}}')
+        response = await client.post("/admin/mappings/reload", headers=headers)
+        body = await response.json()
+        assert response.status == 422 and body["reloaded"] is False
+        assert body["error"].startswith(
+            f"mappings not reloaded, the running set is kept: {folder / 'broken.json'}: at /: 'metric' is a required"
+        )
+        ready = await client.get("/ready")
+        assert ready.status == 200  # the running set is a good one
+        assert (await ready.json())["mappings"] == {"generation": 1, "last_reload_refused": sets.reload_error}
+
+        (folder / "broken.json").unlink()
+        (folder / "viewed.json").write_bytes(orjson.dumps({**VIEWED, "metric": {"value": "Glimpsed"}}))
+        response = await client.post("/admin/mappings/reload", headers=headers)
+        assert (response.status, await response.json()) == (200, {"reloaded": True, "generation": 2})
+        message = {"type": "track", "userId": "u1", "event": "Viewed"}
+        [request] = transform(message, settings.destinations[0], sets.get(folder))
+        assert request.body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Glimpsed"
+        assert (await (await client.get("/ready")).json())["mappings"] == {
+            "generation": 2,
+            "last_reload_refused": None,
+        }
+
+
+VIEWED = {"kind": "event", "match": {"type": ["track"], "event": ["viewed"]}, "metric": {"value": "Seen"}}

@@ -19,8 +19,8 @@ from router.destination import Destination
 from router.errors import MappingError
 from router.klaviyo.batch import MAX_EVENTS
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import load_mappings
-from router.plan import DEAD, OK, Leftover, Plan, claim_size, plan, plan_payloads
+from router.mapping import MappingSets, load_mappings
+from router.plan import DEAD, OK, STEP_BITS, Leftover, Plan, claim_size, plan, plan_payloads
 from router.planner import Planner
 from router.queue import Job, JobState
 
@@ -213,10 +213,10 @@ async def test_a_planning_process_plans_what_this_process_would() -> None:
     jobs = [*tracks(5), leased(5, b"[oops"), leased(6, {"type": "alias", "userId": "a", "messageId": "x"})]
     destination = Destination(list_id="XUepkK")
     here = plan(jobs, destination, load_mappings())
-    planner = Planner(processes=1)
+    planner = Planner(MappingSets([None]), processes=1)
     try:
         await planner.start()
-        there = await planner.plan(jobs, destination, load_mappings(), carry_partial=False)
+        there = await planner.plan(jobs, destination)
     finally:
         planner.close()
     assert there.requests == here.requests
@@ -235,15 +235,11 @@ async def test_a_planning_process_holds_over_and_takes_leftovers_as_this_process
     destination = Destination()
     here = plan(first, destination, load_mappings(), carry_partial=True)
     here_next = plan([*here.held, *following], destination, load_mappings(), carried=here.leftover)
-    planner = Planner(processes=1)
+    planner = Planner(MappingSets([None]), processes=1)
     try:
-        there = await planner.plan(first, destination, load_mappings(), carry_partial=True)
+        there = await planner.plan(first, destination, carry_partial=True)
         there_next = await planner.plan(
-            [*there.held, *following],
-            destination,
-            load_mappings(),
-            carry_partial=True,
-            carried=there.leftover,
+            [*there.held, *following], destination, carry_partial=True, carried=there.leftover
         )
     finally:
         planner.close()
@@ -252,58 +248,64 @@ async def test_a_planning_process_holds_over_and_takes_leftovers_as_this_process
     assert [request.sources for request in there_next.requests] == [tuple(range(20))]
 
 
-async def test_a_planning_process_keeps_the_last_good_mappings(tmp_path: Path) -> None:
-    mappings = tmp_path / "mappings"
-    mappings.mkdir()
-    (mappings / "viewed.json").write_text(
-        '{"kind": "event", "match": {"type": ["track"], "event": ["viewed"]}, "metric": {"value": "Seen"}}'
-    )
-    destination = Destination(mappings_dir=mappings)
-    planner = Planner(processes=1)
+def metric_file(folder: Path, metric: str) -> None:
+    document = {
+        "kind": "event",
+        "match": {"type": ["track"], "event": ["viewed"]},
+        "metric": {"value": metric},
+    }
+    (folder / "viewed.json").write_bytes(orjson.dumps(document))
+
+
+def metric_of(work: Plan) -> str:
+    name: str = work.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"]
+    return name
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_planning_uses_the_mappings_taken_at_start_or_by_the_last_reload(
+    tmp_path: Path, processes: int
+) -> None:
+    """Edited files change nothing until a reload; a reload that fails its checks keeps the running
+    set; one that passes is what every later batch is planned with, in planning processes too."""
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    metric_file(folder, "Seen")
+    sets = MappingSets([folder])
+    destination = Destination(mappings_dir=folder)
+    planner = Planner(sets, processes=processes)
     try:
-        first = await planner.plan(tracks(1), destination, load_mappings(mappings), carry_partial=False)
-        (mappings / "viewed.json").write_text("{")
-        os.utime(mappings / "viewed.json", (1, 1))  # another mtime, whatever the clock's resolution
-        with pytest.raises(MappingError):
-            load_mappings(mappings)
-        again = await planner.plan(tracks(1), destination, load_mappings(), carry_partial=False)
+        await planner.start()
+        assert metric_of(await planner.plan(tracks(1), destination)) == "Seen"
+        metric_file(folder, "Glimpsed")
+        assert metric_of(await planner.plan(tracks(1), destination)) == "Seen"  # not reloaded
+        (folder / "broken.json").write_text('{"kind": "event"')
+        error = sets.reload()
+        assert error is not None and error.startswith(f"{folder / 'broken.json'}: not valid JSON")
+        assert (sets.generation, sets.reload_error) == (1, error)
+        assert metric_of(await planner.plan(tracks(1), destination)) == "Seen"  # the running set stays
+        (folder / "broken.json").unlink()
+        assert sets.reload() is None
+        assert (sets.generation, sets.reload_error) == (2, None)
+        assert metric_of(await planner.plan(tracks(1), destination)) == "Glimpsed"
     finally:
         planner.close()
-    assert again.requests == first.requests
-    assert first.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Seen"
 
 
-async def test_planning_processes_compile_the_mappings_at_start(tmp_path: Path) -> None:
-    """Started with a destination's mappings folder, a planning process has them before its first
-    batch: an edit that breaks them afterwards leaves it the set it started with. A folder broken
-    at start is reported by the first batch, not by the start."""
-    mappings = tmp_path / "mappings"
-    mappings.mkdir()
-    (mappings / "viewed.json").write_text(
-        '{"kind": "event", "match": {"type": ["track"], "event": ["viewed"]}, "metric": {"value": "Seen"}}'
-    )
+def test_mapping_sets_refuse_a_broken_or_missing_folder_at_once(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "bad.json").write_text("{")
-    planner = Planner(processes=1)
-    try:
-        await planner.start([mappings, broken, None])
-        (mappings / "viewed.json").write_text("{")
-        os.utime(mappings / "viewed.json", (1, 1))
-        work = await planner.plan(
-            tracks(1), Destination(mappings_dir=mappings), load_mappings(), carry_partial=False
-        )
-        with pytest.raises(MappingError):
-            await planner.plan(
-                tracks(1), Destination(mappings_dir=broken), load_mappings(), carry_partial=False
-            )
-    finally:
-        planner.close()
-    assert work.requests[0].body["data"]["attributes"]["metric"]["data"]["attributes"]["name"] == "Seen"
+    (broken / "bad.json").write_text(
+        '{"kind": "event", "match": {"type": ["nope"]}, "metric": {"value": "x"}}'
+    )
+    with pytest.raises(MappingError, match=r"bad.json: at /match/type/0: 'nope' is not one of"):
+        MappingSets([None, broken])
+    with pytest.raises(MappingError, match="mappings_dir is not a folder"):
+        MappingSets([tmp_path / "missing"])
 
 
 async def test_planning_processes_collect_garbage_as_rarely_as_the_router() -> None:
-    planner = Planner(processes=1)
+    planner = Planner(MappingSets([None]), processes=1)
     try:
         await planner.start()
         thresholds = await asyncio.get_running_loop().run_in_executor(planner._executor(), gc.get_threshold)
@@ -313,7 +315,7 @@ async def test_planning_processes_collect_garbage_as_rarely_as_the_router() -> N
 
 
 async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over() -> None:
-    planner = Planner(processes=1)
+    planner = Planner(MappingSets([None]), processes=1)
     try:
         await planner.start()
         pool = planner._executor()
@@ -321,8 +323,8 @@ async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over(
             assert process.pid is not None
             os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool):
-            await planner.plan(tracks(2), Destination(), load_mappings(), carry_partial=False)
-        work = await planner.plan(tracks(2), Destination(), load_mappings(), carry_partial=False)
+            await planner.plan(tracks(2), Destination())
+        work = await planner.plan(tracks(2), Destination())
     finally:
         planner.close()
     assert work.events == 2
@@ -331,3 +333,23 @@ async def test_a_dead_planning_process_fails_the_batch_and_a_new_one_takes_over(
 def test_plan_payloads_is_plain_data() -> None:
     planned = plan_payloads([orjson.dumps(track(1))], Destination(), load_mappings())
     assert pickle.loads(pickle.dumps(planned)) == planned
+
+
+def test_steps_already_done_are_not_planned_again() -> None:
+    """An identify is two steps (upsert, subscription); with the upsert in its progress only the
+    subscription is planned, and with both nothing: the job is done."""
+    message = {
+        "type": "identify",
+        "userId": "u1",
+        "messageId": "m1",
+        "traits": {"email": "a@example.com", "properties": {"listId": "L1", "subscribe": True}},
+    }
+    payload = orjson.dumps(message)
+    kinds = [
+        [
+            (send.stage, send.kind)
+            for send in plan_payloads([payload], Destination(), load_mappings(), progress=[done]).sends()
+        ]
+        for done in (0, STEP_BITS["profile"], STEP_BITS["profile"] | STEP_BITS["subscribe"])
+    ]
+    assert kinds == [[(0, "profile"), (2, "subscribe")], [(2, "subscribe")], []]

@@ -256,6 +256,55 @@ async def test_release_returns_jobs_without_an_attempt(queue: Queue) -> None:
     assert await claim_ids(queue, now=T0 + 1) == [1, 2]
 
 
+async def test_progress_is_added_by_retry_release_and_dead_letter_and_kept_by_revive(queue: Queue) -> None:
+    """What delivery achieved for a job survives it leaving in flight, so a later attempt sends only the rest."""
+    await queue.enqueue([new_job("a"), new_job("b"), new_job("c")], now=T0)
+    claimed = await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0)
+    assert [job.progress for job in claimed] == [0, 0, 0]
+    await queue.retry(1, at=T0, error="503", progress=0b01, now=T0)
+    await queue.release([2, 3], progress=0b10, now=T0)
+    again = await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0)
+    assert [(job.id, job.progress, job.attempts) for job in again] == [
+        (1, 0b01, 1),
+        (2, 0b10, 0),
+        (3, 0b10, 0),
+    ]
+    await queue.retry(1, at=T0, error="503", progress=0b100, now=T0)  # added, never cleared
+    await queue.release([2], now=T0)
+    await queue.dead_letter(3, reason="400", progress=0b01, now=T0)
+    jobs = [await queue.get(job_id) for job_id in (1, 2, 3)]
+    assert [job.progress if job else None for job in jobs] == [0b101, 0b10, 0b11]
+    assert await queue.revive([3], now=T0) == 1
+    revived = await queue.get(3)
+    assert revived is not None and (revived.attempts, revived.progress) == (0, 0b11)
+    assert [job.progress for job in await queue.list_jobs(JobState.PENDING)] == [0b101, 0b10, 0b11]
+    assert [job.id for job in await queue.claim("klaviyo", 10, lease_seconds=LEASE, now=T0)] == [1, 2, 3]
+    await queue.ack([1], now=T0)
+    assert await queue.resend([1], now=T0) == 1  # sent again: every step
+    resent = await queue.get(1)
+    assert resent is not None and (resent.state, resent.progress) == (JobState.PENDING, 0)
+
+
+async def test_oldest_due_is_the_job_delivery_should_be_working_on(queue: Queue) -> None:
+    assert await queue.oldest_due("klaviyo", now=T0) is None
+    await queue.enqueue(
+        [new_job("a", key="u"), new_job("b", key="u"), new_job("c", key="v"), new_job("d", key="w")], now=T0
+    )
+    await queue.enqueue([new_job("e", destination="eu")], now=T0)
+    assert await queue.oldest_due("klaviyo", now=T0) == 1
+    assert await queue.oldest_due("eu", now=T0) == 5
+    assert await claim_ids(queue, limit=2) == [1, 2]
+    assert await queue.oldest_due("klaviyo", now=T0) == 1  # in flight
+    await queue.retry(1, at=T0 + 10, error="503", now=T0)
+    await queue.release([2], now=T0)
+    # 1 waits for its retry and 2 behind it: delivery should be on 3
+    assert await queue.oldest_due("klaviyo", now=T0) == 3
+    assert await queue.oldest_due("klaviyo", now=T0 + 10) == 1  # due again
+    await queue.dead_letter(1, reason="400", now=T0)
+    assert await queue.oldest_due("klaviyo", now=T0) == 2
+    assert await queue.oldest_due("nowhere", now=T0) is None
+
+
 # --- dead letters ----------------------------------------------------------------------------
 
 
@@ -728,7 +777,7 @@ async def test_sqlite_migrations_run_once(tmp_path: Path) -> None:
         await queue.enqueue([new_job("a")], now=T0)
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (7,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone() == (1,)
         conn.execute("PRAGMA user_version = 99")
@@ -801,7 +850,7 @@ def test_sqlite_sigkill_keeps_every_acknowledged_job(tmp_path: Path) -> None:
 def test_sql_sections() -> None:
     queries = sql.load("sqlite")
     assert queries["ping"] == "SELECT 1;"
-    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5, 6]
+    assert [number for number, _ in sql.migrations(queries)] == [1, 2, 3, 4, 5, 6, 7]
 
 
 async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
@@ -820,13 +869,13 @@ async def test_sqlite_version_1_file_is_migrated_and_keeps_its_jobs(tmp_path: Pa
     await queue.open()
     try:
         [job] = await queue.claim("klaviyo", 10, lease_seconds=60, now=T0)
-        assert (job.id, job.message_id, job.payload) == (1, "m1", b"{}")
+        assert (job.id, job.message_id, job.payload, job.progress) == (1, "m1", b"{}", 0)
         await queue.enqueue([new_job("m2")], now=T0)
         assert [j.id for j in await queue.claim("klaviyo", 10, lease_seconds=60, now=T0)] == [2]
     finally:
         await queue.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (6,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (7,)
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"queue_jobs_retrying", "queue_jobs_pending", "queue_jobs_in_flight"} <= names
         assert not names & {"queue_jobs_active", "queue_jobs_active_key"}

@@ -104,7 +104,8 @@ HEADERS: dict[str, tuple[int, Mapping[str, str], float]] = {
     "used-up window, reset 0": (202, {"RateLimit-Remaining": "0", "RateLimit-Reset": "0"}, 1.0),
     "room left": (200, {"RateLimit-Remaining": "5", "RateLimit-Reset": "7"}, 0.0),
     "no reset given": (200, {"RateLimit-Remaining": "0"}, 0.0),
-    "5xx Retry-After is not the limiter's business": (503, {"Retry-After": "9"}, 0.0),
+    "503 with Retry-After 9 pauses the endpoint too": (503, {"Retry-After": "9"}, 9.0),
+    "503 without Retry-After": (503, {}, 0.0),
 }
 
 

@@ -97,6 +97,23 @@ async def running_server(
         await process.wait()
 
 
+async def serve_to_exit(config: Path) -> tuple[int | None, bytes, bytes]:
+    """Run the router with ``config`` until it exits by itself (30 s at most): status, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router.app",
+        "--config",
+        str(config),
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    return process.returncode, stdout, stderr
+
+
 async def _banner_url(stdout: asyncio.StreamReader, banner: list[str]) -> str:
     while line := (await stdout.readline()).decode():
         banner.append(line)
@@ -216,22 +233,30 @@ class TestServe:
         """A bad config stops start-up with exit status 2 and the key and reason on stderr."""
         config = tmp_path / "router.toml"
         config.write_text(CONFIG.format(data_dir=tmp_path, write_key="env:NOT_SET_FOR_THIS_TEST"))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router.app",
-            "--config",
-            str(config),
-            cwd=ROOT,
-            env=clean_env(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-        assert process.returncode == 2 and stdout == b""
+        status, stdout, stderr = await serve_to_exit(config)
+        assert status == 2 and stdout == b""
         assert stderr.decode().strip() == (
             "klaviyo-router: sources[0].write_key: environment variable NOT_SET_FOR_THIS_TEST is not set"
         )
+
+
+class TestMappingsChecked:
+    """A broken mapping folder stops ``serve`` before it listens or starts anything."""
+
+    async def test_broken_mappings(self, tmp_path: Path) -> None:
+        """Exit status 2 and one line naming the file, the JSON pointer and the reason."""
+        folder = tmp_path / "mappings"
+        folder.mkdir()
+        (folder / "mine.json").write_text('{"kind": "profile", "fields": {"email": {"from": 7}}}')
+        config = tmp_path / "router.toml"
+        config.write_text(
+            CONFIG.format(data_dir=tmp_path / "data", write_key=WRITE_KEY) + f'mappings_dir = "{folder}"\n'
+        )
+        status, stdout, stderr = await serve_to_exit(config)
+        assert status == 2 and stdout == b""
+        [line] = stderr.decode().splitlines()
+        assert line.startswith(f"klaviyo-router: mappings: {folder / 'mine.json'}: at /fields/email/from: ")
+        assert not (tmp_path / "data").exists()  # no queue, no write key: nothing started
 
 
 class TestSandbox:

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
@@ -15,7 +17,7 @@ import pytest
 from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
-from router.queue import JobState, NewJob, open_queue
+from router.queue import JobState, NewJob, Queue, open_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -34,21 +36,70 @@ destinations = ["klaviyo"]
 name = "klaviyo"
 private_key = "{private_key}"
 base_url = "{base_url}"
+{mappings}
 """
 NOTHING_TO_DO = "klaviyo-router: nothing to do: no destinations, or [delivery] workers = 0\n"
 
 
 def write_config(
-    folder: Path, *, workers: int = 2, base_url: str = "http://127.0.0.1:9", private_key: str = "pk_work_0123"
+    folder: Path,
+    *,
+    workers: int = 2,
+    base_url: str = "http://127.0.0.1:9",
+    private_key: str = "pk_work_0123",
+    mappings_dir: Path | None = None,
 ) -> Path:
     path = folder / "router.toml"
-    path.write_text(CONFIG.format(folder=folder, workers=workers, base_url=base_url, private_key=private_key))
+    mappings = f'mappings_dir = "{mappings_dir}"' if mappings_dir else ""
+    path.write_text(
+        CONFIG.format(
+            folder=folder, workers=workers, base_url=base_url, private_key=private_key, mappings=mappings
+        )
+    )
     return path
 
 
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
     return env | {"PYTHONUNBUFFERED": "1"}
+
+
+@asynccontextmanager
+async def running_work(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m router work --config CONFIG``, its output in ``log``; killed and reaped on the way out."""
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router",
+            "work",
+            "--config",
+            str(config),
+            cwd=ROOT,
+            env=child_env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def until(check: Callable[[], Awaitable[bool]], process: asyncio.subprocess.Process, log: Path) -> None:
+    """Poll ``check`` (30 s at most) while the process runs; fail with its log otherwise."""
+    deadline = time.monotonic() + 30
+    while not await check():
+        if process.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(await asyncio.to_thread(log.read_text))
+        await asyncio.sleep(0.02)
+
+
+async def done(queue: Queue, jobs: int) -> bool:
+    return (await queue.counts())[JobState.DONE] == jobs
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +137,38 @@ class TestNothingToDo:
         )
 
 
+class TestMappingsChecked:
+    """Broken or missing mappings stop ``work`` before anything starts: exit 2, one line naming the
+    file, the JSON pointer and the reason."""
+
+    @pytest.mark.parametrize(
+        ("content", "error"),
+        [
+            (
+                b'{"kind": "event", "match": {"type": ["track"], "event": ["x"]}, "metric": 7}',
+                "at /metric: 7 is not",
+            ),
+            (b'{"kind": ', "not valid JSON"),
+            (None, "mappings_dir is not a folder"),
+        ],
+        ids=["schema", "json", "missing"],
+    )
+    def test_broken_mappings(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, error: str
+    ) -> None:
+        folder = tmp_path / "mappings"
+        if content is not None:
+            folder.mkdir()
+            (folder / "mine.json").write_bytes(content)
+        config = write_config(tmp_path, mappings_dir=folder)
+        assert main(["work", "--config", str(config)]) == 2
+        out, err = capsys.readouterr()
+        where = f"{folder / 'mine.json'}: " if content is not None else f"{folder}: "
+        assert out == "" and err.startswith(f"klaviyo-router: mappings: {where}") and error in err
+        assert err.count("\n") == 1
+        assert not (tmp_path / "queue.db").exists()  # nothing started
+
+
 class TestSignals:
     """A running ``work`` process delivers what is queued and exits 0 on SIGTERM."""
 
@@ -106,32 +189,10 @@ class TestSignals:
                 payload=orjson.dumps(message),
             )
             await queue.enqueue([job])
-            with log.open("wb") as out:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "router",
-                    "work",
-                    "--config",
-                    str(config),
-                    cwd=ROOT,
-                    env=child_env(),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                )
-            try:
-                deadline = time.monotonic() + 30
-                while (await queue.counts())[JobState.DONE] != 1:
-                    assert process.returncode is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    await asyncio.sleep(0.02)
+            async with running_work(config, log) as process:
+                await until(lambda: done(queue, 1), process, log)
                 process.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(process.wait(), 30) == 0
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
         finally:
             await queue.close()
         assert [event.unique_id for event in fake_klaviyo.state.events] == ["m1"]
@@ -139,3 +200,70 @@ class TestSignals:
         assert logged[0] == "worker_started" and logged[-1] == "worker_stopped"
         assert "worker_stopping" in logged
         assert fake_klaviyo.api_key not in log.read_text()
+
+
+def viewed_as(folder: Path, metric: str) -> None:
+    document = {
+        "kind": "event",
+        "match": {"type": ["track"], "event": ["viewed"]},
+        "metric": {"value": metric},
+    }
+    (folder / "viewed.json").write_bytes(orjson.dumps(document))
+
+
+class TestReloadOnSighup:
+    """SIGHUP makes a running ``work`` read its mappings again: a set that fails its checks is
+    logged and the running one stays; one that passes is what later batches are planned with (in
+    its planning process too)."""
+
+    @pytest.mark.timeout(90)
+    async def test_sighup(self, tmp_path: Path, fake_klaviyo: FakeKlaviyoServer) -> None:
+        folder = tmp_path / "mappings"
+        folder.mkdir()
+        viewed_as(folder, "Seen")
+        config = write_config(
+            tmp_path, base_url=fake_klaviyo.url, private_key=fake_klaviyo.api_key, mappings_dir=folder
+        )
+        queue = open_queue(f"sqlite:///{tmp_path / 'queue.db'}")
+        await queue.open()
+        log = tmp_path / "work.log"
+        sent = 0
+
+        async def deliver(message_id: str) -> str:
+            nonlocal sent
+            message = {"type": "track", "userId": "u1", "event": "Viewed", "messageId": message_id}
+            job = NewJob(
+                source="web",
+                destination="klaviyo",
+                message_id=message_id,
+                ordering_key="u1",
+                payload=orjson.dumps(message),
+            )
+            await queue.enqueue([job])
+            sent += 1
+            await until(lambda: done(queue, sent), process, log)
+            return fake_klaviyo.state.events[-1].metric
+
+        async def logged(event: str) -> bool:
+            return f'"event":"{event}"' in log.read_text()
+
+        try:
+            async with running_work(config, log) as process:
+                assert await deliver("m1") == "Seen"
+                viewed_as(folder, "Glimpsed")
+                (folder / "broken.json").write_text("{")
+                process.send_signal(signal.SIGHUP)
+                await until(lambda: logged("mappings_reload_refused"), process, log)
+                assert await deliver("m2") == "Seen"  # the running set stayed
+                (folder / "broken.json").unlink()
+                process.send_signal(signal.SIGHUP)
+                await until(lambda: logged("mappings_reloaded"), process, log)
+                assert await deliver("m3") == "Glimpsed"
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 30) == 0
+        finally:
+            await queue.close()
+        refused = [
+            orjson.loads(line) for line in log.read_bytes().splitlines() if b"mappings_reload_refused" in line
+        ]
+        assert refused[0]["error"].startswith(f"{folder / 'broken.json'}: not valid JSON")

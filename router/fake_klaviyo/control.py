@@ -5,6 +5,7 @@ method   path                        what
 =======  ==========================  ==========================================================================
 POST     ``/__fake__/lists``         create lists with chosen ids (``{"lists": [{"id", "name"}]}``)
 GET      ``/__fake__/state``         profiles, events, lists, memberships, subscriptions, jobs, counters
+                                     (``repeats`` by kind) and the repeated writes themselves
                                      (``?summary=1``: counts only)
 GET      ``/__fake__/requests``      the request log (``?since=N`` skips the first N entries)
 POST     ``/__fake__/reset``         forget all data, counters, rate-limit windows and faults

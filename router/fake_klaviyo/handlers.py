@@ -199,6 +199,7 @@ def create_or_update_profile(call: Call) -> web.Response:
             pointer="/data/attributes",
             meta={"duplicate_profile_id": exc.duplicate_profile_id},
         ) from None
+    call.fake.note_write("profiles", data)
     return json_response({"data": profile.to_json()}, status=201 if created else 200)
 
 
@@ -260,6 +261,10 @@ def bulk_import_profiles(call: Call) -> web.Response:
             continue
         profile, _ = _upsert(call.fake, item, meta=item.get("meta"))
         job.profile_ids.append(profile.id)
+        if list_ids:
+            call.fake.note_write("list_adds", {"lists": list_ids, "profile": item})
+        else:
+            call.fake.note_write("profiles", item)
     for list_id in list_ids:
         call.fake.add_members(list_id, job.profile_ids)
     return json_response({"data": job.to_json()}, status=202)
@@ -425,6 +430,8 @@ def bulk_subscribe_profiles(call: Call) -> web.Response:
             )
         if list_id is not None:
             call.fake.add_members(list_id, [profile.id])
+        job = {k: v for k, v in attributes.items() if k != "profiles"}
+        call.fake.note_write("subscriptions", {"list": list_id, "job": job, "profile": item})
     return _no_content()
 
 
@@ -439,6 +446,7 @@ def bulk_unsubscribe_profiles(call: Call) -> web.Response:
             call.fake.global_unsubscribes.append(profile.id)
         for channel in _channels(item.get("attributes") or {}):
             call.fake.set_consent(profile.id, channel, "UNSUBSCRIBED", list_id=list_id)
+        call.fake.note_write("unsubscriptions", {"list": list_id, "profile": item})
     return _no_content()
 
 
@@ -499,7 +507,10 @@ def _member_ids(call: Call) -> list[str]:
 def add_profiles_to_list(call: Call) -> web.Response:
     """``POST /api/lists/{id}/relationships/profiles``: 204."""
     list_id = _list_or_404(call)
-    call.fake.add_members(list_id, _member_ids(call))
+    members = _member_ids(call)
+    call.fake.add_members(list_id, members)
+    for member in members:
+        call.fake.note_write("list_members", {"list": list_id, "profile": member})
     return _no_content(204)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from router.fake_klaviyo.faults import Faults
 from router.fake_klaviyo.ratelimit import FixedWindowLimiter
 from router.fake_klaviyo.records import (
@@ -115,6 +117,16 @@ class FakeKlaviyo:
         self.requests: list[RequestRecord] = []
         #: Duplicate events silently ignored (same profile, metric and unique id).
         self.duplicate_events = 0
+        #: Writes accepted although they repeat one accepted before, by kind: ``events`` (a repeated
+        #: unique id, the duplicates above), ``profiles`` (an identical upsert), ``list_adds`` (an
+        #: identical bulk import into lists), ``subscriptions`` / ``unsubscriptions`` (an identical
+        #: consent change on one list), ``list_members`` (a profile added to a list again). Klaviyo
+        #: forgives them, so the fake counts them for tests to assert on.
+        self.repeats: Counter[str] = Counter()
+        #: Fingerprint of every accepted write → times accepted.
+        self._writes: Counter[bytes] = Counter()
+        #: The repeated writes themselves, by fingerprint: ``{"kind", "item", "times"}``.
+        self._repeated: dict[bytes, dict[str, Any]] = {}
         #: Profiles unsubscribed although they were not in the list named (Klaviyo unsubscribes them globally).
         self.global_unsubscribes: list[str] = []
         #: 429 responses sent (rate limiter and scripted).
@@ -309,6 +321,7 @@ class FakeKlaviyo:
         key = self.dedupe_key(profile.id, metric, attributes)
         if self.has_event(key):
             self.duplicate_events += 1
+            self.note_write("events", {"profile_id": key[0], "metric": key[1], "unique_id": key[2]})
             return None
         moment = event_time(attributes.get("time")).isoformat()
         event = Event(
@@ -325,6 +338,7 @@ class FakeKlaviyo:
         )
         self.events.append(event)
         self._event_keys.add(key)
+        self.note_write("events", {"profile_id": key[0], "metric": key[1], "unique_id": key[2]})
         if profile.last_event_date is None or moment > profile.last_event_date:
             profile.last_event_date = moment
         return event
@@ -340,6 +354,21 @@ class FakeKlaviyo:
             if (metric is None or event.metric == metric)
             and (profile is None or event.profile_id == profile.id)
         ]
+
+    def note_write(self, kind: str, item: Any) -> None:
+        """Count an accepted write of ``item``; one identical to an earlier write of its kind is a repeat."""
+        digest = hashlib.blake2b(
+            kind.encode() + b"\0" + orjson.dumps(item, option=orjson.OPT_SORT_KEYS), digest_size=16
+        ).digest()
+        self._writes[digest] += 1
+        times = self._writes[digest]
+        if times > 1:
+            self.repeats[kind] += 1
+            self._repeated[digest] = {"kind": kind, "item": item, "times": times}
+
+    def repeated(self) -> list[dict[str, Any]]:
+        """Every write accepted more than once: ``{"kind", "item", "times"}``."""
+        return list(self._repeated.values())
 
     # -- lists ---------------------------------------------------------------------------------------
 
@@ -427,6 +456,7 @@ class FakeKlaviyo:
             "throttled": self.throttled,
             "sent_early": dict(self.sent_early),
             "duplicate_events": self.duplicate_events,
+            "repeats": dict(self.repeats),
             "global_unsubscribes": list(self.global_unsubscribes),
         }
 
@@ -442,6 +472,7 @@ class FakeKlaviyo:
                 for profile_id, channels in self.subscriptions.items()
             },
             "jobs": [job.to_json() for job in self.jobs.values()],
+            "repeated": self.repeated(),
             "counters": self._counters(),
             "rate_limits": {"enabled": self.rate_limits, "scale": self.rate_limit_scale},
         }

@@ -9,9 +9,11 @@ What delivery sends for many events at once:
 - subscriptions → one subscribe job per list (≤ 1000 profiles), unsubscribe jobs (≤ 100);
 - list membership without consent → bulk import jobs with the list relationship.
 
-Profile upserts come first, then events, then list jobs, so a list job never runs before the
-upsert of its profile. Items keep their input order inside every job; a profile's operations on
-one list inside one batch collapse to the last of them (same end state, fewer jobs).
+The requests come in *stages* (:func:`staged`), in the order they may be sent: profile upserts,
+then events, then list jobs in rounds, so neither an event nor a list job reaches Klaviyo before
+the upsert of its profile in the same batch. Items keep their input order inside every job; a
+profile's operations on one list inside one batch collapse to the last of them (same end state,
+fewer jobs).
 
 Batching runs in two steps. :func:`prepare` encodes what each request adds to a bulk job (its
 item, and the profile an event is grouped under) as JSON, right after the transform made it: its
@@ -26,7 +28,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -40,8 +42,15 @@ MAX_UNSUBSCRIBE: Final = 100
 MAX_BYTES: Final = 4_900_000
 #: Bulk jobs a list request's profiles go into, by kind, and their caps.
 _LIMITS: Final = {"subscribe": MAX_SUBSCRIBE, "unsubscribe": MAX_UNSUBSCRIBE, "list_add": MAX_PROFILES}
+#: Kinds of requests that act on list membership or consent.
+_LIST_KINDS: Final = frozenset({*_LIMITS, "list_remove"})
 #: Stands for a list job's profiles while its envelope is encoded (random: no input can hold it).
 _HOLE: Final = f"profiles-{secrets.token_hex(16)}"
+#: Stages of :func:`staged`: profile upserts, then events (and requests sent as they are), then
+#: list jobs from ``LIST_STAGE`` on, one stage per round.
+PROFILE_STAGE: Final = 0
+EVENT_STAGE: Final = 1
+LIST_STAGE: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +84,9 @@ def prepare(request: KlaviyoRequest) -> Part:
     """Encode what ``request`` adds to a bulk job (leaves ``request`` unchanged).
 
     A request whose body is not shaped as its kind says (one RudderStack transformed, say) is
-    sent as it is, on its own: Klaviyo's answer then says what is wrong with it.
+    sent as it is, on its own: Klaviyo's answer then says what is wrong with it. Either way its
+    JSON is encoded here, so a body that cannot be encoded (nested too deep, an integer past 64
+    bits) raises ``orjson.JSONEncodeError`` now, for its own message, not later for a whole bulk job.
     """
     try:
         if request.kind == "profile":
@@ -84,23 +95,70 @@ def prepare(request: KlaviyoRequest) -> Part:
             return _event_part(request)
         if request.kind in _LIMITS:
             return _list_part(request)
+    except orjson.JSONEncodeError:
+        raise
     except (KeyError, TypeError, IndexError, AttributeError):
         pass
-    return _part(request, request=request)
+    return _part(request, request=_encoded(request))
+
+
+def _encoded(request: KlaviyoRequest) -> KlaviyoRequest:
+    """``request`` with its body encoded (a request sent as it is)."""
+    if request.encoded is not None:
+        return request
+    return KlaviyoRequest.from_json(
+        orjson.dumps(request.body),
+        method=request.method,
+        path=request.path,
+        kind=request.kind,
+        sources=request.sources,
+        item_sources=request.item_sources,
+        ordering_key=request.ordering_key,
+    )
+
+
+class Staged(NamedTuple):
+    """One request of :func:`staged`: when it may go, and the kind of the parts it carries."""
+
+    stage: int
+    kind: str
+    request: KlaviyoRequest
 
 
 def assemble(parts: Sequence[Part]) -> list[KlaviyoRequest]:
-    """The requests that carry ``parts``: profile upserts, then events, then list jobs."""
+    """The requests that carry ``parts``, in the order of their stages (see :func:`staged`)."""
+    return [entry.request for entry in staged(parts)]
+
+
+def staged(parts: Sequence[Part]) -> list[Staged]:
+    """The requests that carry ``parts``, stage by stage.
+
+    :data:`PROFILE_STAGE`: profile upserts; :data:`EVENT_STAGE`: events; from :data:`LIST_STAGE`
+    on, list jobs, a profile's n-th operation on lists in the n-th of those stages (see
+    :func:`_list_jobs`). A request sent as it is goes with the upserts, with the events, or after
+    every list round, as its kind says. Stage k's requests may go once stage k - 1's are answered.
+    """
     profiles: list[Part] = []
     events: list[Part] = []
     lists: list[Part] = []
-    as_is: list[KlaviyoRequest] = []
+    as_is: list[tuple[str, KlaviyoRequest]] = []
     for part in parts:
         if part.request is not None:
-            as_is.append(part.request)
+            as_is.append((part.kind, part.request))
         else:
             {"profile": profiles, "event": events}.get(part.kind, lists).append(part)
-    return [*_profile_jobs(profiles), *_event_jobs(events), *as_is, *_list_jobs(lists)]
+    rounds = _list_jobs(lists)
+    after_lists = LIST_STAGE + len(rounds)
+    result = [Staged(PROFILE_STAGE, "profile", request) for request in _profile_jobs(profiles)]
+    result += [Staged(EVENT_STAGE, "event", request) for request in _event_jobs(events)]
+    result += [
+        Staged(LIST_STAGE + n, kind, request) for n, jobs in enumerate(rounds) for kind, request in jobs
+    ]
+    for kind, request in as_is:
+        stage = PROFILE_STAGE if kind == "profile" else after_lists if kind in _LIST_KINDS else EVENT_STAGE
+        result.append(Staged(stage, kind, request))
+    result.sort(key=lambda entry: entry.stage)  # stable: within a stage, the order above
+    return result
 
 
 def _part(of: KlaviyoRequest, **found: Any) -> Part:
@@ -280,8 +338,9 @@ def _list_part(request: KlaviyoRequest) -> Part:
     )
 
 
-def _list_jobs(parts: Sequence[Part]) -> Iterator[KlaviyoRequest]:
-    """One job per (kind, list), after collapsing each profile's operations on a list to its last.
+def _list_jobs(parts: Sequence[Part]) -> list[list[tuple[str, KlaviyoRequest]]]:
+    """One job per (kind, list), after collapsing each profile's operations on a list to its last;
+    as rounds of ``(kind, request)``.
 
     Subscribing then unsubscribing one profile (or the reverse) inside one batch has the same end
     state as its last operation alone; sending only that one also spares the profile a double
@@ -309,9 +368,10 @@ def _list_jobs(parts: Sequence[Part]) -> Iterator[KlaviyoRequest]:
         if n == len(rounds):
             rounds.append({})
         rounds[n].setdefault((part.kind, list_id), []).append((part, sources))
-    for groups in rounds:
-        for (kind, _list), members in groups.items():
-            yield from _list_job(kind, members)
+    return [
+        [(kind, request) for (kind, _list), members in groups.items() for request in _list_job(kind, members)]
+        for groups in rounds
+    ]
 
 
 def _list_job(kind: str, members: Sequence[tuple[Part, tuple[int, ...]]]) -> Iterator[KlaviyoRequest]:

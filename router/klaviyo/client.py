@@ -5,11 +5,17 @@ worker must do — done, retry (with Klaviyo's ``Retry-After``), dead-letter (wi
 detail, and for bulk jobs only the items Klaviyo's ``source.pointer`` names), or pause the
 destination (401/403). :class:`KlaviyoClient` is the I/O around it: pacing per endpoint, auth and
 revision headers, timeouts.
+
+The client holds its own connection slots and takes one only after the pacer admitted the request:
+a request never waits for a connection once admitted, so a ``Retry-After`` that arrives in the
+meantime is seen (:meth:`~router.klaviyo.ratelimit.Pacer.blocked`) before it goes, and it
+waits for its turn again instead of going early.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -20,14 +26,18 @@ import aiohttp
 import orjson
 
 from router.destination import Destination
-from router.klaviyo.ratelimit import RateLimits, retry_after
+from router.klaviyo.ratelimit import Pacer, RateLimits, retry_after
 from router.klaviyo.requests import REVISION, KlaviyoRequest
 from router.klaviyo.spec import Endpoint, endpoint_for
 
-OutcomeKind = Literal["ok", "retry", "permanent", "auth"]
+OutcomeKind = Literal["ok", "retry", "permanent", "auth", "unsent"]
 RETRY_STATUSES: Final = frozenset({408, 425, 429})
 #: Longest error text kept from Klaviyo's answer.
 MAX_DETAIL: Final = 500
+#: Concurrent requests per client unless told otherwise.
+CONNECTIONS: Final = 8
+#: What :meth:`KlaviyoClient.send` answers when told to give up before the request could go.
+NOT_SENT: Final = "not sent: delivery is stopping"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +130,11 @@ class KlaviyoClient:
         timeout: float = 30.0,
         revision: str = REVISION,
         observe: Callable[[str, str, int, float], None] | None = None,
+        connections: int = CONNECTIONS,
     ) -> None:
+        """``connections``: requests in flight at once; keep the session's connector able to open
+        that many without queueing (a request queued there after its admission cannot see a
+        ``Retry-After`` that arrives meanwhile)."""
         self._session = session
         self._base_url = destination.base_url.rstrip("/")
         self._headers = {
@@ -133,23 +147,34 @@ class KlaviyoClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         #: Called as ``observe(operation_id, result, status, seconds)`` after every request (metrics).
         self._observe = observe
+        self._connections = asyncio.Semaphore(connections)
 
-    async def send(self, request: KlaviyoRequest) -> Outcome:
-        """Wait for the endpoint's rate limit, send, and classify the answer."""
+    async def send(self, request: KlaviyoRequest, *, give_up: asyncio.Event | None = None) -> Outcome:
+        """Wait for the endpoint's rate limit and a connection, send, and classify the answer.
+
+        ``give_up``: once set, a request still waiting for its turn is not sent (an ``unsent``
+        outcome); one on its way is answered as usual.
+        """
         endpoint = endpoint_for(request.method, request.path)
         window = self.limits.window(endpoint)
-        await window.acquire()
-        started = time.perf_counter()
-        outcome = await self._exchange(request, endpoint, window)
+        while True:
+            if not await _admitted(window, give_up):
+                return Outcome("unsent", 0, NOT_SENT)
+            async with self._connections:
+                if window.blocked():  # a Retry-After came while this one waited for a connection
+                    continue
+                started = time.perf_counter()
+                outcome = await self._exchange(request, endpoint, window)
+                break
         if self._observe is not None:
             self._observe(endpoint.operation_id, outcome.kind, outcome.status, time.perf_counter() - started)
         return outcome
 
-    async def get(self, path: str) -> Outcome:
+    async def get(self, path: str, *, give_up: asyncio.Event | None = None) -> Outcome:
         """A paced ``GET`` of ``path`` (with its query); the JSON answer is in ``Outcome.body``."""
-        return await self.send(KlaviyoRequest(method="GET", path=path, body={}))
+        return await self.send(KlaviyoRequest(method="GET", path=path, body={}), give_up=give_up)
 
-    async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: Any) -> Outcome:
+    async def _exchange(self, request: KlaviyoRequest, endpoint: Endpoint, window: Pacer) -> Outcome:
         try:
             async with self._session.request(
                 request.method,
@@ -164,11 +189,30 @@ class KlaviyoClient:
         except TimeoutError:
             return Outcome("retry", 0, f"no answer from Klaviyo within {self._timeout.total:g} s")
         except aiohttp.ClientError as exc:
-            return Outcome("retry", 0, f"cannot reach Klaviyo: {type(exc).__name__}: {_safe(exc)}")
+            return Outcome("retry", 0, f"cannot reach Klaviyo: {type(exc).__name__}: {scrub(exc)}")
         except asyncio.CancelledError:
             raise
 
 
-def _safe(exc: BaseException) -> str:
+async def _admitted(window: Pacer, give_up: asyncio.Event | None) -> bool:
+    """Wait for a slot of ``window``; False when ``give_up`` is set first."""
+    if give_up is None:
+        await window.acquire()
+        return True
+    if give_up.is_set():
+        return False
+    acquiring = asyncio.ensure_future(window.acquire())
+    stopping = asyncio.ensure_future(give_up.wait())
+    try:
+        await asyncio.wait((acquiring, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        acquiring.cancel()  # nothing when it is done
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquiring
+    return not acquiring.cancelled()
+
+
+def scrub(exc: BaseException) -> str:
     """An exception's text without anything that looks like a key."""
     return re.sub(r"Klaviyo-API-Key \S+", "Klaviyo-API-Key ***", str(exc))[:200]

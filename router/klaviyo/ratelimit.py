@@ -3,8 +3,11 @@
 Klaviyo counts requests in fixed windows (burst: one second, steady: one minute) whose alignment a
 client cannot see. :class:`SlidingWindow` keeps the send times of the last minute and lets a
 request go only when no one-second span holds ``burst`` sends and no one-minute span holds
-``steady`` sends — then no fixed window of any alignment is over either limit. A 429's
-``Retry-After`` and ``RateLimit-Remaining: 0`` block the endpoint until the time they name.
+``steady`` sends — then no fixed window of any alignment is over either limit. A ``Retry-After``
+(on a 429, and on any other answer that carries one, a 503 say) and ``RateLimit-Remaining: 0``
+block the whole endpoint until the time they name; a request admitted before the block came but
+not yet on its way checks :meth:`Pacer.blocked` again and waits its turn anew
+(:meth:`router.klaviyo.client.KlaviyoClient.send`).
 
 That is one process's pacing. :class:`RateLimits` takes another :class:`Pacer` per endpoint when
 given a ``pacer`` factory: :mod:`router.klaviyo.shared_ratelimit` paces every process of a cluster
@@ -36,7 +39,13 @@ class Pacer(Protocol):
         """Wait for a slot and take it; returns the seconds waited."""
 
     def observe(self, headers: Mapping[str, str], status: int) -> None:
-        """Learn from Klaviyo's answer (``Retry-After`` on 429, ``RateLimit-*`` otherwise)."""
+        """Learn from Klaviyo's answer (:func:`pause_seconds`)."""
+
+    def blocked(self) -> bool:
+        """Whether the endpoint may not be sent to now (a request admitted earlier waits its turn anew)."""
+
+    def block_until(self, moment: float) -> None:
+        """Send nothing before ``moment`` (clock time)."""
 
 
 #: Makes the pacer of one endpoint from its operation id, burst (per second) and steady (per minute).
@@ -86,17 +95,22 @@ class SlidingWindow:
         """Send nothing before ``moment`` (clock time): Retry-After, or a used-up window."""
         self._blocked_until = max(self._blocked_until, moment)
 
+    def blocked(self) -> bool:
+        """Whether a ``Retry-After`` (or a used-up window) forbids sending now."""
+        return self._clock() < self._blocked_until
+
     def observe(self, headers: Mapping[str, str], status: int) -> None:
-        """Learn from Klaviyo's answer: ``Retry-After`` on 429, ``RateLimit-*`` otherwise."""
+        """Learn from Klaviyo's answer (:func:`pause_seconds`)."""
         seconds = pause_seconds(headers, status)
         if seconds is not None:
             self.block_until(self._clock() + seconds)
 
 
 def pause_seconds(headers: Mapping[str, str], status: int) -> float | None:
-    """Seconds an answer says to send nothing more to its endpoint (a 429's ``Retry-After``, or
-    ``RateLimit-Reset`` when ``RateLimit-Remaining`` is 0); None when it says nothing of the kind."""
-    if status == 429:
+    """Seconds an answer says to send nothing more to its endpoint (a ``Retry-After``, on a 429 or
+    any other status, a 503 say: 1 s for a 429 without one; or ``RateLimit-Reset`` when
+    ``RateLimit-Remaining`` is 0); None when it says nothing of the kind."""
+    if status == 429 or "Retry-After" in headers:
         return retry_after(headers, default=1.0)
     remaining = headers.get("RateLimit-Remaining")
     reset = headers.get("RateLimit-Reset")

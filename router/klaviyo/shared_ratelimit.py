@@ -10,7 +10,7 @@ one-minute span holds ``steady`` — the guarantee of the local :class:`~router.
 SlidingWindow`, over every process's sends, with the database's clock as the only clock. The
 process sleeps until that time and sends.
 
-A 429's ``Retry-After``, or ``RateLimit-Remaining: 0``, blocks the endpoint for every process: the
+A ``Retry-After`` (a 429's, a 503's), or ``RateLimit-Remaining: 0``, blocks the endpoint for every process: the
 process that got it stops at once and records the block in the database, whose next reservations
 start after it; a process whose reserved time came while the endpoint was blocked gives up that
 time and reserves again. While the database is out of reach, reservations wait for it (delivery
@@ -120,8 +120,13 @@ class SharedWindow:
             self._sharing.add(task)
             task.add_done_callback(self._sharing.discard)
 
+    def blocked(self) -> bool:
+        """Whether this process knows the endpoint blocked now (other processes' blocks reach it
+        through the database, at its next reservation)."""
+        return self._clock() < self._blocked_until
+
     def observe(self, headers: Mapping[str, str], status: int) -> None:
-        """Learn from Klaviyo's answer: ``Retry-After`` on 429, ``RateLimit-*`` otherwise."""
+        """Learn from Klaviyo's answer (:func:`~router.klaviyo.ratelimit.pause_seconds`)."""
         seconds = pause_seconds(headers, status)
         if seconds is not None:
             self.block_until(self._clock() + seconds)

@@ -71,6 +71,10 @@ class Job:
     last_error: str | None
     created_at: float
     updated_at: float
+    #: What delivery already achieved for the job, as bits it defines (:mod:`router.plan`: the kinds
+    #: of request Klaviyo accepted). Stored by ``retry``, ``dead_letter`` and ``release``, kept by
+    #: ``revive``; a later attempt sends only the rest.
+    progress: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -89,6 +93,7 @@ class Job:
             last_error=row["last_error"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            progress=row["progress"],
         )
 
     @classmethod
@@ -212,17 +217,25 @@ class Queue(Protocol):
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
         """Mark in-flight jobs done."""
 
-    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
-        """Return a job to pending, due at ``at``, counting one attempt."""
+    async def retry(
+        self, job_id: int, *, at: float, error: str, progress: int = 0, now: float | None = None
+    ) -> None:
+        """Return an in-flight job to pending, due at ``at``, counting one attempt.
 
-    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
-        """Move a job to the dead letters with its reason."""
+        ``progress`` is OR-ed into the job's stored progress (bits, never cleared by the queue)."""
+
+    async def dead_letter(
+        self, job_id: int, *, reason: str, progress: int = 0, now: float | None = None
+    ) -> None:
+        """Move a pending or in-flight job to the dead letters with its reason, counting one attempt
+        (``progress`` as for :meth:`retry`)."""
 
     async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
         """Keep in-flight jobs leased for another ``lease_seconds`` (a batch still being delivered)."""
 
-    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
-        """Give back leased jobs without counting an attempt (shutdown)."""
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
+        """Give back in-flight jobs without counting an attempt (shutdown, a paused destination, a
+        job held back behind an earlier one of its key); ``progress`` is OR-ed into each of them."""
 
     async def get(self, job_id: int) -> Job | None:
         """One job by id."""
@@ -239,7 +252,13 @@ class Queue(Protocol):
         """Jobs in a state, by id, for dead-letter listing and inspection."""
 
     async def revive(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
-        """Dead → pending with attempts reset; returns how many were revived."""
+        """Dead → pending with attempts reset (progress kept); returns how many were revived."""
+
+    async def oldest_due(self, destination: str, *, now: float | None = None) -> int | None:
+        """The id of the destination's oldest job that delivery should be working on: in flight, or
+        pending and due, unless an earlier job of its ordering key waits for a retry (then it waits
+        too). None when there is none. ``/ready`` reports a destination stalled when this stays the
+        same job for too long."""
 
     async def purge(self, job_ids: Sequence[int] | None = None) -> int:
         """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
@@ -258,9 +277,9 @@ class Queue(Protocol):
         re-sends (page with ``after_id`` = the last id of the previous page)."""
 
     async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
-        """Done → pending, due now, attempts and last error cleared (the rest of the row, id and
-        ``created_at`` included, kept: the jobs keep their place in per-profile order); ids that
-        are not done jobs are ignored. Returns how many were sent back."""
+        """Done → pending, due now, attempts, last error and progress cleared (every step is sent
+        again; the rest of the row, id and ``created_at`` included, kept: the jobs keep their place
+        in per-profile order); ids that are not done jobs are ignored. Returns how many were sent back."""
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""

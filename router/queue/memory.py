@@ -110,7 +110,9 @@ class MemoryQueue:
         for job in self._in_state(job_ids, JobState.IN_FLIGHT):
             self._put(job, state=JobState.DONE, lease_expires_at=None, updated_at=now)
 
-    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
+    async def retry(
+        self, job_id: int, *, at: float, error: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Return an in-flight job to pending, due at ``at``, counting one attempt."""
         now = time.time() if now is None else now
         for job in self._in_state([job_id], JobState.IN_FLIGHT):
@@ -122,9 +124,12 @@ class MemoryQueue:
                 lease_expires_at=None,
                 last_error=error,
                 updated_at=now,
+                progress=job.progress | progress,
             )
 
-    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
+    async def dead_letter(
+        self, job_id: int, *, reason: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Move a pending or in-flight job to the dead letters, counting one attempt."""
         now = time.time() if now is None else now
         for job in self._in_state([job_id], *_ACTIVE):
@@ -135,6 +140,7 @@ class MemoryQueue:
                 lease_expires_at=None,
                 last_error=reason,
                 updated_at=now,
+                progress=job.progress | progress,
             )
 
     async def extend(self, job_ids: Sequence[int], *, lease_seconds: float, now: float | None = None) -> None:
@@ -143,11 +149,17 @@ class MemoryQueue:
         for job in self._in_state(job_ids, JobState.IN_FLIGHT):
             self._put(job, lease_expires_at=now + lease_seconds, updated_at=now)
 
-    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
         now = time.time() if now is None else now
         for job in self._in_state(job_ids, JobState.IN_FLIGHT):
-            self._put(job, state=JobState.PENDING, lease_expires_at=None, updated_at=now)
+            self._put(
+                job,
+                state=JobState.PENDING,
+                lease_expires_at=None,
+                updated_at=now,
+                progress=job.progress | progress,
+            )
 
     async def get(self, job_id: int) -> Job | None:
         """One job by id."""
@@ -185,6 +197,24 @@ class MemoryQueue:
             self._put(job, state=JobState.PENDING, attempts=0, next_attempt_at=now, updated_at=now)
         return len(revived)
 
+    async def oldest_due(self, destination: str, *, now: float | None = None) -> int | None:
+        """The oldest job in flight or due, unless it waits behind a retry of its key (see :class:`Queue`)."""
+        now = time.time() if now is None else now
+        retrying: set[str] = set()
+        for job_id in sorted(self._active):
+            job = self._jobs[job_id]
+            if job.destination != destination:
+                continue
+            key = job.ordering_key
+            if job.state == JobState.IN_FLIGHT:
+                return job_id
+            if job.next_attempt_at > now:
+                if key is not None and job.attempts:
+                    retrying.add(key)
+            elif key is None or key not in retrying:
+                return job_id
+        return None
+
     async def purge(self, job_ids: Sequence[int] | None = None) -> int:
         """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""
         ids = list(self._jobs) if job_ids is None else job_ids
@@ -214,12 +244,18 @@ class MemoryQueue:
         return sorted(found)[:limit]
 
     async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
-        """Done → pending, due now, attempts and last error cleared; returns how many."""
+        """Done → pending, due now, attempts, last error and progress cleared; returns how many."""
         now = time.time() if now is None else now
         done = self._in_state(job_ids, JobState.DONE)
         for job in done:
             self._put(
-                job, state=JobState.PENDING, attempts=0, next_attempt_at=now, last_error=None, updated_at=now
+                job,
+                state=JobState.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                last_error=None,
+                updated_at=now,
+                progress=0,
             )
         return len(done)
 

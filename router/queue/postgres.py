@@ -254,17 +254,21 @@ class PostgresQueue:
         moment = _now(now)
         await self._settle("extend_leases", list(job_ids), moment, moment + lease_seconds)
 
-    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
+    async def retry(
+        self, job_id: int, *, at: float, error: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Return an in-flight job to pending, due at ``at``, counting one attempt."""
-        await self._settle("retry_job", job_id, at, _error_text(error), _now(now))
+        await self._settle("retry_job", job_id, at, _error_text(error), _now(now), progress)
 
-    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
+    async def dead_letter(
+        self, job_id: int, *, reason: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Move a pending or in-flight job to the dead letters, counting one attempt."""
-        await self._settle("dead_letter_job", job_id, _error_text(reason), _now(now))
+        await self._settle("dead_letter_job", job_id, _error_text(reason), _now(now), progress)
 
-    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
-        await self._settle("release_jobs", list(job_ids), _now(now))
+        await self._settle("release_jobs", list(job_ids), _now(now), progress)
 
     async def revive(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
         """Dead → pending, due now, with attempts reset; returns how many were revived."""
@@ -334,6 +338,13 @@ class PostgresQueue:
     async def resend(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
         """Done → pending, due now, attempts and last error cleared; returns how many."""
         return await self._settle("resend_jobs", list(job_ids), _now(now))
+
+    async def oldest_due(self, destination: str, *, now: float | None = None) -> int | None:
+        """The oldest job in flight or due, unless it waits behind a retry of its key (see :class:`Queue`)."""
+        found: int | None = await self._read(
+            lambda conn: conn.fetchval(QUERIES["oldest_due"], destination, _now(now))
+        )
+        return found
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
         """Number of jobs per state."""

@@ -150,17 +150,23 @@ class SqliteQueue:
             "extend_leases", {"ids": _ids(job_ids), "now": moment, "lease_expires_at": moment + lease_seconds}
         )
 
-    async def retry(self, job_id: int, *, at: float, error: str, now: float | None = None) -> None:
+    async def retry(
+        self, job_id: int, *, at: float, error: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Return an in-flight job to pending, due at ``at``, counting one attempt."""
-        await self._update("retry_job", {"id": job_id, "at": at, "error": error, "now": _now(now)})
+        params = {"id": job_id, "at": at, "error": error, "progress": progress, "now": _now(now)}
+        await self._update("retry_job", params)
 
-    async def dead_letter(self, job_id: int, *, reason: str, now: float | None = None) -> None:
+    async def dead_letter(
+        self, job_id: int, *, reason: str, progress: int = 0, now: float | None = None
+    ) -> None:
         """Move a pending or in-flight job to the dead letters, counting one attempt."""
-        await self._update("dead_letter_job", {"id": job_id, "reason": reason, "now": _now(now)})
+        params = {"id": job_id, "reason": reason, "progress": progress, "now": _now(now)}
+        await self._update("dead_letter_job", params)
 
-    async def release(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
+    async def release(self, job_ids: Sequence[int], *, progress: int = 0, now: float | None = None) -> None:
         """Give back leased jobs without counting an attempt."""
-        await self._update("release_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+        await self._update("release_jobs", {"ids": _ids(job_ids), "progress": progress, "now": _now(now)})
 
     async def get(self, job_id: int) -> Job | None:
         """One job by id."""
@@ -192,6 +198,13 @@ class SqliteQueue:
     async def revive(self, job_ids: Sequence[int], *, now: float | None = None) -> int:
         """Dead → pending, due now, with attempts reset; returns how many were revived."""
         return await self._update("revive_jobs", {"ids": _ids(job_ids), "now": _now(now)})
+
+    async def oldest_due(self, destination: str, *, now: float | None = None) -> int | None:
+        """The oldest job in flight or due, unless it waits behind a retry of its key (see :class:`Queue`)."""
+        params = {"destination": destination, "now": _now(now)}
+        rows = await self._reader.run(lambda conn: conn.execute(QUERIES["oldest_due"], params).fetchall())
+        found: int | None = rows[0]["id"]
+        return found
 
     async def purge(self, job_ids: Sequence[int] | None = None) -> int:
         """Delete dead jobs (all of them when ``job_ids`` is None); returns how many."""

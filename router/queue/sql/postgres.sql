@@ -186,6 +186,11 @@ BEGIN
 END
 $$;
 
+-- name: migrate_3
+-- What delivery already achieved for each job (Job.progress: bits of the request kinds Klaviyo
+-- accepted), so a retry sends only the rest. A column with a constant default: no table rewrite.
+ALTER TABLE queue_jobs ADD COLUMN progress integer NOT NULL DEFAULT 0;
+
 -- name: schema_table
 -- The schema version of each component sharing the database (this queue is 'queue').
 CREATE TABLE IF NOT EXISTS schema_versions (component text PRIMARY KEY, version integer NOT NULL);
@@ -308,7 +313,7 @@ WHERE job.id = locked.id
     )
 RETURNING job.id, job.source, job.destination, job.message_id, job.ordering_key, job.payload,
     job.state, job.attempts, job.next_attempt_at, job.lease_expires_at, job.last_error,
-    job.created_at, job.updated_at;
+    job.created_at, job.updated_at, job.progress;
 
 -- name: ack_jobs
 -- Mark in-flight jobs ($1) done at $2.
@@ -321,21 +326,24 @@ UPDATE queue_jobs SET lease_expires_at = $3, updated_at = $2
 WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
 
 -- name: retry_job
--- Return an in-flight job ($1) to pending, due at $2, counting one attempt; $3 the error, $4 now.
+-- Return an in-flight job ($1) to pending, due at $2, counting one attempt; $3 the error, $4 now,
+-- $5 progress bits to add.
 UPDATE queue_jobs
 SET state = 'pending', attempts = attempts + 1, next_attempt_at = $2, lease_expires_at = NULL,
-    last_error = $3, updated_at = $4
+    last_error = $3, updated_at = $4, progress = progress | $5
 WHERE id = $1 AND state = 'in_flight';
 
 -- name: dead_letter_job
--- Move a pending or in-flight job ($1) to the dead letters with reason $2 at $3, counting one attempt.
+-- Move a pending or in-flight job ($1) to the dead letters with reason $2 at $3, counting one attempt
+-- and adding progress bits $4.
 UPDATE queue_jobs
-SET state = 'dead', attempts = attempts + 1, lease_expires_at = NULL, last_error = $2, updated_at = $3
+SET state = 'dead', attempts = attempts + 1, lease_expires_at = NULL, last_error = $2, updated_at = $3,
+    progress = progress | $4
 WHERE id = $1 AND state IN ('pending', 'in_flight');
 
 -- name: release_jobs
--- Return in-flight jobs ($1) to pending at $2 without counting an attempt.
-UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2
+-- Return in-flight jobs ($1) to pending at $2 without counting an attempt, adding progress bits $3.
+UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2, progress = progress | $3
 WHERE id = ANY($1::bigint[]) AND state = 'in_flight';
 
 -- name: revive_jobs
@@ -355,11 +363,11 @@ ORDER BY id
 LIMIT $5;
 
 -- name: resend_jobs
--- Done jobs ($1) back to pending, due at $2, attempts and last error cleared; their ids (so their
--- place in per-profile order) and created_at are kept.
+-- Done jobs ($1) back to pending, due at $2, attempts, last error and progress cleared (every step
+-- goes again); their ids (so their place in per-profile order) and created_at are kept.
 UPDATE queue_jobs
 SET state = 'pending', attempts = 0, next_attempt_at = $2, lease_expires_at = NULL, last_error = NULL,
-    updated_at = $2
+    updated_at = $2, progress = 0
 WHERE id = ANY($1::bigint[]) AND state = 'done';
 
 -- name: purge_jobs
@@ -391,7 +399,7 @@ DELETE FROM queue_keys WHERE (destination, ordering_key) IN (
 -- name: get_job
 -- One job by id, columns in the order of Job's fields.
 SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
-    lease_expires_at, last_error, created_at, updated_at
+    lease_expires_at, last_error, created_at, updated_at, progress
 FROM queue_jobs
 WHERE id = $1;
 
@@ -399,7 +407,7 @@ WHERE id = $1;
 -- Jobs in state $1 after id $3, by id, $2 at most, optionally of destination $5 or with an error
 -- containing $4 (case-sensitive); columns in the order of Job's fields.
 SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
-    lease_expires_at, last_error, created_at, updated_at
+    lease_expires_at, last_error, created_at, updated_at, progress
 FROM queue_jobs
 WHERE state = $1
     AND id > $3
@@ -407,6 +415,27 @@ WHERE state = $1
     AND ($4::text IS NULL OR strpos(last_error, $4) > 0)
 ORDER BY id
 LIMIT $2;
+
+-- name: oldest_due
+-- The oldest job of destination $1 delivery should be working on at time $2 (Queue.oldest_due): in
+-- flight, or pending and due unless an earlier job of its key waits for a retry. NULL when none.
+WITH retrying AS (
+    SELECT ordering_key, min(id) AS first_id FROM queue_jobs
+    WHERE state = 'pending' AND attempts > 0 AND destination = $1 AND next_attempt_at > $2
+        AND ordering_key IS NOT NULL
+    GROUP BY ordering_key
+)
+SELECT least(
+    (SELECT min(id) FROM queue_jobs WHERE state = 'in_flight' AND destination = $1),
+    (
+        SELECT job.id FROM queue_jobs AS job
+        LEFT JOIN retrying ON retrying.ordering_key = job.ordering_key
+        WHERE job.destination = $1 AND job.state = 'pending' AND job.next_attempt_at <= $2
+            AND (retrying.first_id IS NULL OR retrying.first_id > job.id)
+        ORDER BY job.id
+        LIMIT 1
+    )
+);
 
 -- name: count_jobs
 -- Number of jobs per state (backpressure asks every few seconds), each state counted through its

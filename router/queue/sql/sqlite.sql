@@ -139,6 +139,12 @@ BEGIN
 END;
 PRAGMA user_version = 6;
 
+-- name: migrate_7
+-- What delivery already achieved for each job (Job.progress: bits of the request kinds Klaviyo
+-- accepted), so a retry sends only the rest.
+ALTER TABLE queue_jobs ADD COLUMN progress INTEGER NOT NULL DEFAULT 0;
+PRAGMA user_version = 7;
+
 -- name: configure_writer
 -- Write-ahead log. The WAL is not synced inside COMMIT (NORMAL): the writer's sync thread fsyncs
 -- it after each commit and only then reports the group's writes done, so a returned write still
@@ -303,7 +309,7 @@ RETURNING id;
 -- Jobs (ids as a JSON array) with their payloads, by id; columns in the order of Job's fields.
 SELECT job.id, job.source, job.destination, job.message_id, job.ordering_key, payload.payload,
     job.state, job.attempts, job.next_attempt_at, job.lease_expires_at, job.last_error,
-    job.created_at, job.updated_at
+    job.created_at, job.updated_at, job.progress
 FROM queue_jobs AS job
 JOIN queue_payloads AS payload ON payload.job_id = job.id
 WHERE job.id IN (SELECT value FROM json_each(:ids))
@@ -322,23 +328,24 @@ SET lease_expires_at = :lease_expires_at, updated_at = :now
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
 
 -- name: retry_job
--- Return an in-flight job to pending, due at :at, counting one attempt.
+-- Return an in-flight job to pending, due at :at, counting one attempt and adding :progress.
 UPDATE queue_jobs
 SET state = 'pending', attempts = attempts + 1, next_attempt_at = :at, lease_expires_at = NULL,
-    last_error = :error, updated_at = :now
+    last_error = :error, updated_at = :now, progress = progress | :progress
 WHERE id = :id AND state = 'in_flight';
 
 -- name: dead_letter_job
--- Move a pending or in-flight job to the dead letters, counting one attempt.
+-- Move a pending or in-flight job to the dead letters, counting one attempt and adding :progress.
 UPDATE queue_jobs
 SET state = 'dead', attempts = attempts + 1, lease_expires_at = NULL, last_error = :reason,
-    updated_at = :now
+    updated_at = :now, progress = progress | :progress
 WHERE id = :id AND state IN ('pending', 'in_flight');
 
 -- name: release_jobs
--- Return in-flight jobs (ids as a JSON array) to pending without counting an attempt.
+-- Return in-flight jobs (ids as a JSON array) to pending without counting an attempt, adding
+-- :progress to each.
 UPDATE queue_jobs
-SET state = 'pending', lease_expires_at = NULL, updated_at = :now
+SET state = 'pending', lease_expires_at = NULL, updated_at = :now, progress = progress | :progress
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'in_flight';
 
 -- name: revive_jobs
@@ -360,11 +367,12 @@ ORDER BY id
 LIMIT :limit;
 
 -- name: resend_jobs
--- Done jobs (ids as a JSON array) back to pending, due now, attempts and last error cleared; their
--- ids (so their place in per-profile order) and created_at are kept.
+-- Done jobs (ids as a JSON array) back to pending, due now, attempts, last error and progress
+-- cleared (every step goes again); their ids (so their place in per-profile order) and created_at
+-- are kept.
 UPDATE queue_jobs
 SET state = 'pending', attempts = 0, next_attempt_at = :now, lease_expires_at = NULL, last_error = NULL,
-    updated_at = :now
+    updated_at = :now, progress = 0
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'done';
 
 -- name: purge_jobs
@@ -415,6 +423,32 @@ WHERE job.state = :state
     AND (:reason_contains IS NULL OR instr(job.last_error, :reason_contains) > 0)
 ORDER BY job.id
 LIMIT :limit;
+
+-- name: oldest_due
+-- The oldest job of a destination delivery should be working on (Queue.oldest_due): in flight, or
+-- pending and due unless an earlier job of its key waits for a retry. NULL when there is none.
+WITH retrying AS (
+    SELECT ordering_key, min(id) AS first_id FROM queue_jobs INDEXED BY queue_jobs_retrying
+    WHERE state = 'pending' AND attempts > 0 AND destination = :destination AND next_attempt_at > :now
+        AND ordering_key IS NOT NULL
+    GROUP BY ordering_key
+),
+heads (id) AS (
+    SELECT (
+        SELECT min(id) FROM queue_jobs INDEXED BY queue_jobs_in_flight
+        WHERE state = 'in_flight' AND destination = :destination
+    )
+    UNION ALL
+    SELECT (
+        SELECT job.id FROM queue_jobs AS job INDEXED BY queue_jobs_pending
+        LEFT JOIN retrying ON retrying.ordering_key = job.ordering_key
+        WHERE job.destination = :destination AND job.state = 'pending' AND job.next_attempt_at <= :now
+            AND (retrying.first_id IS NULL OR retrying.first_id > job.id)
+        ORDER BY job.id
+        LIMIT 1
+    )
+)
+SELECT min(id) AS id FROM heads;
 
 -- name: count_jobs
 -- Number of jobs per state.

@@ -1,0 +1,84 @@
+"""What ``/ready`` reports beyond the queue's reachability: stalled destinations (:class:`Stalls`),
+through the real app (:func:`router.app.build_app`) over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import structlog
+from pytest_aiohttp import AiohttpClient
+
+from router.app import build_app
+from router.destination import Destination
+from router.health import Stalls
+from router.queue import NewJob
+from router.queue.memory import MemoryQueue
+from router.settings import Settings, Source
+
+
+def job(message_id: str, key: str | None = None) -> NewJob:
+    return NewJob(source="web", destination="klaviyo", message_id=message_id, ordering_key=key, payload=b"{}")
+
+
+async def test_ready_reports_a_destination_whose_oldest_job_does_not_move(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A job leased by a worker that never settles it (a loop that keeps failing, a hung worker):
+    after ``stall_after`` the destination is reported stalled, and no longer once it moved on."""
+    settings = Settings(
+        data_dir=tmp_path,
+        min_free_disk_bytes=0,
+        sources=(Source(name="web", write_key="wk_health_0123456789", destinations=("klaviyo",)),),
+        destinations=(Destination(name="klaviyo", private_key="pk_health"),),
+        delivery_stall_after=0.3,
+    )
+    queue = MemoryQueue()
+    client = await aiohttp_client(build_app(settings, queue, sample_interval=0.02))
+    await queue.enqueue([job("m1"), job("m2")])
+    [held] = await queue.claim("klaviyo", 1, lease_seconds=600)
+    assert (await client.get("/ready")).status == 200
+    deadline = time.monotonic() + 10
+    while (response := await client.get("/ready")).status == 200:
+        assert time.monotonic() < deadline, "never reported stalled"
+        await asyncio.sleep(0.02)
+    body = await response.json()
+    assert response.status == 503
+    [problem] = body["problems"]
+    assert problem.startswith(f"destination klaviyo stalled: job {held.id} is its oldest due job for ")
+    assert problem.endswith("s (stall_after 0.3 s)")
+    assert list(body["stalled"]) == ["klaviyo"]
+
+    await queue.ack([held.id])  # it moved: the next one is due now
+    deadline = time.monotonic() + 10
+    while (await client.get("/ready")).status != 200:
+        assert time.monotonic() < deadline, "still stalled"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_draining_backlog_is_not_stalled_and_stall_after_0_turns_it_off() -> None:
+    now = [0.0]
+    queue = MemoryQueue()
+    await queue.open()
+    await queue.enqueue([job(f"m{n}") for n in range(3)])
+    stalls = Stalls(queue, ["klaviyo"], stall_after=10, clock=lambda: now[0])
+    for step in range(3):  # the oldest due job changes at every sample: no stall however long
+        await stalls.refresh()
+        [claimed] = await queue.claim("klaviyo", 1, lease_seconds=60)
+        await queue.ack([claimed.id])
+        now[0] += 8
+        await stalls.refresh()
+        assert stalls.stalled() == {}, step
+    with structlog.testing.capture_logs() as logs:
+        await queue.enqueue([job("m9")])
+        await stalls.refresh()
+        now[0] += 10
+        await stalls.refresh()
+        await stalls.refresh()
+    assert list(stalls.stalled()) == ["klaviyo"]
+    assert [entry["event"] for entry in logs] == ["destination_stalled"]  # once
+    off = Stalls(queue, ["klaviyo"], stall_after=0, clock=lambda: now[0])
+    await off.refresh()
+    now[0] += 1e9
+    assert off.stalled() == {}
