@@ -31,8 +31,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
-from deliver import DEFAULT_MIX, bound, fake_klaviyo, fill, free_port, messages
-from ingest import Bodies, Scenario, load_mix, run_scenario, start_server, stop_server
+from deliver import bound, fake_klaviyo, fill, free_port, messages
+from events_mix import DEFAULT_MIX, load_mix
+from ingest import Bodies, Scenario, run_scenario, start_server, stop_server
 from speed import speed_line
 
 from router.destination import Destination

@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from events_mix import DEFAULT_MIX, load_mix
 from procstat import children, cpu_seconds, thread_cpu_seconds
 from speed import speed_line
 
@@ -50,7 +51,6 @@ from router.queue import JobState, NewJob, Queue, open_queue
 from router.runtime import tune_runtime
 from router.transform import transform
 
-DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
 #: Most items one bulk request may carry, per endpoint path (Klaviyo's documented caps).
 IDEAL_PACKING = {
     "/api/event-bulk-create-jobs": 1000,
@@ -65,7 +65,7 @@ BULK_OF = {
 
 
 def messages(mix: Path, count: int) -> Iterator[dict[str, Any]]:
-    base = orjson.loads(mix.read_bytes())
+    base = load_mix(mix)
     for i in range(count):
         message = dict(base[i % len(base)])
         message["messageId"] = str(uuid.UUID(int=i))

@@ -29,14 +29,11 @@ from typing import Any
 
 import aiohttp
 import orjson
+from events_mix import load_mix
 from procstat import cpu_seconds, peak_rss
 from speed import speed_line
 
 ROOT = Path(__file__).resolve().parent.parent
-MIX_PATHS = (
-    ROOT.parent / "shared" / "bench" / "events-mix.json",
-    ROOT / "tests" / "data" / "events-mix.json.gz",
-)
 WRITE_KEY = "bench-write-key"
 PLACEHOLDER = b"@@REQ@@"
 
@@ -60,16 +57,6 @@ name = "klaviyo"
 private_key = "bench-private-key"
 base_url = "http://127.0.0.1:9"
 """
-
-
-def load_mix() -> list[dict[str, Any]]:
-    """The benchmark events: ../shared/bench/events-mix.json, else the copy in tests/data."""
-    for path in MIX_PATHS:
-        if path.exists():
-            raw = path.read_bytes()
-            events: list[dict[str, Any]] = orjson.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
-            return events
-    raise SystemExit(f"no events mix found at {' or '.join(map(str, MIX_PATHS))}")
 
 
 @dataclass(frozen=True)

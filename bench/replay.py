@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import orjson
+from events_mix import DEFAULT_MIX
 from procstat import run_child
 from speed import mix_file, speed_line
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MIX = ROOT.parent / "shared" / "bench" / "events-mix.json"
 CONFIG = """
 data_dir = "{data}"
 [queue]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from events_mix import load_mix
 
 #: What :func:`decode_encode_rate` gave on the VM the targets were first measured on.
 REFERENCE = "173 000 - 185 000 events/s on 2026-11-22"
@@ -42,12 +43,13 @@ def write_mix_file(path: Path, events: Sequence[dict[str, Any]], count: int) -> 
 
 
 def mix_file(folder: Path, mix: Path, count: int) -> Path:
-    """``folder/mix-<count>.ndjson.gz`` (:func:`write_mix_file`), written on first use and kept."""
-    path = folder / f"mix-{count}.ndjson.gz"
+    """``folder/mix-<count>.ndjson.gz`` (:func:`write_mix_file`), written on first use and kept
+    (``-valid-phones``: written from :func:`events_mix.load_mix`, unlike files of earlier dates)."""
+    path = folder / f"mix-{count}-valid-phones.ndjson.gz"
     if not path.exists():
         started = time.perf_counter()
         partial = path.with_suffix(".partial.gz")
-        write_mix_file(partial, orjson.loads(mix.read_bytes()), count)
+        write_mix_file(partial, load_mix(mix), count)
         partial.rename(path)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s")
     return path
@@ -63,7 +65,7 @@ def decode_encode_rate(payloads: Sequence[bytes]) -> float:
 
 def speed_line(mix: Path | Sequence[dict[str, Any]], count: int = 20_000) -> str:
     """One line for a bench's output: this machine's :func:`decode_encode_rate` and the reference."""
-    events = orjson.loads(mix.read_bytes()) if isinstance(mix, Path) else mix
+    events = load_mix(mix) if isinstance(mix, Path) else mix
     rate = decode_encode_rate(mix_payloads(events, count))
     return (
         f"machine speed: decode + encode of {count:,} payloads {rate:,.0f} events/s (reference: {REFERENCE})"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from deliver import fake_klaviyo, free_port
+from events_mix import DEFAULT_MIX
 from procstat import cpu_seconds
 from speed import speed_line
 
@@ -40,7 +41,6 @@ from router.sync.run import RunOptions, run_sync
 from router.sync.send import Klaviyo
 from router.sync.state import SqliteSyncState
 
-MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
 COLUMNS = [
     "email",
     "external_id",
@@ -131,8 +131,8 @@ async def sync(path: Path, state: SqliteSyncState, destination: Destination, fak
 
 async def run(args: argparse.Namespace) -> int:
     tune_runtime()
-    if MIX.exists():
-        print(speed_line(MIX))
+    if DEFAULT_MIX.exists():
+        print(speed_line(DEFAULT_MIX))
     folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="bench-sync-"))
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "audience.csv"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
+from events_mix import DEFAULT_MIX, load_mix
 from speed import REFERENCE, mix_payloads
 
 from router.destination import Destination
@@ -34,12 +35,10 @@ from router.plan import plan_payloads
 from router.runtime import tune_runtime
 from router.transform import transform
 
-DEFAULT_MIX = Path(__file__).resolve().parents[2] / "shared" / "bench" / "events-mix.json"
-
 
 def payloads(mix: Path, count: int) -> list[bytes]:
     """The mix repeated to ``count`` events with fresh messageIds, as queue payloads."""
-    return mix_payloads(orjson.loads(mix.read_bytes()), count)
+    return mix_payloads(load_mix(mix), count)
 
 
 def chunks(items: Sequence[bytes], size: int) -> list[Sequence[bytes]]:

@@ -17,11 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from events_mix import DEFAULT_MIX
 from procstat import run_child
 from speed import mix_file, speed_line
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MIX = ROOT.parent / "shared" / "bench" / "events-mix.json"
 
 
 def main() -> int:
