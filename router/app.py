@@ -63,7 +63,8 @@ STALLS = web.AppKey("stalls", Stalls)
 MAPPINGS = web.AppKey("mappings", MappingSets)
 INGEST = web.AppKey("ingest", Ingest)
 
-#: Seconds between two backpressure samples (queue depth, free disk); a count can scan the queue.
+#: Seconds between two samples of the queue depth and free disk (backpressure) and of each
+#: destination's oldest due job (stalls).
 SAMPLE_INTERVAL = 5.0
 #: Seconds shutdown waits for in-flight requests before cancelling them.
 SHUTDOWN_TIMEOUT = 30.0

@@ -2,7 +2,8 @@
 
 :class:`PausedDestinations` is written by the delivery worker (401/403 from Klaviyo pauses a
 destination) and read by ``/ready`` and the metrics. :class:`Backpressure` samples the queue depth
-and the free disk space once a second so that ingest decides on ``503`` without a query per request.
+(:meth:`~router.queue.Queue.depth`, a counter the queue keeps) and the free disk space every few
+seconds so that ingest decides on ``503`` without a query per request.
 :class:`Stalls` samples each destination's oldest due job from the queue, so any node (an
 ingest-only one too) sees a destination whose delivery makes no headway, whatever the cause.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from router.metrics import Metrics
-from router.queue import JobState, Queue
+from router.queue import Queue
 
 log = structlog.get_logger("router.health")
 
@@ -136,9 +137,9 @@ class Backpressure:
         self.sampled_at = 0.0
 
     async def refresh(self) -> None:
-        """Sample the queue depth and the free disk space now."""
-        counts = await self.queue.counts()
-        self.depth = counts.get(JobState.PENDING, 0) + counts.get(JobState.IN_FLIGHT, 0)
+        """Sample the queue depth (the backend's counter of active jobs: no count of the jobs kept
+        for retention) and the free disk space now."""
+        self.depth = await self.queue.depth()
         self.disk_free = _free_bytes(self.data_dir)
         self.sampled_at = time.monotonic()
         if self.metrics is not None:

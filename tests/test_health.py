@@ -1,5 +1,5 @@
 """What ``/ready`` reports beyond the queue's reachability: stalled destinations (:class:`Stalls`),
-through the real app (:func:`router.app.build_app`) over loopback."""
+through the real app (:func:`router.app.build_app`) over loopback; what backpressure samples."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pytest_aiohttp import AiohttpClient
 
 from router.app import build_app
 from router.destination import Destination
-from router.health import Stalls
-from router.queue import NewJob
+from router.health import Backpressure, Stalls
+from router.metrics import Metrics
+from router.queue import JobState, NewJob
 from router.queue.memory import MemoryQueue
 from router.settings import Settings, Source
 
@@ -82,3 +83,28 @@ async def test_a_draining_backlog_is_not_stalled_and_stall_after_0_turns_it_off(
     await off.refresh()
     now[0] += 1e9
     assert off.stalled() == {}
+
+
+class _NoCounting(MemoryQueue):
+    """A queue that refuses a count of every job it keeps (what a sampler must not ask)."""
+
+    async def counts(self, destination: str | None = None) -> dict[JobState, int]:
+        raise AssertionError("a backpressure sample counted every job kept")
+
+
+async def test_backpressure_samples_the_depth_the_queue_keeps_not_a_count(tmp_path: Path) -> None:
+    """A sample reads the queue's counter of active jobs (Queue.depth): a count of every job would
+    grow with the done jobs kept for retention. Done jobs are not part of the depth."""
+    queue = _NoCounting()
+    await queue.open()
+    await queue.enqueue([job("m1"), job("m2"), job("m3")])
+    [delivered] = await queue.claim("klaviyo", 1, lease_seconds=600)
+    await queue.ack([delivered.id])
+    metrics = Metrics()
+    pressure = Backpressure(
+        queue, data_dir=tmp_path, max_queue_depth=2, min_free_disk_bytes=0, metrics=metrics
+    )
+    await pressure.refresh()
+    assert pressure.depth == 2
+    assert pressure.overloaded() == "the queue holds 2 jobs, at its limit of 2 (max_queue_depth)"
+    assert metrics.registry.get_sample_value("router_queue_depth") == 2

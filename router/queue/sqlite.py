@@ -247,6 +247,10 @@ class SqliteQueue:
         result.update((JobState(row["state"]), row["jobs"]) for row in rows)
         return result
 
+    async def depth(self) -> int:
+        """Active jobs (pending or in flight), as the triggers of ``queue_depth`` keep them."""
+        return await self._reader.run(_active_jobs)
+
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns how many.
 
