@@ -9,8 +9,9 @@ file, the JSON pointer and the reason); SIGHUP, like ``POST /admin/mappings/relo
 and a set that fails its checks leaves the running one in place (:class:`~router.mapping.MappingSets`).
 
 Resources live in ``cleanup_ctx``: the queue is opened before the first request and closed after
-the last commit; the backpressure sampler runs in between. Extra contexts (the delivery worker)
-are entered after those and left before them, so they always see an open queue.
+the last commit; the backpressure sampler and the retention cleanup (:mod:`router.retention`) run
+in between. Extra contexts (the delivery worker) are entered after those and left before them, so
+they always see an open queue.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from router.mapping import MappingSets
 from router.metrics import Metrics
 from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
+from router.retention import retention_kept
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
@@ -130,6 +132,7 @@ def build_app(
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
     app.cleanup_ctx.append(_sampler_context(sample_interval))
+    app.cleanup_ctx.append(_retention_context)
     app.cleanup_ctx.extend(contexts)
     app.on_shutdown.append(_start_draining)
     return app
@@ -161,6 +164,11 @@ def _sampler_context(interval: float) -> CleanupContext:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     return sampler
+
+
+async def _retention_context(app: web.Application) -> AsyncIterator[None]:
+    async with retention_kept(app[QUEUE], app[SETTINGS].cleanup_interval, app[METRICS]):
+        yield
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -306,8 +314,18 @@ def work(config_path: Path | None) -> int:
     return asyncio.run(_work(settings, mappings))
 
 
+def queue_of(settings: Settings) -> Queue:
+    """The queue ``settings`` name, with their dedupe window, retention and hot-key threshold (not open)."""
+    return open_queue(
+        settings.resolved_queue_url,
+        dedupe_window=settings.dedupe_window,
+        retention=settings.retention,
+        hot_key_threshold=settings.hot_key_threshold,
+    )
+
+
 async def _work(settings: Settings, mappings: MappingSets) -> int:
-    queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
+    queue = queue_of(settings)
     await queue.open()
     try:
         async with sandbox_klaviyo(settings) as (settings, sandbox):
@@ -324,8 +342,9 @@ async def _work(settings: Settings, mappings: MappingSets) -> int:
                 )
             )
             log.info("worker_started", destinations=[d.name for d in settings.destinations])
-            await _wait_for_signal(mappings)
-            log.info("worker_stopping")
+            async with retention_kept(queue, settings.cleanup_interval):
+                await _wait_for_signal(mappings)
+                log.info("worker_stopping")
             await _stop_delivery(stop, task)
     finally:
         await queue.close()
@@ -349,12 +368,7 @@ async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[soc
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {settings.data_dir}: {exc.strerror}") from exc
-    queue = open_queue(
-        settings.resolved_queue_url,
-        dedupe_window=settings.dedupe_window,
-        retention=settings.retention,
-        hot_key_threshold=settings.hot_key_threshold,
-    )
+    queue = queue_of(settings)
     async with sandbox_klaviyo(settings) as (settings, sandbox):
         # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
         # account), the cluster's when the queue keeps send budgets

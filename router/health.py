@@ -169,15 +169,19 @@ class Backpressure:
         await sample_every(interval, self.refresh, "backpressure_sample_failed")
 
 
-async def sample_every(interval: float, refresh: Callable[[], Awaitable[None]], failed: str) -> None:
-    """Call ``refresh`` every ``interval`` seconds until cancelled; a failure is logged as ``failed``
-    and the next sample tries again."""
-    while True:
+async def sample_every(
+    interval: float, refresh: Callable[[], Awaitable[object]], failed: str, *, at_once: bool = False
+) -> None:
+    """Call ``refresh`` every ``interval`` seconds until cancelled (``at_once``: the first time now);
+    a failure is logged as ``failed`` and the next call tries again."""
+    if not at_once:
         await asyncio.sleep(interval)
+    while True:
         try:
             await refresh()
         except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
             log.warning(failed, error=str(exc))
+        await asyncio.sleep(interval)
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -16,6 +16,8 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     dedupe_window = 86400                      # KLAVIYO_ROUTER_DEDUPE_WINDOW, seconds
     max_depth = 1000000                        # KLAVIYO_ROUTER_MAX_QUEUE_DEPTH, jobs waiting → 503
     retention = 604800                         # KLAVIYO_ROUTER_RETENTION, seconds done jobs are kept
+    cleanup_interval = 300                     # KLAVIYO_ROUTER_CLEANUP_INTERVAL, seconds between two deletions
+                                               # of done jobs and dedupe entries past their time (0: never)
     hot_key_threshold = 200                    # KLAVIYO_ROUTER_HOT_KEY_THRESHOLD
 
     [limits]
@@ -142,6 +144,9 @@ class Settings:
     dedupe_window: float = 24 * 3600.0
     #: Seconds done jobs are kept for replay.
     retention: float = 7 * 24 * 3600.0
+    #: Seconds between two cleanups (``serve`` and ``work``: :mod:`router.retention`) of the done
+    #: jobs past ``retention`` and the dedupe entries past ``dedupe_window``; 0: never.
+    cleanup_interval: float = 300.0
     #: Jobs waiting on one ordering key beyond which ordering is given up for that key.
     hot_key_threshold: int = 200
     #: Jobs pending or in flight above which ingest answers 503.
@@ -419,6 +424,7 @@ _SCALARS = (
     _Scalar("dedupe_window", "queue", "dedupe_window", _seconds, _float_text),
     _Scalar("max_queue_depth", "queue", "max_depth", _positive_int, _int_text),
     _Scalar("retention", "queue", "retention", _seconds, _float_text),
+    _Scalar("cleanup_interval", "queue", "cleanup_interval", _seconds, _float_text),
     _Scalar("hot_key_threshold", "queue", "hot_key_threshold", _positive_int, _int_text),
     _Scalar("max_request_bytes", "limits", "max_request_bytes", _positive_int, _int_text),
     _Scalar("max_event_bytes", "limits", "max_event_bytes", _positive_int, _int_text),
