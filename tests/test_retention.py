@@ -52,17 +52,15 @@ base_url = "http://127.0.0.1:9"  # nothing is pending: delivery never sends
 HEADERS = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
 
-def job(message_id: str) -> NewJob:
-    return NewJob(
-        source="web", destination="klaviyo", message_id=message_id, ordering_key=None, payload=b"{}"
-    )
-
-
 async def delivered(queue: SqliteQueue, message_id: str, at: float) -> None:
-    """``message_id`` enqueued, claimed and acked at ``at`` (its dedupe entry seen then too)."""
-    await queue.enqueue([job(message_id)], now=at)
-    claimed = await queue.claim("klaviyo", 10, lease_seconds=60, now=at)
-    await queue.ack([j.id for j in claimed], now=at)
+    """``message_id`` enqueued, claimed and acked at ``at`` (its dedupe entry seen then too), for a
+    destination no worker of the router delivers (so that this claim finds the job)."""
+    job = NewJob(
+        source="web", destination="elsewhere", message_id=message_id, ordering_key=None, payload=b"{}"
+    )
+    await queue.enqueue([job], now=at)
+    [claimed] = await queue.claim("elsewhere", 10, lease_seconds=60, now=at)
+    await queue.ack([claimed.id], now=at)
 
 
 def kept(path: Path) -> tuple[list[str], list[str]]:

@@ -68,7 +68,7 @@ class SqliteQueue:
         """``busy_timeout``: seconds to wait for another process's write lock.
         ``max_batch``: most operations committed together (1 turns group commit off).
         ``cleanup_batch``: most rows :meth:`cleanup` deletes per transaction (the writer's other
-        operations wait for one chunk at most: 1 000 done jobs took 2 – 20 ms, 5 000 up to 70 ms)."""
+        operations wait for one chunk at most: 1 000 done jobs took 2 to 20 ms, 5 000 up to 70 ms)."""
         self.path = os.fspath(path)
         self._cleanup_batch = cleanup_batch
         self.options = options or QueueOptions()
