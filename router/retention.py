@@ -11,7 +11,8 @@ transaction is changing).
 
 Each cleanup is logged (``queue_cleaned``: rows deleted, seconds) and counted in the metrics
 (``router_queue_cleaned_rows``, ``router_queue_cleanup_duration_seconds``); a failed one is logged
-as ``queue_cleanup_failed`` and the next interval tries again.
+as ``queue_cleanup_failed`` (then ``queue_cleanup_failing`` while they go on, and
+``queue_cleanup_recovered``: :class:`router.health.Outage`) and the next interval tries again.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ async def clean(queue: Queue, metrics: Metrics | None = None) -> int:
 
 async def keep_retention(queue: Queue, interval: float, metrics: Metrics | None = None) -> None:
     """:func:`clean` now, then every ``interval`` seconds, until cancelled."""
-    await sample_every(interval, lambda: clean(queue, metrics), "queue_cleanup_failed", at_once=True)
+    await sample_every(interval, lambda: clean(queue, metrics), "queue_cleanup", at_once=True)
 
 
 @contextlib.asynccontextmanager
