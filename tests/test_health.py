@@ -8,6 +8,7 @@ import base64
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -24,6 +25,19 @@ from router.queue.memory import MemoryQueue
 from router.queue.postgres import PostgresQueue
 from router.settings import Settings, Source
 
+WRITE_KEY = "wk_health_0123456789"
+
+
+def settings_in(data_dir: Path, **changes: Any) -> Settings:
+    """One source and one destination, data in ``data_dir``, no disk limit, and ``changes``."""
+    return Settings(
+        data_dir=data_dir,
+        min_free_disk_bytes=0,
+        sources=(Source(name="web", write_key=WRITE_KEY, destinations=("klaviyo",)),),
+        destinations=(Destination(name="klaviyo", private_key="pk_health"),),
+        **changes,
+    )
+
 
 def job(message_id: str, key: str | None = None) -> NewJob:
     return NewJob(source="web", destination="klaviyo", message_id=message_id, ordering_key=key, payload=b"{}")
@@ -34,13 +48,7 @@ async def test_ready_reports_a_destination_whose_oldest_job_does_not_move(
 ) -> None:
     """A job leased by a worker that never settles it (a loop that keeps failing, a hung worker):
     after ``stall_after`` the destination is reported stalled, and no longer once it moved on."""
-    settings = Settings(
-        data_dir=tmp_path,
-        min_free_disk_bytes=0,
-        sources=(Source(name="web", write_key="wk_health_0123456789", destinations=("klaviyo",)),),
-        destinations=(Destination(name="klaviyo", private_key="pk_health"),),
-        delivery_stall_after=0.3,
-    )
+    settings = settings_in(tmp_path, delivery_stall_after=0.3)
     queue = MemoryQueue()
     client = await aiohttp_client(build_app(settings, queue, sample_interval=0.02))
     await queue.enqueue([job("m1"), job("m2")])
@@ -169,14 +177,8 @@ async def test_ingest_logs_a_database_outage_once_not_per_request(
     proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5432)
     await proxy.start()
     queue = PostgresQueue(proxy.url(postgres_url), connect_timeout=2.0)
-    settings = Settings(
-        data_dir=tmp_path,
-        min_free_disk_bytes=0,
-        sources=(Source(name="web", write_key="wk_health_0123456789", destinations=("klaviyo",)),),
-        destinations=(Destination(name="klaviyo", private_key="pk_health"),),
-        delivery_workers=0,
-    )
-    headers = {"Authorization": "Basic " + base64.b64encode(b"wk_health_0123456789:").decode()}
+    settings = settings_in(tmp_path, delivery_workers=0)
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
     async def send(message_id: str) -> int:
         event = {"type": "track", "userId": "u1", "event": "Seen", "messageId": message_id}
