@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import pytest
+from processes import child
 
 from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
 from router.queue import JobState, NewJob, Queue, open_queue
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 data_dir = "{folder}"
 [queue]
@@ -57,45 +52,6 @@ def write_config(
         )
     )
     return path
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
-@asynccontextmanager
-async def running_work(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m router work --config CONFIG``, its output in ``log``; killed and reaped on the way out."""
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            "work",
-            "--config",
-            str(config),
-            cwd=ROOT,
-            env=child_env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def until(check: Callable[[], Awaitable[bool]], process: asyncio.subprocess.Process, log: Path) -> None:
-    """Poll ``check`` (30 s at most) while the process runs; fail with its log otherwise."""
-    deadline = time.monotonic() + 30
-    while not await check():
-        if process.returncode is not None or time.monotonic() > deadline:
-            raise AssertionError(await asyncio.to_thread(log.read_text))
-        await asyncio.sleep(0.02)
 
 
 async def done(queue: Queue, jobs: int) -> bool:
@@ -189,10 +145,9 @@ class TestSignals:
                 payload=orjson.dumps(message),
             )
             await queue.enqueue([job])
-            async with running_work(config, log) as process:
-                await until(lambda: done(queue, 1), process, log)
-                process.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(process.wait(), 30) == 0
+            async with child("work", ["work", "--config", str(config)], tmp_path) as worker:
+                await worker.until(lambda: done(queue, 1))
+                assert await worker.stop() == 0
         finally:
             await queue.close()
         assert [event.unique_id for event in fake_klaviyo.state.events] == ["m1"]
@@ -241,26 +196,25 @@ class TestReloadOnSighup:
             )
             await queue.enqueue([job])
             sent += 1
-            await until(lambda: done(queue, sent), process, log)
+            await worker.until(lambda: done(queue, sent))
             return fake_klaviyo.state.events[-1].metric
 
-        async def logged(event: str) -> bool:
+        def logged(event: str) -> bool:
             return f'"event":"{event}"' in log.read_text()
 
         try:
-            async with running_work(config, log) as process:
+            async with child("work", ["work", "--config", str(config)], tmp_path) as worker:
                 assert await deliver("m1") == "Seen"
                 viewed_as(folder, "Glimpsed")
                 (folder / "broken.json").write_text("{")
-                process.send_signal(signal.SIGHUP)
-                await until(lambda: logged("mappings_reload_refused"), process, log)
+                worker.process.send_signal(signal.SIGHUP)
+                await worker.until(lambda: logged("mappings_reload_refused"))
                 assert await deliver("m2") == "Seen"  # the running set stayed
                 (folder / "broken.json").unlink()
-                process.send_signal(signal.SIGHUP)
-                await until(lambda: logged("mappings_reloaded"), process, log)
+                worker.process.send_signal(signal.SIGHUP)
+                await worker.until(lambda: logged("mappings_reloaded"))
                 assert await deliver("m3") == "Glimpsed"
-                process.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(process.wait(), 30) == 0
+                assert await worker.stop() == 0
         finally:
             await queue.close()
         refused = [
