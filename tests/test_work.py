@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 from processes import child
+from test_plan import metric_file
 
 from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
@@ -157,15 +158,6 @@ class TestSignals:
         assert fake_klaviyo.api_key not in log.read_text()
 
 
-def viewed_as(folder: Path, metric: str) -> None:
-    document = {
-        "kind": "event",
-        "match": {"type": ["track"], "event": ["viewed"]},
-        "metric": {"value": metric},
-    }
-    (folder / "viewed.json").write_bytes(orjson.dumps(document))
-
-
 class TestReloadOnSighup:
     """SIGHUP makes a running ``work`` read its mappings again: a set that fails its checks is
     logged and the running one stays; one that passes is what later batches are planned with (in
@@ -175,7 +167,7 @@ class TestReloadOnSighup:
     async def test_sighup(self, tmp_path: Path, fake_klaviyo: FakeKlaviyoServer) -> None:
         folder = tmp_path / "mappings"
         folder.mkdir()
-        viewed_as(folder, "Seen")
+        metric_file(folder, "Seen")
         config = write_config(
             tmp_path, base_url=fake_klaviyo.url, private_key=fake_klaviyo.api_key, mappings_dir=folder
         )
@@ -205,7 +197,7 @@ class TestReloadOnSighup:
         try:
             async with child("work", ["work", "--config", str(config)], tmp_path) as worker:
                 assert await deliver("m1") == "Seen"
-                viewed_as(folder, "Glimpsed")
+                metric_file(folder, "Glimpsed")
                 (folder / "broken.json").write_text("{")
                 worker.process.send_signal(signal.SIGHUP)
                 await worker.until(lambda: logged("mappings_reload_refused"))
