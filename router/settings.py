@@ -89,6 +89,11 @@ CONFIG_ENV = "KLAVIYO_ROUTER_CONFIG"
 #: The private key of the embedded default's destination.
 PRIVATE_KEY_ENV = "KLAVIYO_PRIVATE_KEY"
 DEFAULT_DATA_DIR = Path("data")
+#: The ``--config`` help of the commands that run on the router's configuration (:meth:`Settings.load`).
+CONFIG_HELP = (
+    f"TOML config file (default: the file {CONFIG_ENV} names, else the embedded default, its data in "
+    f"./{DEFAULT_DATA_DIR})"
+)
 #: Placeholder base URL of the sandbox destination until the fake Klaviyo is listening.
 SANDBOX_BASE_URL = "http://127.0.0.1:0"
 #: Private key of the sandbox destination: a placeholder the fake Klaviyo accepts, not a secret.
