@@ -314,12 +314,12 @@ def configure_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.add_argument(
         "--host",
-        help="address to listen on (default: the config's [server] host, KLAVIYO_ROUTER_HOST, 127.0.0.1)",
+        help="address to listen on (default: KLAVIYO_ROUTER_HOST, else the config's [server] host, else 127.0.0.1)",
     )
     p.add_argument(
         "--port",
         type=int,
-        help="port to listen on (default: the config's [server] port, KLAVIYO_ROUTER_PORT, 8080)",
+        help="port to listen on (default: KLAVIYO_ROUTER_PORT, else the config's [server] port, else 8080)",
     )
     p.set_defaults(run=run_serve)
 
