@@ -746,11 +746,6 @@ async def _run_queue(
         await queue.close()
 
 
-def iso(moment: float) -> str:
-    """Unix time as ``2026-11-20T08:00:00Z``."""
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _summary(tally: Tally, seconds: float, *, json_out: bool, dry_run: bool) -> None:
     if json_out:
         body = tally.as_json(seconds)
