@@ -514,7 +514,7 @@ def run_dead_letters(args: argparse.Namespace) -> int:
         raise UsageError(f"no queue at {sqlite_path(url)} (is --config the one serve uses?)")
 
     async def act() -> int:
-        queue = open_queue(url)
+        queue = open_queue(url, settings.queue_options())
         await queue.open()
         try:
             return await _dead_letter_action(args, queue, deadletters)

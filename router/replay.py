@@ -717,12 +717,7 @@ async def open_settings_queue(settings: Settings) -> Queue:
     url = settings.resolved_queue_url
     if url.startswith("sqlite:"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = open_queue(
-        url,
-        dedupe_window=settings.dedupe_window,
-        retention=settings.retention,
-        hot_key_threshold=settings.hot_key_threshold,
-    )
+    queue = open_queue(url, settings.queue_options())
     await queue.open()
     return queue
 

@@ -81,6 +81,7 @@ from urllib.parse import urlsplit
 
 from router.destination import Destination, env_secret
 from router.errors import ConfigError
+from router.queue import QueueOptions
 from router.sync.config import SyncConfig, parse_syncs
 
 ENV_PREFIX = "KLAVIYO_ROUTER_"
@@ -252,6 +253,14 @@ class Settings:
     def resolved_queue_url(self) -> str:
         """The queue URL, defaulting to ``sqlite:///<data_dir>/queue.db`` (absolute)."""
         return self.queue_url or f"sqlite:///{(self.data_dir / 'queue.db').absolute()}"
+
+    def queue_options(self) -> QueueOptions:
+        """The ``[queue]`` options, the same for every process that opens the queue."""
+        return QueueOptions(
+            dedupe_window=self.dedupe_window,
+            retention=self.retention,
+            hot_key_threshold=self.hot_key_threshold,
+        )
 
     def secrets(self) -> tuple[str, ...]:
         """Every configured secret value (write keys, private keys, admin token), for log redaction."""
