@@ -245,9 +245,8 @@ class Preparer:
 
     def unreadable(self, text: bytes | None, reason: str) -> Rejected:
         """An entry that is no event: refused, its text kept (write keys masked) as the dead letter,
-        as ingest keeps a body it cannot use."""
-        kept = None if text is None else self.intake.write_keys.scrub(text).decode("utf-8", errors="replace")
-        return Rejected(None, reason, orjson.dumps({"raw_body": kept}))
+        as ingest keeps a body it cannot use (:meth:`Intake.refuse_text`)."""
+        return self.intake.refuse_text(text, reason)
 
 
 # ---------------------------------------------------------------- checkpoints
