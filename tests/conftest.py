@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from postgres_server import empty_tables, session_database
+from postgres_server import create_database, drop_database, empty_tables, session_database, unique_name
 from pytest_aiohttp import AiohttpServer
 
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
@@ -27,6 +27,14 @@ def postgres_url() -> Iterator[str]:
     """
     with session_database() as url:
         yield url
+
+
+@pytest.fixture
+async def fresh_postgres_url() -> AsyncIterator[str]:
+    """The URL of a database of its own on the test server, without any table, dropped afterwards."""
+    name = unique_name("fresh")
+    yield await create_database(name)
+    await drop_database(name)
 
 
 @pytest.fixture

@@ -6,12 +6,9 @@ import asyncio
 import contextlib
 import csv
 import gzip
-import os
 import signal
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -512,10 +509,11 @@ class TestSources:
         summary = await self._query(rig, "duckdb:///:memory:", f"SELECT * FROM '{parquet}' WHERE score >= 2")
         assert (summary.rows, summary.sent) == (5, 5)
 
-    async def test_postgresql_query(self, rig: Rig, postgres_dsn: str) -> None:
+    @pytest.mark.postgres
+    async def test_postgresql_query(self, rig: Rig, fresh_postgres_url: str) -> None:
         import asyncpg
 
-        connection = await asyncpg.connect(postgres_dsn)
+        connection = await asyncpg.connect(fresh_postgres_url)
         try:
             await connection.execute("CREATE TABLE customers (email text, first_name text, score numeric)")
             await connection.executemany(
@@ -524,7 +522,7 @@ class TestSources:
             )
         finally:
             await connection.close()
-        summary = await self._query(rig, postgres_dsn, "SELECT email, first_name, score FROM customers")
+        summary = await self._query(rig, fresh_postgres_url, "SELECT email, first_name, score FROM customers")
         assert (summary.rows, summary.sent) == (7, 7)
         profile = rig.fake.find_profile(email="s6@example.com")
         assert profile is not None and profile.attributes["properties"] == {"score": 6}
@@ -542,44 +540,16 @@ class TestSources:
             )
 
 
-PG_ADMIN = os.environ.get(
-    "KLAVIYO_ROUTER_TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    """A uniquely named database on the local server, dropped afterwards (skips without a server)."""
-    import asyncpg
-
-    name = f"sync_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(PG_ADMIN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"no PostgreSQL server at {PG_ADMIN}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture
-async def postgres_dsn() -> AsyncIterator[str]:
-    async with scratch_database() as dsn:
-        yield dsn
-
-
 class TestPostgresState:
+    @pytest.mark.postgres
     async def test_state_in_postgresql(
-        self, aiohttp_server: AiohttpServer, tmp_path: Path, postgres_dsn: str
+        self, aiohttp_server: AiohttpServer, tmp_path: Path, fresh_postgres_url: str
     ) -> None:
         """The same runs with the state in PostgreSQL (the queue's database when queue.url is postgresql://)."""
         from router.sync.state import open_state
 
         app = build_fake_app(rate_limits=False, api_keys=[KEY])
-        rig = await started_rig(aiohttp_server, app, open_state(postgres_dsn), tmp_path)
+        rig = await started_rig(aiohttp_server, app, open_state(fresh_postgres_url), tmp_path)
         state = rig.state
         try:
             await rig.sync(write_csv(tmp_path / "a.csv", people(10)), full_profile=True)
