@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from pytest_aiohttp import AiohttpServer
 
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
 from router.queue import Queue, QueueOptions, open_queue
-from router.queue.memory import MemoryQueue
 
 #: Every queue backend (``postgresql``: a database of this test session, see :func:`postgres_url`).
 QUEUE_BACKENDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -35,6 +35,15 @@ async def fresh_postgres_url() -> AsyncIterator[str]:
     name = unique_name("fresh")
     yield await create_database(name)
     await drop_database(name)
+
+
+@pytest.fixture
+def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the test's config (and what the test sets) only, not from the
+    ``KLAVIYO_ROUTER_*`` variables of the shell running the tests."""
+    for name in list(os.environ):
+        if name.startswith("KLAVIYO_ROUTER_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -62,15 +71,6 @@ async def queue(
         yield backend
     finally:
         await backend.close()
-
-
-@pytest.fixture
-async def memory_queue() -> AsyncIterator[MemoryQueue]:
-    """An open in-memory queue."""
-    backend = MemoryQueue()
-    await backend.open()
-    yield backend
-    await backend.close()
 
 
 #: The private key the ``fake_klaviyo`` fixture accepts.

@@ -73,11 +73,8 @@ EVENTS: list[dict[str, Any]] = [
 
 
 @pytest.fixture(autouse=True)
-def quiet_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def quiet_environment(no_router_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from the test's config only; the test process keeps its own GC tuning."""
-    for name in list(os.environ):
-        if name.startswith("KLAVIYO_ROUTER_"):
-            monkeypatch.delenv(name)
     monkeypatch.setattr(replay_module, "tune_runtime", lambda: None)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
 from router.queue import JobState, NewJob, Queue, open_queue
+
+pytestmark = pytest.mark.usefixtures("no_router_env")
 
 CONFIG = """
 data_dir = "{folder}"
@@ -57,14 +58,6 @@ def write_config(
 
 async def done(queue: Queue, jobs: int) -> bool:
     return (await queue.counts())[JobState.DONE] == jobs
-
-
-@pytest.fixture(autouse=True)
-def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings come from the test's config (and what the test sets) only."""
-    for name in list(os.environ):
-        if name.startswith("KLAVIYO_ROUTER_"):
-            monkeypatch.delenv(name)
 
 
 class TestNothingToDo:
