@@ -82,9 +82,8 @@ async def resend_delivered(
     settings: Settings, args: argparse.Namespace, selection: Selection, json_out: bool
 ) -> int:
     """``replay --archive``: count, confirm, send back; prints what it did; the exit status."""
-    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
-        known = ", ".join(d.name for d in settings.destinations)
-        raise ReplayError(f"--destination {args.destination}: no [[destinations]] named so (known: {known})")
+    if args.destination is not None:
+        settings.destination(args.destination, where="--destination")
     assert selection.since is not None
     until = selection.until if selection.until is not None else time.time()
     queue = await open_settings_queue(settings)

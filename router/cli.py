@@ -24,7 +24,7 @@ from router.destination import Destination
 from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
 from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
-from router.settings import CONFIG_HELP
+from router.settings import CONFIG_HELP, Settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -135,8 +135,6 @@ def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
         if args.destination is None:
             raise UsageError("transform needs --destination CONFIG.json, or --config router.toml")
         return _load_destination(Path(args.destination), args.mappings_dir), WINDOW
-    from router.settings import Settings
-
     settings = Settings.load(args.config)
     destination = _configured_destination(settings, args.destination, f"{args.config}")
     if args.mappings_dir is not None:
@@ -144,19 +142,14 @@ def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
     return destination, settings.delivery_batch_size
 
 
-def _configured_destination(settings: Any, name: str | None, where: str) -> Destination:
+def _configured_destination(settings: Settings, name: str | None, where: str) -> Destination:
     """The destination called ``name`` in ``settings``, or its only one."""
-    known = [d.name for d in settings.destinations]
-    if name is None:
-        if len(known) == 1:
-            return settings.destinations[0]  # type: ignore[no-any-return]
-        raise UsageError(
-            f"{where} has several destinations: name one with --destination ({', '.join(known)})"
-        )
-    try:
-        return settings.destination(name)  # type: ignore[no-any-return]
-    except KeyError:
-        raise UsageError(f"{where}: no [[destinations]] named {name!r} (known: {', '.join(known)})") from None
+    if name is not None:
+        return settings.destination(name, where=where)
+    if len(settings.destinations) == 1:
+        return settings.destinations[0]
+    known = ", ".join(d.name for d in settings.destinations)
+    raise UsageError(f"{where} has several destinations: name one with --destination ({known})")
 
 
 def _input_files(arguments: Sequence[str]) -> list[str]:
@@ -402,7 +395,6 @@ def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run_sandbox(args: argparse.Namespace) -> int:
     from router.logs import configure_logging
     from router.sandbox import JOURNAL_FILE, read_sandbox
-    from router.settings import Settings
 
     settings = Settings.load(args.config)
     configure_logging("warning", settings.log_format)  # stdout is the listing
@@ -506,7 +498,6 @@ def configure_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentPars
 def run_dead_letters(args: argparse.Namespace) -> int:
     from router import deadletters
     from router.queue import open_queue, sqlite_path
-    from router.settings import Settings
 
     settings = Settings.load(args.config)
     url = settings.resolved_queue_url

@@ -273,12 +273,14 @@ class Settings:
             values.append(password)
         return tuple(v for v in values if v)
 
-    def destination(self, name: str) -> Destination:
-        """The destination called ``name``."""
+    def destination(self, name: str, *, where: str = "destination") -> Destination:
+        """The destination called ``name``; :class:`ConfigError` naming ``where`` (what asked for
+        it: a flag, a file) and the destinations there are, when there is none."""
         for destination in self.destinations:
             if destination.name == name:
                 return destination
-        raise KeyError(name)
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(f"{where}: no [[destinations]] named {name!r} (known: {known})")
 
     def with_destination(self, destination: Destination) -> Settings:
         """A copy with the destination of the same name replaced (e.g. the sandbox's real URL)."""

@@ -203,11 +203,9 @@ async def sync_once(
         async with sandbox_klaviyo(resolved) as (settings, running):
             if running is not None:
                 print(f"sandbox Klaviyo at {running.url}: nothing leaves this machine", file=sys.stderr)
-            name = config.destination or settings.destinations[0].name
-            try:
-                destination = settings.destination(name)
-            except KeyError:
-                raise ConfigError(f"--destination: no [[destinations]] named {name!r}") from None
+            destination = settings.destination(
+                config.destination or settings.destinations[0].name, where="--destination"
+            )
             async with aiohttp.ClientSession() as session:
                 client = KlaviyoClient(
                     session,
