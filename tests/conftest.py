@@ -11,10 +11,20 @@ from postgres_server import create_database, drop_database, empty_tables, sessio
 from pytest_aiohttp import AiohttpServer
 
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
+from router.logs import reset_logging
 from router.queue import Queue, QueueOptions, open_queue
 
 #: Every queue backend (``postgresql``: a database of this test session, see :func:`postgres_url`).
 QUEUE_BACKENDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """Each test ends with structlog's defaults again: a command a test runs in-process
+    (``main([...])``) configures logging onto that test's captured stdout, which is closed after
+    it, and a later test logging there would fail."""
+    yield
+    reset_logging()
 
 
 @pytest.fixture(scope="session")
