@@ -38,6 +38,8 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     max_age = 86400                            # KLAVIYO_ROUTER_DELIVERY_MAX_AGE, seconds, then dead letter
     pause_probe = 30                           # KLAVIYO_ROUTER_DELIVERY_PAUSE_PROBE, seconds (401/403)
     planners = 1                               # KLAVIYO_ROUTER_DELIVERY_PLANNERS, planning processes (0: in-process)
+    stall_after = 300                          # KLAVIYO_ROUTER_DELIVERY_STALL_AFTER, seconds an oldest job may stay
+                                               # the same before /ready reports its destination stalled (0: never)
 
     [log]
     level = "info"                             # KLAVIYO_ROUTER_LOG_LEVEL: debug, info, warning, error
