@@ -306,7 +306,7 @@ def work(config_path: Path | None) -> int:
 
 
 async def _work(settings: Settings, mappings: MappingSets) -> int:
-    queue = open_queue(settings.resolved_queue_url, hot_key_threshold=settings.hot_key_threshold)
+    queue = open_queue(settings.resolved_queue_url, settings.queue_options())
     await queue.open()
     try:
         async with sandbox_klaviyo(settings) as (settings, sandbox):
@@ -348,12 +348,7 @@ async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[soc
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {settings.data_dir}: {exc.strerror}") from exc
-    queue = open_queue(
-        settings.resolved_queue_url,
-        dedupe_window=settings.dedupe_window,
-        retention=settings.retention,
-        hot_key_threshold=settings.hot_key_threshold,
-    )
+    queue = open_queue(settings.resolved_queue_url, settings.queue_options())
     async with sandbox_klaviyo(settings) as (settings, sandbox):
         # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
         # account), the cluster's when the queue keeps send budgets
