@@ -314,18 +314,8 @@ def work(config_path: Path | None) -> int:
     return asyncio.run(_work(settings, mappings))
 
 
-def queue_of(settings: Settings) -> Queue:
-    """The queue ``settings`` name, with their dedupe window, retention and hot-key threshold (not open)."""
-    return open_queue(
-        settings.resolved_queue_url,
-        dedupe_window=settings.dedupe_window,
-        retention=settings.retention,
-        hot_key_threshold=settings.hot_key_threshold,
-    )
-
-
 async def _work(settings: Settings, mappings: MappingSets) -> int:
-    queue = queue_of(settings)
+    queue = open_queue(settings.resolved_queue_url, settings.queue_options())
     await queue.open()
     try:
         async with sandbox_klaviyo(settings) as (settings, sandbox):
@@ -368,7 +358,7 @@ async def _serve_on(settings: Settings, mappings: MappingSets, sockets: list[soc
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {settings.data_dir}: {exc.strerror}") from exc
-    queue = queue_of(settings)
+    queue = open_queue(settings.resolved_queue_url, settings.queue_options())
     async with sandbox_klaviyo(settings) as (settings, sandbox):
         # one pacer per destination, shared by delivery and the scheduled syncs (Klaviyo counts per
         # account), the cluster's when the queue keeps send budgets

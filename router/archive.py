@@ -20,9 +20,10 @@ from typing import Final
 
 import orjson
 
+from router.events import format_unix_time
 from router.health import Backpressure
 from router.queue import Queue
-from router.replay import Progress, ReplayError, Selection, iso, open_settings_queue
+from router.replay import Progress, ReplayError, Selection, open_settings_queue
 from router.settings import Settings
 
 #: Done jobs looked at per page.
@@ -81,9 +82,8 @@ async def resend_delivered(
     settings: Settings, args: argparse.Namespace, selection: Selection, json_out: bool
 ) -> int:
     """``replay --archive``: count, confirm, send back; prints what it did; the exit status."""
-    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
-        known = ", ".join(d.name for d in settings.destinations)
-        raise ReplayError(f"--destination {args.destination}: no [[destinations]] named so (known: {known})")
+    if args.destination is not None:
+        settings.destination(args.destination, where="--destination")
     assert selection.since is not None
     until = selection.until if selection.until is not None else time.time()
     queue = await open_settings_queue(settings)
@@ -96,7 +96,7 @@ async def resend_delivered(
             min_free_disk_bytes=settings.min_free_disk_bytes,
         )
         await pressure.refresh()
-        window = f"delivered {iso(selection.since)} to {iso(until)}"
+        window = f"delivered {format_unix_time(selection.since)} to {format_unix_time(until)}"
         which = f"destination {args.destination}" if args.destination else "every destination"
 
         def confirm(count: int) -> bool:
@@ -125,7 +125,11 @@ async def resend_delivered(
         progress.close()
         await queue.close()
     if json_out:
-        print(orjson.dumps({"resent": sent, "since": iso(selection.since), "until": iso(until)}).decode())
+        print(
+            orjson.dumps(
+                {"resent": sent, "since": format_unix_time(selection.since), "until": format_unix_time(until)}
+            ).decode()
+        )
     else:
         print(f"sent {sent:,} delivered jobs back to the queue ({window}, {which})")
     return 0

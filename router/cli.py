@@ -1,4 +1,5 @@
-"""The ``klaviyo-router`` command line: one ``configure_<command>`` and one ``<command>`` per subcommand.
+"""The ``klaviyo-router`` command line: one ``configure_<command>`` and one ``run_<command>`` per
+subcommand (``sync`` and ``sync-runs`` have theirs in :mod:`router.sync.command`).
 
 Exit status: 0 on success (``transform`` also when some inputs were rejected: they are reported
 on stdout; with ``--strict``, 1), 1 when the work failed, 2 for unusable arguments or
@@ -23,6 +24,7 @@ from router.destination import Destination
 from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
 from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
+from router.settings import CONFIG_HELP, Settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -70,7 +72,9 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="merge the requests into the bulk jobs delivery would send: inputs are planned by "
         "windows of [delivery] batch_size (1000 without --config), as the workers plan their claims",
     )
-    p.add_argument("--mappings-dir", type=Path, help="folder of mapping files extending the built-in ones")
+    p.add_argument(
+        "--mappings-dir", type=Path, metavar="DIR", help="folder of mapping files extending the built-in ones"
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any input was rejected")
     p.add_argument(
         "input",
@@ -131,8 +135,6 @@ def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
         if args.destination is None:
             raise UsageError("transform needs --destination CONFIG.json, or --config router.toml")
         return _load_destination(Path(args.destination), args.mappings_dir), WINDOW
-    from router.settings import Settings
-
     settings = Settings.load(args.config)
     destination = _configured_destination(settings, args.destination, f"{args.config}")
     if args.mappings_dir is not None:
@@ -140,19 +142,14 @@ def _transform_destination(args: argparse.Namespace) -> tuple[Destination, int]:
     return destination, settings.delivery_batch_size
 
 
-def _configured_destination(settings: Any, name: str | None, where: str) -> Destination:
+def _configured_destination(settings: Settings, name: str | None, where: str) -> Destination:
     """The destination called ``name`` in ``settings``, or its only one."""
-    known = [d.name for d in settings.destinations]
-    if name is None:
-        if len(known) == 1:
-            return settings.destinations[0]  # type: ignore[no-any-return]
-        raise UsageError(
-            f"{where} has several destinations: name one with --destination ({', '.join(known)})"
-        )
-    try:
-        return settings.destination(name)  # type: ignore[no-any-return]
-    except KeyError:
-        raise UsageError(f"{where}: no [[destinations]] named {name!r} (known: {', '.join(known)})") from None
+    if name is not None:
+        return settings.destination(name, where=where)
+    if len(settings.destinations) == 1:
+        return settings.destinations[0]
+    known = ", ".join(d.name for d in settings.destinations)
+    raise UsageError(f"{where} has several destinations: name one with --destination ({known})")
 
 
 def _input_files(arguments: Sequence[str]) -> list[str]:
@@ -204,9 +201,11 @@ def configure_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "or (--strict) an event was rejected; 2 for unusable arguments or configuration.",
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="event files, folders, glob patterns, or -")
-    p.add_argument("--config", type=Path, help="TOML config file (default: the embedded default's, ./data)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.add_argument(
-        "--source", help="the [[sources]] the events are replayed as (needed when there are several)"
+        "--source",
+        metavar="NAME",
+        help="the [[sources]] the events are replayed as (needed when there are several)",
     )
     p.add_argument(
         "--since",
@@ -300,16 +299,23 @@ def configure_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser(
         "serve",
         help="run the HTTP ingest server (and delivery workers)",
-        description="Run the RudderStack/Segment-compatible HTTP API. With no --config, runs the "
-        "embedded default: SQLite under ./data, a generated write key, and a sandbox Klaviyo "
-        "until KLAVIYO_PRIVATE_KEY is set. The mapping files are checked before anything starts "
+        description="Run the RudderStack/Segment-compatible HTTP API. Without a config file (--config "
+        "or KLAVIYO_ROUTER_CONFIG), runs the embedded default: SQLite under ./data, a generated write "
+        "key, and a sandbox Klaviyo until KLAVIYO_PRIVATE_KEY is set. The mapping files are checked before anything starts "
         "(exit 2 naming the file and the problem); SIGHUP reloads them. Delivered jobs older than "
         "[queue] retention and dedupe entries older than dedupe_window are deleted at start and "
         "every [queue] cleanup_interval seconds (logged as queue_cleaned).",
     )
-    p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument(
+        "--host",
+        help="address to listen on (default: KLAVIYO_ROUTER_HOST, else the config's [server] host, else 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        help="port to listen on (default: KLAVIYO_ROUTER_PORT, else the config's [server] port, else 8080)",
+    )
     p.set_defaults(run=run_serve)
 
 
@@ -323,9 +329,9 @@ def configure_fake_klaviyo(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p = sub.add_parser(
         "fake-klaviyo",
         help="run the fake Klaviyo API locally (a sandbox for trying the router)",
-        description="Run an in-memory emulation of the Klaviyo endpoints the router uses, with "
-        "Klaviyo's validation, status codes and rate limits. Point a destination's base_url at it "
-        "(any private key is accepted). Its control API is below.",
+        description="Run an in-memory emulation of the Klaviyo endpoints the router uses, with Klaviyo's\n"
+        "validation, status codes and rate limits. Point a destination's base_url at it (any private\n"
+        "key is accepted unless POST /__fake__/config names some). Its control API is below.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=FAKE_CONTROL_API,
     )
@@ -383,9 +389,7 @@ def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(the router need not run). A running router shows the same at GET /sandbox/state and "
         "GET /sandbox/requests; POST /__fake__/reset on the sandbox's own port empties it.",
     )
-    p.add_argument(
-        "--config", type=Path, help="TOML config file (default: the embedded default's data folder)"
-    )
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="everything it holds, as GET /sandbox/state gives it")
     p.set_defaults(run=run_sandbox)
 
@@ -393,7 +397,6 @@ def configure_sandbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run_sandbox(args: argparse.Namespace) -> int:
     from router.logs import configure_logging
     from router.sandbox import JOURNAL_FILE, read_sandbox
-    from router.settings import Settings
 
     settings = Settings.load(args.config)
     configure_logging("warning", settings.log_format)  # stdout is the listing
@@ -454,7 +457,7 @@ def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "machine that holds the file. The mapping files are checked before anything starts; SIGHUP reloads them. "
         "Like serve, it deletes what [queue] retention and dedupe_window let go, every cleanup_interval seconds.",
     )
-    p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.set_defaults(run=run_work)
 
 
@@ -475,22 +478,22 @@ def configure_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentPars
         "could not accept; each keeps its reason. A retried dead letter goes back to the queue and "
         "is transformed again with the current mappings.",
     )
-    p.add_argument("--config", type=Path, help="TOML config file (default: the embedded default's queue)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     actions = p.add_subparsers(title="actions", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="one line per dead letter")
-    listing.add_argument("--reason", help="only those whose reason contains TEXT")
-    listing.add_argument("--destination", help="only this destination's")
-    listing.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    listing.add_argument("--reason", metavar="TEXT", help="only those whose reason contains TEXT")
+    listing.add_argument("--destination", metavar="NAME", help="only this destination's")
+    listing.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (default 100)")
     listing.add_argument("--json", action="store_true", help="NDJSON instead of a table")
     listing.set_defaults(action="list")
     show = actions.add_parser("show", help="one dead letter with its event, as JSON")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=int, help="the dead letter's id (the ID column of dead-letters list)")
     show.set_defaults(action="show")
     for name, text in (("retry", "send back to the queue"), ("purge", "delete for good")):
         act = actions.add_parser(name, help=f"{text}: the ids given, --all, or --reason TEXT")
-        act.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+        act.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead-letter ids")
         act.add_argument("--all", action="store_true", help="every dead letter")
-        act.add_argument("--reason", help="those whose reason contains TEXT")
+        act.add_argument("--reason", metavar="TEXT", help="those whose reason contains TEXT")
         act.set_defaults(action=name)
     p.set_defaults(run=run_dead_letters)
 
@@ -498,7 +501,6 @@ def configure_dead_letters(sub: argparse._SubParsersAction[argparse.ArgumentPars
 def run_dead_letters(args: argparse.Namespace) -> int:
     from router import deadletters
     from router.queue import open_queue, sqlite_path
-    from router.settings import Settings
 
     settings = Settings.load(args.config)
     url = settings.resolved_queue_url
@@ -506,7 +508,7 @@ def run_dead_letters(args: argparse.Namespace) -> int:
         raise UsageError(f"no queue at {sqlite_path(url)} (is --config the one serve uses?)")
 
     async def act() -> int:
-        queue = open_queue(url)
+        queue = open_queue(url, settings.queue_options())
         await queue.open()
         try:
             return await _dead_letter_action(args, queue, deadletters)
@@ -606,7 +608,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="klaviyo-router",
         description="Route RudderStack/Segment events into Klaviyo: an HTTP API the SDKs post to, a "
-        "durable queue, mapping files, delivery with Klaviyo's rate limits, dead letters.",
+        "durable queue (SQLite, or PostgreSQL for several nodes), mapping files, delivery with "
+        "Klaviyo's rate limits, dead letters; captured event files replayed into the queue; query "
+        "results synced to Klaviyo profiles and a list.",
+        epilog="Run 'klaviyo-router COMMAND --help' for a command's options. The commands that use the "
+        "router's configuration read --config FILE, else the file KLAVIYO_ROUTER_CONFIG names, else "
+        "the embedded default (data in ./data, a sandbox Klaviyo until KLAVIYO_PRIVATE_KEY is set). "
+        "Exit status: 0 done, 1 the work failed, 2 unusable arguments or configuration (one line on "
+        "stderr says why).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)

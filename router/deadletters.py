@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from router.events import format_unix_time
 from router.queue import Job, JobState, Queue
 
 #: Keys never shown from a stored event (Segment clients may put the write key in the body).
@@ -49,8 +49,8 @@ def summary(job: Job) -> dict[str, Any]:
         "event": message.get("event"),
         "attempts": job.attempts,
         "reason": job.last_error,
-        "dead_since": _iso(job.updated_at),
-        "received": _iso(job.created_at),
+        "dead_since": format_unix_time(job.updated_at),
+        "received": format_unix_time(job.created_at),
     }
 
 
@@ -65,10 +65,6 @@ def _message(job: Job) -> dict[str, Any]:
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
-
-
-def _iso(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def list_dead(

@@ -1,36 +1,46 @@
-"""Delivery workers: claim → transform → batch → send → settle, for one destination.
+"""Delivery workers: claim → plan → send → settle, for one destination.
 
-Each worker claims a batch of jobs sized to fill whole event bulk jobs and plans it with the
-current mappings (:mod:`router.plan`), after the jobs an earlier batch held over; the jobs behind
-its own last full event job it holds over in turn. A batch the queue left short of a full event
-job, while other batches are out, gives its jobs back and claims again when one of them settles.
+Claim: each worker claims a batch of jobs sized to fill whole event bulk jobs
+(:func:`~router.plan.claim_size`), after the jobs an earlier batch held over, and keeps them leased
+while the batch is out. A batch the queue left short of a full event job, while other batches are
+out, gives its jobs back and claims again when one of them settles.
 
-The worker sends the plan stage by stage (profile upserts, then events, then list jobs in
-rounds; requests of one stage that share a profile one after another), settling each request's
-step for every job it carried (:func:`~router.plan.apply_outcome`). Before each wave it checks
-what failed so far: a job one step of which failed, and the later jobs of its profile, send
-nothing more in this batch; the rest is planned again without them and goes on. Then every job
-is settled by the worst outcome of its steps, and what Klaviyo accepted is stored with it (its
-progress), so a later attempt sends only the steps still missing:
+Plan: the batch is planned with the current mappings, in this process or in planning processes of
+their own (:class:`~router.planner.Planner`, ``[delivery] planners``): transformed, the steps each
+job's progress already holds left out, merged into bulk jobs by stage (:mod:`router.plan`). The
+jobs behind its last full event job are held over for the next batch. A job that cannot be planned
+never holds up the others: a batch whose planning fails as a whole is split until the jobs that
+fail alone are found; they become dead letters and the rest is planned again.
 
-- every step accepted → ``ack``;
-- held back (an earlier job of its profile failed, another item of its bulk job was refused, or
+Send: stage by stage (profile upserts, then events, then list jobs in rounds; requests of one stage
+that share a profile one after another), each request paced by the client below Klaviyo's limits
+(a ``Retry-After`` pauses its endpoint). Each answer settles the step of every job it carried
+(:func:`~router.plan.apply_outcome`). An accepted bulk profile import is followed to its end: the
+profiles it refused become dead letters, and the list jobs wait for the imports of their profiles.
+Before each wave the worker checks what failed so far: a job one step of which failed, and the
+later jobs of its profile, send nothing more in this batch; the rest is planned again without them
+and goes on.
+
+Settle: every job by the worst outcome of its steps (:mod:`router.plan` decides which), with the
+steps Klaviyo accepted stored as its progress, so a later attempt sends only the steps still missing:
+
+- ``OK`` → ``ack``; a message with no Klaviyo equivalent (alias, page when off) is acked as skipped;
+- ``HELD`` (an earlier job of its profile failed, another item of its bulk job was refused, or
   delivery is stopping) → ``release``: back to the queue without an attempt counted;
-- a retryable failure (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks
-  (never before Klaviyo's ``Retry-After``), or dead letter once attempts or age run out;
-- a permanent refusal (400, 404, 409, 413, 422) → dead letter with Klaviyo's detail; for a bulk
-  job that names items by ``source.pointer``, only those items' jobs;
-- 401/403 → the destination is paused (``/ready`` reports it), the batch's jobs are released
-  untouched, and one worker probes now and then until Klaviyo takes the key again.
+- ``RETRY`` (429, 408, 5xx, timeout) → ``retry`` at the time :class:`RetryPolicy` picks (never
+  before Klaviyo's ``Retry-After``), or dead letter once attempts or age run out;
+- ``DEAD`` (a permanent refusal with Klaviyo's detail, only the items a bulk job names by
+  ``source.pointer``; a message the transform refuses, one refused in part once its usable steps
+  are accepted) → dead letter with the reason;
+- ``RELEASE`` (401/403) → the destination is paused (``/ready`` reports it), the batch's jobs and
+  the held-over ones are released untouched, and one worker probes every ``pause_probe`` seconds
+  until Klaviyo takes the key again.
 
-A message the transform refuses is dead-lettered with the reason; one with no Klaviyo equivalent
-(alias, page when off) is acknowledged as skipped. A job that cannot be planned at all (its
-payload crashes the planner) never holds up the others: a batch whose planning fails is split
-until the jobs that fail alone are found; they become dead letters and the rest is planned again.
-Any other exception while sending counts an attempt for the batch's jobs, so nothing loops forever.
-Per-profile order comes from the queue (a job waits while an earlier one of its profile is in
-flight or waiting for a retry; a key's consecutive jobs are leased together, in order) and, within
-a batch, from the stages and the held-back jobs above.
+What settled jobs were sent without (a dropped phone, an ignored consent channel) is logged as
+``transform_warning`` and counted. Any other exception while sending counts an attempt for the
+batch's jobs, so nothing loops forever. Per-profile order comes from the queue (a job waits while
+an earlier one of its profile is in flight or waiting for a retry; a key's consecutive jobs are
+leased together, in order) and, within a batch, from the stages and the held-back jobs above.
 """
 
 from __future__ import annotations

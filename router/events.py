@@ -78,6 +78,11 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
+def format_unix_time(seconds: float) -> str:
+    """Unix time to the second, as the commands show it: ``2026-11-20T08:00:00Z``."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _inline(node: Any) -> Any:
     """``node`` with every ``#/definitions/...`` reference replaced by its target (faster code)."""
     if isinstance(node, dict):

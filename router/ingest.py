@@ -43,7 +43,7 @@ from aiohttp import web, web_protocol
 from router.errors import BadEvent
 from router.events import NO_DEFAULTS, BatchDefaults, read_batch
 from router.health import Backpressure, Outage
-from router.intake import PARSE_DEPTH, REASON_PREFIX, Accepted, Intake, Rejected, dead_jobs
+from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected
 from router.metrics import Metrics
 from router.queue import EnqueueResult, NewJob, Queue, QueueFull
 from router.settings import Settings, Source
@@ -378,9 +378,8 @@ class Ingest:
 
     async def _dead_body(self, source: Source, body: bytes, reason: str) -> None:
         """Keep an unusable request body as a dead letter (raw text, write keys masked)."""
-        text = self.intake.write_keys.scrub(body).decode("utf-8", errors="replace")
-        payload = orjson.dumps({"raw_body": text})
-        await self._durably([self.queue.add_dead(dead_jobs(source, None, payload), REASON_PREFIX + reason)])
+        refused = self.intake.refuse_text(body, reason)
+        await self._durably([self.queue.add_dead(refused.jobs(source), refused.dead_reason)])
         log.info("body_rejected", source=source.name, error=reason, bytes=len(body))
 
     async def _durably(self, writes: list[Coroutine[Any, Any, Any]]) -> list[Any]:

@@ -11,7 +11,9 @@ it raise: an unforeseen error rejects the one event, and is logged.
 
 The per-event checks of what delivery could not carry, and the scrubbing, cost a pass over the
 event's bytes; :meth:`Intake.screen` makes them once for a whole text (a request body), and
-``prepare(..., screened=True)`` skips them for its events when the text passed.
+``prepare(..., screened=True)`` skips them for its events when the text passed. A text that holds
+no usable event at all (a body that is not JSON, a line of a log that cannot be read) is refused
+whole by :meth:`Intake.refuse_text`, kept as it came with its write keys masked.
 
 The HTTP handlers of :mod:`router.ingest` call it for every event of a request; ``replay`` calls
 it for every event of a captured log, so that a replayed event meets exactly the limits, errors
@@ -166,6 +168,12 @@ class Intake:
             failed = BadEvent(f"the event could not be read ({type(exc).__name__})")
             return self._rejected(raw, message, failed, screened=screened)
         return Accepted(message["messageId"], ordering_key(message), payload)
+
+    def refuse_text(self, text: bytes | None, reason: str) -> Rejected:
+        """A text that holds no usable event (a request body ingest cannot use, an entry of a
+        captured file replay cannot read): refused whole, kept as it came, write keys masked."""
+        kept = None if text is None else self.write_keys.scrub(text).decode("utf-8", errors="replace")
+        return Rejected(None, reason, orjson.dumps({"raw_body": kept}))
 
     def _check_carriable(self, message: Mapping[str, Any], payload: bytes) -> None:
         """Raise :class:`_Uncarriable` for an event delivery could not read or write back."""

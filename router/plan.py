@@ -1,9 +1,13 @@
 """Claimed jobs → the requests that carry them, and what each answer means for each job (pure).
 
 :func:`plan_payloads` transforms a batch's payloads and merges the results into Klaviyo's bulk
-jobs (:mod:`router.klaviyo.batch`), in stages: profile upserts, then events, then list jobs. Its
-:class:`Planned` is plain data, so a planning process can do this and send it back
-(:mod:`router.planner`). :meth:`Plan.of` pairs it with the jobs.
+jobs (:mod:`router.klaviyo.batch`), in stages: profile upserts, then events, then list jobs (a
+profile's n-th list operation in the n-th round). Its :class:`Planned` is plain data, so a
+planning process can do this and send it back (:mod:`router.planner`). :meth:`Plan.of` pairs it
+with the jobs. A payload the transform refuses in part (:class:`~router.errors.PartlyRefused`) has
+its usable requests planned and becomes a dead letter once they are accepted; what a payload is
+sent without (:class:`~router.transform.TransformWarning`) travels with the plan, for the worker to
+log once the job is settled.
 
 A job's requests are its *steps* (an identify: the profile upsert and a subscription). Klaviyo's
 answer to each request settles the step of every job it carried (:func:`apply_outcome`): an

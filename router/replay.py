@@ -245,9 +245,8 @@ class Preparer:
 
     def unreadable(self, text: bytes | None, reason: str) -> Rejected:
         """An entry that is no event: refused, its text kept (write keys masked) as the dead letter,
-        as ingest keeps a body it cannot use."""
-        kept = None if text is None else self.intake.write_keys.scrub(text).decode("utf-8", errors="replace")
-        return Rejected(None, reason, orjson.dumps({"raw_body": kept}))
+        as ingest keeps a body it cannot use (:meth:`Intake.refuse_text`)."""
+        return self.intake.refuse_text(text, reason)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -717,12 +716,7 @@ async def open_settings_queue(settings: Settings) -> Queue:
     url = settings.resolved_queue_url
     if url.startswith("sqlite:"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    queue = open_queue(
-        url,
-        dedupe_window=settings.dedupe_window,
-        retention=settings.retention,
-        hot_key_threshold=settings.hot_key_threshold,
-    )
+    queue = open_queue(url, settings.queue_options())
     await queue.open()
     return queue
 
@@ -744,11 +738,6 @@ async def _run_queue(
         return await replayer.run(files)
     finally:
         await queue.close()
-
-
-def iso(moment: float) -> str:
-    """Unix time as ``2026-11-20T08:00:00Z``."""
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _summary(tally: Tally, seconds: float, *, json_out: bool, dry_run: bool) -> None:

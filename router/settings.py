@@ -40,6 +40,8 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     max_age = 86400                            # KLAVIYO_ROUTER_DELIVERY_MAX_AGE, seconds, then dead letter
     pause_probe = 30                           # KLAVIYO_ROUTER_DELIVERY_PAUSE_PROBE, seconds (401/403)
     planners = 1                               # KLAVIYO_ROUTER_DELIVERY_PLANNERS, planning processes (0: in-process)
+    stall_after = 300                          # KLAVIYO_ROUTER_DELIVERY_STALL_AFTER, seconds an oldest job may stay
+                                               # the same before /ready reports its destination stalled (0: never)
 
     [log]
     level = "info"                             # KLAVIYO_ROUTER_LOG_LEVEL: debug, info, warning, error
@@ -84,6 +86,7 @@ from urllib.parse import urlsplit
 from router.destination import Destination, env_secret
 from router.errors import ConfigError
 from router.logs import SUBSTRING_SECRET_LENGTH
+from router.queue import QueueOptions
 from router.sync.config import SyncConfig, parse_syncs
 
 ENV_PREFIX = "KLAVIYO_ROUTER_"
@@ -92,6 +95,11 @@ CONFIG_ENV = "KLAVIYO_ROUTER_CONFIG"
 #: The private key of the embedded default's destination.
 PRIVATE_KEY_ENV = "KLAVIYO_PRIVATE_KEY"
 DEFAULT_DATA_DIR = Path("data")
+#: The ``--config`` help of the commands that run on the router's configuration (:meth:`Settings.load`).
+CONFIG_HELP = (
+    f"TOML config file (default: the file {CONFIG_ENV} names, else the embedded default, its data in "
+    f"./{DEFAULT_DATA_DIR})"
+)
 #: Placeholder base URL of the sandbox destination until the fake Klaviyo is listening.
 SANDBOX_BASE_URL = "http://127.0.0.1:0"
 #: Private key of the sandbox destination: a placeholder the fake Klaviyo accepts, not a secret.
@@ -260,6 +268,14 @@ class Settings:
         """The queue URL, defaulting to ``sqlite:///<data_dir>/queue.db`` (absolute)."""
         return self.queue_url or f"sqlite:///{(self.data_dir / 'queue.db').absolute()}"
 
+    def queue_options(self) -> QueueOptions:
+        """The ``[queue]`` options, the same for every process that opens the queue."""
+        return QueueOptions(
+            dedupe_window=self.dedupe_window,
+            retention=self.retention,
+            hot_key_threshold=self.hot_key_threshold,
+        )
+
     def secrets(self) -> tuple[str, ...]:
         """Every configured secret value (write keys, private keys, admin token), for log redaction."""
         values = [s.write_key for s in self.sources]
@@ -271,12 +287,14 @@ class Settings:
             values.append(password)
         return tuple(v for v in values if v)
 
-    def destination(self, name: str) -> Destination:
-        """The destination called ``name``."""
+    def destination(self, name: str, *, where: str = "destination") -> Destination:
+        """The destination called ``name``; :class:`ConfigError` naming ``where`` (what asked for
+        it: a flag, a file) and the destinations there are, when there is none."""
         for destination in self.destinations:
             if destination.name == name:
                 return destination
-        raise KeyError(name)
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise ConfigError(f"{where}: no [[destinations]] named {name!r} (known: {known})")
 
     def with_destination(self, destination: Destination) -> Settings:
         """A copy with the destination of the same name replaced (e.g. the sandbox's real URL)."""

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from postgres_server import empty_tables, session_database
+from postgres_server import create_database, drop_database, empty_tables, session_database, unique_name
 from pytest_aiohttp import AiohttpServer
 
 from router.fake_klaviyo import FakeKlaviyoServer, ManualClock, build_fake_app, fake_of
+from router.logs import reset_logging
 from router.queue import Queue, QueueOptions, open_queue
-from router.queue.memory import MemoryQueue
 
 #: Every queue backend (``postgresql``: a database of this test session, see :func:`postgres_url`).
 QUEUE_BACKENDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """Each test ends with structlog's defaults again: a command a test runs in-process
+    (``main([...])``) configures logging onto that test's captured stdout, which is closed after
+    it, and a later test logging there would fail."""
+    yield
+    reset_logging()
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +37,23 @@ def postgres_url() -> Iterator[str]:
     """
     with session_database() as url:
         yield url
+
+
+@pytest.fixture
+async def fresh_postgres_url() -> AsyncIterator[str]:
+    """The URL of a database of its own on the test server, without any table, dropped afterwards."""
+    name = unique_name("fresh")
+    yield await create_database(name)
+    await drop_database(name)
+
+
+@pytest.fixture
+def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the test's config (and what the test sets) only, not from the
+    ``KLAVIYO_ROUTER_*`` variables of the shell running the tests."""
+    for name in list(os.environ):
+        if name.startswith("KLAVIYO_ROUTER_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -54,15 +81,6 @@ async def queue(
         yield backend
     finally:
         await backend.close()
-
-
-@pytest.fixture
-async def memory_queue() -> AsyncIterator[MemoryQueue]:
-    """An open in-memory queue."""
-    backend = MemoryQueue()
-    await backend.open()
-    yield backend
-    await backend.close()
 
 
 #: The private key the ``fake_klaviyo`` fixture accepts.

@@ -1,9 +1,11 @@
-"""Router processes in tests: ``python -m router ...`` children with their output in a log file,
-polling until something holds, and the fake Klaviyo's control API."""
+"""Router processes in tests: ``python -m router ...`` children with their output in a log file
+(:func:`child`), commands run to their end (:func:`run`), polling until something holds, and the
+fake Klaviyo's control API."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import signal
@@ -27,10 +29,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # -- processes --------------------------------------------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
-    """The test's environment without router or Klaviyo settings; output unbuffered."""
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment without router or Klaviyo settings, plus ``extra``; output unbuffered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
+    return env | {"PYTHONUNBUFFERED": "1"} | extra
 
 
 @dataclass
@@ -51,6 +53,22 @@ class Child:
         if self.process.returncode is None:
             self.process.send_signal(signum)
         return await asyncio.wait_for(self.process.wait(), within)
+
+    async def until(self, check: Callable[[], bool | Awaitable[bool]], *, within: float = 30.0) -> None:
+        """Poll ``check`` while the process runs; fails with the end of its log if it exits first or
+        ``within`` seconds pass."""
+        deadline = time.monotonic() + within
+        while True:
+            holds = check()
+            if inspect.isawaitable(holds):
+                holds = await holds
+            if holds:
+                return
+            if self.process.returncode is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: still waiting after {within} s:\n{self.tail()}")
+            await asyncio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -81,6 +99,41 @@ async def child(name: str, args: Sequence[str], folder: Path, *, announces: str 
         if process.returncode is None:
             process.kill()
         await asyncio.wait_for(process.wait(), 30)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A command run to its end: its exit status and output."""
+
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run_router(
+    args: Sequence[str], *, env: dict[str, str] | None = None, module: str = "router", within: float = 60.0
+) -> Finished:
+    """Run ``python -m <module> *args`` (by default :func:`child_env`) to its end, ``within`` seconds
+    at most; killed and reaped otherwise."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=ROOT,
+        env=child_env() if env is None else env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), within)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout, stderr)
 
 
 async def _announced(running: Child, pattern: str) -> str:

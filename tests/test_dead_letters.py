@@ -9,7 +9,6 @@ in-process fake Klaviyo, transformed with the fixed mapping.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from router.mapping import MappingSets
 from router.planner import Planner
 from router.queue import Job, JobState, NewJob, Queue, open_queue
 from router.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("no_router_env")
 
 T = TypeVar("T")
 WRITE_KEY = "wk_dead_letters_0123456789"
@@ -158,14 +159,6 @@ async def with_queue(url: str, action: Callable[[Queue], Awaitable[T]]) -> T:
 
 async def states(queue: Queue) -> dict[int, JobState]:
     return {job.id: job.state for state in JobState for job in await queue.list_jobs(state)}
-
-
-@pytest.fixture(autouse=True)
-def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings come from the test's config only."""
-    for name in list(os.environ):
-        if name.startswith("KLAVIYO_ROUTER_"):
-            monkeypatch.delenv(name)
 
 
 # -- the command ------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import orjson
 import pytest
 import structlog
 from pytest_aiohttp import AiohttpServer
+from test_dead_letters import write_order_mapping
+from test_plan import leased
 
 from router.deliver import Deliverer, DeliverySettings
 from router.destination import Destination
@@ -570,19 +572,7 @@ async def test_paused_workers_probe_and_resume(rig: Rig) -> None:
 
 
 async def test_dead_letter_retried_after_a_mapping_fix(rig: Rig, tmp_path: Path) -> None:
-    mapping = tmp_path / "order-completed.json"
-
-    def write_mapping(sources: list[str]) -> None:
-        document = {
-            "kind": "event",
-            "match": {"type": ["track"], "event": ["order completed"]},
-            "metric": {"value": "Placed Order"},
-            "value": {"from": sources, "type": "float", "required": "Placed Order needs an order total"},
-            "unique_id": {"from": "messageId", "type": "string"},
-        }
-        mapping.write_bytes(orjson.dumps(document))
-
-    write_mapping(["properties.order_total"])
+    write_order_mapping(tmp_path, ["properties.order_total"])
     [job_id] = await rig.enqueue(track("u1", "Order Completed", "m1", total=42.5))
     sets = MappingSets([tmp_path])
     deliverer = rig.deliverer(mappings_dir=tmp_path, planner=Planner(sets))
@@ -590,7 +580,7 @@ async def test_dead_letter_retried_after_a_mapping_fix(rig: Rig, tmp_path: Path)
     job = await rig.job(job_id)
     assert (job.state, job.last_error) == (DEAD_STATE, "transform: Placed Order needs an order total")
 
-    write_mapping(["properties.order_total", "properties.total"])
+    write_order_mapping(tmp_path, ["properties.order_total", "properties.total"])
     assert sets.reload() is None  # what an operator's SIGHUP (or POST /admin/mappings/reload) does
     assert await rig.queue.revive([job_id]) == 1
     assert await deliverer.deliver_once() == 1
@@ -902,25 +892,6 @@ async def test_stopping_does_not_wait_for_a_long_retry_after(rig: Rig) -> None:
 
 
 # -- plan and apply_outcome are pure ---------------------------------------------------------------------------
-
-
-def leased(job_id: int, message: dict[str, Any] | bytes) -> Job:
-    payload = message if isinstance(message, bytes) else orjson.dumps(message)
-    return Job(
-        id=job_id,
-        source="web",
-        destination=DEST,
-        message_id=f"m{job_id}",
-        ordering_key=None,
-        payload=payload,
-        state=IN_FLIGHT,
-        attempts=0,
-        next_attempt_at=0.0,
-        lease_expires_at=60.0,
-        last_error=None,
-        created_at=0.0,
-        updated_at=0.0,
-    )
 
 
 JOBS = [

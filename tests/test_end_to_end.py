@@ -61,7 +61,7 @@ from sdk_replay import replay
 from router.cli import main
 from router.destination import Destination
 from router.errors import Skipped, TransformError
-from router.fake_klaviyo import build_fake_app, fake_of
+from router.fake_klaviyo import FakeKlaviyo, build_fake_app, fake_of
 from router.fake_klaviyo.state import event_time
 from router.klaviyo.batch import LIST_STAGE, prepare, staged
 from router.klaviyo.requests import REVISION
@@ -366,6 +366,27 @@ class Observed:
         return cls(events, duplicates, profiles, consent, members, state["counters"])
 
 
+async def applied(
+    aiohttp_client: AiohttpClient, lines: Sequence[Mapping[str, Any]], lists: Iterable[str]
+) -> FakeKlaviyo:
+    """A fake Klaviyo (rate limits off, holding ``lists``) after every request line of ``transform``'s
+    output (``{"method", "path", "body"}``) was sent to it in order; each must be accepted."""
+    app = build_fake_app(rate_limits=False)
+    fake = fake_of(app)
+    for list_id in sorted(lists):
+        fake.create_list(list_id, list_id=list_id)
+    client = await aiohttp_client(app)
+    headers = {
+        "Authorization": f"Klaviyo-API-Key {PRIVATE_KEY}",
+        "revision": REVISION,
+        "Content-Type": "application/vnd.api+json",
+    }
+    for line in lines:
+        response = await client.request(line["method"], line["path"], json=line["body"], headers=headers)
+        assert response.status < 300, await response.text()
+    return fake
+
+
 # -- the SDK ------------------------------------------------------------------------------------------------------
 
 
@@ -592,20 +613,7 @@ class TestTransformBatchReference:
         lines = [orjson.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
         assert [line for line in lines if "path" not in line] == []  # no rejection, no skip
 
-        app = build_fake_app(rate_limits=False)
-        fake = fake_of(app)
-        for list_id in sorted(expected.lists):
-            fake.create_list(list_id, list_id=list_id)
-        client = await aiohttp_client(app)
-        headers = {
-            "Authorization": f"Klaviyo-API-Key {PRIVATE_KEY}",
-            "revision": REVISION,
-            "Content-Type": "application/vnd.api+json",
-        }
-        for line in lines:
-            response = await client.request(line["method"], line["path"], json=line["body"], headers=headers)
-            assert response.status < 300, await response.text()
-
+        fake = await applied(aiohttp_client, lines, expected.lists)
         observed = Observed.of(fake.to_json())
         assert expected.problems(observed) == []
         assert fake.duplicate_events == 0

@@ -57,15 +57,6 @@ def tracks(count: int) -> list[Job]:
     return [leased(n, track(n)) for n in range(count)]
 
 
-def event_counts(work: Plan) -> list[int]:
-    return [
-        len(item["attributes"]["events"]["data"])
-        for request in work.requests
-        if request.path == "/api/event-bulk-create-jobs"
-        for item in request.body["data"]["attributes"]["events-bulk-create"]["data"]
-    ]
-
-
 # -- holding over the jobs behind the last full event job ---------------------------------------------------
 
 

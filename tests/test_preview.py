@@ -7,11 +7,9 @@ import io
 
 import orjson
 from pytest_aiohttp import AiohttpClient
-from test_end_to_end import Expected, Observed, load_mix
+from test_end_to_end import Expected, Observed, applied, load_mix
 
 from router.destination import Destination
-from router.fake_klaviyo import build_fake_app, fake_of
-from router.klaviyo.requests import REVISION
 from router.mapping import load_mappings
 from router.preview import BatchPreview
 
@@ -35,19 +33,7 @@ async def test_windows_keep_each_profiles_order(aiohttp_client: AiohttpClient) -
     expected = Expected.of(events, Destination(private_key=PRIVATE_KEY))
     lines = [orjson.loads(line) for line in planned(events, window=50).splitlines()]
     assert [line for line in lines if "path" not in line] == []
-    app = build_fake_app(rate_limits=False)
-    fake = fake_of(app)
-    for list_id in sorted(expected.lists):
-        fake.create_list(list_id, list_id=list_id)
-    client = await aiohttp_client(app)
-    headers = {
-        "Authorization": f"Klaviyo-API-Key {PRIVATE_KEY}",
-        "revision": REVISION,
-        "Content-Type": "application/vnd.api+json",
-    }
-    for line in lines:
-        response = await client.request(line["method"], line["path"], json=line["body"], headers=headers)
-        assert response.status < 300, await response.text()
+    fake = await applied(aiohttp_client, lines, expected.lists)
     assert expected.problems(Observed.of(fake.to_json())) == []
     assert fake.duplicate_events == 0
     assert len(fake.events) == 650

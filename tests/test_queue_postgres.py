@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from postgres_server import (
     CuttableProxy,
-    create_database,
-    drop_database,
     empty_tables,
     terminate_connections,
-    unique_name,
 )
 from test_queue_contract import LEASE, T0, claim_ids, enqueued, new_job
 
@@ -35,14 +31,6 @@ async def url(postgres_url: str) -> str:
     await queue.close()
     await empty_tables(postgres_url)
     return postgres_url
-
-
-@pytest.fixture
-async def fresh_url() -> AsyncIterator[str]:
-    """A database of its own, without any table."""
-    name = unique_name("fresh")
-    yield await create_database(name)
-    await drop_database(name)
 
 
 async def opened(url: str, **options: float) -> PostgresQueue:
@@ -103,15 +91,15 @@ async def test_an_expired_lease_of_a_dead_process_is_claimed_by_another(url: str
 # --- migrations ------------------------------------------------------------------------------
 
 
-async def test_processes_starting_at_once_migrate_once(fresh_url: str) -> None:
-    queues = [PostgresQueue(fresh_url) for _ in range(4)]
+async def test_processes_starting_at_once_migrate_once(fresh_postgres_url: str) -> None:
+    queues = [PostgresQueue(fresh_postgres_url) for _ in range(4)]
     await asyncio.gather(*(queue.open() for queue in queues))
     try:
         assert await queues[3].enqueue([new_job("a")], now=T0) == enqueued(1, 0)
     finally:
         for queue in queues:
             await queue.close()
-    conn = await asyncpg.connect(fresh_url)
+    conn = await asyncpg.connect(fresh_postgres_url)
     try:
         version = await conn.fetchval("SELECT version FROM schema_versions WHERE component = $1", COMPONENT)
         assert version == 3
@@ -119,7 +107,7 @@ async def test_processes_starting_at_once_migrate_once(fresh_url: str) -> None:
     finally:
         await conn.close()
     with pytest.raises(ConfigError, match="newer"):
-        await PostgresQueue(fresh_url).open()
+        await PostgresQueue(fresh_postgres_url).open()
 
 
 # --- group commit and text -------------------------------------------------------------------

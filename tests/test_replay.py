@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from processes import child, child_env, eventually
+from processes import child, child_env, eventually, run_router
 from pytest_aiohttp import AiohttpServer
 from test_end_to_end import ROOT, Expected, Observed, load_mix
 
@@ -73,11 +73,8 @@ EVENTS: list[dict[str, Any]] = [
 
 
 @pytest.fixture(autouse=True)
-def quiet_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def quiet_environment(no_router_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from the test's config only; the test process keeps its own GC tuning."""
-    for name in list(os.environ):
-        if name.startswith("KLAVIYO_ROUTER_"):
-            monkeypatch.delenv(name)
     monkeypatch.setattr(replay_module, "tune_runtime", lambda: None)
 
 
@@ -544,14 +541,9 @@ async def all_done(config: Path, total: int) -> None:
 
 
 async def cli(*args: str) -> tuple[int, str]:
-    """The command in a thread (it runs its own event loop); its status and standard output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", *args, cwd=ROOT, env=child_env(),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, (out + err).decode()
+    """The command in a process of its own (it runs its own event loop): its status and output."""
+    finished = await run_router(args)
+    return finished.status, (finished.stdout + finished.stderr).decode()
 
 
 class TestDelivery:

@@ -13,14 +13,14 @@ import asyncio
 import base64
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from test_serve import clean_env, running_server
+from processes import child_env, run_router
+from test_serve import running_server
 
 from router.cli import main
 from router.klaviyo.spec import SPEC_REVISION
@@ -135,7 +135,7 @@ async def test_serve_shows_its_sandbox_and_keeps_it(
     """Seed 003's identify then a product view through serve: ``/sandbox/state`` shows the profile
     (title 'Owner', not the product's); a restart keeps it; ``klaviyo-router sandbox`` prints it."""
     data = tmp_path / "data"
-    env = clean_env(KLAVIYO_ROUTER_DATA_DIR=str(data), KLAVIYO_ROUTER_PORT="0")
+    env = child_env(KLAVIYO_ROUTER_DATA_DIR=str(data), KLAVIYO_ROUTER_PORT="0")
     identify = orjson.loads((CASES / "seed-identify-subscribe.json").read_bytes())["message"]
     viewed = {
         "type": "track",
@@ -179,12 +179,9 @@ async def test_serve_shows_its_sandbox_and_keeps_it(
         server.process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(server.process.wait(), timeout=30) == 0
 
-    command = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "sandbox", env=env, stdout=asyncio.subprocess.PIPE
-    )
-    stdout, _ = await asyncio.wait_for(command.communicate(), timeout=60)
-    out = stdout.decode()
-    assert command.returncode == 0
+    command = await run_router(["sandbox"], env=env)
+    out = command.stdout.decode()
+    assert command.status == 0
     assert out.startswith(f"1 profile, 1 event, 1 list (from {data / JOURNAL_FILE})\n")
     assert "event   'Viewed Product' of name@website.com at " in out
     assert 'profile name@website.com: {"external_id":"userid"' in out

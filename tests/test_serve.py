@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from processes import child_env, run_router
 
 from router.app import banner
 from router.queue import JobState, open_queue
@@ -62,12 +63,6 @@ class Server:
         self.banner = banner
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without router or Klaviyo settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | extra
-
-
 @asynccontextmanager
 async def running_server(
     config: Path | None, log: Path, env: dict[str, str] | None = None
@@ -81,7 +76,7 @@ async def running_server(
             "router.app",
             *args,
             cwd=ROOT,
-            env=env or clean_env(),
+            env=env or child_env(),
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
@@ -99,19 +94,8 @@ async def running_server(
 
 async def serve_to_exit(config: Path) -> tuple[int | None, bytes, bytes]:
     """Run the router with ``config`` until it exits by itself (30 s at most): status, stdout, stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router.app",
-        "--config",
-        str(config),
-        cwd=ROOT,
-        env=clean_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
-    return process.returncode, stdout, stderr
+    finished = await run_router(["--config", str(config)], module="router.app", within=30)
+    return finished.status, finished.stdout, finished.stderr
 
 
 async def _banner_url(stdout: asyncio.StreamReader, banner: list[str]) -> str:
@@ -210,7 +194,7 @@ class TestServe:
 
     async def test_embedded_default(self, tmp_path: Path) -> None:
         """No config: the banner shows the generated write key and the sandbox; the key works."""
-        env = clean_env(KLAVIYO_ROUTER_DATA_DIR=str(tmp_path / "data"), KLAVIYO_ROUTER_PORT="0")
+        env = child_env(KLAVIYO_ROUTER_DATA_DIR=str(tmp_path / "data"), KLAVIYO_ROUTER_PORT="0")
         log = tmp_path / "router.log"
         async with running_server(None, log, env) as server:
             banner = await asyncio.wait_for(read_banner(server, "SANDBOX"), timeout=10)
@@ -296,19 +280,14 @@ class TestPortInUse:
     """A taken address: one line naming it, exit status 2, and nothing started (issue 12, item 11)."""
 
     async def run_cli(self, args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", *args, cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-        assert process.returncode is not None
-        return process.returncode, stdout.decode(), stderr.decode()
+        finished = await run_router(args, env=env)
+        return finished.status, finished.stdout.decode(), finished.stderr.decode()
 
     async def test_serve(self, tmp_path: Path) -> None:
         """The embedded default (which starts a sandbox and workers) on a taken port stops first."""
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
-            env = clean_env(KLAVIYO_ROUTER_DATA_DIR=str(tmp_path / "data"), KLAVIYO_ROUTER_PORT=str(port))
+            env = child_env(KLAVIYO_ROUTER_DATA_DIR=str(tmp_path / "data"), KLAVIYO_ROUTER_PORT=str(port))
             status, stdout, stderr = await self.run_cli(["serve"], env)
         assert status == 2 and stdout == ""
         assert (
@@ -320,7 +299,7 @@ class TestPortInUse:
         """``fake-klaviyo`` likewise."""
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
-            status, stdout, stderr = await self.run_cli(["fake-klaviyo", "--port", str(port)], clean_env())
+            status, stdout, stderr = await self.run_cli(["fake-klaviyo", "--port", str(port)], child_env())
         assert (status, stdout) == (2, "")
         assert (
             stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import router.settings as settings_module
 from router.destination import KLAVIYO_BASE_URL
 from router.errors import ConfigError
 from router.settings import ENV_VARS, MIN_SECRET_LENGTH, SANDBOX_BASE_URL, Settings
@@ -190,6 +191,11 @@ class TestEnvironment:
         assert ENV_VARS["KLAVIYO_ROUTER_PORT"] == "server.port"
         assert ENV_VARS["KLAVIYO_ROUTER_MAX_QUEUE_DEPTH"] == "queue.max_depth"
         assert ENV_VARS["KLAVIYO_ROUTER_DATA_DIR"] == "data_dir"
+
+    def test_every_variable_is_in_the_reference(self) -> None:
+        """The module's docstring, the reference of every key (the README points there), names every variable."""
+        reference = settings_module.__doc__ or ""
+        assert [name for name in ENV_VARS if name not in reference] == []
 
 
 class TestErrors:

@@ -6,13 +6,9 @@ import asyncio
 import contextlib
 import csv
 import gzip
-import os
 import signal
 import sqlite3
-import sys
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from processes import child, run_router
 from pytest_aiohttp import AiohttpServer
 
 from router.destination import Destination
@@ -512,10 +509,11 @@ class TestSources:
         summary = await self._query(rig, "duckdb:///:memory:", f"SELECT * FROM '{parquet}' WHERE score >= 2")
         assert (summary.rows, summary.sent) == (5, 5)
 
-    async def test_postgresql_query(self, rig: Rig, postgres_dsn: str) -> None:
+    @pytest.mark.postgres
+    async def test_postgresql_query(self, rig: Rig, fresh_postgres_url: str) -> None:
         import asyncpg
 
-        connection = await asyncpg.connect(postgres_dsn)
+        connection = await asyncpg.connect(fresh_postgres_url)
         try:
             await connection.execute("CREATE TABLE customers (email text, first_name text, score numeric)")
             await connection.executemany(
@@ -524,7 +522,7 @@ class TestSources:
             )
         finally:
             await connection.close()
-        summary = await self._query(rig, postgres_dsn, "SELECT email, first_name, score FROM customers")
+        summary = await self._query(rig, fresh_postgres_url, "SELECT email, first_name, score FROM customers")
         assert (summary.rows, summary.sent) == (7, 7)
         profile = rig.fake.find_profile(email="s6@example.com")
         assert profile is not None and profile.attributes["properties"] == {"score": 6}
@@ -542,44 +540,16 @@ class TestSources:
             )
 
 
-PG_ADMIN = os.environ.get(
-    "KLAVIYO_ROUTER_TEST_POSTGRES_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    """A uniquely named database on the local server, dropped afterwards (skips without a server)."""
-    import asyncpg
-
-    name = f"sync_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(PG_ADMIN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"no PostgreSQL server at {PG_ADMIN}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture
-async def postgres_dsn() -> AsyncIterator[str]:
-    async with scratch_database() as dsn:
-        yield dsn
-
-
 class TestPostgresState:
+    @pytest.mark.postgres
     async def test_state_in_postgresql(
-        self, aiohttp_server: AiohttpServer, tmp_path: Path, postgres_dsn: str
+        self, aiohttp_server: AiohttpServer, tmp_path: Path, fresh_postgres_url: str
     ) -> None:
         """The same runs with the state in PostgreSQL (the queue's database when queue.url is postgresql://)."""
         from router.sync.state import open_state
 
         app = build_fake_app(rate_limits=False, api_keys=[KEY])
-        rig = await started_rig(aiohttp_server, app, open_state(postgres_dsn), tmp_path)
+        rig = await started_rig(aiohttp_server, app, open_state(fresh_postgres_url), tmp_path)
         state = rig.state
         try:
             await rig.sync(write_csv(tmp_path / "a.csv", people(10)), full_profile=True)
@@ -619,34 +589,6 @@ base_url = "{fake_url}"
     return path
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
-async def _router(*args: str, folder: Path) -> asyncio.subprocess.Process:
-    """``python -m router *args``, its output appended to ``child.log``."""
-    with (folder / "child.log").open("ab") as log:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            *args,
-            cwd=ROOT,
-            env=_env(),
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-
-
-async def _until(check: Any, within: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.05)
-
-
 class TestChildProcesses:
     @pytest.mark.timeout(150)
     async def test_a_run_killed_midway_resumes_without_resending(
@@ -661,21 +603,17 @@ class TestChildProcesses:
         source = write_csv(tmp_path / "a.csv", people(12_000))  # two import jobs
         args = ("sync", str(source), "--list", "VIP", "--config", str(config), "--no-progress")
 
-        process = await _router(*args, folder=tmp_path)
-        try:
-            await _until(lambda: sum(r.operation_id == "bulk_import_profiles" for r in fake.requests) == 2)
+        async with child("sync", args, tmp_path) as first:
+            await first.until(
+                lambda: sum(r.operation_id == "bulk_import_profiles" for r in fake.requests) == 2
+            )
             await asyncio.sleep(0.5)  # the second job is followed; the first one's end is held
-            process.send_signal(signal.SIGKILL)
-            assert await process.wait() == -signal.SIGKILL
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
         accepted = sum(r.operation_id == "bulk_import_profiles" and r.status == 202 for r in fake.requests)
         assert accepted == 2
 
-        process = await _router(*args, "--json", folder=tmp_path)
-        assert await asyncio.wait_for(process.wait(), 120) == 0, (tmp_path / "child.log").read_text()[-2000:]
+        second = await run_router([*args, "--json"], within=120)
+        assert second.status == 0, (second.stdout + second.stderr).decode()[-2000:]
         assert sum(r.operation_id == "bulk_import_profiles" for r in fake.requests) == 2  # nothing sent again
         (list_id,) = fake.lists
         assert len(fake.members(list_id)) == 12_000
@@ -694,17 +632,12 @@ list = "VIP"
 schedule = "every 1h"
 """
         config = _config(tmp_path, str(server.make_url("")).rstrip("/"), extra)
-        process = await _router("serve", "--config", str(config), folder=tmp_path)
-        try:
-            await _until(lambda: any(len(members) == 3 for members in fake.memberships.values()))
-            await _until(lambda: _statuses(tmp_path / "data" / "queue.db") == ["done"])
-            process.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(process.wait(), 30) == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        runs = await _runs(tmp_path)
+        async with child("serve", ["serve", "--config", str(config)], tmp_path) as router:
+            await router.until(lambda: any(len(members) == 3 for members in fake.memberships.values()))
+            await router.until(lambda: _statuses(tmp_path / "data" / "queue.db") == ["done"])
+            assert await router.stop() == 0
+        listed = await run_router(["sync-runs", "--json", "--config", str(config)])
+        runs = [orjson.loads(line) for line in listed.stdout.splitlines()]
         assert [(run["sync"], run["status"]) for run in runs] == [("vip", "done")]
 
 
@@ -715,23 +648,6 @@ def _statuses(database: Path) -> list[str]:
             return [row[0] for row in db.execute("SELECT status FROM sync_runs ORDER BY id")]
     except sqlite3.Error:
         return []
-
-
-async def _runs(folder: Path) -> list[dict[str, Any]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "sync-runs",
-        "--json",
-        "--config",
-        str(folder / "router.toml"),
-        cwd=ROOT,
-        env=_env(),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await process.communicate()
-    return [orjson.loads(line) for line in out.splitlines()]
 
 
 class TestSandbox:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import pytest
+from processes import child
+from test_plan import metric_file
 
 from router.cli import main
 from router.fake_klaviyo import FakeKlaviyoServer
 from router.identity import ordering_key
 from router.queue import JobState, NewJob, Queue, open_queue
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("no_router_env")
+
 CONFIG = """
 data_dir = "{folder}"
 [queue]
@@ -59,55 +56,8 @@ def write_config(
     return path
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLAVIYO_ROUTER_", "KLAVIYO_PRIVATE"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
-@asynccontextmanager
-async def running_work(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m router work --config CONFIG``, its output in ``log``; killed and reaped on the way out."""
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            "work",
-            "--config",
-            str(config),
-            cwd=ROOT,
-            env=child_env(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def until(check: Callable[[], Awaitable[bool]], process: asyncio.subprocess.Process, log: Path) -> None:
-    """Poll ``check`` (30 s at most) while the process runs; fail with its log otherwise."""
-    deadline = time.monotonic() + 30
-    while not await check():
-        if process.returncode is not None or time.monotonic() > deadline:
-            raise AssertionError(await asyncio.to_thread(log.read_text))
-        await asyncio.sleep(0.02)
-
-
 async def done(queue: Queue, jobs: int) -> bool:
     return (await queue.counts())[JobState.DONE] == jobs
-
-
-@pytest.fixture(autouse=True)
-def no_router_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings come from the test's config (and what the test sets) only."""
-    for name in list(os.environ):
-        if name.startswith("KLAVIYO_ROUTER_"):
-            monkeypatch.delenv(name)
 
 
 class TestNothingToDo:
@@ -189,10 +139,9 @@ class TestSignals:
                 payload=orjson.dumps(message),
             )
             await queue.enqueue([job])
-            async with running_work(config, log) as process:
-                await until(lambda: done(queue, 1), process, log)
-                process.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(process.wait(), 30) == 0
+            async with child("work", ["work", "--config", str(config)], tmp_path) as worker:
+                await worker.until(lambda: done(queue, 1))
+                assert await worker.stop() == 0
         finally:
             await queue.close()
         assert [event.unique_id for event in fake_klaviyo.state.events] == ["m1"]
@@ -200,15 +149,6 @@ class TestSignals:
         assert logged[0] == "worker_started" and logged[-1] == "worker_stopped"
         assert "worker_stopping" in logged
         assert fake_klaviyo.api_key not in log.read_text()
-
-
-def viewed_as(folder: Path, metric: str) -> None:
-    document = {
-        "kind": "event",
-        "match": {"type": ["track"], "event": ["viewed"]},
-        "metric": {"value": metric},
-    }
-    (folder / "viewed.json").write_bytes(orjson.dumps(document))
 
 
 class TestReloadOnSighup:
@@ -220,7 +160,7 @@ class TestReloadOnSighup:
     async def test_sighup(self, tmp_path: Path, fake_klaviyo: FakeKlaviyoServer) -> None:
         folder = tmp_path / "mappings"
         folder.mkdir()
-        viewed_as(folder, "Seen")
+        metric_file(folder, "Seen")
         config = write_config(
             tmp_path, base_url=fake_klaviyo.url, private_key=fake_klaviyo.api_key, mappings_dir=folder
         )
@@ -241,26 +181,25 @@ class TestReloadOnSighup:
             )
             await queue.enqueue([job])
             sent += 1
-            await until(lambda: done(queue, sent), process, log)
+            await worker.until(lambda: done(queue, sent))
             return fake_klaviyo.state.events[-1].metric
 
-        async def logged(event: str) -> bool:
+        def logged(event: str) -> bool:
             return f'"event":"{event}"' in log.read_text()
 
         try:
-            async with running_work(config, log) as process:
+            async with child("work", ["work", "--config", str(config)], tmp_path) as worker:
                 assert await deliver("m1") == "Seen"
-                viewed_as(folder, "Glimpsed")
+                metric_file(folder, "Glimpsed")
                 (folder / "broken.json").write_text("{")
-                process.send_signal(signal.SIGHUP)
-                await until(lambda: logged("mappings_reload_refused"), process, log)
+                worker.process.send_signal(signal.SIGHUP)
+                await worker.until(lambda: logged("mappings_reload_refused"))
                 assert await deliver("m2") == "Seen"  # the running set stayed
                 (folder / "broken.json").unlink()
-                process.send_signal(signal.SIGHUP)
-                await until(lambda: logged("mappings_reloaded"), process, log)
+                worker.process.send_signal(signal.SIGHUP)
+                await worker.until(lambda: logged("mappings_reloaded"))
                 assert await deliver("m3") == "Glimpsed"
-                process.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(process.wait(), 30) == 0
+                assert await worker.stop() == 0
         finally:
             await queue.close()
         refused = [

@@ -398,12 +398,6 @@ def profile_identity(profile: dict[str, Any]) -> str:
     return orjson.dumps(identifiers or attributes, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def profiles_in(request: KlaviyoRequest) -> list[str]:
-    """The identities of every profile a list job carries."""
-    profiles: list[dict[str, Any]] = request.body["data"]["attributes"]["profiles"]["data"]
-    return [profile_identity(p) for p in profiles]
-
-
 def _list_id(data: dict[str, Any]) -> str:
     relationships = data["relationships"]
     if "list" in relationships:

@@ -24,7 +24,7 @@ from router.klaviyo.client import KlaviyoClient
 from router.klaviyo.ratelimit import RateLimits
 from router.logs import configure_logging
 from router.sandbox import sandbox_klaviyo
-from router.settings import Settings
+from router.settings import CONFIG_HELP, Settings
 from router.sync.config import SyncConfig, parse_renames, parse_sync
 from router.sync.run import RunOptions, Summary, run_sync
 from router.sync.send import Klaviyo
@@ -59,14 +59,18 @@ def configure_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", nargs="?", help="CSV, NDJSON or Parquet file (gzip of CSV/NDJSON too)")
-    p.add_argument("--query", help="SQL query whose rows to sync (with --database)")
-    p.add_argument("--database", help="postgresql://..., sqlite:///path or duckdb:///path")
+    p.add_argument("--query", metavar="SQL", help="SQL query whose rows to sync (with --database)")
+    p.add_argument("--database", metavar="URL", help="postgresql://..., sqlite:///path or duckdb:///path")
     p.add_argument("--name", help="run the [[syncs]] entry of this name from the config")
     p.add_argument(
         "--list", dest="list_name", metavar="NAME", help="the Klaviyo list, by name (created if missing)"
     )
-    p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
-    p.add_argument("--destination", help="the destination (Klaviyo account) to send to (default: the first)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="the destination (Klaviyo account) to send to (default: the first)",
+    )
     p.add_argument(
         "--mode",
         choices=("mirror", "add", "upsert"),
@@ -106,8 +110,8 @@ def configure_sync_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="The latest runs of every sync (or of one), newest first, with their summaries.",
     )
     p.add_argument("name", nargs="?", help="only this sync's runs")
-    p.add_argument("--config", type=Path, help="TOML config file (env: KLAVIYO_ROUTER_CONFIG)")
-    p.add_argument("--limit", type=int, default=20, help="at most N runs (default 20)")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
     p.add_argument("--json", action="store_true", help="NDJSON, one run a line")
     p.set_defaults(run=run_sync_runs)
 
@@ -199,11 +203,9 @@ async def sync_once(
         async with sandbox_klaviyo(resolved) as (settings, running):
             if running is not None:
                 print(f"sandbox Klaviyo at {running.url}: nothing leaves this machine", file=sys.stderr)
-            name = config.destination or settings.destinations[0].name
-            try:
-                destination = settings.destination(name)
-            except KeyError:
-                raise ConfigError(f"--destination: no [[destinations]] named {name!r}") from None
+            destination = settings.destination(
+                config.destination or settings.destinations[0].name, where="--destination"
+            )
             async with aiohttp.ClientSession() as session:
                 client = KlaviyoClient(
                     session,
