@@ -49,7 +49,7 @@ url = "{queue_url}"
 level = "warning"
 [[sources]]
 name = "bench"
-write_key = "bench-write-key"
+write_key = "bench-write-key-0123"
 destinations = ["bench"]
 [[destinations]]
 name = "bench"

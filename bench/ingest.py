@@ -34,7 +34,7 @@ from procstat import cpu_seconds, peak_rss
 from speed import speed_line
 
 ROOT = Path(__file__).resolve().parent.parent
-WRITE_KEY = "bench-write-key"
+WRITE_KEY = "bench-write-key-0123"
 PLACEHOLDER = b"@@REQ@@"
 
 CONFIG = """

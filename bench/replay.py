@@ -38,7 +38,7 @@ min_free_disk_bytes = 0
 level = "warning"
 [[sources]]
 name = "bench"
-write_key = "bench-write-key"
+write_key = "bench-write-key-0123"
 destinations = ["klaviyo"]
 [[destinations]]
 name = "klaviyo"

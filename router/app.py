@@ -9,8 +9,9 @@ file, the JSON pointer and the reason); SIGHUP, like ``POST /admin/mappings/relo
 and a set that fails its checks leaves the running one in place (:class:`~router.mapping.MappingSets`).
 
 Resources live in ``cleanup_ctx``: the queue is opened before the first request and closed after
-the last commit; the backpressure sampler runs in between. Extra contexts (the delivery worker)
-are entered after those and left before them, so they always see an open queue.
+the last commit; the backpressure sampler and the retention cleanup (:mod:`router.retention`) run
+in between. Extra contexts (the delivery worker) are entered after those and left before them, so
+they always see an open queue.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from router.mapping import MappingSets
 from router.metrics import Metrics
 from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
+from router.retention import retention_kept
 from router.runtime import tune_runtime
 from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
 from router.settings import PRIVATE_KEY_ENV, Settings
@@ -63,7 +65,8 @@ STALLS = web.AppKey("stalls", Stalls)
 MAPPINGS = web.AppKey("mappings", MappingSets)
 INGEST = web.AppKey("ingest", Ingest)
 
-#: Seconds between two backpressure samples (queue depth, free disk); a count can scan the queue.
+#: Seconds between two samples of the queue depth and free disk (backpressure) and of each
+#: destination's oldest due job (stalls).
 SAMPLE_INTERVAL = 5.0
 #: Seconds shutdown waits for in-flight requests before cancelling them.
 SHUTDOWN_TIMEOUT = 30.0
@@ -129,6 +132,7 @@ def build_app(
     if manage_queue:
         app.cleanup_ctx.append(_queue_context)
     app.cleanup_ctx.append(_sampler_context(sample_interval))
+    app.cleanup_ctx.append(_retention_context)
     app.cleanup_ctx.extend(contexts)
     app.on_shutdown.append(_start_draining)
     return app
@@ -160,6 +164,11 @@ def _sampler_context(interval: float) -> CleanupContext:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     return sampler
+
+
+async def _retention_context(app: web.Application) -> AsyncIterator[None]:
+    async with retention_kept(app[QUEUE], app[SETTINGS].cleanup_interval, app[METRICS]):
+        yield
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -323,8 +332,9 @@ async def _work(settings: Settings, mappings: MappingSets) -> int:
                 )
             )
             log.info("worker_started", destinations=[d.name for d in settings.destinations])
-            await _wait_for_signal(mappings)
-            log.info("worker_stopping")
+            async with retention_kept(queue, settings.cleanup_interval):
+                await _wait_for_signal(mappings)
+                log.info("worker_stopping")
             await _stop_delivery(stop, task)
     finally:
         await queue.close()

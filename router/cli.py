@@ -302,7 +302,9 @@ def configure_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run the RudderStack/Segment-compatible HTTP API. Without a config file (--config "
         "or KLAVIYO_ROUTER_CONFIG), runs the embedded default: SQLite under ./data, a generated write "
         "key, and a sandbox Klaviyo until KLAVIYO_PRIVATE_KEY is set. The mapping files are checked before anything starts "
-        "(exit 2 naming the file and the problem); SIGHUP reloads them.",
+        "(exit 2 naming the file and the problem); SIGHUP reloads them. Delivered jobs older than "
+        "[queue] retention and dedupe entries older than dedupe_window are deleted at start and "
+        "every [queue] cleanup_interval seconds (logged as queue_cleaned).",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.add_argument(
@@ -452,7 +454,8 @@ def configure_work(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         'and delivery in separate processes. With queue.url = "postgresql://..." run as many as you '
         "like, on any machines, beside any number of serve processes: they take turns at claims and "
         "share one Klaviyo account's rate limits through the database. With SQLite, only on the "
-        "machine that holds the file. The mapping files are checked before anything starts; SIGHUP reloads them.",
+        "machine that holds the file. The mapping files are checked before anything starts; SIGHUP reloads them. "
+        "Like serve, it deletes what [queue] retention and dedupe_window let go, every cleanup_interval seconds.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
     p.set_defaults(run=run_work)

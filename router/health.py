@@ -2,7 +2,8 @@
 
 :class:`PausedDestinations` is written by the delivery worker (401/403 from Klaviyo pauses a
 destination) and read by ``/ready`` and the metrics. :class:`Backpressure` samples the queue depth
-and the free disk space once a second so that ingest decides on ``503`` without a query per request.
+(:meth:`~router.queue.Queue.depth`, a counter the queue keeps) and the free disk space every few
+seconds so that ingest decides on ``503`` without a query per request.
 :class:`Stalls` samples each destination's oldest due job from the queue, so any node (an
 ingest-only one too) sees a destination whose delivery makes no headway, whatever the cause.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from router.metrics import Metrics
-from router.queue import JobState, Queue
+from router.queue import Queue
 
 log = structlog.get_logger("router.health")
 
@@ -109,7 +110,7 @@ class Stalls:
 
     async def run(self, interval: float) -> None:
         """Sample every ``interval`` seconds until cancelled."""
-        await sample_every(interval, self.refresh, "stall_sample_failed")
+        await sample_every(interval, self.refresh, "stall_sample")
 
 
 class Backpressure:
@@ -136,9 +137,9 @@ class Backpressure:
         self.sampled_at = 0.0
 
     async def refresh(self) -> None:
-        """Sample the queue depth and the free disk space now."""
-        counts = await self.queue.counts()
-        self.depth = counts.get(JobState.PENDING, 0) + counts.get(JobState.IN_FLIGHT, 0)
+        """Sample the queue depth (the backend's counter of active jobs: no count of the jobs kept
+        for retention) and the free disk space now."""
+        self.depth = await self.queue.depth()
         self.disk_free = _free_bytes(self.data_dir)
         self.sampled_at = time.monotonic()
         if self.metrics is not None:
@@ -165,18 +166,86 @@ class Backpressure:
 
     async def run(self, interval: float) -> None:
         """Sample every ``interval`` seconds until cancelled."""
-        await sample_every(interval, self.refresh, "backpressure_sample_failed")
+        await sample_every(interval, self.refresh, "backpressure_sample")
 
 
-async def sample_every(interval: float, refresh: Callable[[], Awaitable[None]], failed: str) -> None:
-    """Call ``refresh`` every ``interval`` seconds until cancelled; a failure is logged as ``failed``
-    and the next sample tries again."""
-    while True:
+class Outage:
+    """The failures of one operation (a queue write, a sample), logged the way an on-call engineer
+    reads them rather than once per failure: ``<what>_failed`` when they start (the error), then
+    ``<what>_failing`` at most every ``summary_every`` seconds while they go on (failures since the
+    last line, since when, the last error), and ``<what>_recovered`` at the first success after them
+    (how long, how many). A failure of a thousand requests a second is three lines a minute."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        level: str = "error",
+        summary_every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what = what
+        self.summary_every = summary_every
+        self._log = getattr(log, level)
+        self._clock = clock
+        #: When the failures started; None while the operation succeeds.
+        self._since: float | None = None
+        self._failures = 0
+        self._unreported = 0
+        self._reported_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        """True from a failure to the next success."""
+        return self._since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failure; log it if it is the first, or if a summary is due."""
+        now = self._clock()
+        error = f"{type(exc).__name__}: {exc}"
+        if self._since is None:
+            self._since = self._reported_at = now
+            self._failures, self._unreported = 1, 0
+            self._log(f"{self.what}_failed", error=error)
+            return
+        self._failures += 1
+        self._unreported += 1
+        if now - self._reported_at >= self.summary_every:
+            self._log(
+                f"{self.what}_failing",
+                failures=self._unreported,
+                since_seconds=round(now - self._since),
+                last_error=error,
+            )
+            self._reported_at, self._unreported = now, 0
+
+    def succeeded(self) -> None:
+        """Note a success: the end of the failures, if there were any (logged)."""
+        if self._since is not None:
+            log.info(
+                f"{self.what}_recovered",
+                seconds=round(self._clock() - self._since, 1),
+                failures=self._failures,
+            )
+            self._since = None
+
+
+async def sample_every(
+    interval: float, refresh: Callable[[], Awaitable[object]], what: str, *, at_once: bool = False
+) -> None:
+    """Call ``refresh`` every ``interval`` seconds until cancelled (``at_once``: the first time now);
+    failures are logged as an :class:`Outage` of ``what`` (warnings) and the next call tries again."""
+    outage = Outage(what, level="warning")
+    if not at_once:
         await asyncio.sleep(interval)
+    while True:
         try:
             await refresh()
         except Exception as exc:  # the queue may be briefly unavailable; /ready reports it
-            log.warning(failed, error=str(exc))
+            outage.failed(exc)
+        else:
+            outage.succeeded()
+        await asyncio.sleep(interval)
 
 
 def _free_bytes(path: Path) -> int | None:

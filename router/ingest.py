@@ -42,7 +42,7 @@ from aiohttp import web, web_protocol
 
 from router.errors import BadEvent
 from router.events import NO_DEFAULTS, BatchDefaults, read_batch
-from router.health import Backpressure
+from router.health import Backpressure, Outage
 from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected
 from router.metrics import Metrics
 from router.queue import EnqueueResult, NewJob, Queue, QueueFull
@@ -120,6 +120,9 @@ class Ingest:
         self._idle.set()
         #: One ``request_handled`` line per request only at debug level (cheap otherwise).
         self._log_requests = settings.log_level == "debug"
+        #: Failed queue writes (the database away): a line when they start, one a minute while they
+        #: last, one when they end, not one per request (each refused request is at debug level).
+        self.outage = Outage("queue_write")
 
     def routes(self) -> list[web.RouteDef]:
         """The ingest routes: one per call type and batch path."""
@@ -384,15 +387,14 @@ class Ingest:
         self._in_flight += 1
         self._idle.clear()
         try:
-            if len(writes) == 1:
-                return [await writes[0]]
-            return list(await asyncio.gather(*writes))
+            results = [await writes[0]] if len(writes) == 1 else list(await asyncio.gather(*writes))
         except QueueFull as full:
+            self.outage.succeeded()  # the queue answered
             raise RequestRefused(
                 503, "overloaded", f"not accepting events: {full}", retry_after=self.settings.retry_after
             ) from None
         except Exception as exc:
-            log.error("queue_write_failed", error=str(exc), error_type=type(exc).__name__)
+            self.outage.failed(exc)
             raise RequestRefused(
                 503,
                 "queue_unavailable",
@@ -403,6 +405,8 @@ class Ingest:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+        self.outage.succeeded()
+        return results
 
     def _count(self, outcome: _Outcome, name: str) -> None:
         """Metrics per request; one info line per batch, and per rejected single call."""

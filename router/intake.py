@@ -40,7 +40,7 @@ from router.events import NO_DEFAULTS, BatchDefaults, decoded, describe, encode,
 from router.identity import ordering_key
 from router.queue import NewJob
 from router.screen import Screened, nesting_depth
-from router.settings import Settings, Source
+from router.settings import MIN_SECRET_LENGTH, Settings, Source
 
 log = structlog.get_logger("router.intake")
 
@@ -48,8 +48,6 @@ log = structlog.get_logger("router.intake")
 REASON_PREFIX = "rejected at ingest: "
 #: What a write key is replaced with wherever it is found.
 MASK = "***"
-#: The shortest write key scrubbed from stored events (:class:`WriteKeys`).
-MIN_KEY_LENGTH = 8
 #: Texts nesting deeper than this are not parsed at all (the parsers recurse; msgspec's limit is
 #: Python's recursion limit): a request body of such depth is refused whole (:meth:`Intake.screen`).
 PARSE_DEPTH = 255
@@ -270,12 +268,18 @@ class WriteKeys:
     looked for with each of its characters either way; a text with neither a key nor such an escape
     anywhere is known clean after a substring search per key and one for a backslash.
 
-    Keys shorter than :data:`MIN_KEY_LENGTH` are not looked for: they would match ordinary text
-    (a key ``k`` would turn every ``track`` into ``trac***``), and they protect nothing anyway.
+    Every key is masked: the settings refuse one shorter than
+    :data:`~router.settings.MIN_SECRET_LENGTH`, which would match ordinary text (a key ``k`` would
+    turn every ``track`` into ``trac***``), and so does this class.
     """
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = tuple(sorted({k for k in keys if len(k) >= MIN_KEY_LENGTH}, key=len, reverse=True))
+        self._keys = tuple(sorted(set(keys), key=len, reverse=True))
+        if self._keys and len(self._keys[-1]) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"a write key of {len(self._keys[-1])} characters cannot be masked without masking "
+                f"ordinary text: write keys need at least {MIN_SECRET_LENGTH}"
+            )
         self._needles = tuple(k.encode() for k in self._keys)
         chars = sorted({c for k in self._keys for c in k})
         self._escapes = re.compile(b"|".join(_escape_forms(c) for c in chars)) if chars else None

@@ -21,6 +21,9 @@ MASK = "***"
 #: Secrets at least this long are masked wherever they appear, even inside a longer token: a random
 #: key that long is never part of ordinary text. Shorter ones only where they stand alone, between
 #: characters that are not letters or digits, so a one-letter key does not turn ``http`` into ``htt***``.
+#: The settings accept no shorter write key or admin token (:data:`router.settings.MIN_SECRET_LENGTH`),
+#: and Klaviyo issues longer private keys: what stays masked only where it stands alone is what the
+#: router does not choose, such as a short database password in the queue URL.
 SUBSTRING_SECRET_LENGTH = 16
 #: Keys whose values are always masked, whatever they hold (compared without ``_``/``-``, lower case).
 SENSITIVE_KEYS = frozenset(

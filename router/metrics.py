@@ -47,6 +47,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "router_queue_depth", "Jobs pending or in flight (sampled).", registry=self.registry
         )
+        self.queue_cleaned = Counter(
+            "router_queue_cleaned_rows",
+            "Rows the retention cleanup deleted: done jobs past [queue] retention, (source, messageId) "
+            "pairs past dedupe_window.",
+            registry=self.registry,
+        )
+        self.queue_cleanup_duration = Histogram(
+            "router_queue_cleanup_duration_seconds",
+            "Time one retention cleanup took, all its chunks together.",
+            buckets=(0.01, 0.1, 1.0, 10.0, 60.0, 600.0),
+            registry=self.registry,
+        )
         self.disk_free = Gauge(
             "router_data_dir_free_bytes",
             "Free bytes on the data folder's disk (sampled).",

@@ -16,6 +16,8 @@ A config file (every key optional except ``[[sources]]`` and ``[[destinations]]`
     dedupe_window = 86400                      # KLAVIYO_ROUTER_DEDUPE_WINDOW, seconds
     max_depth = 1000000                        # KLAVIYO_ROUTER_MAX_QUEUE_DEPTH, jobs waiting → 503
     retention = 604800                         # KLAVIYO_ROUTER_RETENTION, seconds done jobs are kept
+    cleanup_interval = 300                     # KLAVIYO_ROUTER_CLEANUP_INTERVAL, seconds between two deletions
+                                               # of done jobs and dedupe entries past their time (0: never)
     hot_key_threshold = 200                    # KLAVIYO_ROUTER_HOT_KEY_THRESHOLD
 
     [limits]
@@ -83,6 +85,7 @@ from urllib.parse import urlsplit
 
 from router.destination import Destination, env_secret
 from router.errors import ConfigError
+from router.logs import SUBSTRING_SECRET_LENGTH
 from router.queue import QueueOptions
 from router.sync.config import SyncConfig, parse_syncs
 
@@ -107,6 +110,12 @@ LOG_FORMATS = ("json", "console")
 #: The deepest ``limits.max_nesting_depth`` may be: Klaviyo's request envelope adds about ten levels
 #: around an event's properties, and orjson writes at most 255.
 MAX_NESTING_DEPTH = 128
+#: The fewest characters a write key or the admin token may have: a secret this long is masked
+#: wherever it appears, in stored events (:class:`router.intake.WriteKeys`) and in logs
+#: (:mod:`router.logs`), whatever surrounds it. A shorter one would either be left in place where it
+#: runs into other text or mask ordinary words (a write key ``k`` would turn every ``track`` into
+#: ``trac***``), and is a guessable credential anyway. The embedded default generates 32 characters.
+MIN_SECRET_LENGTH = SUBSTRING_SECRET_LENGTH
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -150,6 +159,9 @@ class Settings:
     dedupe_window: float = 24 * 3600.0
     #: Seconds done jobs are kept for replay.
     retention: float = 7 * 24 * 3600.0
+    #: Seconds between two cleanups (``serve`` and ``work``: :mod:`router.retention`) of the done
+    #: jobs past ``retention`` and the dedupe entries past ``dedupe_window``; 0: never.
+    cleanup_interval: float = 300.0
     #: Jobs waiting on one ordering key beyond which ordering is given up for that key.
     hot_key_threshold: int = 200
     #: Jobs pending or in flight above which ingest answers 503.
@@ -302,6 +314,11 @@ def read_or_create_write_key(data_dir: Path) -> str:
         raise ConfigError(f"data_dir: cannot keep the write key in {path}: {exc.strerror}") from exc
     if not key:
         raise ConfigError(f"data_dir: {path} is empty; delete it to generate a new write key")
+    if len(key) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"data_dir: the write key in {path} has {len(key)} characters, under the {MIN_SECRET_LENGTH} a "
+            "write key needs (to be masked wherever it appears); delete the file to generate a new one"
+        )
     return key
 
 
@@ -428,15 +445,30 @@ def _secret(value: Any, where: str) -> str:
     return value
 
 
+def _long_secret(value: Any, where: str, subject: str = "the admin token") -> str:
+    """:func:`_secret` of at least :data:`MIN_SECRET_LENGTH` characters; the error names ``subject``,
+    where it came from and how long it is, never what it is."""
+    secret = _secret(value, where)
+    if len(secret) < MIN_SECRET_LENGTH:
+        if value.startswith("env:"):
+            subject += f" (environment variable {value[4:].strip()})"
+        raise ConfigError(
+            f"{where}: {subject} has {len(secret)} characters, fewer than the {MIN_SECRET_LENGTH} it needs to "
+            "be masked wherever it appears in logs and stored events (generate one: openssl rand -hex 16)"
+        )
+    return secret
+
+
 _SCALARS = (
     _Scalar("data_dir", None, "data_dir", _path, _text),
-    _Scalar("admin_token", None, "admin_token", _secret, _text),
+    _Scalar("admin_token", None, "admin_token", _long_secret, _text),
     _Scalar("host", "server", "host", _string, _text),
     _Scalar("port", "server", "port", _port, _int_text),
     _Scalar("queue_url", "queue", "url", _queue_url, _text),
     _Scalar("dedupe_window", "queue", "dedupe_window", _seconds, _float_text),
     _Scalar("max_queue_depth", "queue", "max_depth", _positive_int, _int_text),
     _Scalar("retention", "queue", "retention", _seconds, _float_text),
+    _Scalar("cleanup_interval", "queue", "cleanup_interval", _seconds, _float_text),
     _Scalar("hot_key_threshold", "queue", "hot_key_threshold", _positive_int, _int_text),
     _Scalar("max_request_bytes", "limits", "max_request_bytes", _positive_int, _int_text),
     _Scalar("max_event_bytes", "limits", "max_event_bytes", _positive_int, _int_text),
@@ -551,9 +583,12 @@ def _sources(value: Any, destination_names: set[str]) -> tuple[Source, ...]:
         missing = sorted(_SOURCE_KEYS - table.keys())
         if missing:
             raise ConfigError(f"{where}.{missing[0]}: required")
+        name = _name(table["name"], f"{where}.name")
         source = Source(
-            name=_name(table["name"], f"{where}.name"),
-            write_key=_secret(table["write_key"], f"{where}.write_key"),
+            name=name,
+            write_key=_long_secret(
+                table["write_key"], f"{where}.write_key", f"the write key of source {name!r}"
+            ),
             destinations=_destination_names(
                 table["destinations"], destination_names, f"{where}.destinations"
             ),

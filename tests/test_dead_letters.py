@@ -319,7 +319,7 @@ class TestCommandRetryAndPurge:
         config = tmp_path / "router.toml"
         queue = tmp_path / "nowhere" / "queue.db"
         config.write_text(
-            f'[queue]\nurl = "sqlite:///{queue}"\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            f'[queue]\nurl = "sqlite:///{queue}"\n[[sources]]\nname = "web"\nwrite_key = "wk_dead_letters_01234"\n'
             'destinations = ["klaviyo"]\n[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
         )
         assert main(["dead-letters", "--config", str(config), "list"]) == 2

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 
 from router.destination import Destination
 from router.events import NO_DEFAULTS, BatchDefaults, read_batch
 from router.intake import REASON_PREFIX, Accepted, Intake, Rejected
-from router.settings import Settings, Source
+from router.settings import MIN_SECRET_LENGTH, Settings, Source
 
 WRITE_KEY = "wk_intake_0123456789"
 SOURCE = Source(name="web", write_key=WRITE_KEY, destinations=("klaviyo", "eu"))
@@ -196,11 +197,22 @@ def test_screened_text_skips_the_checks() -> None:
     assert intake.screen(b"[" * 300 + b"]" * 300).depth > 255
 
 
-def test_short_write_keys_are_not_scrubbed() -> None:
-    """A key shorter than 8 characters would match ordinary text: it is not looked for."""
-    short = replace(SETTINGS, sources=(Source(name="s", write_key="k", destinations=("klaviyo",)),))
-    result = Intake(short).prepare({"type": "track", "event": "k", "userId": "u"}, received_at=RECEIVED)
-    assert isinstance(result, Accepted) and orjson.loads(result.payload)["type"] == "track"
+def test_every_write_key_is_scrubbed_and_a_short_one_is_refused() -> None:
+    """The shortest key the settings accept is masked wherever it is, inside a longer word too; a
+    shorter one is refused: it could not be masked without masking ordinary text (a key ``k`` in
+    every ``track``)."""
+    key = "shortest-key-16c"
+    assert len(key) == MIN_SECRET_LENGTH
+    shortest = replace(SETTINGS, sources=(Source(name="s", write_key=key, destinations=("klaviyo",)),))
+    event = {"type": "track", "event": "E", "userId": "u", "properties": {"p": f"before{key}after"}}
+    result = Intake(shortest).prepare(event, received_at=RECEIVED)
+    assert isinstance(result, Accepted)
+    assert orjson.loads(result.payload)["properties"] == {"p": "before***after"}
+    short = replace(SETTINGS, sources=(Source(name="s", write_key=key[:-1], destinations=("klaviyo",)),))
+    with pytest.raises(
+        ValueError, match=f"a write key of 15 characters .* need at least {MIN_SECRET_LENGTH}"
+    ):
+        Intake(short)
 
 
 def test_keys_escaped_inside_an_event_kept_as_text() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
 import structlog
 
 from router.logs import MASK, SUBSTRING_SECRET_LENGTH, Redactor, configure_logging, reset_logging
+from router.settings import Settings
 
 LONG = "pk_live_0123456789abcdef0123"
 
@@ -55,6 +57,19 @@ class TestRedaction:
         """A key of SUBSTRING_SECRET_LENGTH characters or more is masked wherever it occurs."""
         assert len(LONG) >= SUBSTRING_SECRET_LENGTH
         assert Redactor([LONG]).redact(f"Bearer{LONG}x") == f"Bearer{MASK}x"
+
+    def test_every_write_key_and_admin_token_is_masked_inside_other_text(self, tmp_path: Path) -> None:
+        """The settings accept no write key or admin token too short to be masked as a substring: the
+        shortest accepted ones are masked URL-encoded and run into a word too."""
+        key, token = "wk_exactly_16_ch", "admin_exactly_16"
+        config = tmp_path / "router.toml"
+        config.write_text(
+            f'admin_token = "{token}"\n[[sources]]\nname = "web"\nwrite_key = "{key}"\n'
+            'destinations = ["klaviyo"]\n[[destinations]]\nname = "klaviyo"\nprivate_key = "pk_live_0123456789"\n'
+        )
+        redactor = Redactor(Settings.load(config, env={}).secrets())
+        for secret in (key, token):
+            assert redactor.redact(f"q=%22{secret}%22&x{secret}y") == f"q=%22{MASK}%22&x{MASK}y"
 
     def test_longest_secret_first(self) -> None:
         """A secret that contains another is masked whole."""

@@ -421,6 +421,40 @@ async def test_counts(queue: Queue) -> None:
     assert await queue.counts("eu") == {**dict.fromkeys(JobState, 0), JobState.PENDING: 1}
 
 
+@pytest.mark.parametrize("queue_options", [QueueOptions(retention=100)])
+async def test_depth_counts_active_jobs_through_every_change(queue: Queue) -> None:
+    """depth() (what backpressure samples) is the pending and in-flight jobs of every destination,
+    whichever way a job enters or leaves those states."""
+
+    async def depth_and_counted() -> tuple[int, int]:
+        counts = await queue.counts()
+        return await queue.depth(), counts[JobState.PENDING] + counts[JobState.IN_FLIGHT]
+
+    assert await depth_and_counted() == (0, 0)
+    await queue.enqueue([new_job(f"m{i}", key=f"u{i % 3}" if i % 2 else None) for i in range(9)], now=T0)
+    await queue.enqueue([new_job("eu", destination="eu")], now=T0)
+    await queue.add_dead([new_job("refused")], "bad input", now=T0)
+    assert await depth_and_counted() == (10, 10)
+    first, second, third, fourth, _held, *rest = await claim_ids(queue)
+    await queue.ack([first, second], now=T0)
+    await queue.retry(third, at=T0 + 5, error="503", now=T0)
+    await queue.dead_letter(fourth, reason="400", now=T0)
+    await queue.release(rest, now=T0)
+    assert await depth_and_counted() == (7, 7)  # _held stays in flight
+    assert await queue.revive([fourth, 11], now=T0) == 2
+    assert await queue.resend([first], now=T0) == 1
+    assert await depth_and_counted() == (10, 10)
+    assert await queue.purge() == 0
+    await queue.ack(
+        await claim_ids(queue, now=T0 + LEASE + 10), now=T0 + LEASE + 10
+    )  # _held: its lease ran out
+    await queue.ack(await claim_ids(queue, now=T0 + LEASE + 10, destination="eu"), now=T0 + LEASE + 10)
+    assert await depth_and_counted() == (0, 0)
+    await queue.cleanup(now=T0 + 1000)
+    assert await depth_and_counted() == (0, 0)
+    assert await queue.counts() == dict.fromkeys(JobState, 0)
+
+
 @pytest.mark.parametrize("queue_options", [QueueOptions(dedupe_window=100, retention=1000)])
 async def test_cleanup_deletes_old_done_jobs_and_dedupe_entries(queue: Queue) -> None:
     await queue.enqueue([new_job("a"), new_job("b")], now=T0)

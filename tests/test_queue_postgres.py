@@ -18,7 +18,7 @@ from test_queue_contract import LEASE, T0, claim_ids, enqueued, new_job
 
 from router.errors import ConfigError
 from router.queue import JobState, NewJob, QueueOptions, QueueUnavailable
-from router.queue.postgres import COMPONENT, PostgresQueue
+from router.queue.postgres import COMPONENT, QUERIES, PostgresQueue
 
 pytestmark = pytest.mark.postgres
 
@@ -336,3 +336,66 @@ async def test_max_depth_holds_across_processes_and_the_counts_follow_every_chan
     finally:
         for queue in queues:
             await queue.close()
+
+
+# --- cleanup beside everything else -------------------------------------------------------------
+
+
+async def test_cleanups_of_several_processes_at_once_delete_each_row_once(url: str) -> None:
+    """Every node runs the cleanup: at once, in small chunks, they share the rows and none fails."""
+    options = QueueOptions(retention=100, dedupe_window=100)
+    queues = [PostgresQueue(url, options, cleanup_batch=50) for _ in range(3)]
+    for queue in queues:
+        await queue.open()
+    try:
+        await queues[0].enqueue([new_job(f"m{i}", key=f"u{i % 40}") for i in range(1200)], now=T0)
+        while ids := await claim_ids(queues[0], limit=1000):
+            await queues[0].ack(ids, now=T0)
+        deleted = await asyncio.gather(*(queue.cleanup(now=T0 + 100) for queue in queues))
+        assert sum(deleted) == 2400  # 1200 done jobs and 1200 dedupe entries, each deleted once
+        assert await queues[1].counts() == dict.fromkeys(JobState, 0)
+        conn = await asyncpg.connect(url)
+        try:
+            left = await conn.fetchval(
+                "SELECT (SELECT count(*) FROM queue_dedupe) + (SELECT count(*) FROM queue_keys)"
+            )
+        finally:
+            await conn.close()
+        assert left == 0
+    finally:
+        for queue in queues:
+            await queue.close()
+
+
+async def test_cleanup_skips_rows_another_transaction_is_changing(url: str) -> None:
+    """While a resend, an enqueue accepting an old messageId again and an enqueue counting a job of
+    an idle key are still open, a cleanup deletes none of their rows (nor waits for them): a DELETE
+    that waited would then delete the rows it chose, the resent job, the fresh dedupe entry and the
+    key's new count with them."""
+    queue = PostgresQueue(url, QueueOptions(retention=100, dedupe_window=100))
+    await queue.open()
+    conn = await asyncpg.connect(url)
+    try:
+        await queue.enqueue([new_job("old", key="u1")], now=T0)
+        [job_id] = await claim_ids(queue)
+        await queue.ack([job_id], now=T0)  # a done job, its dedupe entry and the idle key u1, all old
+        later = T0 + 500
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute(QUERIES["resend_jobs"], [job_id], later)
+        await conn.fetch(QUERIES["see_messages"], ["web"], ["old"], [later], 100.0)
+        columns = (["web"], ["klaviyo"], ["new"], ["u1"], [b"{}"], ["pending"], [later], [None])
+        await conn.execute(QUERIES["insert_jobs"], *columns)
+        cleaning = asyncio.create_task(queue.cleanup(now=later))
+        await asyncio.sleep(0.5)
+        assert cleaning.done(), "the cleanup waited for another transaction's rows"
+        await transaction.commit()
+        deleted = await cleaning
+        resent = await queue.get(job_id)
+        assert resent is not None and resent.state == JobState.PENDING
+        assert await queue.enqueue([new_job("old")], now=later + 1) == enqueued(0, 1)  # still deduped
+        assert await conn.fetchval("SELECT active FROM queue_keys WHERE ordering_key = 'u1'") == 2
+        assert deleted == 0
+    finally:
+        await conn.close()
+        await queue.close()

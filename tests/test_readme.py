@@ -162,7 +162,7 @@ class TestReadme:
         """The README's ``toml`` block is ``examples/router.toml``, and it loads."""
         (_, example), _ = blocks("toml")
         assert example == (ROOT / "examples" / "router.toml").read_text()
-        monkeypatch.setenv("WEB_WRITE_KEY", "w")
+        monkeypatch.setenv("WEB_WRITE_KEY", "wk_readme_0123456789")
         monkeypatch.setenv("KLAVIYO_PRIVATE_KEY", "pk")
         monkeypatch.chdir(ROOT)
         settings = Settings.load(ROOT / "examples" / "router.toml", env={})

@@ -10,7 +10,7 @@ import pytest
 import router.settings as settings_module
 from router.destination import KLAVIYO_BASE_URL
 from router.errors import ConfigError
-from router.settings import ENV_VARS, SANDBOX_BASE_URL, Settings
+from router.settings import ENV_VARS, MIN_SECRET_LENGTH, SANDBOX_BASE_URL, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ enforceEmailAsPrimary = true
 MINIMAL = """
 [[sources]]
 name = "web"
-write_key = "wk"
+write_key = "wk_minimal_0123456"
 destinations = ["klaviyo"]
 
 [[destinations]]
@@ -216,7 +216,7 @@ class TestErrors:
             ),
             ("[log]\nlevel = 'loud'\n" + MINIMAL, "log.level: expected one of debug, info, warning, error"),
             (
-                MINIMAL.replace('write_key = "wk"', 'write_key = "env:NOT_SET_ANYWHERE"'),
+                MINIMAL.replace('write_key = "wk_minimal_0123456"', 'write_key = "env:NOT_SET_ANYWHERE"'),
                 "sources[0].write_key: environment variable NOT_SET_ANYWHERE is not set",
             ),
             (
@@ -227,7 +227,7 @@ class TestErrors:
                 MINIMAL.replace('name = "web"\n', 'name = "web"\ncolour = 1\n'),
                 "sources[0].colour: unknown key",
             ),
-            (MINIMAL.replace('write_key = "wk"\n', ""), "sources[0].write_key: required"),
+            (MINIMAL.replace('write_key = "wk_minimal_0123456"\n', ""), "sources[0].write_key: required"),
             (MINIMAL.replace('private_key = "pk"\n', ""), "destinations[0].private_key: required"),
             (
                 MINIMAL.replace('private_key = "pk"', 'private_key = "pk"\nsend_page_as_track = "yes"'),
@@ -256,11 +256,53 @@ class TestErrors:
         """env:VAR with VAR set to nothing says so, rather than 'not set'."""
         monkeypatch.setenv("EMPTY_FOR_THIS_TEST", "")
         for old, new, key in (
-            ('write_key = "wk"', 'write_key = "env:EMPTY_FOR_THIS_TEST"', "sources[0].write_key"),
+            (
+                'write_key = "wk_minimal_0123456"',
+                'write_key = "env:EMPTY_FOR_THIS_TEST"',
+                "sources[0].write_key",
+            ),
             ('private_key = "pk"', 'private_key = "env:EMPTY_FOR_THIS_TEST"', "destinations[0].private_key"),
         ):
             error = load_error(tmp_path, MINIMAL.replace(old, new))
             assert f"{key}: environment variable EMPTY_FOR_THIS_TEST is set but empty" in error
+
+    def test_short_secrets_are_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A write key or admin token shorter than MIN_SECRET_LENGTH could not be masked wherever it
+        appears: refused, naming the source (or the token), where it came from and the minimum,
+        never the value."""
+        assert MIN_SECRET_LENGTH == 16
+        monkeypatch.setenv("SHORT_KEY_FOR_THIS_TEST", "wk_fifteen_char")
+        cases = [
+            (
+                MINIMAL.replace('"wk_minimal_0123456"', '"k"'),
+                {},
+                "sources[0].write_key: the write key of source 'web' has 1 characters, fewer than the 16",
+            ),
+            (
+                MINIMAL.replace('"wk_minimal_0123456"', '"env:SHORT_KEY_FOR_THIS_TEST"'),
+                {},
+                "sources[0].write_key: the write key of source 'web' (environment variable "
+                "SHORT_KEY_FOR_THIS_TEST) has 15 characters, fewer than the 16",
+            ),
+            (
+                'admin_token = "admin-token"\n' + MINIMAL,
+                {},
+                "admin_token: the admin token has 11 characters, fewer than the 16",
+            ),
+            (
+                MINIMAL,
+                {"KLAVIYO_ROUTER_ADMIN_TOKEN": "tok"},
+                "KLAVIYO_ROUTER_ADMIN_TOKEN: the admin token has 3",
+            ),
+        ]
+        for text, env, expected in cases:
+            error = load_error(tmp_path, text, env)
+            assert error.startswith(expected) and "masked wherever it appears" in error, error
+            assert "wk_fifteen_char" not in error and "admin-token" not in error
+        key = "wk_exactly_16_ch"
+        assert len(key) == 16
+        settings = Settings.load(write(tmp_path, MINIMAL.replace("wk_minimal_0123456", key)), env={})
+        assert settings.sources[0].write_key == key
 
     def test_unknown_consent_channel(self, tmp_path: Path) -> None:
         """A destination's consent is checked when the config loads."""
@@ -300,6 +342,16 @@ class TestEmbeddedDefault:
         assert settings.destinations[0].private_key == "pk_live_1"
         assert settings.destinations[0].base_url == KLAVIYO_BASE_URL
 
+    def test_a_short_write_key_in_the_key_file_is_refused(self, tmp_path: Path) -> None:
+        """An edited key file holding a key too short to be masked stops start-up, naming the file."""
+        (tmp_path / "write_key").write_text("short\n")
+        with pytest.raises(ConfigError) as caught:
+            Settings.embedded_default(tmp_path, env={})
+        assert caught.value.message == (
+            f"data_dir: the write key in {tmp_path / 'write_key'} has 5 characters, under the 16 a write key "
+            "needs (to be masked wherever it appears); delete the file to generate a new one"
+        )
+
     def test_write_key_generated_once(self, tmp_path: Path) -> None:
         """The key is generated on first start, stored with mode 0600 and reused afterwards."""
         first = Settings.embedded_default(tmp_path / "data", env={}).sources[0].write_key
@@ -324,7 +376,7 @@ class TestDeliveryChecks:
         """A lease no longer than one Klaviyo call would hand a batch in flight to another worker."""
         config = tmp_path / "router.toml"
         config.write_text(
-            '[delivery]\nlease = 30\ntimeout = 30\n[[sources]]\nname = "web"\nwrite_key = "k"\n'
+            '[delivery]\nlease = 30\ntimeout = 30\n[[sources]]\nname = "web"\nwrite_key = "wk_settings_0123456"\n'
             'destinations = ["klaviyo"]\n[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
         )
         with pytest.raises(ConfigError, match=r"delivery.lease: 30 s must be longer than delivery.timeout"):
@@ -333,7 +385,9 @@ class TestDeliveryChecks:
     def test_planners(self, tmp_path: Path) -> None:
         """``[delivery] planners``: a count of processes, from the file or the environment."""
         config = tmp_path / "router.toml"
-        destination = '\n[[sources]]\nname = "web"\nwrite_key = "k"\ndestinations = ["klaviyo"]\n'
+        destination = (
+            '\n[[sources]]\nname = "web"\nwrite_key = "wk_settings_0123456"\ndestinations = ["klaviyo"]\n'
+        )
         destination += '[[destinations]]\nname = "klaviyo"\nprivate_key = "pk"\n'
         config.write_text("[delivery]\nplanners = 0\n" + destination)
         assert Settings.load(config, env={}).delivery_planners == 0
@@ -351,7 +405,7 @@ def test_the_compose_deployments_config_loads_with_its_environment(monkeypatch: 
         "KLAVIYO_ROUTER_QUEUE_URL": "postgresql://router:secret@postgres:5432/router?pool_size=8",
         "KLAVIYO_ROUTER_HOST": "0.0.0.0",
         "KLAVIYO_PRIVATE_KEY": "pk_0123456789",
-        "WEB_WRITE_KEY": "wk_0123456789",
+        "WEB_WRITE_KEY": "wk_compose_0123456789",
     }
     compose = (ROOT / "deploy" / "compose.yaml").read_text()
     assert all(name in compose for name in env if name != "KLAVIYO_ROUTER_HOST")  # the image sets the host
@@ -359,5 +413,5 @@ def test_the_compose_deployments_config_loads_with_its_environment(monkeypatch: 
         monkeypatch.setenv(name, value)
     settings = Settings.load(ROOT / "deploy" / "router.toml", env=env)
     assert settings.resolved_queue_url == env["KLAVIYO_ROUTER_QUEUE_URL"]
-    assert [source.write_key for source in settings.sources] == ["wk_0123456789"]
+    assert [source.write_key for source in settings.sources] == ["wk_compose_0123456789"]
     assert settings.destination("klaviyo").private_key == "pk_0123456789"

@@ -577,7 +577,7 @@ port = 0
 workers = 0
 [[sources]]
 name = "web"
-write_key = "wk-sync-test"
+write_key = "wk-sync-test-0123456"
 destinations = ["klaviyo"]
 [[destinations]]
 name = "klaviyo"

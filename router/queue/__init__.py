@@ -282,7 +282,12 @@ class Queue(Protocol):
         in per-profile order); ids that are not done jobs are ignored. Returns how many were sent back."""
 
     async def counts(self, destination: str | None = None) -> dict[JobState, int]:
-        """Number of jobs per state."""
+        """Number of jobs per state (a count of every job kept, done ones included: a scan that
+        grows with the retention window; :meth:`depth` is what a sampler asks)."""
+
+    async def depth(self) -> int:
+        """Active jobs (pending or in flight) of every destination, the number ``max_depth`` is
+        checked against: cheap whatever the queue holds (a counter the backend keeps, not a count)."""
 
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns rows deleted."""

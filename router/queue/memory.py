@@ -267,6 +267,10 @@ class MemoryQueue:
                 result[job.state] += 1
         return result
 
+    async def depth(self) -> int:
+        """Active jobs (pending or in flight) of every destination."""
+        return len(self._active)
+
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns how many."""
         now = time.time() if now is None else now

@@ -356,6 +356,11 @@ class PostgresQueue:
         result.update((JobState(row["state"]), row["jobs"]) for row in rows)
         return result
 
+    async def depth(self) -> int:
+        """Active jobs (pending or in flight), as the triggers keep them in ``queue_depth``."""
+        active: int = await self._read(lambda conn: conn.fetchval(QUERIES["active_jobs"]))
+        return active
+
     # ------------------------------------------------------------ the cluster's Klaviyo send budgets
 
     async def reserve_send(self, bucket: str, burst: int, steady: int, margin: float) -> float:

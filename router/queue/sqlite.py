@@ -63,11 +63,12 @@ class SqliteQueue:
         *,
         busy_timeout: float = 30.0,
         max_batch: int = 1000,
-        cleanup_batch: int = 5000,
+        cleanup_batch: int = 1000,
     ) -> None:
         """``busy_timeout``: seconds to wait for another process's write lock.
         ``max_batch``: most operations committed together (1 turns group commit off).
-        ``cleanup_batch``: most rows :meth:`cleanup` deletes per transaction."""
+        ``cleanup_batch``: most rows :meth:`cleanup` deletes per transaction (the writer's other
+        operations wait for one chunk at most: 1 000 done jobs took 2 to 20 ms, 5 000 up to 70 ms)."""
         self.path = os.fspath(path)
         self._cleanup_batch = cleanup_batch
         self.options = options or QueueOptions()
@@ -246,6 +247,10 @@ class SqliteQueue:
         result = dict.fromkeys(JobState, 0)
         result.update((JobState(row["state"]), row["jobs"]) for row in rows)
         return result
+
+    async def depth(self) -> int:
+        """Active jobs (pending or in flight), as the triggers of ``queue_depth`` keep them."""
+        return await self._reader.run(_active_jobs)
 
     async def cleanup(self, *, now: float | None = None) -> int:
         """Delete done jobs past retention and dedupe entries past the window; returns how many.

@@ -379,22 +379,28 @@ DELETE FROM queue_jobs WHERE id = ANY($1::bigint[]) AND state = 'dead';
 DELETE FROM queue_jobs WHERE state = 'dead';
 
 -- name: delete_old_jobs
--- Delete up to $2 done jobs last updated at or before $1.
+-- Delete up to $2 done jobs last updated at or before $1. The cleanups of every node may run at
+-- once, beside everything else: the rows are locked as they are chosen, skipping those another
+-- transaction holds (a resend, another node's cleanup), so a cleanup never waits for a row lock and
+-- never deletes a row whose change it did not see (a DELETE that waited would delete what the
+-- subquery chose, resent to pending or not). The outer conditions say it again, for the reader.
 DELETE FROM queue_jobs WHERE id IN (
-    SELECT id FROM queue_jobs WHERE state = 'done' AND updated_at <= $1 LIMIT $2
-);
+    SELECT id FROM queue_jobs WHERE state = 'done' AND updated_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED
+) AND state = 'done' AND updated_at <= $1;
 
 -- name: delete_old_dedupe
--- Forget up to $2 (source, message_id) pairs last accepted at or before $1.
+-- Forget up to $2 (source, message_id) pairs last accepted at or before $1, skipping pairs another
+-- transaction holds (an enqueue accepting the pair again, outside the window: it keeps it).
 DELETE FROM queue_dedupe WHERE (source, message_id) IN (
-    SELECT source, message_id FROM queue_dedupe WHERE seen_at <= $1 LIMIT $2
-);
+    SELECT source, message_id FROM queue_dedupe WHERE seen_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED
+) AND seen_at <= $1;
 
 -- name: delete_idle_keys
--- Forget up to $1 ordering keys with no active job left (their counts stay at 0 until then).
+-- Forget up to $1 ordering keys with no active job left (their counts stay at 0 until then),
+-- skipping keys another transaction holds (an enqueue or a claim counting a job of the key again).
 DELETE FROM queue_keys WHERE (destination, ordering_key) IN (
-    SELECT destination, ordering_key FROM queue_keys WHERE active <= 0 LIMIT $1
-);
+    SELECT destination, ordering_key FROM queue_keys WHERE active <= 0 LIMIT $1 FOR UPDATE SKIP LOCKED
+) AND active <= 0;
 
 -- name: get_job
 -- One job by id, columns in the order of Job's fields.
