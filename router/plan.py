@@ -98,9 +98,9 @@ class Verdict:
 @dataclass(frozen=True, slots=True)
 class Leftover:
     """Jobs transformed and prepared, not yet merged into bulk jobs: what the transform made of
-    each (job ``i`` is source ``i``; plain data). Those a batch held over go into the next batch's
-    bulk jobs ahead of its own; payloads prepared apart (:func:`prepare_payloads`) are joined
-    (:meth:`then`) and merged (:func:`plan_prepared`)."""
+    each (plain data; job ``i`` is source ``i``, or ``start + i`` for payloads prepared apart by
+    :func:`prepare_payloads`). Those a batch held over go into the next batch's bulk jobs ahead
+    of its own (:func:`plan_prepared`)."""
 
     #: How many jobs.
     jobs: int = 0
@@ -308,10 +308,12 @@ def plan_payloads(
     return prepared.planned(carried.jobs + len(payloads), carry_partial)
 
 
-def prepare_payloads(payloads: Sequence[bytes], destination: Destination, mappings: Mappings) -> Leftover:
+def prepare_payloads(
+    payloads: Sequence[bytes], destination: Destination, mappings: Mappings, *, start: int = 0
+) -> Leftover:
     """The first step of planning, done for each payload on its own (so parts of a batch can be
     prepared in separate processes): transform it and encode what its requests add to bulk jobs
-    (:func:`router.klaviyo.batch.prepare`); payload ``i`` is source ``i``.
+    (:func:`router.klaviyo.batch.prepare`); payload ``i`` is source ``start + i``.
 
     A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests kept
     and is refused: it becomes a dead letter once they are sent. A payload that cannot be planned
@@ -320,22 +322,26 @@ def prepare_payloads(payloads: Sequence[bytes], destination: Destination, mappin
     alone: the others go on.
     """
     prepared = _Prepared([], [], [], [])
-    prepared.add(payloads, destination, mappings, 0, ())
+    prepared.add(payloads, destination, mappings, start, ())
     return prepared.leftover(len(payloads))
 
 
-def plan_prepared(prepared: Leftover, *, carry_partial: bool = False) -> Planned:
-    """Merge prepared jobs (:func:`prepare_payloads`, joined with :meth:`Leftover.then`) into bulk jobs.
+def plan_prepared(pieces: Sequence[Leftover], *, carry_partial: bool = False) -> Planned:
+    """Merge prepared jobs into bulk jobs: ``pieces`` in order, the first numbered from 0 (held-over
+    jobs, say), each of the others from the jobs before it (:func:`prepare_payloads`'s ``start``).
 
     ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
     made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
     are the batch's last, so for every ordering key they follow the ones kept. The next batch sends
     them first; a partial event job would take one of the ten requests a second Klaviyo allows.
     """
-    merged = _Prepared(
-        list(prepared.parts), list(prepared.refused), list(prepared.skipped), list(prepared.warnings)
-    )
-    return merged.planned(prepared.jobs, carry_partial)
+    merged = _Prepared([], [], [], [])
+    for piece in pieces:
+        merged.parts += piece.parts
+        merged.refused += piece.refused
+        merged.skipped += piece.skipped
+        merged.warnings += piece.warnings
+    return merged.planned(sum(piece.jobs for piece in pieces), carry_partial)
 
 
 @dataclass(slots=True)

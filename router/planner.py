@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import structlog
 
 from router.destination import Destination
 from router.mapping import MappingFiles, Mappings, MappingSets, compile_mappings
-from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan_payloads
+from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan_payloads, prepare_payloads
 from router.queue import Job
 from router.runtime import collect_garbage_less
 
@@ -108,6 +108,11 @@ class Planner:
             log.error("planner_process_died", processes=self.processes)
             raise
 
+    def prepare_apart(self, payloads: list[bytes], destination: Destination, start: int) -> Future[Leftover]:
+        """:func:`router.plan.prepare_payloads` in a planning process, for a caller outside an event
+        loop (``transform --batch``: :class:`router.preview.BatchPreview`)."""
+        return self._executor().submit(_prepare_remote, payloads, destination, start)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -165,3 +170,8 @@ def _plan_remote(
     return plan_payloads(
         payloads, destination, mappings, carry_partial=carry_partial, carried=carried, progress=progress
     )
+
+
+def _prepare_remote(payloads: list[bytes], destination: Destination, start: int) -> Leftover:
+    """In a planning process: prepare with the mapping set it was started with."""
+    return prepare_payloads(payloads, destination, _mappings[destination.mappings_dir], start=start)

@@ -26,9 +26,8 @@ go out at the head of the next window's event jobs, so every event job but the l
 from __future__ import annotations
 
 import abc
-import multiprocessing
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
@@ -38,13 +37,16 @@ from router.capture import Record
 from router.destination import Destination
 from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import Mappings, load_mappings
-from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_payloads
-from router.runtime import collect_garbage_less
+from router.mapping import Mappings, MappingSets
+from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_prepared, prepare_payloads
+from router.planner import Planner
 from router.transform import TransformWarning, transform
 
-#: Processes that plan windows while the next is read: one when there is a core to spare.
+#: Processes that prepare part of each window beside this one: one when there is a core to spare.
 PLANNING_PROCESSES: Final = 1 if (os.cpu_count() or 1) > 1 else 0
+#: The planning process's first share of a window, and how much it moves by from window to window.
+SHARE: Final = 0.5
+SHARE_STEP: Final = 0.02
 #: Inputs planned together by default (delivery's default ``batch_size``).
 WINDOW: Final = 1000
 #: What :func:`router.plan.plan_payloads` puts before the reasons it gives.
@@ -150,14 +152,29 @@ class _Window:
     refused: list[tuple[int, bytes]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Preparing:
+    """A window read and being prepared: the jobs held over before it, the planning process's part
+    of its payloads (the first ones), and this process's part."""
+
+    window: _Window
+    carry_partial: bool
+    carried: Leftover
+    apart: Future[Leftover] | None
+    here: Leftover
+
+
 class BatchPreview(Preview):
     """The bulk requests delivery would send, planned window by window (see the module's text).
 
-    With ``processes = 1`` the windows are planned in a process of their own while the next one is
-    read here (planning is nine tenths of the work): the carried jobs of window ``k`` go into
-    window ``k + 1``, so one window is planned at a time, overlapping the reading and writing of
-    the others. Window sizes come from the plan before the last, in both modes, so the output does
-    not depend on the mode.
+    A window is planned as :func:`router.plan.plan_payloads` plans it, in its two steps: each
+    payload prepared on its own (:func:`router.plan.prepare_payloads`), then the window's jobs,
+    after those held over by the window before, merged (:func:`router.plan.plan_prepared`). With
+    ``processes = 1`` a planning process prepares the first part of each window while this one
+    prepares the rest, then reads the next window and merges and writes the one before (preparing
+    is nine tenths of the work). The planning process's share follows which of the two was done
+    first. Window sizes come from the plan before the last, and preparing is per payload, so the
+    output depends on neither the mode nor the shares.
     """
 
     def __init__(
@@ -182,8 +199,10 @@ class BatchPreview(Preview):
         self._carried: list[tuple[int, Record | None, str]] = []
         #: The last window written, planned (it sizes the windows read after the next one).
         self._last: Planned | None = None
-        self._pending: tuple[_Window, Future[Planned]] | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._preparing: _Preparing | None = None
+        self._planner: Planner | None = None
+        #: The planning process's share of a window's payloads.
+        self._share = SHARE
 
     def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
         filling = self._filling
@@ -200,47 +219,46 @@ class BatchPreview(Preview):
 
     def finish(self) -> None:
         self._close(carry_partial=False)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._settle()
+        if self._planner is not None:
+            self._planner.close()
+            self._planner = None
         super().finish()
 
     def _close(self, *, carry_partial: bool) -> None:
-        """Plan the window being filled (after writing the one being planned, whose held-over
-        jobs it carries), and start the next."""
+        """Write the window being prepared, then prepare the one being filled (after the jobs held
+        over by the one written), and start the next."""
         window, self._filling = self._filling, _Window()
         self._settle()
         if self._last is not None and self._last.kept:  # as a worker sizes its next claim
             last = self._last
             self._claim = claim_size(self.window, last.events / last.kept, last.leftover.events)
         window.inputs[:0] = self._carried
-        if self.processes and carry_partial:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    self.processes,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=collect_garbage_less,
-                )
-            future = self._pool.submit(
-                _plan_apart, window.payloads, self.destination, carry_partial, self._leftover
-            )
-            self._pending = (window, future)
-            return
-        planned = plan_payloads(
-            window.payloads,
-            self.destination,
-            self.mappings,
-            carry_partial=carry_partial,
-            carried=self._leftover,
-        )
-        self._write(window, planned)
+        payloads, start = window.payloads, self._leftover.jobs
+        window.payloads = []
+        split = round(len(payloads) * self._share) if self.processes else 0
+        apart = self._apart().prepare_apart(payloads[:split], self.destination, start) if split else None
+        here = prepare_payloads(payloads[split:], self.destination, self.mappings, start=start + split)
+        self._preparing = _Preparing(window, carry_partial, self._leftover, apart, here)
+
+    def _apart(self) -> Planner:
+        if self._planner is None:
+            self._planner = Planner(MappingSets([self.destination.mappings_dir]), self.processes)
+        return self._planner
 
     def _settle(self) -> None:
-        """Wait for the window being planned apart, and write it."""
-        if self._pending is not None:
-            window, future = self._pending
-            self._pending = None
-            self._write(window, future.result())
+        """Merge the window being prepared after the jobs held over before it, and write it."""
+        preparing, self._preparing = self._preparing, None
+        if preparing is None:
+            return
+        pieces = [preparing.carried]
+        if preparing.apart is not None:
+            # the planning process done first: give it more of the next windows, else less
+            step = SHARE_STEP if preparing.apart.done() else -SHARE_STEP
+            self._share = min(max(self._share + step, SHARE_STEP), 1 - SHARE_STEP)
+            pieces.append(preparing.apart.result())
+        pieces.append(preparing.here)
+        self._write(preparing.window, plan_prepared(pieces, carry_partial=preparing.carry_partial))
 
     def _write(self, window: _Window, planned: Planned) -> None:
         inputs = window.inputs
@@ -263,15 +281,6 @@ class BatchPreview(Preview):
         self._carried = inputs[planned.kept :]
         self._leftover = planned.leftover
         self._last = planned
-
-
-def _plan_apart(
-    payloads: list[bytes], destination: Destination, carry_partial: bool, carried: Leftover
-) -> Planned:
-    """In a planning process: :func:`router.plan.plan_payloads` with the destination's mappings
-    (compiled once per process)."""
-    mappings = load_mappings(destination.mappings_dir)
-    return plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
 
 
 def _first(entry: tuple[int, bytes]) -> int:
