@@ -42,6 +42,19 @@ from router import events
 from router.errors import BadEvent
 from router.events import NO_DEFAULTS, BatchDefaults
 
+#: What reading a file may raise when it cannot be read to its end (gzip damaged or cut short included).
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+#: Opens a gzip stream for reading: ISA-L's (python-isal) inflates about three times as fast as zlib.
+_gzip_file: Any = gzip.GzipFile
+try:
+    from isal.igzip import IGzipFile
+    from isal.igzip_lib import IsalError
+
+    _gzip_file = IGzipFile
+    _UNREADABLE += (cast(Any, IsalError),)
+except ImportError:  # pragma: no cover (isal is a dependency; a platform without its wheel)
+    pass
+
 #: Bytes read at a time.
 BLOCK: Final = 1 << 20
 #: Longest line read by default (``replay`` caps lines at its request limit instead).
@@ -227,7 +240,7 @@ class CaptureFile:
                 yield from _document_records(self._seekable(text), start)
             else:
                 yield from _ndjson_records(self._read_ahead(text), max_line, start)
-        except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        except _UNREADABLE as exc:
             raise Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}") from None
         except ijson.JSONError as exc:
             raise Unreadable(f"{self.name}: not valid JSON: {_one_line(exc)}") from None
@@ -237,7 +250,7 @@ class CaptureFile:
         raw = self._raw if hasattr(self._raw, "peek") else io.BufferedReader(cast(Any, self._raw), BLOCK)
         if raw.peek(2)[:2] == _GZIP_MAGIC:
             self._gzip = True
-            return io.BufferedReader(cast(Any, gzip.GzipFile(fileobj=raw, mode="rb")), BLOCK)
+            return io.BufferedReader(_gzip_file(fileobj=raw, mode="rb"), BLOCK)
         return raw
 
     def _read_ahead(self, text: io.BufferedReader[Any]) -> BinaryIO:
@@ -262,7 +275,7 @@ class CaptureFile:
 class _ReadAhead:
     """A stream read block by block in a thread of its own, a few blocks ahead of its reader.
 
-    zlib inflates without holding the GIL, so a gzip file is decompressed on another core while
+    ISA-L (and zlib) inflate without holding the GIL, so a gzip file is decompressed on another core while
     its lines are parsed here (decompression took about a sixth of replay's main thread). What
     the reading thread raises is raised by :meth:`read`, in order.
     """
