@@ -305,7 +305,7 @@ def plan_payloads(
         list(carried.parts), list(carried.refused), list(carried.skipped), list(carried.warnings)
     )
     prepared.add(payloads, destination, mappings, carried.jobs, progress)
-    return prepared.planned(carried.jobs + len(payloads), carry_partial)
+    return assemble_prepared(*prepared.cut(carried.jobs + len(payloads), carry_partial))
 
 
 def prepare_payloads(
@@ -327,21 +327,35 @@ def prepare_payloads(
 
 
 def plan_prepared(pieces: Sequence[Leftover], *, carry_partial: bool = False) -> Planned:
-    """Merge prepared jobs into bulk jobs: ``pieces`` in order, the first numbered from 0 (held-over
-    jobs, say), each of the others from the jobs before it (:func:`prepare_payloads`'s ``start``).
+    """Merge prepared jobs into bulk jobs: :func:`cut_prepared`, then :func:`assemble_prepared`."""
+    return assemble_prepared(*cut_prepared(pieces, carry_partial=carry_partial))
+
+
+def cut_prepared(pieces: Sequence[Leftover], *, carry_partial: bool = False) -> tuple[Leftover, Leftover]:
+    """Prepared jobs, ``pieces`` in order (the first numbered from 0, held-over jobs say, each of the
+    others from the jobs before it: :func:`prepare_payloads`'s ``start``), as the jobs planned now
+    and those held over (numbered from 0 again; :data:`NOTHING_LEFT` unless ``carry_partial``).
 
     ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
     made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
     are the batch's last, so for every ordering key they follow the ones kept. The next batch sends
     them first; a partial event job would take one of the ten requests a second Klaviyo allows.
     """
-    merged = _Prepared([], [], [], [])
+    joined = _Prepared([], [], [], [])
     for piece in pieces:
-        merged.parts += piece.parts
-        merged.refused += piece.refused
-        merged.skipped += piece.skipped
-        merged.warnings += piece.warnings
-    return merged.planned(sum(piece.jobs for piece in pieces), carry_partial)
+        joined.parts += piece.parts
+        joined.refused += piece.refused
+        joined.skipped += piece.skipped
+        joined.warnings += piece.warnings
+    return joined.cut(sum(piece.jobs for piece in pieces), carry_partial)
+
+
+def assemble_prepared(kept: Leftover, held: Leftover = NOTHING_LEFT) -> Planned:
+    """The jobs planned now (:func:`cut_prepared`) merged into bulk jobs, in stages
+    (:func:`router.klaviyo.batch.staged`), with those held over."""
+    return Planned.of(
+        kept.parts, list(kept.refused), list(kept.skipped), kept.jobs, kept.events, held, list(kept.warnings)
+    )
 
 
 @dataclass(slots=True)
@@ -398,31 +412,33 @@ class _Prepared:
             jobs, tuple(self.parts), tuple(self.refused), tuple(self.skipped), events, tuple(self.warnings)
         )
 
-    def planned(self, total: int, carry_partial: bool) -> Planned:
-        """The jobs (sources ``0 .. total - 1``) merged into bulk jobs (see :func:`plan_prepared`)."""
+    def cut(self, total: int, carry_partial: bool) -> tuple[Leftover, Leftover]:
+        """The jobs (sources ``0 .. total - 1``) planned now, and those held over (see
+        :func:`cut_prepared`)."""
         parts, refused, skipped, warnings = self.parts, self.refused, self.skipped, self.warnings
         events = [part for part in parts if part.kind == "event"]
         rest = len(events) % MAX_EVENTS
         if not (carry_partial and len(events) > MAX_EVENTS and rest):
-            return Planned.of(parts, refused, skipped, total, len(events), warnings=warnings)
-        kept = events[len(events) - rest].sources[0]
-        leftover = Leftover(
-            total - kept,
-            tuple(_shifted(part, -kept) for part in parts if part.sources[0] >= kept),
-            tuple((index - kept, reason) for index, reason in refused if index >= kept),
-            tuple((index - kept, reason) for index, reason in skipped if index >= kept),
+            kept = Leftover(total, tuple(parts), tuple(refused), tuple(skipped), len(events), tuple(warnings))
+            return kept, NOTHING_LEFT
+        first = events[len(events) - rest].sources[0]
+        held = Leftover(
+            total - first,
+            tuple(_shifted(part, -first) for part in parts if part.sources[0] >= first),
+            tuple((index - first, reason) for index, reason in refused if index >= first),
+            tuple((index - first, reason) for index, reason in skipped if index >= first),
             rest,
-            tuple((index - kept, warning) for index, warning in warnings if index >= kept),
+            tuple((index - first, warning) for index, warning in warnings if index >= first),
         )
-        return Planned.of(
-            [part for part in parts if part.sources[0] < kept],
-            [entry for entry in refused if entry[0] < kept],
-            [entry for entry in skipped if entry[0] < kept],
-            kept,
+        kept = Leftover(
+            first,
+            tuple(part for part in parts if part.sources[0] < first),
+            tuple(entry for entry in refused if entry[0] < first),
+            tuple(entry for entry in skipped if entry[0] < first),
             len(events) - rest,
-            leftover,
-            [entry for entry in warnings if entry[0] < kept],
+            tuple(entry for entry in warnings if entry[0] < first),
         )
+        return kept, held
 
 
 def unexpected(what: str, exc: BaseException) -> str:
@@ -441,7 +457,17 @@ def _shifted(part: Part, by: int) -> Part:
             sources=_plus(request.sources, by),
             item_sources=tuple(_plus(sources, by) for sources in request.item_sources),
         )
-    return dataclasses.replace(part, sources=_plus(part.sources, by), request=request)
+    return Part(
+        part.kind,
+        part.path,
+        _plus(part.sources, by),
+        part.ordering_key,
+        part.items,
+        part.profile,
+        part.key,
+        part.envelope,
+        request,
+    )
 
 
 def _plus(sources: tuple[int, ...], by: int) -> tuple[int, ...]:

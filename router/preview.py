@@ -38,7 +38,7 @@ from router.destination import Destination
 from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, MappingSets
-from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_prepared, prepare_payloads
+from router.plan import NOTHING_LEFT, Leftover, assemble_prepared, claim_size, cut_prepared, prepare_payloads
 from router.planner import Planner
 from router.transform import TransformWarning, transform
 
@@ -197,8 +197,8 @@ class BatchPreview(Preview):
         #: The jobs held over by the last window written, and their inputs.
         self._leftover: Leftover = NOTHING_LEFT
         self._carried: list[tuple[int, Record | None, str]] = []
-        #: The last window written, planned (it sizes the windows read after the next one).
-        self._last: Planned | None = None
+        #: The last window cut: its kept and held-over jobs (they size the windows after the next).
+        self._last: tuple[Leftover, Leftover] | None = None
         self._preparing: _Preparing | None = None
         self._planner: Planner | None = None
         #: The planning process's share of a window's payloads.
@@ -219,38 +219,44 @@ class BatchPreview(Preview):
 
     def finish(self) -> None:
         self._close(carry_partial=False)
-        self._settle()
+        cut = self._cut()
+        if cut is not None:
+            self._write(*cut)
         if self._planner is not None:
             self._planner.close()
             self._planner = None
         super().finish()
 
     def _close(self, *, carry_partial: bool) -> None:
-        """Write the window being prepared, then prepare the one being filled (after the jobs held
-        over by the one written), and start the next."""
+        """Cut the window being prepared (what it holds over goes into the one being filled), start
+        preparing the one being filled, write the one cut, and start the next."""
         window, self._filling = self._filling, _Window()
-        self._settle()
-        if self._last is not None and self._last.kept:  # as a worker sizes its next claim
-            last = self._last
-            self._claim = claim_size(self.window, last.events / last.kept, last.leftover.events)
+        cut = self._cut()
+        if self._last is not None and self._last[0].jobs:  # as a worker sizes its next claim
+            kept, held = self._last
+            self._claim = claim_size(self.window, kept.events / kept.jobs, held.events)
         window.inputs[:0] = self._carried
         payloads, start = window.payloads, self._leftover.jobs
         window.payloads = []
         split = round(len(payloads) * self._share) if self.processes else 0
         apart = self._apart().prepare_apart(payloads[:split], self.destination, start) if split else None
+        carried = self._leftover
+        if cut is not None:  # while the planning process prepares its part
+            self._write(*cut)
         here = prepare_payloads(payloads[split:], self.destination, self.mappings, start=start + split)
-        self._preparing = _Preparing(window, carry_partial, self._leftover, apart, here)
+        self._preparing = _Preparing(window, carry_partial, carried, apart, here)
 
     def _apart(self) -> Planner:
         if self._planner is None:
             self._planner = Planner(MappingSets([self.destination.mappings_dir]), self.processes)
         return self._planner
 
-    def _settle(self) -> None:
-        """Merge the window being prepared after the jobs held over before it, and write it."""
+    def _cut(self) -> tuple[_Window, Leftover] | None:
+        """The window being prepared, after the jobs held over before it, cut into the jobs planned
+        now (returned with the window, to write) and those it holds over (:func:`cut_prepared`)."""
         preparing, self._preparing = self._preparing, None
         if preparing is None:
-            return
+            return None
         pieces = [preparing.carried]
         if preparing.apart is not None:
             # the planning process done first: give it more of the next windows, else less
@@ -258,9 +264,16 @@ class BatchPreview(Preview):
             self._share = min(max(self._share + step, SHARE_STEP), 1 - SHARE_STEP)
             pieces.append(preparing.apart.result())
         pieces.append(preparing.here)
-        self._write(preparing.window, plan_prepared(pieces, carry_partial=preparing.carry_partial))
+        kept, held = cut_prepared(pieces, carry_partial=preparing.carry_partial)
+        self._carried = preparing.window.inputs[kept.jobs :]
+        self._leftover = held
+        self._last = kept, held
+        return preparing.window, kept
 
-    def _write(self, window: _Window, planned: Planned) -> None:
+    def _write(self, window: _Window, kept: Leftover) -> None:
+        """A window's kept jobs merged into bulk jobs (:func:`router.plan.assemble_prepared`), and
+        its lines written in order: refusals, skips and warnings by input, then the requests."""
+        planned = assemble_prepared(kept)
         inputs = window.inputs
         lines = window.refused
         for job, reason in planned.refused:
@@ -278,9 +291,6 @@ class BatchPreview(Preview):
         self.out.writelines(line for _, line in lines)
         self.requests += len(planned.requests)
         self.out.writelines(request_line(request) for request in planned.requests)
-        self._carried = inputs[planned.kept :]
-        self._leftover = planned.leftover
-        self._last = planned
 
 
 def _first(entry: tuple[int, bytes]) -> int:
