@@ -10,10 +10,11 @@ one ``{"warning", "code", "index"}`` per thing an input was sent without
 Without batching (:class:`SinglePreview`) each input's requests follow it. With batching
 (:class:`BatchPreview`) inputs are planned window by window as a delivery worker claims and plans
 them: windows sized by :func:`router.plan.claim_size` from ``window`` (delivery's ``batch_size``:
-at most twice that many inputs), each through :func:`router.plan.plan_payloads`, the workers'
-planning path. A window's requests are written at the latest while the window after it is read
-(it may be planned in a process of its own meanwhile: :class:`BatchPreview`), so memory holds two
-windows and their requests at most, whatever the input's size.
+at most twice that many inputs), each through the workers' planning path in its steps
+(:func:`router.plan.plan_payloads`: each input prepared on its own, then the window's merged into
+bulk jobs). A window's requests are written while the window after it is prepared (in part in a
+process of its own: :class:`BatchPreview`) and before the one after that is read, so memory holds
+three windows and their requests at most, whatever the input's size.
 
 Per-profile order across windows: a window's requests all precede the next window's, as a key's
 later jobs wait in the queue until its earlier ones are settled; inside a window, profile upserts
@@ -167,14 +168,17 @@ class _Preparing:
 class BatchPreview(Preview):
     """The bulk requests delivery would send, planned window by window (see the module's text).
 
-    A window is planned as :func:`router.plan.plan_payloads` plans it, in its two steps: each
-    payload prepared on its own (:func:`router.plan.prepare_payloads`), then the window's jobs,
-    after those held over by the window before, merged (:func:`router.plan.plan_prepared`). With
-    ``processes = 1`` a planning process prepares the first part of each window while this one
-    prepares the rest, then reads the next window and merges and writes the one before (preparing
-    is nine tenths of the work). The planning process's share follows which of the two was done
-    first. Window sizes come from the plan before the last, and preparing is per payload, so the
-    output depends on neither the mode nor the shares.
+    A window is planned as :func:`router.plan.plan_payloads` plans it, in its steps: each payload
+    prepared on its own (:func:`router.plan.prepare_payloads`); the window's jobs, after those
+    held over by the window before, cut into those planned now and those it holds over
+    (:func:`router.plan.cut_prepared`); the ones planned now merged into bulk jobs
+    (:func:`router.plan.assemble_prepared`). With ``processes = 1``, once window ``k`` is read,
+    window ``k - 1`` is cut, a planning process is handed the first part of window ``k`` (numbered
+    after what ``k - 1`` holds over) and, while it prepares that, this process merges and writes
+    ``k - 1``, prepares the rest of ``k`` and reads ``k + 1`` (preparing is nine tenths of the
+    work). The planning process's share moves towards the one that has it done when this process
+    gets to it. Window sizes come from the cut before the last, and preparing is per payload, so
+    the output depends on neither the mode nor the shares.
     """
 
     def __init__(

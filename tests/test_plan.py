@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import os
 import pickle
 import signal
@@ -17,12 +18,24 @@ import pytest
 
 from router.destination import Destination
 from router.errors import MappingError
-from router.klaviyo.batch import MAX_EVENTS
+from router.klaviyo.batch import MAX_EVENTS, prepare
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import MappingSets, load_mappings
-from router.plan import DEAD, OK, STEP_BITS, Leftover, Plan, claim_size, plan, plan_payloads
+from router.plan import (
+    DEAD,
+    OK,
+    STEP_BITS,
+    Leftover,
+    Plan,
+    claim_size,
+    plan,
+    plan_payloads,
+    plan_prepared,
+    prepare_payloads,
+)
 from router.planner import Planner
 from router.queue import Job, JobState
+from router.transform import transform
 
 
 def track(n: int, user: str | None = None) -> dict[str, Any]:
@@ -142,6 +155,50 @@ def test_refusals_and_skips_before_the_cut_stay() -> None:
     assert len(work.verdicts) == MAX_EVENTS + 2
     assert (work.verdicts[0].state, work.verdicts[1].state, work.skipped) == (DEAD, OK, 1)
     assert work.verdicts[1].reason.startswith("alias call skipped")
+
+
+# -- planning in steps: payloads prepared apart, then merged --------------------------------------------------
+
+
+def mixed_payloads(count: int) -> list[bytes]:
+    """Tracks with, every so often, an alias (skipped), a line that is not JSON, and an identify
+    whose subscription is refused (refused in part)."""
+    odd = [
+        orjson.dumps({"type": "alias", "userId": "a", "previousId": "b", "messageId": "x"}),
+        b"[oops",
+        orjson.dumps(
+            {"type": "identify", "userId": "i", "traits": {"email": "i@example.com", "subscribe": "??"}}
+        ),
+    ]
+    return [odd[n % 3] if n % 97 == 5 else orjson.dumps(track(n, f"u{n % 40}")) for n in range(count)]
+
+
+@pytest.mark.parametrize("splits", [(), (1,), (700, 701), (3, 999, 1500)])
+def test_payloads_prepared_in_pieces_plan_as_in_one_go(splits: tuple[int, ...]) -> None:
+    """A batch after held-over jobs, its payloads prepared in pieces (numbered on from the jobs
+    before each) and then merged: the same plan as plan_payloads makes of it in one go."""
+    destination, mappings = Destination(list_id="L1"), load_mappings()
+    carried = plan_payloads(
+        mixed_payloads(MAX_EVENTS + 300), destination, mappings, carry_partial=True
+    ).leftover
+    assert carried.jobs and carried.refused and carried.skipped
+    payloads = mixed_payloads(1800)
+    whole = plan_payloads(payloads, destination, mappings, carry_partial=True, carried=carried)
+    bounds = [0, *splits, len(payloads)]
+    pieces = [carried] + [
+        prepare_payloads(payloads[a:b], destination, mappings, start=carried.jobs + a)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    assert plan_prepared(pieces, carry_partial=True) == whole
+    assert whole.refused and whole.skipped and whole.leftover.jobs
+
+
+def test_a_part_pickles_as_its_fields() -> None:
+    request = transform(track(3), Destination(), load_mappings(), index=3)[0]
+    part = prepare(request)
+    assert pickle.loads(pickle.dumps(part)) == part
+    as_is = dataclasses.replace(part, kind="bulk", request=request)
+    assert pickle.loads(pickle.dumps(as_is)).request == request
 
 
 # -- claim sizes ----------------------------------------------------------------------------------------------
