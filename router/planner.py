@@ -108,6 +108,11 @@ class Planner:
             log.error("planner_process_died", processes=self.processes)
             raise
 
+    def warm_up(self) -> Future[None]:
+        """Start the planning processes (for a caller outside an event loop); done once one of
+        them has compiled the mappings and could plan."""
+        return self._executor().submit(_ready)
+
     def prepare_apart(self, payloads: list[bytes], destination: Destination, start: int) -> Future[Leftover]:
         """:func:`router.plan.prepare_payloads` in a planning process, for a caller outside an event
         loop (``transform --batch``: :class:`router.preview.BatchPreview`)."""

@@ -205,6 +205,8 @@ class BatchPreview(Preview):
         self._last: tuple[Leftover, Leftover] | None = None
         self._preparing: _Preparing | None = None
         self._planner: Planner | None = None
+        #: Done once the planning process has started.
+        self._warm_up: Future[None] | None = None
         #: The planning process's share of a window's payloads.
         self._share = SHARE
 
@@ -242,13 +244,25 @@ class BatchPreview(Preview):
         window.inputs[:0] = self._carried
         payloads, start = window.payloads, self._leftover.jobs
         window.payloads = []
-        split = round(len(payloads) * self._share) if self.processes else 0
+        split = round(len(payloads) * self._share) if self._planning(carry_partial) else 0
         apart = self._apart().prepare_apart(payloads[:split], self.destination, start) if split else None
         carried = self._leftover
         if cut is not None:  # while the planning process prepares its part
             self._write(*cut)
         here = prepare_payloads(payloads[split:], self.destination, self.mappings, start=start + split)
         self._preparing = _Preparing(window, carry_partial, carried, apart, here)
+
+    def _planning(self, carry_partial: bool) -> bool:
+        """Whether the planning process is ready to take part of a window. It is started with the
+        first window of an input longer than one (a shorter one is planned here alone), and takes
+        no part before it has started (about half a second, while this process goes on)."""
+        if not self.processes:
+            return False
+        if self._warm_up is None:
+            if not carry_partial:
+                return False
+            self._warm_up = self._apart().warm_up()
+        return self._warm_up.done()
 
     def _apart(self) -> Planner:
         if self._planner is None:
