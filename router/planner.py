@@ -16,14 +16,17 @@ pool is started again for the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -108,16 +111,6 @@ class Planner:
             log.error("planner_process_died", processes=self.processes)
             raise
 
-    def warm_up(self) -> Future[None]:
-        """Start the planning processes (for a caller outside an event loop); done once one of
-        them has compiled the mappings and could plan."""
-        return self._executor().submit(_ready)
-
-    def prepare_apart(self, payloads: list[bytes], destination: Destination, start: int) -> Future[Leftover]:
-        """:func:`router.plan.prepare_payloads` in a planning process, for a caller outside an event
-        loop (``transform --batch``: :class:`router.preview.BatchPreview`)."""
-        return self._executor().submit(_prepare_remote, payloads, destination, start)
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -137,6 +130,68 @@ class Planner:
                 initargs=(os.getpid(), self.mappings.files()),
             )
         return self._pool
+
+
+class PlanningProcess:
+    """One planning process that prepares payloads (:func:`router.plan.prepare_payloads`) for one
+    thread of the caller, over a pipe, one piece at a time (``transform --batch``:
+    :class:`router.preview.BatchPreview`). It starts as a pool's do (:func:`_start_planning_process`).
+
+    Unlike a pool's, its answers are read and unpickled by the caller's own thread: unpickled by a
+    pool's thread, their objects fill a malloc arena of that thread's, which grows (glibc) as
+    long as the caller frees them from its own; and no thread of the caller waits for the GIL to
+    move each pipe buffer along.
+    """
+
+    def __init__(self, mappings: MappingSets) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_prepare_over_pipe,
+            args=(theirs, os.getpid(), mappings.files()),
+            name="klaviyo-router-planner",
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._started = False
+
+    def started(self) -> bool:
+        """Whether it has compiled the mappings and waits for payloads (it says so once)."""
+        if not self._started and self._pipe.poll():
+            self._receive()
+            self._started = True
+        return self._started
+
+    def send(self, payloads: list[bytes], destination: Destination, start: int) -> None:
+        """Have it prepare ``payloads`` as sources ``start`` on (once :meth:`started`, the last
+        piece sent received)."""
+        self._pipe.send((payloads, destination, start))
+
+    def done(self) -> bool:
+        """Whether the piece sent last is prepared."""
+        return self._pipe.poll()
+
+    def prepared(self) -> Leftover:
+        """The piece sent last, prepared (waits for it)."""
+        prepared: Leftover = self._receive()
+        return prepared
+
+    def _receive(self) -> Any:
+        try:
+            return self._pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"the planning process ended (exit code {self._process.exitcode})") from None
+
+    def close(self) -> None:
+        """Let it end (ended if it does not within seconds)."""
+        with contextlib.suppress(OSError):
+            self._pipe.send(None)
+        self._pipe.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
 
 #: In a planning process: the compiled mapping set of each mappings folder.
@@ -177,6 +232,10 @@ def _plan_remote(
     )
 
 
-def _prepare_remote(payloads: list[bytes], destination: Destination, start: int) -> Leftover:
-    """In a planning process: prepare with the mapping set it was started with."""
-    return prepare_payloads(payloads, destination, _mappings[destination.mappings_dir], start=start)
+def _prepare_over_pipe(pipe: Connection, parent: int, files: dict[Path | None, MappingFiles]) -> None:
+    """In a :class:`PlanningProcess`: say it has started, then prepare each piece it is sent."""
+    _start_planning_process(parent, files)
+    pipe.send(None)
+    while (piece := pipe.recv()) is not None:
+        payloads, destination, start = piece
+        pipe.send(prepare_payloads(payloads, destination, _mappings[destination.mappings_dir], start=start))

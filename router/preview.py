@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import abc
 import os
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
@@ -40,7 +39,7 @@ from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import Mappings, MappingSets
 from router.plan import NOTHING_LEFT, Leftover, assemble_prepared, claim_size, cut_prepared, prepare_payloads
-from router.planner import Planner
+from router.planner import PlanningProcess
 from router.transform import TransformWarning, transform
 
 #: Processes that prepare part of each window beside this one: one when there is a core to spare.
@@ -161,7 +160,8 @@ class _Preparing:
     window: _Window
     carry_partial: bool
     carried: Leftover
-    apart: Future[Leftover] | None
+    #: Whether the planning process has a part of it.
+    apart: bool
     here: Leftover
 
 
@@ -204,9 +204,8 @@ class BatchPreview(Preview):
         #: The last window cut: its kept and held-over jobs (they size the windows after the next).
         self._last: tuple[Leftover, Leftover] | None = None
         self._preparing: _Preparing | None = None
-        self._planner: Planner | None = None
-        #: Done once the planning process has started.
-        self._warm_up: Future[None] | None = None
+        #: Started with the first window of an input longer than one (a shorter one is planned here).
+        self._apart: PlanningProcess | None = None
         #: The planning process's share of a window's payloads.
         self._share = SHARE
 
@@ -228,9 +227,9 @@ class BatchPreview(Preview):
         cut = self._cut()
         if cut is not None:
             self._write(*cut)
-        if self._planner is not None:
-            self._planner.close()
-            self._planner = None
+        if self._apart is not None:
+            self._apart.close()
+            self._apart = None
         super().finish()
 
     def _close(self, *, carry_partial: bool) -> None:
@@ -245,29 +244,25 @@ class BatchPreview(Preview):
         payloads, start = window.payloads, self._leftover.jobs
         window.payloads = []
         split = round(len(payloads) * self._share) if self._planning(carry_partial) else 0
-        apart = self._apart().prepare_apart(payloads[:split], self.destination, start) if split else None
+        if split and self._apart is not None:
+            self._apart.send(payloads[:split], self.destination, start)
         carried = self._leftover
         if cut is not None:  # while the planning process prepares its part
             self._write(*cut)
         here = prepare_payloads(payloads[split:], self.destination, self.mappings, start=start + split)
-        self._preparing = _Preparing(window, carry_partial, carried, apart, here)
+        self._preparing = _Preparing(window, carry_partial, carried, bool(split), here)
 
     def _planning(self, carry_partial: bool) -> bool:
         """Whether the planning process is ready to take part of a window. It is started with the
-        first window of an input longer than one (a shorter one is planned here alone), and takes
-        no part before it has started (about half a second, while this process goes on)."""
+        first window of an input longer than one, and takes no part before it has started (about
+        half a second, while this process goes on)."""
         if not self.processes:
             return False
-        if self._warm_up is None:
+        if self._apart is None:
             if not carry_partial:
                 return False
-            self._warm_up = self._apart().warm_up()
-        return self._warm_up.done()
-
-    def _apart(self) -> Planner:
-        if self._planner is None:
-            self._planner = Planner(MappingSets([self.destination.mappings_dir]), self.processes)
-        return self._planner
+            self._apart = PlanningProcess(MappingSets([self.destination.mappings_dir]))
+        return self._apart.started()
 
     def _cut(self) -> tuple[_Window, Leftover] | None:
         """The window being prepared, after the jobs held over before it, cut into the jobs planned
@@ -276,11 +271,11 @@ class BatchPreview(Preview):
         if preparing is None:
             return None
         pieces = [preparing.carried]
-        if preparing.apart is not None:
+        if preparing.apart and self._apart is not None:
             # the planning process done first: give it more of the next windows, else less
-            step = SHARE_STEP if preparing.apart.done() else -SHARE_STEP
+            step = SHARE_STEP if self._apart.done() else -SHARE_STEP
             self._share = min(max(self._share + step, SHARE_STEP), 1 - SHARE_STEP)
-            pieces.append(preparing.apart.result())
+            pieces.append(self._apart.prepared())
         pieces.append(preparing.here)
         kept, held = cut_prepared(pieces, carry_partial=preparing.carry_partial)
         self._carried = preparing.window.inputs[kept.jobs :]
