@@ -11,6 +11,9 @@ given the files as read and compile them when they start, and are replaced by ne
 sets are reloaded (so a batch is never planned with files that were not checked). If a planning
 process dies, the batch fails (the worker finds out whether one of its jobs is the cause) and the
 pool is started again for the next one.
+
+``transform --batch`` (and ``replay --dry-run``) have one :class:`PlanningProcess` prepare part of
+each window's payloads (:func:`router.plan.prepare_payloads`) while they prepare the rest.
 """
 
 from __future__ import annotations
