@@ -9,6 +9,7 @@ import itertools
 import os
 import pickle
 import signal
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from router.plan import (
     plan_prepared,
     prepare_payloads,
 )
-from router.planner import Planner
+from router.planner import Planner, PlanningProcess
 from router.queue import Job, JobState
 from router.transform import transform
 
@@ -350,6 +351,36 @@ def test_mapping_sets_refuse_a_broken_or_missing_folder_at_once(tmp_path: Path) 
         MappingSets([None, broken])
     with pytest.raises(MappingError, match="mappings_dir is not a folder"):
         MappingSets([tmp_path / "missing"])
+
+
+def test_a_planning_process_over_a_pipe_prepares_what_this_process_would() -> None:
+    """transform's planning process: started, it prepares piece after piece as sources ``start``
+    on, as prepare_payloads does here; closed, it ends."""
+    destination, mappings = Destination(list_id="L1"), load_mappings()
+    apart = PlanningProcess(MappingSets([None]))
+    try:
+        while not apart.started():
+            time.sleep(0.01)
+        for start, payloads in ((0, mixed_payloads(300)), (7, mixed_payloads(50))):
+            apart.send(payloads, destination, start)
+            assert apart.prepared() == prepare_payloads(payloads, destination, mappings, start=start)
+    finally:
+        apart.close()
+    assert not apart._process.is_alive()
+
+
+def test_a_planning_process_that_died_is_named_as_the_cause() -> None:
+    apart = PlanningProcess(MappingSets([None]))
+    try:
+        while not apart.started():
+            time.sleep(0.01)
+        assert apart._process.pid is not None
+        os.kill(apart._process.pid, signal.SIGKILL)
+        apart._process.join()
+        with pytest.raises(RuntimeError, match=r"the planning process ended \(exit code -9\)"):
+            apart.prepared()
+    finally:
+        apart.close()
 
 
 async def test_planning_processes_collect_garbage_as_rarely_as_the_router() -> None:
