@@ -44,12 +44,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import msgspec
 import orjson
+import structlog
 from tqdm import tqdm
 
 from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadable, expand, unpack
 from router.destination import Destination
-from router.events import NO_DEFAULTS, TYPES, BatchDefaults, decoded, parse_timestamp, read_event
+from router.events import NO_DEFAULTS, TYPES, BatchDefaults, decoded, encode, parse_timestamp, read_event
 from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected, dead_jobs
 from router.mapping import load_mappings
 from router.preview import PLANNING_PROCESSES, BatchPreview
@@ -67,6 +69,7 @@ REASON_PREFIX: Final = "rejected at replay: "
 MESSAGE_ID_NAMESPACE: Final = uuid.UUID("6f0b2f4e-5f5c-4b0e-9a51-8a7c2d9e1c3b")
 #: Seconds between progress lines when the output is not a terminal.
 PLAIN_PROGRESS_EVERY: Final = 5.0
+log = structlog.get_logger("router.replay")
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -144,7 +147,11 @@ def received_at(event: Mapping[str, Any], defaults: BatchDefaults, now: datetime
 def content_message_id(event: Mapping[str, Any], defaults: BatchDefaults) -> str:
     """A messageId for an event that has none, derived from what it holds (and its batch's
     defaults): the same event replayed again gets the same id, so the queue's dedupe holds."""
-    content: dict[str, Any] = {"event": decoded(event)}
+    try:
+        readable = decoded(event)
+    except msgspec.MsgspecError:  # a number out of range, which intake refuses: the text as it is
+        readable = {"raw_event": encode(event).decode()}
+    content: dict[str, Any] = {"event": readable}
     if defaults is not NO_DEFAULTS:
         content["batch"] = [defaults.sent_at, defaults.context, defaults.integrations]
     text = orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
@@ -207,24 +214,31 @@ class Preparer:
         fields intake looks at are decoded); one that is not a bare event is unpacked.
         """
         for record in records:
-            text = record.text
-            if text is None or record.value is not None or record.problem is not None:
-                yield record, self.prepare(record)
-                continue
-            screening = self.intake.screen(text)
-            if screening.depth > PARSE_DEPTH:
-                reason = (
-                    f"the line nests deeper than {PARSE_DEPTH} levels; events may nest "
-                    f"{self.intake.max_depth} (max_nesting_depth)"
+            try:
+                yield from self._entry(record)
+            except Exception as exc:  # a line must never stop the replay: this one is refused
+                log.error("replay_entry_failed", error_type=type(exc).__name__, exc_info=True)
+                yield (
+                    record,
+                    self.unreadable(record.text, f"the entry could not be read ({type(exc).__name__})"),
                 )
-                yield record, self.unreadable(text, reason)
-                continue
-            event = read_event(text)
-            if event is None or ("type" not in event and ("message" in event or "batch" in event)):
-                for inner in unpack(record):
-                    yield inner, self.prepare(inner, screened=screening.clean)
-                continue
-            yield record, self._intake(event, record.defaults, screening.clean)
+
+    def _entry(self, record: Record) -> list[tuple[Record, Accepted | Rejected | None]]:
+        """The outcomes of one record: of each event of it when it is an NDJSON line to unpack."""
+        text = record.text
+        if text is None or record.value is not None or record.problem is not None:
+            return [(record, self.prepare(record))]
+        screening = self.intake.screen(text)
+        if screening.depth > PARSE_DEPTH:
+            reason = (
+                f"the line nests deeper than {PARSE_DEPTH} levels; events may nest "
+                f"{self.intake.max_depth} (max_nesting_depth)"
+            )
+            return [(record, self.unreadable(text, reason))]
+        event = read_event(text)
+        if event is None or ("type" not in event and ("message" in event or "batch" in event)):
+            return [(inner, self.prepare(inner, screened=screening.clean)) for inner in unpack(record)]
+        return [(record, self._intake(event, record.defaults, screening.clean))]
 
     def prepare(self, record: Record, *, screened: bool = False) -> Accepted | Rejected | None:
         """Intake's outcome for a decoded record (or one that could not be read)."""
