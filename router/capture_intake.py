@@ -6,12 +6,12 @@ each event of a file, here or in worker processes.
 :class:`Selection`. An event without a ``messageId`` gets one derived from its content
 (:func:`content_message_id`).
 
-:class:`Workers` spreads that work over one process per core: the reading process splits the file
-into lines, hands them over in chunks (the lines' bytes, nothing decoded) and takes the outcomes
-back in file order, a few chunks ahead, so memory stays bounded. Intake (screen, decode, validate,
-encode) was most of replay's CPU time; what is left in the reading process is decompressing,
-splitting and queueing. A small file (one chunk) is prepared in the reading process: starting the
-processes would cost more than it saves.
+:class:`Workers` spreads that work over worker processes, one per core but the one the reading
+process keeps busy itself (decompressing, splitting lines, queueing: about half of the CPU time
+per event); with one core everything stays in the reading process. The reading process hands the
+lines over in chunks (their bytes, nothing decoded) and takes the outcomes back in file order, a
+few chunks ahead, so memory stays bounded. A small file (one chunk) is prepared in the reading
+process: starting a process would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -185,9 +185,10 @@ class Preparer:
 
 
 def worker_processes() -> int:
-    """Processes that prepare records: one per core this process may run on; none with one core."""
+    """Processes that prepare records: one per core this process may run on but one, which the
+    reading process keeps busy (decompressing, splitting, queueing); none with one core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if cores > 1 else 0
+    return cores - 1
 
 
 class Workers:

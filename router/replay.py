@@ -60,7 +60,7 @@ from router.settings import Settings, Source
 #: Events enqueued per queue call (and checkpoint).
 GROUP_EVENTS: Final = 10_000
 #: ... or fewer, once their payloads reach this many bytes.
-GROUP_BYTES: Final = 8 << 20
+GROUP_BYTES: Final = 4 << 20
 #: Dead-letter reasons of events refused by replay start with this (then the file and line).
 REASON_PREFIX: Final = "rejected at replay: "
 #: Seconds between progress lines when the output is not a terminal.

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from test_replay import jobs, ndjson, run, summary, write_config
 
+from router import capture_intake
 from router import replay as replay_module
 from router.queue import JobState
 from router.replay import REASON_PREFIX
@@ -147,3 +149,60 @@ def test_a_folder_with_a_file_of_no_events(tmp_path: Path, capsys: pytest.Captur
     reported = [line.split(": ", 3)[1] for line in err.splitlines() if line.startswith("rejected: ")]
     assert reported == [f"{notes} line 1", f"{notes} line 3"]
     assert [job.message_id for job in jobs(config, JobState.PENDING)] == ["before", "after"]
+
+
+def stamped(message: dict[str, Any]) -> dict[str, Any]:
+    """A queued message without the times a replay stamps on it (its own time, for these events)."""
+    return {key: value for key, value in message.items() if key not in ("receivedAt", "timestamp")}
+
+
+def test_worker_processes_give_what_the_reading_process_gives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of two lines prepared in a worker process: the same queue, dead letters and reports,
+    in file order, as prepared in the reading process; batch lines keep their items' places."""
+    lines = [
+        GOOD_BEFORE,
+        orjson.dumps({"batch": [{**EVENT, "messageId": f"b{i}"} for i in range(3)]}),
+        HUGE,
+        b"",
+        orjson.dumps({"message": {**EVENT, "messageId": "wrapped"}, "metadata": {"jobId": 1}}),
+        orjson.dumps({"batch": [{**EVENT, "messageId": "b3"}, {"type": "track", "event": "no one"}]}),
+        b'{"type": "track", oops',
+        orjson.dumps({**EVENT, "properties": {"n": 7}}),
+        GOOD_AFTER,
+    ]
+    monkeypatch.setattr(capture_intake, "CHUNK_RECORDS", 2)
+    results = []
+    for processes in (0, 1):
+        monkeypatch.setattr(replay_module, "worker_processes", lambda processes=processes: processes)
+        folder = tmp_path / f"processes-{processes}"
+        config = write_config(folder)
+        path = folder / "events.ndjson"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        status, out, err = run(capsys, "--config", str(config), "--json", str(path))
+        reported = [
+            line.replace(str(path), "FILE") for line in err.splitlines() if line.startswith("rejected")
+        ]
+        queued = [(job.message_id, stamped(job.message())) for job in jobs(config, JobState.PENDING)]
+        dead = [(job.last_error or "").replace(str(path), "FILE") for job in jobs(config, JobState.DEAD)]
+        counts = summary(out) | {"seconds": 0, "events_per_second": 0}
+        results.append((status, counts, reported, queued, dead))
+    assert results[0] == results[1]
+    status, counts, reported, queued, dead = results[1]
+    assert (status, counts["read"], counts["queued"], counts["rejected"]) == (0, 11, 8, 3)
+    assert reported == [
+        'rejected: FILE line 3: "properties" holds a number out of range (numbers must be finite doubles)',
+        'rejected: FILE line 6 batch[1]: "userId" or "anonymousId" is required',
+        "rejected: FILE line 7: not valid JSON: unexpected character, expected a string key: line 1 column 19 (char 18)",
+    ]
+    assert [message_id for message_id, _ in queued][:7] == [
+        "before",
+        "b0",
+        "b1",
+        "b2",
+        "wrapped",
+        "b3",
+        queued[6][0],
+    ]
+    assert queued[-1][0] == "after"
