@@ -8,9 +8,11 @@ dedupe, rejected ones are reported (file, line, reason) and kept as dead letters
 a ``messageId`` gets one derived from its content (:func:`content_message_id`), so replaying a file
 twice enqueues nothing new while the dedupe window lasts.
 
-Speed: events are enqueued in groups of :data:`GROUP_EVENTS` through the queue's batched insert
-(one call stores a whole group with a few statements), and the next group is read and validated
-while the queue commits the last one, so the two overlap.
+Speed: intake runs in worker processes (:class:`router.capture_intake.Workers`: one per core but
+one) while this process decompresses and splits the file and queues what they accepted; events
+are enqueued in groups of :data:`GROUP_EVENTS` (or :data:`GROUP_BYTES`) through the queue's
+batched insert (one call stores a whole group with a few statements), and the next group is read
+and prepared while the queue commits the last one, so the stages overlap.
 
 Resuming: after each group is durable, the position reached in the file is saved in a checkpoint
 under ``<data_dir>/replay/``, keyed by the file's identity (its size and a hash of its first MiB)
