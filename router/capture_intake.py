@@ -199,7 +199,7 @@ class Workers:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         #: Chunks prepared here so far.
-        self._chunks = 0
+        self._prepared_here = 0
 
     def outcomes(self, records: Iterable[Record]) -> Iterator[tuple[Record, Outcome]]:
         """Each event of ``records`` with intake's outcome, as :meth:`Preparer.outcomes` gives them.
@@ -225,9 +225,9 @@ class Workers:
     def _submit(self, chunk: list[Record]) -> Future[list[_Packed]]:
         """The chunk to a worker process; the first chunk (all of a small file: starting the
         processes would cost more than it saves), or every one without processes, here."""
-        if self.processes and self._chunks:
+        if self.processes and self._prepared_here:
             return self._executor().submit(_prepare, _sent(chunk))
-        self._chunks += 1
+        self._prepared_here += 1
         done: Future[list[_Packed]] = Future()
         done.set_result(_prepared(self.preparer, _sent(chunk)))
         return done
