@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import asyncpg
 from deliver import bound, fake_klaviyo, fill, free_port, messages
 from events_mix import DEFAULT_MIX, load_mix
 from ingest import Bodies, Scenario, run_scenario, start_server, stop_server
+from procstat import cpu_seconds, named
 from speed import speed_line
 
 from router.destination import Destination
@@ -121,7 +123,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
     base_url = f"http://127.0.0.1:{port}"
     destination = Destination(name="bench", private_key="pk_bench_0000", base_url=base_url, list_id="XUepkK")
     rate, per_path = bound(list(messages(args.mix, 1000)), destination, args.events)
-    async with database(args.postgres) as queue_url, fake_klaviyo(port):
+    async with database(args.postgres) as queue_url, fake_klaviyo(port) as fake:
         queue = open_queue(queue_url)
         await queue.open()
         try:
@@ -136,7 +138,8 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
                     f"{base_url}/__fake__/lists",
                     json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
                 )
-                with workers(workdir, queue_url, base_url, 3, args.workers):
+                before = {pid: cpu_seconds(pid) for pid in [fake.pid, *named("postgres")]}
+                with workers(workdir, queue_url, base_url, 3, args.workers) as pids:
                     started = await first_request(session, base_url)
                     while True:
                         counts = await queue.counts(destination.name)
@@ -144,6 +147,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
                             break
                         await asyncio.sleep(0.1)
                     elapsed = time.perf_counter() - started
+                    cpu = await cpu_used(queue_url, before, pids, fake.pid)
                 async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
                     state: dict[str, Any] = await response.json()
         finally:
@@ -162,11 +166,48 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
     print(f"  share      {achieved / rate:>10.0%} of the bound")
     print(f"  429s       {throttled:>10} of {requests} requests ({throttled / max(requests, 1):.2%})")
     print(f"  settled    done {counts[JobState.DONE]:,}, dead {counts[JobState.DEAD]:,}")
+    print(
+        "  CPU        "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cpu.items())
+        + f" (in {elapsed:.1f} s on {os.cpu_count()} cores: {sum(cpu.values()) / elapsed:.2f} cores busy)"
+    )
+
+
+async def cpu_used(queue_url: str, before: dict[int, float], pids: list[int], fake: int) -> dict[str, float]:
+    """CPU seconds since ``before`` (every PostgreSQL process's and the fake's, read before the
+    routers started) of the routers, the fake, PostgreSQL's backends serving this run's database
+    (the bench's own connections included) and PostgreSQL's other processes (shared with whatever
+    else uses the server: its background writers, other databases' backends)."""
+    conn = await asyncpg.connect(queue_url)
+    try:
+        ours = {row[0] for row in await conn.fetch(QUERY_BACKENDS)}
+    finally:
+        await conn.close()
+
+    def used(pid: int) -> float:
+        return cpu_seconds(pid) - before.get(pid, 0.0)
+
+    server = named("postgres")
+    return {
+        "routers": sum(map(used, pids)),
+        "fake Klaviyo": used(fake),
+        "PostgreSQL (this database)": sum(used(pid) for pid in server if pid in ours),
+        "PostgreSQL (other)": sum(used(pid) for pid in server if pid not in ours),
+    }
+
+
+#: The server processes serving the current database (but not this connection's).
+QUERY_BACKENDS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
 
 
 @contextlib.contextmanager
-def workers(workdir: Path, queue_url: str, base_url: str, count: int, workers_each: int) -> Iterator[None]:
-    """``count`` ``klaviyo-router work`` processes on ``queue_url``, stopped on the way out."""
+def workers(
+    workdir: Path, queue_url: str, base_url: str, count: int, workers_each: int
+) -> Iterator[list[int]]:
+    """``count`` ``klaviyo-router work`` processes on ``queue_url``, stopped on the way out; their
+    process ids."""
     started = []
     try:
         for n in range(count):
@@ -186,7 +227,7 @@ def workers(workdir: Path, queue_url: str, base_url: str, count: int, workers_ea
                     stderr=(folder / "work.log").open("wb"),
                 )
             )
-        yield
+        yield [process.pid for process in started]
     finally:
         for process in started:
             process.terminate()
