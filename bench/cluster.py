@@ -143,7 +143,9 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
                     started = await first_request(session, base_url)
                     # the active jobs as the queue's triggers keep them: a count of the jobs by
                     # state reads the whole table (~20 ms of PostgreSQL's CPU every poll)
-                    while await queue.depth():
+                    while True:
+                        if not await queue.depth():
+                            break
                         await asyncio.sleep(0.1)
                     elapsed = time.perf_counter() - started
                     cpu = await cpu_used(queue_url, before, pids, fake.pid)
