@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -643,7 +643,11 @@ async def test_cancelled_run_releases_its_leases(rig: Rig) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(rig.deliverer().run(stop))
 
-    await eventually(lambda: rig.states([job_id]), [IN_FLIGHT])
+    # the request is on its way once the fake has taken it (its scripted timeout is used up); the
+    # job is in flight from its claim on, while its batch is still planned and paced, and a stop
+    # then holds the batch back unsent and ends the run at once
+    await eventually(lambda: rig.fake.faults.scripts["POST /api/events"], deque())
+    assert await rig.states([job_id]) == [IN_FLIGHT]
     stop.set()  # a worker busy with a request finishes it first: the shutdown grace period ...
     await asyncio.sleep(0.05)
     assert not task.done()
