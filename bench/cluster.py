@@ -151,6 +151,9 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
                     cpu = await cpu_used(queue_url, before, pids, fake.pid)
                 async with session.get(f"{base_url}/__fake__/state?summary=1") as response:
                     state: dict[str, Any] = await response.json()
+                if os.environ.get("BENCH_DEBUG"):
+                    async with session.get(f"{base_url}/__fake__/requests") as response:
+                        timeline(await response.json())
             counts = await queue.counts(destination.name)
         finally:
             await queue.close()
@@ -196,6 +199,23 @@ async def cpu_used(queue_url: str, before: dict[int, float], pids: list[int], fa
         "PostgreSQL (this database)": sum(used(pid) for pid in server if pid in ours),
         "PostgreSQL (other)": sum(used(pid) for pid in server if pid not in ours),
     }
+
+
+def timeline(requests: list[dict[str, Any]]) -> None:
+    """Requests per endpoint, and for each of the busiest the requests answered per second of the run
+    (``BENCH_DEBUG=1``): a second below the endpoint's burst is a second the pacing or the workers
+    left unused."""
+    if not requests:
+        return
+    start = min(request["at"] for request in requests)
+    by_operation: dict[str, list[float]] = {}
+    for request in requests:
+        by_operation.setdefault(str(request["operation_id"]), []).append(request["at"] - start)
+    for operation, moments in sorted(by_operation.items(), key=lambda item: -len(item[1])):
+        seconds = [0] * (int(max(moments)) + 1)
+        for moment in moments:
+            seconds[int(moment)] += 1
+        print(f"  {operation}: {len(moments)} requests, per second: {seconds}")
 
 
 #: The server processes serving the current database (but not this connection's).
