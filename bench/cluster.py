@@ -1,17 +1,20 @@
 """Several router processes on one PostgreSQL queue: ingest with 1, 2 and 3, and delivery by 3.
 
 Usage: python bench/cluster.py [--seconds 8] [--events 100000] [--postgres URL] [--skip-ingest]
+                               [--processes 3] [--workers 4]
 
 Ingest: ``/v1/batch`` with 100 events per request at concurrency 16 (requests spread over the
 routers in turn), first against one router on SQLite (the embedded default, durable commits),
 then against 1, 2 and 3 routers on PostgreSQL (``[delivery] workers = 0``), each configuration on a
 fresh database. The load generator shares the machine's cores with the routers and the server.
 
-Delivery: ``--events`` of the mix queued in PostgreSQL, then three ``klaviyo-router work``
-processes deliver them to one fake Klaviyo that enforces the documented limits of one account; the
+Delivery: ``--events`` of the mix queued in PostgreSQL, then three (``--processes``)
+``klaviyo-router work`` processes deliver them to one fake Klaviyo that enforces the documented limits of one account; the
 routers share those limits through the database. Printed: events/s from the fake's first request to
 the last job settled, the bound (the fastest any client could deliver the same content under those
-limits, as ``bench/deliver.py`` computes it), the share of it, and the share of requests answered 429.
+limits, as ``bench/deliver.py`` computes it), the share of it, the share of requests answered 429,
+and the CPU seconds the routers, the fake and PostgreSQL used meanwhile (``BENCH_DEBUG=1``: also
+the fake's requests per endpoint and per second).
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
             queued, lists = await fill(queue, messages(args.mix, args.events), destination.name)
             print(
                 f"delivery: {queued:,} events queued in {time.perf_counter() - filled:.1f} s; "
-                f"3 work processes, {args.workers} workers each"
+                f"{args.processes} work processes, {args.workers} workers each"
             )
             async with aiohttp.ClientSession() as session:
                 await session.post(
@@ -139,7 +142,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
                     json={"lists": [{"id": i, "name": i} for i in sorted(lists)]},
                 )
                 before = {pid: cpu_seconds(pid) for pid in [fake.pid, *named("postgres")]}
-                with workers(workdir, queue_url, base_url, 3, args.workers) as pids:
+                with workers(workdir, queue_url, base_url, args.processes, args.workers) as pids:
                     started = await first_request(session, base_url)
                     # the active jobs as the queue's triggers keep them: a count of the jobs by
                     # state reads the whole table (~20 ms of PostgreSQL's CPU every poll)
@@ -295,6 +298,7 @@ def main() -> None:
     )
     parser.add_argument("--mix", type=Path, default=DEFAULT_MIX, help="event mix for delivery, a JSON array")
     parser.add_argument("--workers", type=int, default=4, help="delivery workers per process (default 4)")
+    parser.add_argument("--processes", type=int, default=3, help="work processes delivering (default 3)")
     parser.add_argument("--skip-ingest", action="store_true", help="only the delivery run")
     parser.add_argument("--skip-delivery", action="store_true", help="only the ingest runs")
     asyncio.run(main_async(parser.parse_args()))
