@@ -38,7 +38,7 @@ import asyncpg
 from deliver import bound, fake_klaviyo, fill, free_port, messages
 from events_mix import DEFAULT_MIX, load_mix
 from ingest import Bodies, Scenario, run_scenario, start_server, stop_server
-from procstat import cpu_seconds, named
+from procstat import children, cpu_seconds, named
 from speed import speed_line
 
 from router.destination import Destination
@@ -183,7 +183,7 @@ async def deliver(args: argparse.Namespace, workdir: Path) -> None:
 
 async def cpu_used(queue_url: str, before: dict[int, float], pids: list[int], fake: int) -> dict[str, float]:
     """CPU seconds since ``before`` (every PostgreSQL process's and the fake's, read before the
-    routers started) of the routers, the fake, PostgreSQL's backends serving this run's database
+    routers started) of the routers, their planning processes, the fake, PostgreSQL's backends serving this run's database
     (the bench's own connections included) and PostgreSQL's other processes (shared with whatever
     else uses the server: its background writers, other databases' backends)."""
     conn = await asyncpg.connect(queue_url)
@@ -196,8 +196,10 @@ async def cpu_used(queue_url: str, before: dict[int, float], pids: list[int], fa
         return cpu_seconds(pid) - before.get(pid, 0.0)
 
     server = named("postgres")
+    planners = [child for pid in pids for child in children(pid)]
     return {
         "routers": sum(map(used, pids)),
+        "their planning processes": sum(map(used, planners)),
         "fake Klaviyo": used(fake),
         "PostgreSQL (this database)": sum(used(pid) for pid in server if pid in ours),
         "PostgreSQL (other)": sum(used(pid) for pid in server if pid not in ours),
