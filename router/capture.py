@@ -1,6 +1,7 @@
 """Captured event files, read as a stream of events (``transform`` and ``replay`` read them).
 
-What a file may hold, gzip-compressed or not (told by its first bytes, not its name):
+What a file may hold, gzip-compressed or not (told by its first bytes, not its name; decompressed
+with ISA-L's ``isal`` where it is installed, else with :mod:`gzip`):
 
 - NDJSON: one entry per line (blank lines skipped);
 - a JSON array of entries, however it is laid out;
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -42,18 +43,18 @@ from router import events
 from router.errors import BadEvent
 from router.events import NO_DEFAULTS, BatchDefaults
 
-#: What reading a file may raise when it cannot be read to its end (gzip damaged or cut short included).
-_UNREADABLE: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
-#: Opens a gzip stream for reading: ISA-L's (python-isal) inflates about three times as fast as zlib.
-_gzip_file: Any = gzip.GzipFile
+#: What reads gzip: ISA-L's inflate where it is installed (about three times zlib's speed:
+#: decompressing was most of the reading thread's time), else the standard library's.
+_GZIP_FILE: Callable[..., Any] = gzip.GzipFile
+#: What reading a file that is not all there (or not gzip after all) raises.
+_CUT_SHORT: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
 try:
-    from isal.igzip import IGzipFile
-    from isal.igzip_lib import IsalError
-
-    _gzip_file = IGzipFile
-    _UNREADABLE += (cast(Any, IsalError),)
-except ImportError:  # pragma: no cover (isal is a dependency; a platform without its wheel)
+    from isal import igzip, isal_zlib
+except ImportError:  # pragma: no cover - a platform without a wheel of it
     pass
+else:
+    _GZIP_FILE = igzip.IGzipFile
+    _CUT_SHORT += (cast(type[Exception], isal_zlib.error),)
 
 #: Bytes read at a time.
 BLOCK: Final = 1 << 20
@@ -240,7 +241,7 @@ class CaptureFile:
                 yield from _document_records(self._seekable(text), start)
             else:
                 yield from _ndjson_records(self._read_ahead(text), max_line, start)
-        except _UNREADABLE as exc:
+        except _CUT_SHORT as exc:
             raise Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}") from None
         except ijson.JSONError as exc:
             raise Unreadable(f"{self.name}: not valid JSON: {_one_line(exc)}") from None
@@ -250,7 +251,7 @@ class CaptureFile:
         raw = self._raw if hasattr(self._raw, "peek") else io.BufferedReader(cast(Any, self._raw), BLOCK)
         if raw.peek(2)[:2] == _GZIP_MAGIC:
             self._gzip = True
-            return io.BufferedReader(_gzip_file(fileobj=raw, mode="rb"), BLOCK)
+            return io.BufferedReader(cast(Any, _GZIP_FILE(fileobj=raw, mode="rb")), BLOCK)
         return raw
 
     def _read_ahead(self, text: io.BufferedReader[Any]) -> BinaryIO:
@@ -275,7 +276,7 @@ class CaptureFile:
 class _ReadAhead:
     """A stream read block by block in a thread of its own, a few blocks ahead of its reader.
 
-    ISA-L (and zlib) inflate without holding the GIL, so a gzip file is decompressed on another core while
+    zlib inflates without holding the GIL, so a gzip file is decompressed on another core while
     its lines are parsed here (decompression took about a sixth of replay's main thread). What
     the reading thread raises is raised by :meth:`read`, in order.
     """

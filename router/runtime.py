@@ -4,7 +4,10 @@ planning processes they start (:mod:`router.planner`) and the standalone fake Kl
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import threading
+import time
 
 #: Seconds a thread may hold the GIL while another waits for it (CPython's default is 0.005).
 SWITCH_INTERVAL = 0.0005
@@ -30,3 +33,16 @@ def tune_runtime() -> None:
     """
     collect_garbage_less()
     sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def exit_with_parent(parent: int, poll: float = 0.5) -> None:
+    """In a helper process (a pool's worker): exit once the process that started it (``parent``)
+    is gone, checked every ``poll`` seconds on a thread of its own; a SIGKILL gives the parent no
+    chance to stop its pool, whose processes would linger with their pipes open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
