@@ -24,6 +24,7 @@ from router.destination import Destination
 from router.errors import ConfigError, MappingError
 from router.mapping import BUILTIN_DIR, load_mappings, mapping_files
 from router.preview import PLANNING_PROCESSES, WINDOW, BatchPreview, Preview, SinglePreview
+from router.runtime import tune_runtime
 from router.settings import CONFIG_HELP, Settings
 
 Command = Callable[[argparse.Namespace], int]
@@ -87,6 +88,7 @@ def configure_transform(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run_transform(args: argparse.Namespace) -> int:
     destination, window = _transform_destination(args)
+    tune_runtime()
     try:
         mappings = load_mappings(destination.mappings_dir)
     except MappingError as exc:

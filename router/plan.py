@@ -97,8 +97,10 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Leftover:
-    """Jobs a batch held over, as planned: what the transform made of each (job ``i`` is source
-    ``i``), ready to go into the next batch's bulk jobs ahead of its own (plain data)."""
+    """Jobs transformed and prepared, not yet merged into bulk jobs: what the transform made of
+    each (plain data; job ``i`` is source ``i``, or ``start + i`` for payloads prepared apart by
+    :func:`prepare_payloads`). Those a batch held over go into the next batch's bulk jobs ahead
+    of its own (:func:`plan_prepared`)."""
 
     #: How many jobs.
     jobs: int = 0
@@ -293,75 +295,150 @@ def plan_payloads(
     progress: Sequence[int] = (),
 ) -> Planned:
     """Transform each payload and merge the requests into bulk jobs, after those of ``carried``
-    (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``).
-    A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests sent
-    and is refused: it becomes a dead letter once they are.
+    (its jobs are sources ``0 .. carried.jobs - 1``; payload ``i`` is source ``carried.jobs + i``):
+    :func:`prepare_payloads`, then :func:`plan_prepared`, in one go.
 
     ``progress``: for each payload, the bits (:data:`STEP_BITS`) of the steps already done: those
-    are left out (none when empty). A payload that cannot be planned (the transform refuses it,
-    it is not JSON, its requests cannot be encoded, or the transform fails unexpectedly: the same
-    input always fails the same way) is refused with the reason, alone: the others go on.
+    are left out (none when empty). ``carry_partial``: see :func:`plan_prepared`.
+    """
+    prepared = _Prepared(
+        list(carried.parts), list(carried.refused), list(carried.skipped), list(carried.warnings)
+    )
+    prepared.add(payloads, destination, mappings, carried.jobs, progress)
+    return assemble_prepared(*prepared.cut(carried.jobs + len(payloads), carry_partial))
+
+
+def prepare_payloads(
+    payloads: Sequence[bytes], destination: Destination, mappings: Mappings, *, start: int = 0
+) -> Leftover:
+    """The first step of planning, done for each payload on its own (so parts of a batch can be
+    prepared in separate processes): transform it and encode what its requests add to bulk jobs
+    (:func:`router.klaviyo.batch.prepare`); payload ``i`` is source ``start + i``.
+
+    A payload the transform refuses in part (:class:`PartlyRefused`) has its usable requests kept
+    and is refused: it becomes a dead letter once they are sent. A payload that cannot be planned
+    (the transform refuses it, it is not JSON, its requests cannot be encoded, or the transform
+    fails unexpectedly: the same input always fails the same way) is refused with the reason,
+    alone: the others go on.
+    """
+    prepared = _Prepared([], [], [], [])
+    prepared.add(payloads, destination, mappings, start, ())
+    return prepared.leftover(len(payloads))
+
+
+def plan_prepared(pieces: Sequence[Leftover], *, carry_partial: bool = False) -> Planned:
+    """Merge prepared jobs into bulk jobs: :func:`cut_prepared`, then :func:`assemble_prepared`."""
+    return assemble_prepared(*cut_prepared(pieces, carry_partial=carry_partial))
+
+
+def cut_prepared(pieces: Sequence[Leftover], *, carry_partial: bool = False) -> tuple[Leftover, Leftover]:
+    """Prepared jobs, ``pieces`` in order (the first numbered from 0, held-over jobs say, each of the
+    others from the jobs before it: :func:`prepare_payloads`'s ``start``), as the jobs planned now
+    and those held over (numbered from 0 again; :data:`NOTHING_LEFT` unless ``carry_partial``).
 
     ``carry_partial``: when full event jobs come before a partial one, the jobs from the one that
     made its first event on are held over: planned, but not sent (:attr:`Planned.leftover`). They
     are the batch's last, so for every ordering key they follow the ones kept. The next batch sends
     them first; a partial event job would take one of the ten requests a second Klaviyo allows.
     """
-    parts = list(carried.parts)
-    refused = list(carried.refused)
-    skipped = list(carried.skipped)
-    warnings = list(carried.warnings)
-    noted: list[TransformWarning] = []
-    for index, payload in enumerate(payloads, start=carried.jobs):
-        done = progress[index - carried.jobs] if progress else 0
-        try:
-            try:
-                requests = transform(
-                    orjson.loads(payload), destination, mappings, index=index, warnings=noted
-                )
-            except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
-                requests = exc.requests
-                refused.append((index, f"transform: {exc.message}"))
-            parts.extend(prepare(r) for r in requests if not done & STEP_BITS[r.kind])
-        except TransformError as exc:
-            refused.append((index, f"transform: {exc.message}"))
-            noted.clear()
-        except Skipped as exc:
-            skipped.append((index, exc.message))
-        except orjson.JSONEncodeError as exc:
-            refused.append((index, f"cannot be encoded for Klaviyo: {exc}"))
-        except ValueError as exc:  # an unreadable payload
-            refused.append((index, f"payload is not valid JSON: {exc}"))
-        except MemoryError:
-            raise  # not this payload's fault: the batch fails (see Deliverer._plan)
-        except Exception as exc:  # a pure function failing: it fails the same way every time
-            refused.append((index, unexpected("planning failed", exc)))
-        if noted:
-            warnings.extend((index, warning) for warning in noted)
-            noted.clear()
-    events = [part for part in parts if part.kind == "event"]
-    total = carried.jobs + len(payloads)
-    rest = len(events) % MAX_EVENTS
-    if not (carry_partial and len(events) > MAX_EVENTS and rest):
-        return Planned.of(parts, refused, skipped, total, len(events), warnings=warnings)
-    kept = events[len(events) - rest].sources[0]
-    leftover = Leftover(
-        total - kept,
-        tuple(_shifted(part, -kept) for part in parts if part.sources[0] >= kept),
-        tuple((index - kept, reason) for index, reason in refused if index >= kept),
-        tuple((index - kept, reason) for index, reason in skipped if index >= kept),
-        rest,
-        tuple((index - kept, warning) for index, warning in warnings if index >= kept),
-    )
+    joined = _Prepared([], [], [], [])
+    for piece in pieces:
+        joined.parts += piece.parts
+        joined.refused += piece.refused
+        joined.skipped += piece.skipped
+        joined.warnings += piece.warnings
+    return joined.cut(sum(piece.jobs for piece in pieces), carry_partial)
+
+
+def assemble_prepared(kept: Leftover, held: Leftover = NOTHING_LEFT) -> Planned:
+    """The jobs planned now (:func:`cut_prepared`) merged into bulk jobs, in stages
+    (:func:`router.klaviyo.batch.staged`), with those held over."""
     return Planned.of(
-        [part for part in parts if part.sources[0] < kept],
-        [entry for entry in refused if entry[0] < kept],
-        [entry for entry in skipped if entry[0] < kept],
-        kept,
-        len(events) - rest,
-        leftover,
-        [entry for entry in warnings if entry[0] < kept],
+        kept.parts, list(kept.refused), list(kept.skipped), kept.jobs, kept.events, held, list(kept.warnings)
     )
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """Jobs being planned: the parts of their requests, and what was refused, skipped, warned."""
+
+    parts: list[Part]
+    refused: list[tuple[int, str]]
+    skipped: list[tuple[int, str]]
+    warnings: list[tuple[int, TransformWarning]]
+
+    def add(
+        self,
+        payloads: Sequence[bytes],
+        destination: Destination,
+        mappings: Mappings,
+        start: int,
+        progress: Sequence[int],
+    ) -> None:
+        """Prepare ``payloads`` as sources ``start`` on (see :func:`prepare_payloads`)."""
+        parts, refused, skipped, warnings = self.parts, self.refused, self.skipped, self.warnings
+        noted: list[TransformWarning] = []
+        for index, payload in enumerate(payloads, start=start):
+            done = progress[index - start] if progress else 0
+            try:
+                try:
+                    requests = transform(
+                        orjson.loads(payload), destination, mappings, index=index, warnings=noted
+                    )
+                except PartlyRefused as exc:  # its usable part is sent, then it is dead-lettered
+                    requests = exc.requests
+                    refused.append((index, f"transform: {exc.message}"))
+                parts.extend(prepare(r) for r in requests if not done & STEP_BITS[r.kind])
+            except TransformError as exc:
+                refused.append((index, f"transform: {exc.message}"))
+                noted.clear()
+            except Skipped as exc:
+                skipped.append((index, exc.message))
+            except orjson.JSONEncodeError as exc:
+                refused.append((index, f"cannot be encoded for Klaviyo: {exc}"))
+            except ValueError as exc:  # an unreadable payload
+                refused.append((index, f"payload is not valid JSON: {exc}"))
+            except MemoryError:
+                raise  # not this payload's fault: the batch fails (see Deliverer._plan)
+            except Exception as exc:  # a pure function failing: it fails the same way every time
+                refused.append((index, unexpected("planning failed", exc)))
+            if noted:
+                warnings.extend((index, warning) for warning in noted)
+                noted.clear()
+
+    def leftover(self, jobs: int) -> Leftover:
+        events = sum(1 for part in self.parts if part.kind == "event")
+        return Leftover(
+            jobs, tuple(self.parts), tuple(self.refused), tuple(self.skipped), events, tuple(self.warnings)
+        )
+
+    def cut(self, total: int, carry_partial: bool) -> tuple[Leftover, Leftover]:
+        """The jobs (sources ``0 .. total - 1``) planned now, and those held over (see
+        :func:`cut_prepared`)."""
+        parts, refused, skipped, warnings = self.parts, self.refused, self.skipped, self.warnings
+        events = [part for part in parts if part.kind == "event"]
+        rest = len(events) % MAX_EVENTS
+        if not (carry_partial and len(events) > MAX_EVENTS and rest):
+            kept = Leftover(total, tuple(parts), tuple(refused), tuple(skipped), len(events), tuple(warnings))
+            return kept, NOTHING_LEFT
+        first = events[len(events) - rest].sources[0]
+        held = Leftover(
+            total - first,
+            tuple(_shifted(part, -first) for part in parts if part.sources[0] >= first),
+            tuple((index - first, reason) for index, reason in refused if index >= first),
+            tuple((index - first, reason) for index, reason in skipped if index >= first),
+            rest,
+            tuple((index - first, warning) for index, warning in warnings if index >= first),
+        )
+        kept = Leftover(
+            first,
+            tuple(part for part in parts if part.sources[0] < first),
+            tuple(entry for entry in refused if entry[0] < first),
+            tuple(entry for entry in skipped if entry[0] < first),
+            len(events) - rest,
+            tuple(entry for entry in warnings if entry[0] < first),
+        )
+        return kept, held
 
 
 def unexpected(what: str, exc: BaseException) -> str:
@@ -380,7 +457,17 @@ def _shifted(part: Part, by: int) -> Part:
             sources=_plus(request.sources, by),
             item_sources=tuple(_plus(sources, by) for sources in request.item_sources),
         )
-    return dataclasses.replace(part, sources=_plus(part.sources, by), request=request)
+    return Part(
+        part.kind,
+        part.path,
+        _plus(part.sources, by),
+        part.ordering_key,
+        part.items,
+        part.profile,
+        part.key,
+        part.envelope,
+        request,
+    )
 
 
 def _plus(sources: tuple[int, ...], by: int) -> tuple[int, ...]:

@@ -11,11 +11,15 @@ given the files as read and compile them when they start, and are replaced by ne
 sets are reloaded (so a batch is never planned with files that were not checked). If a planning
 process dies, the batch fails (the worker finds out whether one of its jobs is the cause) and the
 pool is started again for the next one.
+
+``transform --batch`` (and ``replay --dry-run``) have one :class:`PlanningProcess` prepare part of
+each window's payloads (:func:`router.plan.prepare_payloads`) while they prepare the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -23,13 +27,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from router.destination import Destination
 from router.mapping import MappingFiles, Mappings, MappingSets, compile_mappings
-from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan_payloads
+from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan_payloads, prepare_payloads
 from router.queue import Job
 from router.runtime import collect_garbage_less
 
@@ -129,6 +135,68 @@ class Planner:
         return self._pool
 
 
+class PlanningProcess:
+    """One planning process that prepares payloads (:func:`router.plan.prepare_payloads`) for one
+    thread of the caller, over a pipe, one piece at a time (``transform --batch``:
+    :class:`router.preview.BatchPreview`). It starts as a pool's do (:func:`_start_planning_process`).
+
+    Unlike a pool's, its answers are read and unpickled by the caller's own thread: unpickled by a
+    pool's thread, their objects fill a malloc arena of that thread's, which grows (glibc) as
+    long as the caller frees them from its own; and no thread of the caller waits for the GIL to
+    move each pipe buffer along.
+    """
+
+    def __init__(self, mappings: MappingSets) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_prepare_over_pipe,
+            args=(theirs, os.getpid(), mappings.files()),
+            name="klaviyo-router-planner",
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._started = False
+
+    def started(self) -> bool:
+        """Whether it has compiled the mappings and waits for payloads (it says so once)."""
+        if not self._started and self._pipe.poll():
+            self._receive()
+            self._started = True
+        return self._started
+
+    def send(self, payloads: list[bytes], destination: Destination, start: int) -> None:
+        """Have it prepare ``payloads`` as sources ``start`` on (once :meth:`started`, the last
+        piece sent received)."""
+        self._pipe.send((payloads, destination, start))
+
+    def done(self) -> bool:
+        """Whether the piece sent last is prepared."""
+        return self._pipe.poll()
+
+    def prepared(self) -> Leftover:
+        """The piece sent last, prepared (waits for it)."""
+        prepared: Leftover = self._receive()
+        return prepared
+
+    def _receive(self) -> Any:
+        try:
+            return self._pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"the planning process ended (exit code {self._process.exitcode})") from None
+
+    def close(self) -> None:
+        """Let it end (ended if it does not within seconds)."""
+        with contextlib.suppress(OSError):
+            self._pipe.send(None)
+        self._pipe.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
 #: In a planning process: the compiled mapping set of each mappings folder.
 _mappings: dict[Path | None, Mappings] = {}
 
@@ -165,3 +233,12 @@ def _plan_remote(
     return plan_payloads(
         payloads, destination, mappings, carry_partial=carry_partial, carried=carried, progress=progress
     )
+
+
+def _prepare_over_pipe(pipe: Connection, parent: int, files: dict[Path | None, MappingFiles]) -> None:
+    """In a :class:`PlanningProcess`: say it has started, then prepare each piece it is sent."""
+    _start_planning_process(parent, files)
+    pipe.send(None)
+    while (piece := pipe.recv()) is not None:
+        payloads, destination, start = piece
+        pipe.send(prepare_payloads(payloads, destination, _mappings[destination.mappings_dir], start=start))

@@ -10,10 +10,11 @@ one ``{"warning", "code", "index"}`` per thing an input was sent without
 Without batching (:class:`SinglePreview`) each input's requests follow it. With batching
 (:class:`BatchPreview`) inputs are planned window by window as a delivery worker claims and plans
 them: windows sized by :func:`router.plan.claim_size` from ``window`` (delivery's ``batch_size``:
-at most twice that many inputs), each through :func:`router.plan.plan_payloads`, the workers'
-planning path. A window's requests are written at the latest while the window after it is read
-(it may be planned in a process of its own meanwhile: :class:`BatchPreview`), so memory holds two
-windows and their requests at most, whatever the input's size.
+at most twice that many inputs), each through the workers' planning path in its steps
+(:func:`router.plan.plan_payloads`: each input prepared on its own, then the window's merged into
+bulk jobs). A window's requests are written while the window after it is prepared (in part in a
+process of its own: :class:`BatchPreview`) and before the one after that is read, so memory holds
+three windows and their requests at most, whatever the input's size.
 
 Per-profile order across windows: a window's requests all precede the next window's, as a key's
 later jobs wait in the queue until its earlier ones are settled; inside a window, profile upserts
@@ -26,9 +27,7 @@ go out at the head of the next window's event jobs, so every event job but the l
 from __future__ import annotations
 
 import abc
-import multiprocessing
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
@@ -38,13 +37,16 @@ from router.capture import Record
 from router.destination import Destination
 from router.errors import PartlyRefused, Skipped, TransformError
 from router.klaviyo.requests import KlaviyoRequest
-from router.mapping import Mappings, load_mappings
-from router.plan import NOTHING_LEFT, Leftover, Planned, claim_size, plan_payloads
-from router.runtime import collect_garbage_less
+from router.mapping import Mappings, MappingSets
+from router.plan import NOTHING_LEFT, Leftover, assemble_prepared, claim_size, cut_prepared, prepare_payloads
+from router.planner import PlanningProcess
 from router.transform import TransformWarning, transform
 
-#: Processes that plan windows while the next is read: one when there is a core to spare.
+#: Processes that prepare part of each window beside this one: one when there is a core to spare.
 PLANNING_PROCESSES: Final = 1 if (os.cpu_count() or 1) > 1 else 0
+#: The planning process's first share of a window, and how much it moves by from window to window.
+SHARE: Final = 0.5
+SHARE_STEP: Final = 0.02
 #: Inputs planned together by default (delivery's default ``batch_size``).
 WINDOW: Final = 1000
 #: What :func:`router.plan.plan_payloads` puts before the reasons it gives.
@@ -150,14 +152,33 @@ class _Window:
     refused: list[tuple[int, bytes]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Preparing:
+    """A window read and being prepared: the jobs held over before it, the planning process's part
+    of its payloads (the first ones), and this process's part."""
+
+    window: _Window
+    carry_partial: bool
+    carried: Leftover
+    #: Whether the planning process has a part of it.
+    apart: bool
+    here: Leftover
+
+
 class BatchPreview(Preview):
     """The bulk requests delivery would send, planned window by window (see the module's text).
 
-    With ``processes = 1`` the windows are planned in a process of their own while the next one is
-    read here (planning is nine tenths of the work): the carried jobs of window ``k`` go into
-    window ``k + 1``, so one window is planned at a time, overlapping the reading and writing of
-    the others. Window sizes come from the plan before the last, in both modes, so the output does
-    not depend on the mode.
+    A window is planned as :func:`router.plan.plan_payloads` plans it, in its steps: each payload
+    prepared on its own (:func:`router.plan.prepare_payloads`); the window's jobs, after those
+    held over by the window before, cut into those planned now and those it holds over
+    (:func:`router.plan.cut_prepared`); the ones planned now merged into bulk jobs
+    (:func:`router.plan.assemble_prepared`). With ``processes = 1``, once window ``k`` is read,
+    window ``k - 1`` is cut, a planning process is handed the first part of window ``k`` (numbered
+    after what ``k - 1`` holds over) and, while it prepares that, this process merges and writes
+    ``k - 1``, prepares the rest of ``k`` and reads ``k + 1`` (preparing is nine tenths of the
+    work). The planning process's share moves towards the one that has it done when this process
+    gets to it. Window sizes come from the cut before the last, and preparing is per payload, so
+    the output depends on neither the mode nor the shares.
     """
 
     def __init__(
@@ -180,10 +201,13 @@ class BatchPreview(Preview):
         #: The jobs held over by the last window written, and their inputs.
         self._leftover: Leftover = NOTHING_LEFT
         self._carried: list[tuple[int, Record | None, str]] = []
-        #: The last window written, planned (it sizes the windows read after the next one).
-        self._last: Planned | None = None
-        self._pending: tuple[_Window, Future[Planned]] | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        #: The last window cut: its kept and held-over jobs (they size the windows after the next).
+        self._last: tuple[Leftover, Leftover] | None = None
+        self._preparing: _Preparing | None = None
+        #: Started with the first window of an input longer than one (a shorter one is planned here).
+        self._apart: PlanningProcess | None = None
+        #: The planning process's share of a window's payloads.
+        self._share = SHARE
 
     def add(self, payload: bytes, place: Record | None = None, label: str = "") -> None:
         filling = self._filling
@@ -200,49 +224,69 @@ class BatchPreview(Preview):
 
     def finish(self) -> None:
         self._close(carry_partial=False)
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        cut = self._cut()
+        if cut is not None:
+            self._write(*cut)
+        if self._apart is not None:
+            self._apart.close()
+            self._apart = None
         super().finish()
 
     def _close(self, *, carry_partial: bool) -> None:
-        """Plan the window being filled (after writing the one being planned, whose held-over
-        jobs it carries), and start the next."""
+        """Cut the window being prepared (what it holds over goes into the one being filled), start
+        preparing the one being filled, write the one cut, and start the next."""
         window, self._filling = self._filling, _Window()
-        self._settle()
-        if self._last is not None and self._last.kept:  # as a worker sizes its next claim
-            last = self._last
-            self._claim = claim_size(self.window, last.events / last.kept, last.leftover.events)
+        cut = self._cut()
+        if self._last is not None and self._last[0].jobs:  # as a worker sizes its next claim
+            kept, held = self._last
+            self._claim = claim_size(self.window, kept.events / kept.jobs, held.events)
         window.inputs[:0] = self._carried
-        if self.processes and carry_partial:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    self.processes,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=collect_garbage_less,
-                )
-            future = self._pool.submit(
-                _plan_apart, window.payloads, self.destination, carry_partial, self._leftover
-            )
-            self._pending = (window, future)
-            return
-        planned = plan_payloads(
-            window.payloads,
-            self.destination,
-            self.mappings,
-            carry_partial=carry_partial,
-            carried=self._leftover,
-        )
-        self._write(window, planned)
+        payloads, start = window.payloads, self._leftover.jobs
+        window.payloads = []
+        split = round(len(payloads) * self._share) if self._planning(carry_partial) else 0
+        if split and self._apart is not None:
+            self._apart.send(payloads[:split], self.destination, start)
+        carried = self._leftover
+        if cut is not None:  # while the planning process prepares its part
+            self._write(*cut)
+        here = prepare_payloads(payloads[split:], self.destination, self.mappings, start=start + split)
+        self._preparing = _Preparing(window, carry_partial, carried, bool(split), here)
 
-    def _settle(self) -> None:
-        """Wait for the window being planned apart, and write it."""
-        if self._pending is not None:
-            window, future = self._pending
-            self._pending = None
-            self._write(window, future.result())
+    def _planning(self, carry_partial: bool) -> bool:
+        """Whether the planning process is ready to take part of a window. It is started with the
+        first window of an input longer than one, and takes no part before it has started (about
+        half a second, while this process goes on)."""
+        if not self.processes:
+            return False
+        if self._apart is None:
+            if not carry_partial:
+                return False
+            self._apart = PlanningProcess(MappingSets([self.destination.mappings_dir]))
+        return self._apart.started()
 
-    def _write(self, window: _Window, planned: Planned) -> None:
+    def _cut(self) -> tuple[_Window, Leftover] | None:
+        """The window being prepared, after the jobs held over before it, cut into the jobs planned
+        now (returned with the window, to write) and those it holds over (:func:`cut_prepared`)."""
+        preparing, self._preparing = self._preparing, None
+        if preparing is None:
+            return None
+        pieces = [preparing.carried]
+        if preparing.apart and self._apart is not None:
+            # the planning process done first: give it more of the next windows, else less
+            step = SHARE_STEP if self._apart.done() else -SHARE_STEP
+            self._share = min(max(self._share + step, SHARE_STEP), 1 - SHARE_STEP)
+            pieces.append(self._apart.prepared())
+        pieces.append(preparing.here)
+        kept, held = cut_prepared(pieces, carry_partial=preparing.carry_partial)
+        self._carried = preparing.window.inputs[kept.jobs :]
+        self._leftover = held
+        self._last = kept, held
+        return preparing.window, kept
+
+    def _write(self, window: _Window, kept: Leftover) -> None:
+        """A window's kept jobs merged into bulk jobs (:func:`router.plan.assemble_prepared`), and
+        its lines written in order: refusals, skips and warnings by input, then the requests."""
+        planned = assemble_prepared(kept)
         inputs = window.inputs
         lines = window.refused
         for job, reason in planned.refused:
@@ -260,18 +304,6 @@ class BatchPreview(Preview):
         self.out.writelines(line for _, line in lines)
         self.requests += len(planned.requests)
         self.out.writelines(request_line(request) for request in planned.requests)
-        self._carried = inputs[planned.kept :]
-        self._leftover = planned.leftover
-        self._last = planned
-
-
-def _plan_apart(
-    payloads: list[bytes], destination: Destination, carry_partial: bool, carried: Leftover
-) -> Planned:
-    """In a planning process: :func:`router.plan.plan_payloads` with the destination's mappings
-    (compiled once per process)."""
-    mappings = load_mappings(destination.mappings_dir)
-    return plan_payloads(payloads, destination, mappings, carry_partial=carry_partial, carried=carried)
 
 
 def _first(entry: tuple[int, bytes]) -> int:

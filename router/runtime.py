@@ -22,7 +22,8 @@ def collect_garbage_less() -> None:
 
 
 def tune_runtime() -> None:
-    """Tune CPython for a server or worker process (``serve`` and ``work`` call it at start-up).
+    """Tune CPython for a server or worker process (``serve``, ``work``, ``replay`` and ``transform``
+    call it at start-up).
 
     - :func:`collect_garbage_less`.
     - Hand the GIL over sooner: the queue's writer thread gives the GIL up for every SQLite

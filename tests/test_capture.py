@@ -190,6 +190,17 @@ class TestLimitsAndDamage:
         with pytest.raises(Unreadable, match=r"cut\.ndjson\.gz: cannot be read to its end: "):
             events(path)
 
+    @pytest.mark.parametrize("at", [20, 200, 2000])
+    def test_gzip_damaged_inside(self, tmp_path: Path, at: int) -> None:
+        """Bytes of the compressed stream overwritten: the inflater's error (ISA-L's) is reported
+        as the file's, not raised as it is."""
+        data = bytearray(gzip.compress(ndjson(E1, E2, E3) * 200))
+        data[at : at + 8] = b"\xff" * 8
+        path = tmp_path / "damaged.ndjson.gz"
+        path.write_bytes(bytes(data))
+        with pytest.raises(Unreadable, match=r"damaged\.ndjson\.gz: cannot be read to its end: "):
+            events(path)
+
     def test_reading_ahead_stops_with_its_reader(self, tmp_path: Path) -> None:
         """A gzip file left half read: closing it ends the thread that decompresses ahead."""
         path = tmp_path / "long.ndjson.gz"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import os
 import pickle
 import signal
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,24 @@ import pytest
 
 from router.destination import Destination
 from router.errors import MappingError
-from router.klaviyo.batch import MAX_EVENTS
+from router.klaviyo.batch import MAX_EVENTS, prepare
 from router.klaviyo.requests import KlaviyoRequest
 from router.mapping import MappingSets, load_mappings
-from router.plan import DEAD, OK, STEP_BITS, Leftover, Plan, claim_size, plan, plan_payloads
-from router.planner import Planner
+from router.plan import (
+    DEAD,
+    OK,
+    STEP_BITS,
+    Leftover,
+    Plan,
+    claim_size,
+    plan,
+    plan_payloads,
+    plan_prepared,
+    prepare_payloads,
+)
+from router.planner import Planner, PlanningProcess
 from router.queue import Job, JobState
+from router.transform import transform
 
 
 def track(n: int, user: str | None = None) -> dict[str, Any]:
@@ -142,6 +156,50 @@ def test_refusals_and_skips_before_the_cut_stay() -> None:
     assert len(work.verdicts) == MAX_EVENTS + 2
     assert (work.verdicts[0].state, work.verdicts[1].state, work.skipped) == (DEAD, OK, 1)
     assert work.verdicts[1].reason.startswith("alias call skipped")
+
+
+# -- planning in steps: payloads prepared apart, then merged --------------------------------------------------
+
+
+def mixed_payloads(count: int) -> list[bytes]:
+    """Tracks with, every so often, an alias (skipped), a line that is not JSON, and an identify
+    whose subscription is refused (refused in part)."""
+    odd = [
+        orjson.dumps({"type": "alias", "userId": "a", "previousId": "b", "messageId": "x"}),
+        b"[oops",
+        orjson.dumps(
+            {"type": "identify", "userId": "i", "traits": {"email": "i@example.com", "subscribe": "??"}}
+        ),
+    ]
+    return [odd[n % 3] if n % 97 == 5 else orjson.dumps(track(n, f"u{n % 40}")) for n in range(count)]
+
+
+@pytest.mark.parametrize("splits", [(), (1,), (700, 701), (3, 999, 1500)])
+def test_payloads_prepared_in_pieces_plan_as_in_one_go(splits: tuple[int, ...]) -> None:
+    """A batch after held-over jobs, its payloads prepared in pieces (numbered on from the jobs
+    before each) and then merged: the same plan as plan_payloads makes of it in one go."""
+    destination, mappings = Destination(list_id="L1"), load_mappings()
+    carried = plan_payloads(
+        mixed_payloads(MAX_EVENTS + 300), destination, mappings, carry_partial=True
+    ).leftover
+    assert carried.jobs and carried.refused and carried.skipped
+    payloads = mixed_payloads(1800)
+    whole = plan_payloads(payloads, destination, mappings, carry_partial=True, carried=carried)
+    bounds = [0, *splits, len(payloads)]
+    pieces = [carried] + [
+        prepare_payloads(payloads[a:b], destination, mappings, start=carried.jobs + a)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    assert plan_prepared(pieces, carry_partial=True) == whole
+    assert whole.refused and whole.skipped and whole.leftover.jobs
+
+
+def test_a_part_pickles_as_its_fields() -> None:
+    request = transform(track(3), Destination(), load_mappings(), index=3)[0]
+    part = prepare(request)
+    assert pickle.loads(pickle.dumps(part)) == part
+    as_is = dataclasses.replace(part, kind="bulk", request=request)
+    assert pickle.loads(pickle.dumps(as_is)).request == request
 
 
 # -- claim sizes ----------------------------------------------------------------------------------------------
@@ -293,6 +351,36 @@ def test_mapping_sets_refuse_a_broken_or_missing_folder_at_once(tmp_path: Path) 
         MappingSets([None, broken])
     with pytest.raises(MappingError, match="mappings_dir is not a folder"):
         MappingSets([tmp_path / "missing"])
+
+
+def test_a_planning_process_over_a_pipe_prepares_what_this_process_would() -> None:
+    """transform's planning process: started, it prepares piece after piece as sources ``start``
+    on, as prepare_payloads does here; closed, it ends."""
+    destination, mappings = Destination(list_id="L1"), load_mappings()
+    apart = PlanningProcess(MappingSets([None]))
+    try:
+        while not apart.started():
+            time.sleep(0.01)
+        for start, payloads in ((0, mixed_payloads(300)), (7, mixed_payloads(50))):
+            apart.send(payloads, destination, start)
+            assert apart.prepared() == prepare_payloads(payloads, destination, mappings, start=start)
+    finally:
+        apart.close()
+    assert not apart._process.is_alive()
+
+
+def test_a_planning_process_that_died_is_named_as_the_cause() -> None:
+    apart = PlanningProcess(MappingSets([None]))
+    try:
+        while not apart.started():
+            time.sleep(0.01)
+        assert apart._process.pid is not None
+        os.kill(apart._process.pid, signal.SIGKILL)
+        apart._process.join()
+        with pytest.raises(RuntimeError, match=r"the planning process ended \(exit code -9\)"):
+            apart.prepared()
+    finally:
+        apart.close()
 
 
 async def test_planning_processes_collect_garbage_as_rarely_as_the_router() -> None:

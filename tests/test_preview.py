@@ -16,12 +16,12 @@ from router.preview import BatchPreview
 PRIVATE_KEY = "pk_preview_0123456789"
 
 
-def planned(events: list[dict[str, object]], *, window: int, processes: int = 0) -> bytes:
+def planned(events: list[dict[str, object]] | list[bytes], *, window: int, processes: int = 0) -> bytes:
     destination = Destination(private_key=PRIVATE_KEY)
     out = io.BytesIO()
     preview = BatchPreview(out, destination, load_mappings(None), window=window, processes=processes)
     for event in events:
-        preview.add(orjson.dumps(event))
+        preview.add(event if isinstance(event, bytes) else orjson.dumps(event))
     preview.finish()
     return out.getvalue()
 
@@ -49,3 +49,43 @@ def test_planning_apart_writes_the_same_lines() -> None:
     apart = planned(events, window=1000, processes=1)
     assert apart == here
     assert here.count(b'"/api/event-bulk-create-jobs"') == 2
+
+
+def test_planning_apart_in_small_windows_writes_the_same_lines() -> None:
+    """Windows of 50 (jobs held over across most of them, the planning process's share moving),
+    with inputs refused, skipped, refused in part and warned about among them: planned apart or
+    here, the same lines, each input's refusal, skip or warning once, in input order."""
+    odd = [
+        b"[not json",
+        orjson.dumps({"type": "alias", "userId": "a", "previousId": "b"}),
+        orjson.dumps(
+            {"type": "identify", "userId": "i", "traits": {"email": "i@example.com", "subscribe": "??"}}
+        ),
+        orjson.dumps(
+            {
+                "type": "identify",
+                "userId": "w",
+                "traits": {
+                    "email": "w@example.com",
+                    "properties": {"listId": "L1", "subscribe": True, "consent": ["email", "web"]},
+                },
+            }
+        ),
+    ]
+    events: list[bytes] = []
+    for k in range(2):
+        for n, event in enumerate(load_mix()):
+            events.append(orjson.dumps({**event, "messageId": f"{event['messageId']}-{k}"}))
+            if n % 37 == 3:
+                events.append(odd[n % len(odd)])
+    here = planned(events, window=50)
+    apart = planned(events, window=50, processes=1)
+    assert apart == here
+    lines = [orjson.loads(line) for line in here.splitlines()]
+    indexes = [line["index"] for line in lines if "index" in line]
+    assert indexes == sorted(set(indexes)) and len(indexes) >= 4 * 2
+    assert {key for line in lines for key in ("error", "skipped", "warning") if key in line} == {
+        "error",
+        "skipped",
+        "warning",
+    }
