@@ -54,6 +54,10 @@ _WHITESPACE: Final = b" \t\r\n"
 _SNIFF_LINES: Final = 20
 
 
+#: What reading a file (or a gzip stream cut short or damaged) may raise.
+READ_ERRORS: Final = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
 class Unreadable(Exception):
     """A file (or the rest of it) cannot be read: missing, not gzip after all, cut short, not JSON."""
 
@@ -227,10 +231,27 @@ class CaptureFile:
                 yield from _document_records(self._seekable(text), start)
             else:
                 yield from _ndjson_records(self._read_ahead(text), max_line, start)
-        except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}") from None
+        except READ_ERRORS as exc:
+            raise self.unreadable(exc) from None
         except ijson.JSONError as exc:
             raise Unreadable(f"{self.name}: not valid JSON: {_one_line(exc)}") from None
+
+    def lines(self, *, max_line: int = MAX_LINE) -> Iterator[Record]:
+        """The file read as NDJSON whatever its first bytes: each non-blank line as it is
+        (:attr:`Record.text`, not decoded), a line over ``max_line`` bytes as a problem."""
+        try:
+            yield from _ndjson_records(self._read_ahead(self._text()), max_line, START)
+        except READ_ERRORS as exc:
+            raise self.unreadable(exc) from None
+
+    def binary(self) -> io.BufferedReader[Any]:
+        """The file's bytes, decompressed when it is gzip; what reading it raises is one of
+        :data:`READ_ERRORS` (:meth:`unreadable` says it)."""
+        return self._text()
+
+    def unreadable(self, exc: BaseException) -> Unreadable:
+        """The error saying the file cannot be read to its end, and why."""
+        return Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}")
 
     def _text(self) -> io.BufferedReader[Any]:
         """The file's text, decompressed when it starts as gzip does (several members allowed)."""

@@ -321,6 +321,47 @@ class TestRows:
         again = await rig.sync(source, full_profile=True)
         assert (again.sent, again.unchanged, again.added) == (1, 4, 1)
 
+    async def test_a_cell_not_utf8_or_too_long_is_a_bad_row_and_the_run_goes_on(self, rig: Rig) -> None:
+        rows = people(7)
+        rows[2]["city"] = "Bo__ston"
+        rows[4]["tier"] = "x" * 5_000_000  # one line, unquoted
+        rows[5]["tier"] = "line\n" * 40_000  # quoted, over many lines
+        path = write_csv(rig.folder / "a.csv", rows)
+        path.write_bytes(path.read_bytes().replace(b"Bo__ston", b"Bo\xffston"))
+        report = rig.folder / "report.csv"
+        summary = await rig.sync(path, full_profile=True, options=RunOptions(progress=False, report=report))
+        assert (summary.status, summary.rows, summary.invalid, summary.sent) == ("done", 7, 3, 4)
+        lines = list(csv.DictReader(report.read_text().splitlines()))
+        assert [(line["row"], line["column"]) for line in lines] == [
+            ("3", "city"),
+            ("5", "tier"),
+            ("6", "tier"),
+        ]
+        assert lines[0]["reason"] == "not UTF-8 text: byte 0xff at character 3"
+        assert "a cell of more than 131072 characters" in lines[1]["reason"]
+        assert lines[1]["reason"] == lines[2]["reason"]
+        assert rig.member_emails() == {f"person{n}@example.com" for n in (0, 1, 3, 6)}
+
+    async def test_bad_ndjson_lines_are_bad_rows_and_the_run_goes_on(self, rig: Rig) -> None:
+        path = rig.folder / "rows.ndjson"
+        lines = [orjson.dumps(row) for row in people(3)]
+        lines[1:1] = [
+            b'{"email": "bad\xff@example.com"}',
+            b"[1, 2]",
+            b'{"email": "big@example.com", "note": "' + b"x" * 2_000_000 + b'"}',
+            b"{not json",
+        ]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        report = rig.folder / "report.csv"
+        summary = await rig.sync(path, full_profile=True, options=RunOptions(progress=False, report=report))
+        assert (summary.status, summary.rows, summary.invalid, summary.sent) == ("done", 7, 4, 3)
+        found = [(line["row"], line["reason"]) for line in csv.DictReader(report.read_text().splitlines())]
+        assert [row for row, _ in found] == ["2", "3", "4", "5"]
+        assert "line 2: not valid JSON" in found[0][1] and "UTF-8" in found[0][1]
+        assert found[1][1] == "line 3: expected a JSON object, got list"
+        assert "line 4: the line is over 1048576 bytes long" in found[2][1]
+        assert "line 5: not valid JSON" in found[3][1]
+
     async def test_email_only_sends_identity_only_and_needs_an_email(self, rig: Rig) -> None:
         rows = people(3)
         rows[2]["email"] = ""
@@ -495,6 +536,24 @@ class TestSources:
         profile = rig.fake.find_profile(email="s3@example.com")
         assert profile is not None and profile.attributes["first_name"] == "S3"
         assert str(profile.attributes["properties"]["score"]) == "3"
+
+    @pytest.mark.parametrize("kind", ["csv.gz", "ndjson.gz"])
+    async def test_a_gzip_file_cut_short_is_a_clear_error_before_any_change(
+        self, rig: Rig, kind: str
+    ) -> None:
+        path = rig.folder / f"big.{kind}"
+        rows = people(20_000)  # more than the first block read
+        if kind == "csv.gz":
+            text = write_csv(rig.folder / "big.csv", rows).read_bytes()
+        else:
+            text = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+        whole = gzip.compress(text)
+        path.write_bytes(whole[: len(whole) // 2])
+        summary = await rig.sync(path, full_profile=True)
+        assert (summary.status, summary.sent) == ("failed", 0)
+        assert summary.message is not None
+        assert f"big.{kind}: cannot be read to its end: Compressed file ended before the" in summary.message
+        assert rig.fake.lists == {}
 
     async def test_sqlite_query(self, rig: Rig) -> None:
         database = rig.folder / "crm.db"

@@ -132,10 +132,14 @@ class RowReader:
         if raw.keys() - self._names.keys():
             for source in raw:
                 self._resolve(source)
+        try:
+            cells = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a byte that is not UTF-8 (kept as a surrogate by the reader)
+            return _not_utf8(number, raw)
         key = self._key(raw)
         if isinstance(key, str):
             digest = hashlib.blake2b(self._fingerprint, digest_size=16)
-            digest.update(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+            digest.update(cells)
             return Row(number, key, digest.hexdigest(), raw)
         return Invalid(number, *key)
 
@@ -235,6 +239,20 @@ class RowReader:
             elif name != PROPERTIES:
                 values[name] = (attributes.get("properties") or {}).get(name)
         return values
+
+
+def _not_utf8(number: int, raw: Mapping[str, Any]) -> Invalid:
+    """The row whose cell holds a byte that is not UTF-8: the column, and which byte where."""
+    for source, value in raw.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(value[exc.start]) & 0xFF
+                return Invalid(
+                    number, source, f"not UTF-8 text: byte 0x{byte:02x} at character {exc.start + 1}"
+                )
+    return Invalid(number, "", "a value JSON cannot hold")
 
 
 def _properties(value: Any) -> dict[str, Any] | None:

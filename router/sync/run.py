@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -59,7 +59,7 @@ from router.sync.plan import (
 from router.sync.report import CsvOut, Progress, Report
 from router.sync.rows import Invalid, Row, RowReader, key_identifier
 from router.sync.send import Klaviyo, Refused
-from router.sync.sources import Source, SourceError, open_source
+from router.sync.sources import BadRow, Rows, Source, SourceError, open_source
 from router.sync.state import AlreadyRunning, SyncState
 
 log = structlog.get_logger("router.sync")
@@ -372,11 +372,15 @@ class Runner:
                 converting.cancel()
             converter.close()
 
-    def _read(self, reader: RowReader, batch: Sequence[Mapping[str, Any]], before: int) -> list[Row]:
+    def _read(self, reader: RowReader, batch: Rows, before: int) -> list[Row]:
         """The batch's readable rows (numbered from ``before + 1``); the others are reported."""
         rows: list[Row] = []
         for number, raw in enumerate(batch, start=before + 1):
-            read = reader.read(number, raw)
+            read = (
+                Invalid(number, raw.column, raw.reason)
+                if isinstance(raw, BadRow)
+                else reader.read(number, raw)
+            )
             if isinstance(read, Invalid):
                 self._invalid(read)
             else:
