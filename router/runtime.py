@@ -4,7 +4,11 @@ planning processes they start (:mod:`router.planner`) and the standalone fake Kl
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import multiprocessing.connection
+import os
 import sys
+import threading
 
 #: Seconds a thread may hold the GIL while another waits for it (CPython's default is 0.005).
 SWITCH_INTERVAL = 0.0005
@@ -16,6 +20,23 @@ def collect_garbage_less() -> None:
     alive at this point (code, mappings, settings) are moved out of the collector's way."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+def start_worker_process() -> None:
+    """The start of a spawned worker process (a pool's initializer): :func:`collect_garbage_less`,
+    and exit when the parent process does. A pool's idle workers wait for their next task on a
+    queue whose both ends they hold, so a killed parent would leave them waiting for ever."""
+    collect_garbage_less()
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_with, args=(parent.sentinel,), name="exit-with-parent", daemon=True
+        ).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def tune_runtime() -> None:

@@ -8,6 +8,9 @@ import csv
 import gzip
 import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -625,6 +628,15 @@ class TestPostgresState:
 # -- killed midway, and serve's schedule (child processes) --------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, which only waits to be reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _config(folder: Path, fake_url: str, extra: str = "") -> Path:
     path = folder / "router.toml"
     path.write_text(
@@ -648,7 +660,43 @@ base_url = "{fake_url}"
     return path
 
 
+CONVERTING_PARENT = """
+import asyncio, os, sys
+from router.destination import Destination
+from router.fields import Context
+from router.mapping import load_mappings
+from router.sync.columns import column_table
+from router.sync.convert import Converter
+from router.sync.rows import RowReader
+
+async def main():
+    reader = RowReader(["email"], column_table(load_mappings(Destination().mappings_dir)), renames={},
+                       full_profile=True, clear_empty=False, fingerprint="", ctx=Context())
+    converter = Converter(reader, csv=False, identifiers=False, in_process=False)
+    rows = [reader.read(n, {"email": f"p{n}@example.com"}) for n in range(1, 9)]
+    await asyncio.gather(*(converter.convert(rows[n::2]) for n in range(2)))
+    print(" ".join(str(pid) for pid in converter._pool._processes), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
 class TestChildProcesses:
+    def test_converting_processes_exit_when_their_parent_is_killed(self) -> None:
+        with subprocess.Popen(
+            [sys.executable, "-c", CONVERTING_PARENT], stdout=subprocess.PIPE, cwd=ROOT
+        ) as parent:
+            assert parent.stdout is not None
+            workers = [int(pid) for pid in parent.stdout.readline().split()]
+            assert workers and all(_alive(pid) for pid in workers)
+            parent.kill()
+            parent.wait()
+        deadline = time.monotonic() + 30
+        while left := [pid for pid in workers if _alive(pid)]:
+            assert time.monotonic() < deadline, f"converting processes {left} outlived their parent"
+            time.sleep(0.01)
+
     @pytest.mark.timeout(150)
     async def test_a_run_killed_midway_resumes_without_resending(
         self, aiohttp_server: AiohttpServer, tmp_path: Path

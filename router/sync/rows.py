@@ -174,14 +174,14 @@ class RowReader:
             ]
         return self._id_sources
 
-    def profile(self, row: Row) -> dict[str, Any] | Invalid:
-        """The profile resource of a row (``{"type": "profile", "attributes", "meta"?}``), or why not."""
+    def profile(self, number: int, raw: Mapping[str, Any]) -> dict[str, Any] | Invalid:
+        """The profile resource of row ``number`` (``{"type": "profile", "attributes", "meta"?}``), or why not."""
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         empty: list[str] = []
         plans = self._plans
         ctx = self._ctx
-        for source, value in row.raw.items():
+        for source, value in raw.items():
             plan = plans.get(source) or self._plan(source)
             if value is None or (value.__class__ is str and not value.strip()):
                 if plan.kind is _CUSTOM:
@@ -191,7 +191,7 @@ class RowReader:
                 try:
                     converted = plan.convert(value, source, ctx)
                 except TransformError as exc:
-                    return Invalid(row.number, source, _reason(exc.message, source))
+                    return Invalid(number, source, _reason(exc.message, source))
                 if converted is MISSING:
                     continue
                 if len(plan.target) == 1:
@@ -203,7 +203,7 @@ class RowReader:
             elif plan.kind is _PROPERTIES:
                 merged = _properties(value)
                 if merged is None:
-                    return Invalid(row.number, source, "expected an object of custom properties (JSON)")
+                    return Invalid(number, source, "expected an object of custom properties (JSON)")
                 custom.update(merged)
         if custom:
             attributes["properties"] = {**custom, **(attributes.get("properties") or {})}

@@ -29,7 +29,7 @@ import hashlib
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -338,28 +338,28 @@ class Runner:
         number = 0
         beat = time.monotonic()
         job = _Job()
-        converting: asyncio.Future[list[Converted | Invalid]] | None = None
-        waiting: list[_Pending] = []
+        # batches converting (in order) while the next one is read and the jobs filled are sent
+        converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]] = deque()
         try:
             async with asyncio.TaskGroup() as group:
                 async for batch in source.batches():
                     rows = self._read(reader, batch, number)
                     number += len(batch)
                     pending = await self._compare(rows)
-                    # this batch converts while the last one's profiles go into jobs
-                    following = asyncio.ensure_future(converter.convert([p.row for p in pending]))
-                    if converting is not None:
-                        job = await self._fill(group, job, waiting, await converting)
-                    converting, waiting = following, pending
+                    future = asyncio.ensure_future(converter.convert([p.row for p in pending]))
+                    converting.append((future, pending))
+                    while len(converting) > converter.depth:
+                        done, waiting = converting.popleft()
+                        job = await self._fill(group, job, waiting, await done)
                     self.summary.rows = number
                     if self._progress is not None:
                         self._progress.update(read=len(batch))
                     if time.monotonic() - beat > HEARTBEAT_SECONDS:
                         beat = time.monotonic()
                         await self.state.heartbeat(self.summary.run_id or 0)
-                if converting is not None:
-                    job = await self._fill(group, job, waiting, await converting)
-                    converting = None
+                while converting:
+                    done, waiting = converting.popleft()
+                    job = await self._fill(group, job, waiting, await done)
                 if job.entries:
                     await self._dispatch(group, job)
         except BaseExceptionGroup as group:  # one failure (a broken source, a refusal) is raised as itself
@@ -368,8 +368,8 @@ class Runner:
                 raise leaves[0] from None
             raise
         finally:
-            if converting is not None:
-                converting.cancel()
+            for unfinished, _ in converting:
+                unfinished.cancel()
             converter.close()
 
     def _read(self, reader: RowReader, batch: Rows, before: int) -> list[Row]:
