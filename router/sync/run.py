@@ -52,7 +52,6 @@ from router.sync.plan import (
     MAX_LIST_IDS,
     MAX_SUBSCRIBE,
     Change,
-    change,
     estimate,
     removal_refusal,
 )
@@ -390,26 +389,41 @@ class Runner:
     async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
         """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted.
 
-        Every key is marked seen, so it is kept out of this run's removals, even when a bad value
-        keeps its row from being sent (it is reported).
+        The state leaves the unchanged rows out in bulk. Every key is marked seen, so it is kept out
+        of this run's removals, even when a bad value keeps its row from being sent (it is reported).
         """
-        known, before = await self.state.see(self.config.name, [row.key for row in rows])
-        seen: dict[str, int] = {}
+        changed, before = await self.state.see(
+            self.config.name, [(row.key, row.checksum) for row in rows], membership=self.config.uses_list
+        )
+        if not before and len({row.key for row in rows}) == len(rows):  # no duplicates: the usual
+            unique: Sequence[Row] = rows
+        else:
+            unique = self._unique(rows, before)
         pending: list[_Pending] = []
+        unchanged = 0
+        for row in unique:
+            found = changed.get(row.key)
+            if found is not None:
+                pending.append(_Pending(row, "update" if found.known else "create", found.member))
+                continue
+            unchanged += 1
+            if self._csv is not None:  # its line of the CSV output
+                pending.append(_Pending(row, "unchanged", True))
+        self.summary.unchanged += unchanged
+        return pending
+
+    def _unique(self, rows: Sequence[Row], before: set[str]) -> list[Row]:
+        """The rows whose key no row before them had (the others are reported)."""
+        seen: dict[str, int] = {}
+        unique: list[Row] = []
         for row in rows:
-            entry = known.get(row.key)
             if row.key in seen or row.key in before:
                 where = f"row {seen[row.key]}" if row.key in seen else "an earlier row"
                 self._invalid(Invalid(row.number, "", f"the same {row.key} as {where}: left out"), row.key)
                 continue
             seen[row.key] = row.number
-            kind = change(entry, row.checksum, needs_membership=self.config.uses_list)
-            if kind == "unchanged":
-                self.summary.unchanged += 1
-                if self._csv is None:
-                    continue
-            pending.append(_Pending(row, kind, entry is not None and entry.member))
-        return pending
+            unique.append(row)
+        return unique
 
     async def _fill(
         self,

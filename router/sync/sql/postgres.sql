@@ -57,10 +57,14 @@ CREATE TEMP TABLE IF NOT EXISTS sync_seen (key TEXT PRIMARY KEY);
 -- A new run starts with no key seen.
 TRUNCATE sync_seen;
 
--- name: lookup
--- What the state knows of a batch of keys.
-SELECT key, checksum, status, member::int AS member, profile_id FROM sync_keys
-WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($2::jsonb));
+-- name: changed
+-- Of a batch of rows ([[key, checksum], ...]), those to send: new, changed since they were sent,
+-- failed, or not members yet when the sync has a list; as [key, known, member]. The unchanged
+-- rows (most of a re-run's) are left out here, one statement a batch.
+SELECT b.value ->> 0, k.key IS NOT NULL, coalesce(k.member, false)
+FROM jsonb_array_elements($2::jsonb) AS b (value)
+LEFT JOIN sync_keys AS k ON k.sync = $1 AND k.key = b.value ->> 0
+WHERE k.key IS NULL OR k.status <> 'sent' OR k.checksum IS DISTINCT FROM b.value ->> 1 OR ($3 AND NOT k.member);
 
 -- name: seen_before
 -- Keys of a batch the run has seen already (duplicates in the query's result).
