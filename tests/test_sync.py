@@ -780,6 +780,29 @@ class TestSandbox:
 
 
 class TestCommand:
+    def test_sync_runs_counts_its_runs(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        from router.cli import main
+        from router.settings import Settings
+        from router.sync.state import open_state
+
+        config = _config(tmp_path, "http://127.0.0.1:9")
+        counted = []
+        for _ in range(3):
+            assert main(["sync-runs", "--config", str(config)]) == 0
+            counted.append(capsys.readouterr().out.splitlines()[-1])
+
+            async def one_run() -> None:
+                settings = Settings.load(config)
+                state = open_state(settings.resolved_queue_url)
+                await state.open()
+                try:
+                    await state.finish_run(await state.start_run("vip", {}), "done", {"rows": 1})
+                finally:
+                    await state.close()
+
+            asyncio.run(one_run())
+        assert counted == ["0 runs", "1 run", "2 runs"]
+
     @pytest.mark.parametrize(
         ("args", "reason"),
         [
@@ -885,7 +908,10 @@ class TestPureParts:
             ),
             ({"name": "x", "source": "a.csv", "list": "L", "schedule": "hourly"}, "every <n><s|m|h|d>"),
             ({"name": "x", "source": "a.csv", "lsit": "L"}, "sync.lsit: unknown key"),
-            ({"name": "x", "source": "a.csv", "destination": "nope"}, "no [[destinations]] named 'nope'"),
+            (
+                {"name": "x", "source": "a.csv", "destination": "nope"},
+                "no [[destinations]] named 'nope' (known: klaviyo)",
+            ),
         ],
     )
     def test_config_errors_name_the_key(self, table: dict[str, Any], error: str) -> None:

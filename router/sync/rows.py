@@ -95,7 +95,6 @@ class RowReader:
         ctx: Context,
     ) -> None:
         self._table = table
-        self._renames = renames
         self._full = full_profile
         self._clear_empty = clear_empty and full_profile
         self._fingerprint = fingerprint.encode()
