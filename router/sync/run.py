@@ -443,35 +443,28 @@ class Runner:
                 self._csv.add(result.csv_values)
             if item.kind == "unchanged":
                 continue
-            self._count_change(item.kind, item.row.key)
-            if not self.options.dry_run:
-                job = await self._add(group, job, item, result)
+            if item.kind == "create":
+                self.summary.creates += 1
+            else:
+                self.summary.updates += 1
+            row = item.row
+            if self.options.dry_run:
+                sample = self.summary.sample.setdefault(item.kind, [])
+                if len(sample) < SAMPLE:
+                    sample.append(row.key)
+                continue
+            size = len(result.encoded)
+            if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + size + 1 > MAX_JOB_BYTES):
+                await self._dispatch(group, job)  # full: sent, and a new one filled
+                job = _Job()
+            job.entries.append(_Entry(row.number, row.key, row.checksum, item.was_member, result.identifiers))
+            job.items.append(result.encoded)
+            job.size += size + 1
         return job
 
     def _invalid(self, problem: Invalid, key: str = "") -> None:
         self.summary.invalid += 1
         self._report.add(problem.row, problem.column, problem.reason, key)
-
-    def _count_change(self, kind: str, key: str) -> None:
-        if kind == "create":
-            self.summary.creates += 1
-        else:
-            self.summary.updates += 1
-        sample = self.summary.sample.setdefault(kind, [])
-        if self.options.dry_run and len(sample) < SAMPLE:
-            sample.append(key)
-
-    async def _add(self, group: asyncio.TaskGroup, job: _Job, item: _Pending, converted: Converted) -> _Job:
-        """Put a profile in the job being filled; a full job is sent and a new one returned."""
-        size = len(converted.encoded)
-        if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + size + 1 > MAX_JOB_BYTES):
-            await self._dispatch(group, job)
-            job = _Job()
-        row = item.row
-        job.entries.append(_Entry(row.number, row.key, row.checksum, item.was_member, converted.identifiers))
-        job.items.append(converted.encoded)
-        job.size += size + 1
-        return job
 
     async def _dispatch(self, group: asyncio.TaskGroup, job: _Job) -> None:
         await self._slots.acquire()

@@ -177,10 +177,16 @@ class ThreadedSource:
         return counted
 
     async def batches(self) -> AsyncIterator[Rows]:
+        """The batches, each read while the one before is handled (one batch ahead)."""
         iterator = await self._call(self._reader.batches)
-        done = object()
-        while (batch := await self._call(next, iterator, done)) is not done:
-            yield batch
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Future[Rows | None] = loop.run_in_executor(self._thread, next, iterator, None)
+        try:
+            while (batch := await ahead) is not None:
+                ahead = loop.run_in_executor(self._thread, next, iterator, None)
+                yield batch
+        finally:  # left early: what the batch read ahead raises is of no interest any more
+            ahead.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     async def close(self) -> None:
         await self._call(self._reader.close)
