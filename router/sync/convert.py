@@ -1,11 +1,12 @@
-"""Converting rows to encoded profiles, in a process of its own for big runs.
+"""Converting rows to encoded profiles, in processes of their own for big runs.
 
 Converting is most of a sync's work (a phone number alone is tens of microseconds through
 ``phonenumbers``), and only rows that are new or changed are converted. A run of many rows
-converts each batch in a spawned process (sharing nothing with this one's threads) while this
-process reads and compares the next batch and sends the jobs already filled; a small run converts
-in place, where starting a process would cost more than it saves. Either way the result of a row
-is its profile as JSON bytes, or the :class:`~router.sync.rows.Invalid` saying why it has none.
+converts its batches in spawned processes, one a core (sharing nothing with this one's threads),
+while this process reads and compares the next batch and sends the jobs already filled; a small
+run converts in place, where starting a process would cost more than it saves. Either way the
+result of a row is its profile as JSON bytes, or the :class:`~router.sync.rows.Invalid` saying why
+it has none. The processes exit with this one, even when it is killed.
 """
 
 from __future__ import annotations
