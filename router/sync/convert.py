@@ -1,14 +1,12 @@
-"""Reading rows (key, checksum) and converting them to encoded profiles, in processes of their own
-for big runs.
+"""Converting rows to encoded profiles, in processes of their own for big runs.
 
 Converting is most of a sync's work (a phone number alone is tens of microseconds through
-``phonenumbers``), and only rows that are new or changed are converted; reading every row is most
-of a re-run's. A run of many rows reads and converts its batches in spawned processes, one a core
-(sharing nothing with this one's threads), while this process takes the next batch from the
-source, compares keys and checksums with the state and sends the jobs already filled; a small run
-does it all in place, where starting a process would cost more than it saves. Only cells cross to
-the processes, and only keys, checksums and profiles' JSON come back (pickling whole rows and
-results cost as much as converting). The processes exit with this one, even when it is killed.
+``phonenumbers``), and only rows that are new or changed are converted. A run of many rows
+converts its batches in spawned processes, one a core (sharing nothing with this one's threads),
+while this process reads and compares the next batch and sends the jobs already filled; a small
+run converts in place, where starting a process would cost more than it saves. Either way the
+result of a row is its profile as JSON bytes, or the :class:`~router.sync.rows.Invalid` saying why
+it has none. The processes exit with this one, even when it is killed.
 """
 
 from __future__ import annotations
@@ -106,16 +104,19 @@ def _convert_rows(numbers: Sequence[int], raws: Sequence[Mapping[str, Any]]) -> 
 
 
 class Converter:
-    """Reads and converts batches of rows, here or in processes of their own (one a core, up to
-    :data:`PROCESSES`). Batches may be handed in while earlier ones are worked on (:attr:`depth` of
-    each kind at once is enough to keep the processes busy); each call returns its own batch's."""
+    """Converts batches of rows, here or in processes of their own (one a core, up to :data:`PROCESSES`).
+
+    Batches may be handed in while earlier ones convert (up to :attr:`depth` at once); each
+    :meth:`convert` returns its own batch's results. Only the rows' cells go to a process and only
+    the profiles' JSON comes back: pickling whole rows and results cost as much as converting.
+    """
 
     def __init__(self, reader: RowReader, *, csv: bool, identifiers: bool, in_process: bool) -> None:
         self._reader = reader
         self._csv = csv
         self._identifiers = identifiers
         self._pool: ProcessPoolExecutor | None = None
-        #: Batches worth reading, or converting, at once.
+        #: Batches worth converting at once.
         self.depth = 1
         if not (in_process or csv or identifiers):
             self.depth = max(1, min(PROCESSES, os.cpu_count() or 1))
