@@ -17,13 +17,12 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import orjson
 
 from router.runtime import start_worker_process
 from router.sync.rows import MAX_PROFILE_BYTES, Invalid, Row, RowReader
-from router.sync.sources import BadRow, Rows
 
 #: Rows a run must have (by the source's count) to convert in processes of their own.
 PROCESS_FROM_ROWS: Final = 50_000
@@ -65,13 +64,6 @@ def _encoded(number: int, resource: dict[str, Any]) -> bytes | Invalid:
     return encoded
 
 
-def read(reader: RowReader, number: int, raw: Mapping[str, Any] | BadRow) -> Row | Invalid:
-    """Row ``number``'s key and checksum (:meth:`RowReader.read`), or why it has none."""
-    if isinstance(raw, BadRow):
-        return Invalid(number, raw.column, raw.reason)
-    return reader.read(number, raw)
-
-
 _READER: RowReader | None = None
 
 
@@ -79,17 +71,6 @@ def _start(reader: RowReader) -> None:
     global _READER
     _READER = reader
     start_worker_process()
-
-
-def _read_rows(first: int, raws: Rows) -> list[tuple[str, str] | Invalid]:
-    """In a converting process: each row's key and checksum, or why it has none."""
-    reader = _READER
-    assert reader is not None, "the converting process was started without its reader"
-    keys: list[tuple[str, str] | Invalid] = []
-    for number, raw in enumerate(raws, start=first):
-        found = read(reader, number, raw)
-        keys.append(found if isinstance(found, Invalid) else (found.key, found.checksum))
-    return keys
 
 
 def _convert_rows(numbers: Sequence[int], raws: Sequence[Mapping[str, Any]]) -> list[bytes | Invalid]:
@@ -126,19 +107,6 @@ class Converter:
                 initializer=_start,
                 initargs=(reader,),
             )
-
-    async def read(self, raws: Rows, first: int) -> list[Row | Invalid]:
-        """The rows of a batch (numbered from ``first``) with their keys and checksums, or why not.
-        In the processes, only the keys and checksums come back (the cells are this process's)."""
-        if self._pool is None:
-            return [read(self._reader, number, raw) for number, raw in enumerate(raws, start=first)]
-        keys = await asyncio.get_running_loop().run_in_executor(self._pool, _read_rows, first, raws)
-        rows: list[Row | Invalid] = []
-        for number, (found, raw) in enumerate(zip(keys, raws, strict=True), start=first):
-            rows.append(
-                found if isinstance(found, Invalid) else Row(number, *found, cast(Mapping[str, Any], raw))
-            )
-        return rows
 
     async def convert(self, rows: Sequence[Row]) -> list[Converted | Invalid]:
         if not rows:

@@ -58,7 +58,7 @@ from router.sync.plan import (
 from router.sync.report import CsvOut, Progress, Report
 from router.sync.rows import Invalid, Row, RowReader, key_identifier
 from router.sync.send import Klaviyo, Refused
-from router.sync.sources import Source, SourceError, open_source
+from router.sync.sources import BadRow, Rows, Source, SourceError, open_source
 from router.sync.state import AlreadyRunning, SyncState
 
 log = structlog.get_logger("router.sync")
@@ -337,25 +337,25 @@ class Runner:
         number = 0
         beat = time.monotonic()
         job = _Job()
-        # batches being read (key, checksum) and converted, in order, while the next one comes from
-        # the source and the jobs filled are sent
-        reading: deque[asyncio.Future[list[Row | Invalid]]] = deque()
+        # batches converting (in order) while the next one is read and the jobs filled are sent
         converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]] = deque()
         try:
             async with asyncio.TaskGroup() as group:
                 async for batch in source.batches():
-                    reading.append(asyncio.ensure_future(converter.read(batch, number + 1)))
+                    rows = self._read(reader, batch, number)
                     number += len(batch)
-                    while len(reading) > converter.depth:
-                        job = await self._next(group, job, reading.popleft(), converting, converter)
+                    pending = await self._compare(rows)
+                    future = asyncio.ensure_future(converter.convert([p.row for p in pending]))
+                    converting.append((future, pending))
+                    while len(converting) > converter.depth:
+                        done, waiting = converting.popleft()
+                        job = await self._fill(group, job, waiting, await done)
                     self.summary.rows = number
                     if self._progress is not None:
                         self._progress.update(read=len(batch))
                     if time.monotonic() - beat > HEARTBEAT_SECONDS:
                         beat = time.monotonic()
                         await self.state.heartbeat(self.summary.run_id or 0)
-                while reading:
-                    job = await self._next(group, job, reading.popleft(), converting, converter)
                 while converting:
                     done, waiting = converting.popleft()
                     job = await self._fill(group, job, waiting, await done)
@@ -367,33 +367,24 @@ class Runner:
                 raise leaves[0] from None
             raise
         finally:
-            unfinished: list[asyncio.Future[Any]] = [*reading, *(future for future, _ in converting)]
-            for future in unfinished:
-                future.cancel()
+            for unfinished, _ in converting:
+                unfinished.cancel()
             converter.close()
 
-    async def _next(
-        self,
-        group: asyncio.TaskGroup,
-        job: _Job,
-        read: asyncio.Future[list[Row | Invalid]],
-        converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]],
-        converter: Converter,
-    ) -> _Job:
-        """A batch read: its bad rows reported, the others compared with the state and the ones to
-        send handed to conversion; conversions beyond the converter's depth go into jobs."""
+    def _read(self, reader: RowReader, batch: Rows, before: int) -> list[Row]:
+        """The batch's readable rows (numbered from ``before + 1``); the others are reported."""
         rows: list[Row] = []
-        for found in await read:
-            if isinstance(found, Invalid):
-                self._invalid(found)
+        for number, raw in enumerate(batch, start=before + 1):
+            read = (
+                Invalid(number, raw.column, raw.reason)
+                if isinstance(raw, BadRow)
+                else reader.read(number, raw)
+            )
+            if isinstance(read, Invalid):
+                self._invalid(read)
             else:
-                rows.append(found)
-        pending = await self._compare(rows)
-        converting.append((asyncio.ensure_future(converter.convert([p.row for p in pending])), pending))
-        while len(converting) > converter.depth:
-            done, waiting = converting.popleft()
-            job = await self._fill(group, job, waiting, await done)
-        return job
+                rows.append(read)
+        return rows
 
     async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
         """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted.
