@@ -218,14 +218,18 @@ class TestMirror:
         assert second.removed == 1 and "person9@example.com" not in rig.member_emails()
 
     async def test_rows_converted_in_a_process_of_their_own(self, rig: Rig) -> None:
-        """Big runs convert in a spawned process: the same profiles, report and state."""
+        """Big runs convert in spawned processes: the same profiles, report and state."""
         rows = people(30)
         rows[4]["timezone"] = "Nowhere/Land"
-        options = RunOptions(progress=False, process_from_rows=0)
+        rows[7]["email"] = rows[7]["phone_number"] = ""  # no key
+        report = rig.folder / "report.csv"
+        options = RunOptions(progress=False, process_from_rows=0, report=report)
         summary = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
-        assert (summary.sent, summary.invalid, summary.added) == (29, 1, 29)
+        assert (summary.sent, summary.invalid, summary.added) == (28, 2, 28)
+        lines = list(csv.DictReader(report.read_text().splitlines()))
+        assert sorted((line["row"], line["column"]) for line in lines) == [("5", "timezone"), ("8", "email")]
         again = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
-        assert (again.sent, again.unchanged, again.invalid) == (0, 29, 1)  # the bad row is reported again
+        assert (again.sent, again.unchanged, again.invalid) == (0, 28, 2)  # the bad rows are reported again
 
     async def test_subscribe_uses_bulk_subscribe_jobs_with_explicit_consent(self, rig: Rig) -> None:
         rows = people(3)

@@ -132,10 +132,12 @@ WHERE k.sync = $1 AND k.member AND k.absent_runs >= $2 AND k.key > $3
 ORDER BY k.key LIMIT $4;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs); those it saw none.
+-- Members the run did not see count one more absence (grace_runs); those it saw none (only the
+-- rows whose count changes are written).
 UPDATE sync_keys AS k SET absent_runs =
     CASE WHEN EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key) THEN 0 ELSE k.absent_runs + 1 END
-WHERE k.sync = $1 AND k.member;
+WHERE k.sync = $1 AND k.member
+    AND (k.absent_runs > 0 OR NOT EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key));
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].

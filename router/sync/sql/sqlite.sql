@@ -134,9 +134,10 @@ WHERE sync = :sync AND member = 1 AND absent_runs >= :grace AND key > :after
 ORDER BY key LIMIT :limit;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs); those it saw none.
+-- Members the run did not see count one more absence (grace_runs); those it saw none (only the
+-- rows whose count changes are written).
 UPDATE sync_keys SET absent_runs = CASE WHEN key IN (SELECT key FROM temp.sync_seen) THEN 0 ELSE absent_runs + 1 END
-WHERE sync = :sync AND member = 1;
+WHERE sync = :sync AND member = 1 AND (absent_runs > 0 OR key NOT IN (SELECT key FROM temp.sync_seen));
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].
