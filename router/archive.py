@@ -20,10 +20,11 @@ from typing import Final
 
 import orjson
 
+from router.capture_intake import Selection
 from router.events import format_unix_time
 from router.health import Backpressure
 from router.queue import Queue
-from router.replay import Progress, ReplayError, Selection, open_settings_queue
+from router.replay import Progress, ReplayError, open_settings_queue
 from router.settings import Settings
 
 #: Done jobs looked at per page.

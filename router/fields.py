@@ -163,8 +163,18 @@ def e164(raw: str, region: str | None, where: str = "phone") -> str:
     if stripped.startswith("+") and formatted != stripped:
         raise error
     if not _valid(parsed, international=stripped.startswith("+")):
-        raise error
+        raise TransformError(
+            f"{where}: Phone number is not in E.164 format ({raw!r}): {_invalid_why(parsed)}"
+        )
     return formatted
+
+
+def _invalid_why(parsed: phonenumbers.PhoneNumber) -> str:
+    """Why a well-formed number is refused: which numbering plan it does not fit."""
+    region = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
+    if region in (None, "ZZ"):
+        return f"+{parsed.country_code} is not a country calling code"
+    return f"not a valid number in the {region} numbering plan"
 
 
 def _valid(parsed: phonenumbers.PhoneNumber, *, international: bool) -> bool:

@@ -8,9 +8,11 @@ dedupe, rejected ones are reported (file, line, reason) and kept as dead letters
 a ``messageId`` gets one derived from its content (:func:`content_message_id`), so replaying a file
 twice enqueues nothing new while the dedupe window lasts.
 
-Speed: events are enqueued in groups of :data:`GROUP_EVENTS` through the queue's batched insert
-(one call stores a whole group with a few statements), and the next group is read and validated
-while the queue commits the last one, so the two overlap.
+Speed: intake runs in worker processes (:class:`router.capture_intake.Workers`: one per core but
+one) while this process decompresses and splits the file and queues what they accepted; events
+are enqueued in groups of :data:`GROUP_EVENTS` (or :data:`GROUP_BYTES`) through the queue's
+batched insert (one call stores a whole group with a few statements), and the next group is read
+and prepared while the queue commits the last one, so the stages overlap.
 
 Resuming: after each group is durable, the position reached in the file is saved in a checkpoint
 under ``<data_dir>/replay/``, keyed by the file's identity (its size and a hash of its first MiB)
@@ -37,8 +39,7 @@ import re
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,10 +48,11 @@ from typing import Any, Final, TextIO
 import orjson
 
 from router import progress
-from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadable, expand, unpack
+from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadable, expand
+from router.capture_intake import Preparer, Selection, Workers, worker_processes
 from router.destination import Destination
-from router.events import NO_DEFAULTS, TYPES, BatchDefaults, decoded, parse_timestamp, read_event
-from router.intake import PARSE_DEPTH, Accepted, Intake, Rejected, dead_jobs
+from router.events import TYPES, parse_timestamp
+from router.intake import Accepted, Rejected, dead_jobs
 from router.mapping import load_mappings
 from router.preview import PLANNING_PROCESSES, BatchPreview
 from router.queue import EnqueueResult, NewJob, Queue, QueueFull, open_queue
@@ -60,11 +62,9 @@ from router.settings import Settings, Source
 #: Events enqueued per queue call (and checkpoint).
 GROUP_EVENTS: Final = 10_000
 #: ... or fewer, once their payloads reach this many bytes.
-GROUP_BYTES: Final = 8 << 20
+GROUP_BYTES: Final = 4 << 20
 #: Dead-letter reasons of events refused by replay start with this (then the file and line).
 REASON_PREFIX: Final = "rejected at replay: "
-#: Namespace of the messageIds derived from event content.
-MESSAGE_ID_NAMESPACE: Final = uuid.UUID("6f0b2f4e-5f5c-4b0e-9a51-8a7c2d9e1c3b")
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -89,64 +89,6 @@ def parse_moment(text: str, now: float) -> float:
             "2026-11-20T08:00:00Z) or a duration ago (90m, 36h, 7d, 2w)"
         )
     return moment.timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which events of the files are replayed: by time and call type (None: no limit)."""
-
-    since: float | None = None
-    until: float | None = None
-    types: frozenset[str] | None = None
-
-    @property
-    def everything(self) -> bool:
-        return self.since is None and self.until is None and self.types is None
-
-    def admits(self, event: Mapping[str, Any], defaults: BatchDefaults, now: float) -> bool:
-        """Whether ``event`` is in the selection (only an object can be; anything else goes on to
-        be refused by intake, whatever the selection)."""
-        if self.types is not None and str(event.get("type", "")).lower() not in self.types:
-            return False
-        if self.since is None and self.until is None:
-            return True
-        moment = event_time(event, defaults, now)
-        return (self.since is None or moment >= self.since) and (self.until is None or moment < self.until)
-
-
-def event_time(event: Mapping[str, Any], defaults: BatchDefaults, now: float) -> float:
-    """When an event happened, as far as it says: its ``timestamp``, else ``originalTimestamp``,
-    ``receivedAt``, ``sentAt`` (its own or its batch's); else ``now``."""
-    for key in ("timestamp", "originalTimestamp", "receivedAt", "sentAt"):
-        moment = parse_timestamp(event.get(key))
-        if moment is not None:
-            return moment.timestamp()
-    sent = parse_timestamp(defaults.sent_at)
-    return sent.timestamp() if sent is not None else now
-
-
-def received_at(event: Mapping[str, Any], defaults: BatchDefaults, now: datetime) -> datetime:
-    """The arrival time intake stamps on a replayed event: ``now``, except for an event without a
-    ``timestamp``, whose timestamp intake derives from it (``receivedAt - (sentAt -
-    originalTimestamp)``): then the event's own ``receivedAt``, else its ``sentAt``, so that an old
-    event keeps its time instead of taking the replay's."""
-    if event.get("timestamp") not in (None, ""):
-        return now
-    for value in (event.get("receivedAt"), event.get("sentAt"), defaults.sent_at):
-        moment = parse_timestamp(value)
-        if moment is not None:
-            return moment
-    return now
-
-
-def content_message_id(event: Mapping[str, Any], defaults: BatchDefaults) -> str:
-    """A messageId for an event that has none, derived from what it holds (and its batch's
-    defaults): the same event replayed again gets the same id, so the queue's dedupe holds."""
-    content: dict[str, Any] = {"event": decoded(event)}
-    if defaults is not NO_DEFAULTS:
-        content["batch"] = [defaults.sent_at, defaults.context, defaults.integrations]
-    text = orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, text.hex()))
 
 
 @dataclass(slots=True)
@@ -185,66 +127,6 @@ class Tally:
             "seconds": round(seconds, 3),
             "events_per_second": round(self.read / seconds) if seconds > 0 else None,
         }
-
-
-class Preparer:
-    """Captured records → intake outcomes (the part shared by a replay and a dry run)."""
-
-    def __init__(self, settings: Settings, selection: Selection) -> None:
-        self.intake = Intake(settings)
-        self.selection = selection
-        self.now = time.time()
-        self._now = datetime.now(UTC)
-
-    def outcomes(self, records: Iterable[Record]) -> Iterator[tuple[Record, Accepted | Rejected | None]]:
-        """Each event of ``records`` with intake's outcome (None: the selection leaves it out).
-
-        An NDJSON line is screened first, as ingest screens a request body (:meth:`Intake.screen`:
-        one nesting past :data:`router.intake.PARSE_DEPTH` is refused unparsed; a clean one spares
-        its events the per-event checks), then read as ingest reads a batch's events (only the
-        fields intake looks at are decoded); one that is not a bare event is unpacked.
-        """
-        for record in records:
-            text = record.text
-            if text is None or record.value is not None or record.problem is not None:
-                yield record, self.prepare(record)
-                continue
-            screening = self.intake.screen(text)
-            if screening.depth > PARSE_DEPTH:
-                reason = (
-                    f"the line nests deeper than {PARSE_DEPTH} levels; events may nest "
-                    f"{self.intake.max_depth} (max_nesting_depth)"
-                )
-                yield record, self.unreadable(text, reason)
-                continue
-            event = read_event(text)
-            if event is None or ("type" not in event and ("message" in event or "batch" in event)):
-                for inner in unpack(record):
-                    yield inner, self.prepare(inner, screened=screening.clean)
-                continue
-            yield record, self._intake(event, record.defaults, screening.clean)
-
-    def prepare(self, record: Record, *, screened: bool = False) -> Accepted | Rejected | None:
-        """Intake's outcome for a decoded record (or one that could not be read)."""
-        if record.problem is not None:
-            return self.unreadable(record.text, record.problem)
-        return self._intake(record.value, record.defaults, screened)
-
-    def _intake(self, event: Any, defaults: BatchDefaults, screened: bool) -> Accepted | Rejected | None:
-        if isinstance(event, dict):
-            if not self.selection.everything and not self.selection.admits(event, defaults, self.now):
-                return None
-            if event.get("messageId") in (None, ""):
-                event = {**event, "messageId": content_message_id(event, defaults)}
-            arrival = received_at(event, defaults, self._now)
-        else:
-            arrival = self._now
-        return self.intake.prepare(event, received_at=arrival, defaults=defaults, screened=screened)
-
-    def unreadable(self, text: bytes | None, reason: str) -> Rejected:
-        """An entry that is no event: refused, its text kept (write keys masked) as the dead letter,
-        as ingest keeps a body it cannot use (:meth:`Intake.refuse_text`)."""
-        return self.intake.refuse_text(text, reason)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -374,7 +256,7 @@ class Replayer:
         self.settings = settings
         self.queue = queue
         self.source = source
-        self.preparer = Preparer(settings, selection)
+        self.preparer = Workers(Preparer(settings, selection), worker_processes())
         self.checkpoints = checkpoints
         self.progress = progress
         self.rate = rate
@@ -391,8 +273,11 @@ class Replayer:
         self._in_flight: tuple[asyncio.Future[EnqueueResult], _Group, Checkpoint | None, str] | None = None
 
     async def run(self, files: Sequence[str]) -> Tally:
-        for name in files:
-            await self._file(name)
+        try:
+            for name in files:
+                await self._file(name)
+        finally:
+            self.preparer.close()
         return self.tally
 
     async def _file(self, name: str) -> None:

@@ -4,11 +4,10 @@ planning processes they start (:mod:`router.planner`) and the standalone fake Kl
 from __future__ import annotations
 
 import gc
-import multiprocessing
-import multiprocessing.connection
 import os
 import sys
 import threading
+import time
 
 #: Seconds a thread may hold the GIL while another waits for it (CPython's default is 0.005).
 SWITCH_INTERVAL = 0.0005
@@ -22,23 +21,6 @@ def collect_garbage_less() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def start_worker_process() -> None:
-    """The start of a spawned worker process (a pool's initializer): :func:`collect_garbage_less`,
-    and exit when the parent process does. A pool's idle workers wait for their next task on a
-    queue whose both ends they hold, so a killed parent would leave them waiting for ever."""
-    collect_garbage_less()
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(
-            target=_exit_with, args=(parent.sentinel,), name="exit-with-parent", daemon=True
-        ).start()
-
-
-def _exit_with(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])
-    os._exit(1)
-
-
 def tune_runtime() -> None:
     """Tune CPython for a server or worker process (``serve`` and ``work`` call it at start-up).
 
@@ -50,3 +32,16 @@ def tune_runtime() -> None:
     """
     collect_garbage_less()
     sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def exit_with_parent(parent: int, poll: float = 0.5) -> None:
+    """In a helper process (a pool's worker): exit once the process that started it (``parent``)
+    is gone, checked every ``poll`` seconds on a thread of its own; a SIGKILL gives the parent no
+    chance to stop its pool, whose processes would linger with their pipes open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

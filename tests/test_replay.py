@@ -23,12 +23,13 @@ from pytest_aiohttp import AiohttpServer
 from test_end_to_end import ROOT, Expected, Observed, load_mix
 
 from router import replay as replay_module
+from router.capture_intake import content_message_id
 from router.cli import main
 from router.destination import Destination
 from router.events import NO_DEFAULTS
 from router.fake_klaviyo import FakeKlaviyo, build_fake_app, fake_of
 from router.queue import Job, JobState, open_queue
-from router.replay import REASON_PREFIX, content_message_id, parse_moment
+from router.replay import REASON_PREFIX, parse_moment
 
 WRITE_KEY = "wk_replay_secret_0123456789"
 PRIVATE_KEY = "pk_replay_0123456789"

@@ -691,15 +691,27 @@ class TestPhoneNumbers:
             ("garbage", None, "('garbage')"),
             ("garbage", "US", "('garbage')"),
             ("++1617", None, "('++1617')"),
-            ("12", "US", "('12')"),
+            ("12", "US", "('12'): not a valid number in the US numbering plan"),
             # possible (a plausible length) but not valid: Klaviyo would refuse them at delivery
-            ("12345", "GB", "('12345')"),
-            ("(415) 555-2671", "GB", "('(415) 555-2671')"),
-            ("9112340375", "US", "('9112340375')"),  # 911 is no area code
-            ("+10000000000", None, "('+10000000000')"),
-            ("+4412345", None, "('+4412345')"),
-            ("+1 617", None, "('+1 617')"),  # too short to be a number of that country
-            ("+1 617 555 1333 ext 2", None, "('+1 617 555 1333 ext 2')"),  # too long
+            ("12345", "GB", "('12345'): not a valid number in the GB numbering plan"),
+            ("(415) 555-2671", "GB", "('(415) 555-2671'): not a valid number in the GB numbering plan"),
+            (
+                "9112340375",
+                "US",
+                "('9112340375'): not a valid number in the US numbering plan",
+            ),  # 911 is no area code
+            ("+10000000000", None, "('+10000000000'): not a valid number in the US numbering plan"),
+            ("+4412345", None, "('+4412345'): not a valid number in the GB numbering plan"),
+            (
+                "+1 617",
+                None,
+                "('+1 617'): not a valid number in the US numbering plan",
+            ),  # too short to be a number of that country
+            (
+                "+1 617 555 1333 ext 2",
+                None,
+                "('+1 617 555 1333 ext 2'): not a valid number in the US numbering plan",
+            ),  # too long
             (5.5, None, "(float)"),
             (True, None, "(true/false)"),
             (["+16175551333"], None, "(a list)"),

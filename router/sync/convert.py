@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import orjson
 
-from router.runtime import start_worker_process
+from router.runtime import collect_garbage_less, exit_with_parent
 from router.sync.rows import MAX_PROFILE_BYTES, Invalid, Row, RowReader
 
 #: Rows a run must have (by the source's count) to convert in processes of their own.
@@ -67,10 +67,11 @@ def _encoded(number: int, resource: dict[str, Any]) -> bytes | Invalid:
 _READER: RowReader | None = None
 
 
-def _start(reader: RowReader) -> None:
+def _start(reader: RowReader, parent: int) -> None:
     global _READER
     _READER = reader
-    start_worker_process()
+    collect_garbage_less()
+    exit_with_parent(parent)
 
 
 def _convert_rows(numbers: Sequence[int], raws: Sequence[Mapping[str, Any]]) -> list[bytes | Invalid]:
@@ -105,7 +106,7 @@ class Converter:
                 max_workers=self.depth,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start,
-                initargs=(reader,),
+                initargs=(reader, os.getpid()),
             )
 
     async def convert(self, rows: Sequence[Row]) -> list[Converted | Invalid]:
