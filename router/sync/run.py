@@ -59,7 +59,7 @@ from router.sync.report import CsvOut, Progress, Report
 from router.sync.rows import Invalid, Row, RowReader, key_identifier
 from router.sync.send import Klaviyo, Refused
 from router.sync.sources import BadRow, Rows, Source, SourceError, open_source
-from router.sync.state import AlreadyRunning, SyncState
+from router.sync.state import AlreadyRunning, Changed, SyncState
 
 log = structlog.get_logger("router.sync")
 
@@ -337,25 +337,27 @@ class Runner:
         number = 0
         beat = time.monotonic()
         job = _Job()
-        # batches converting (in order) while the next one is read and the jobs filled are sent
+        # a batch is looked up in the state while the next one is read (the database works without
+        # the GIL), and converted while the ones after it are; the jobs filled are sent meanwhile
+        looking: tuple[asyncio.Future[tuple[dict[str, Changed], set[str]]], list[Row]] | None = None
         converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]] = deque()
         try:
             async with asyncio.TaskGroup() as group:
                 async for batch in source.batches():
                     rows = self._read(reader, batch, number)
                     number += len(batch)
-                    pending = await self._compare(rows)
-                    future = asyncio.ensure_future(converter.convert([p.row for p in pending]))
-                    converting.append((future, pending))
-                    while len(converting) > converter.depth:
-                        done, waiting = converting.popleft()
-                        job = await self._fill(group, job, waiting, await done)
+                    if looking is not None:
+                        job = await self._convert(group, job, looking, converting, converter)
+                    looking = (asyncio.ensure_future(self._look_up(rows)), rows)
                     self.summary.rows = number
                     if self._progress is not None:
                         self._progress.update(read=len(batch))
                     if time.monotonic() - beat > HEARTBEAT_SECONDS:
                         beat = time.monotonic()
                         await self.state.heartbeat(self.summary.run_id or 0)
+                if looking is not None:
+                    job = await self._convert(group, job, looking, converting, converter)
+                    looking = None
                 while converting:
                     done, waiting = converting.popleft()
                     job = await self._fill(group, job, waiting, await done)
@@ -367,9 +369,29 @@ class Runner:
                 raise leaves[0] from None
             raise
         finally:
+            if looking is not None:
+                looking[0].cancel()
             for unfinished, _ in converting:
                 unfinished.cancel()
             converter.close()
+
+    async def _convert(
+        self,
+        group: asyncio.TaskGroup,
+        job: _Job,
+        looking: tuple[asyncio.Future[tuple[dict[str, Changed], set[str]]], list[Row]],
+        converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]],
+        converter: Converter,
+    ) -> _Job:
+        """A batch looked up: its rows to send handed to conversion; conversions beyond the
+        converter's depth put into jobs. The job being filled."""
+        found, rows = looking
+        pending = self._compare(rows, *(await found))
+        converting.append((asyncio.ensure_future(converter.convert([p.row for p in pending])), pending))
+        while len(converting) > converter.depth:
+            done, waiting = converting.popleft()
+            job = await self._fill(group, job, waiting, await done)
+        return job
 
     def _read(self, reader: RowReader, batch: Rows, before: int) -> list[Row]:
         """The batch's readable rows (numbered from ``before + 1``); the others are reported."""
@@ -386,15 +408,17 @@ class Runner:
                 rows.append(read)
         return rows
 
-    async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
-        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted.
-
-        The state leaves the unchanged rows out in bulk. Every key is marked seen, so it is kept out
-        of this run's removals, even when a bad value keeps its row from being sent (it is reported).
-        """
-        changed, before = await self.state.see(
+    async def _look_up(self, rows: Sequence[Row]) -> tuple[dict[str, Changed], set[str]]:
+        """The rows the state says must be sent, and keys seen before (:meth:`SyncState.see`).
+        Every key is marked seen, so it is kept out of this run's removals, even when a bad value
+        keeps its row from being sent (it is reported)."""
+        return await self.state.see(
             self.config.name, [(row.key, row.checksum) for row in rows], membership=self.config.uses_list
         )
+
+    def _compare(self, rows: Sequence[Row], changed: dict[str, Changed], before: set[str]) -> list[_Pending]:
+        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted
+        (the state left the unchanged rows out in bulk)."""
         if not before and len({row.key for row in rows}) == len(rows):  # no duplicates: the usual
             unique: Sequence[Row] = rows
         else:
