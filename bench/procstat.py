@@ -68,6 +68,21 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def named(command: str) -> list[int]:
+    """Process ids whose command name (``/proc/<n>/comm``) is ``command`` (``postgres``: the
+    server and its backends, whoever started them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == command:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def run_child(
     command: Sequence[str], cwd: Path, *, stdout_to: str | None = None
 ) -> tuple[float, float, int, bytes]:

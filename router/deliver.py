@@ -56,7 +56,7 @@ import aiohttp
 import structlog
 
 from router.destination import Destination
-from router.health import PausedDestinations
+from router.health import Outage, PausedDestinations
 from router.klaviyo.batch import LIST_STAGE, MAX_EVENTS
 from router.klaviyo.client import NOT_SENT, KlaviyoClient, Outcome, scrub
 from router.klaviyo.imports import IMPORT_PATH, ImportResult, follow, job_id
@@ -158,11 +158,13 @@ class Deliverer:
         paused: PausedDestinations | None = None,
         metrics: Metrics | None = None,
         planner: Planner | None = None,
+        outage: Outage | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``planner``: where batches are planned, and with which mappings (default: in this process,
         with the destination's mappings as they are now: :class:`~router.errors.MappingError` if
-        they are broken)."""
+        they are broken). ``outage``: where the workers log the queue being out of reach, shared by
+        every deliverer of a process so that an outage is logged once (default: this one's own)."""
         self.queue = queue
         self.destination = destination
         self.client = client
@@ -171,6 +173,7 @@ class Deliverer:
         self._metrics = metrics
         self._planner = planner or Planner(MappingSets([destination.mappings_dir]))
         self._clock = clock
+        self._outage = outage or queue_outage()
         #: Set when delivery stops: requests still waiting for their turn are not sent.
         self._stopping = asyncio.Event()
         #: Events per job of the last batch planned (sizes the next claim).
@@ -209,11 +212,11 @@ class Deliverer:
             try:
                 done = await self.deliver_once()
                 unreachable = 0
+                self._outage.succeeded()
             except QueueUnavailable as exc:  # back off, doubling up to QUEUE_BACKOFF, until it answers
                 unreachable += 1
-                wait = min(QUEUE_BACKOFF, self.settings.idle_poll * 2**unreachable)
-                self.log.warning("queue_unavailable", worker=number, error=str(exc), retry_in=round(wait, 2))
-                await _sleep_unless(stop, wait)
+                self._outage.failed(exc)
+                await _sleep_unless(stop, min(QUEUE_BACKOFF, self.settings.idle_poll * 2**unreachable))
                 continue
             except Exception:
                 self.log.exception("delivery_batch_failed", worker=number)
@@ -669,6 +672,13 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
+def queue_outage() -> Outage:
+    """How delivery workers log the queue out of reach: ``delivery_queue_failed`` when their
+    batches start failing for it, at most a line a minute while it lasts, ``delivery_queue_recovered``
+    at the first batch after it (:class:`~router.health.Outage`)."""
+    return Outage("delivery_queue", level="warning")
+
+
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep up to ``seconds``; True when the time ran out, False when ``stop`` was set."""
     with contextlib.suppress(TimeoutError):
@@ -700,6 +710,7 @@ async def deliver_all(
     # the clients' own connection slots bound what is in flight: the connector never queues
     connector = aiohttp.TCPConnector(limit=connections * len(destinations))
     planner = Planner(mappings, settings.planners)
+    outage = queue_outage()
     try:
         await planner.start()
         async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as group:
@@ -723,6 +734,7 @@ async def deliver_all(
                     paused=paused,
                     metrics=metrics,
                     planner=planner,
+                    outage=outage,
                 )
                 group.create_task(deliverer.run(stop))
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -28,7 +28,7 @@ from pytest_aiohttp import AiohttpServer
 from test_dead_letters import write_order_mapping
 from test_plan import leased
 
-from router.deliver import Deliverer, DeliverySettings
+from router.deliver import Deliverer, DeliverySettings, queue_outage
 from router.destination import Destination
 from router.fake_klaviyo import FakeKlaviyo, FakeKlaviyoServer, build_fake_app, fake_of
 from router.health import PausedDestinations
@@ -54,7 +54,7 @@ from router.plan import (
     plan,
 )
 from router.planner import Planner
-from router.queue import Job, JobState, NewJob, Queue
+from router.queue import Job, JobState, NewJob, Queue, QueueUnavailable
 from router.retry import RetryPolicy
 from router.transform import transform
 
@@ -643,7 +643,11 @@ async def test_cancelled_run_releases_its_leases(rig: Rig) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(rig.deliverer().run(stop))
 
-    await eventually(lambda: rig.states([job_id]), [IN_FLIGHT])
+    # the request is on its way once the fake has taken it (its scripted timeout is used up); the
+    # job is in flight from its claim on, while its batch is still planned and paced, and a stop
+    # then holds the batch back unsent and ends the run at once
+    await eventually(lambda: rig.fake.faults.scripts["POST /api/events"], deque())
+    assert await rig.states([job_id]) == [IN_FLIGHT]
     stop.set()  # a worker busy with a request finishes it first: the shutdown grace period ...
     await asyncio.sleep(0.05)
     assert not task.done()
@@ -1137,3 +1141,49 @@ async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:
     assert await rig.queue.claim(DEST, 10, lease_seconds=1) == []
     assert await delivery == 2
     assert await rig.states(ids) == [DONE, DONE]
+
+
+class _Unreachable:
+    """The rig's queue, whose claims fail as if the database were away while ``down`` is set."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self.down = True
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+    async def claim(self, destination: str, limit: int, *, lease_seconds: float) -> list[Job]:
+        if self.down:
+            self.refused += 1
+            raise QueueUnavailable("PostgreSQL at db:5432/router unreachable: ConnectionRefusedError")
+        return await self._queue.claim(destination, limit, lease_seconds=lease_seconds)
+
+
+async def test_a_queue_outage_is_logged_once_by_all_the_workers_of_a_process(rig: Rig) -> None:
+    """Three workers of two destinations back off many times while the queue is away: one line
+    when it goes, one when it is back."""
+    unreachable = _Unreachable(rig.queue)
+    outage = queue_outage()
+    stop = asyncio.Event()
+    deliverers = [
+        Deliverer(
+            unreachable,  # type: ignore[arg-type]
+            rig.destination(),
+            KlaviyoClient(rig.session, rig.destination()),
+            settings=replace(SETTINGS, idle_poll=0.001),
+            outage=outage,
+        )
+        for _ in range(2)
+    ]
+    with structlog.testing.capture_logs() as logs:
+        tasks = [asyncio.create_task(deliverer.run(stop)) for deliverer in deliverers]
+        await eventually(lambda: unreachable.refused >= 30)  # every worker backed off several times
+        unreachable.down = False
+        [job_id] = await rig.enqueue(track("u1", "Viewed", "m1"))
+        await eventually(lambda: rig.states([job_id]), [DONE])
+        stop.set()
+        await asyncio.gather(*tasks)
+    events = [entry["event"] for entry in logs if entry["event"].startswith(("delivery_queue", "queue_"))]
+    assert events == ["delivery_queue_failed", "delivery_queue_recovered"]

@@ -4,8 +4,10 @@ Every process ingests and delivers against the same tables; what keeps them corr
 
 - **Claims** of a destination take turns through a transaction-level advisory lock, so each sees
   the leases the one before took: per-profile order and the hot-key escape hold across processes
-  as in one. The chosen rows are locked ``FOR UPDATE SKIP LOCKED`` (a row another transaction
-  holds is left, and so are the later jobs of its key).
+  as in one. A claim is one statement (a function in the database), so the lock is held for the
+  database's work only, never while a process's event loop is busy elsewhere. The chosen rows are
+  locked ``FOR UPDATE SKIP LOCKED`` (a row another transaction holds is left, and so are the
+  later jobs of its key).
 - **Dedupe** is an upsert on ``(source, message_id)`` whose row lock makes concurrent inserts of
   the same pair, from any process, wait for each other: exactly one of them stores the event.
 - **Group commit**: ``enqueue`` and ``add_dead`` calls wait in a list that a couple of writer tasks
@@ -60,7 +62,6 @@ from router.queue import (
     QueueUnavailable,
     check_depth,
     group_by_message,
-    key_major,
     sql,
 )
 
@@ -209,40 +210,23 @@ class PostgresQueue:
     ) -> list[Job]:
         """Lease up to ``limit`` due jobs of a destination, oldest first, keeping per-key order.
 
-        In one transaction, after the claims of the destination before it: release expired leases,
-        read the keys that block (and which of them are hot), read pending jobs in id order until
-        ``CLAIM_WINDOW * limit`` of them are eligible, choose key by key (:func:`key_major`, as the
-        memory queue does) and lease the chosen."""
+        One statement, its own transaction, after the claims of the destination before it
+        (``queue_claim`` in ``sql/postgres.sql``): release expired leases, read the keys that
+        block (and which of them are hot), read the oldest ``CLAIM_WINDOW * limit`` eligible
+        pending jobs, choose key by key (:func:`~router.queue.key_major`, as the memory queue
+        does) and lease the chosen. A claim whose answer is lost is tried once more on a fresh
+        connection: if the first had leased jobs after all, they come back when their lease runs
+        out, as a dead worker's do."""
         moment = _now(now)
-        window = CLAIM_WINDOW * limit
-
-        async def claim(conn: Any) -> list[Any]:
-            await conn.execute(QUERIES["claim_lock"], destination)
-            await conn.execute(QUERIES["release_expired_leases"], destination, moment)
-            blocking = {
-                row[0]: (row[1], row[2])
-                for row in await conn.fetch(
-                    QUERIES["claim_blocking"], destination, moment, self.options.hot_key_threshold
-                )
-            }
-            eligible: list[tuple[int, str | None]] = []
-            after = 0
-            while len(eligible) < window:
-                rows = await conn.fetch(QUERIES["claim_candidates"], destination, moment, after, 2 * window)
-                eligible += [(row[0], row[1]) for row in rows if _eligible(row[0], row[1], blocking)]
-                if len(rows) < 2 * window:
-                    break
-                after = rows[-1][0]
-            chosen = key_major(eligible[:window], limit)
-            if not chosen:
-                return []
-            keys = dict(eligible)
-            leased: list[Any] = await conn.fetch(
-                QUERIES["lease_jobs"], chosen, [keys[i] for i in chosen], moment, moment + lease_seconds
-            )
-            return leased
-
-        rows = await self._transaction(claim, retries=1)
+        arguments = (
+            destination,
+            moment,
+            self.options.hot_key_threshold,
+            CLAIM_WINDOW * limit,
+            limit,
+            moment + lease_seconds,
+        )
+        rows = await self._read(lambda conn: conn.fetch(QUERIES["claim"], *arguments))
         return sorted(map(_job, rows), key=attrgetter("id"))
 
     async def ack(self, job_ids: Sequence[int], *, now: float | None = None) -> None:
@@ -697,15 +681,6 @@ def _split_url(url: str) -> tuple[str, int]:
             raise ConfigError(f"queue.url: pool_size must be a whole number of at least 2, not {value!r}")
         size = int(value)
     return urlunsplit(parts._replace(query=urlencode(kept))), size
-
-
-def _eligible(job_id: int, key: str | None, blocking: dict[str, tuple[int, bool]]) -> bool:
-    """Whether a due pending job may be claimed: its key has no earlier job in flight or waiting for
-    a retry, or is hot (then order is given up for it)."""
-    if key is None:
-        return True
-    found = blocking.get(key)
-    return found is None or found[0] > job_id or found[1]
 
 
 def _job(row: Any) -> Job:

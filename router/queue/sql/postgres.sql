@@ -191,6 +191,88 @@ $$;
 -- accepted), so a retry sends only the rest. A column with a constant default: no table rewrite.
 ALTER TABLE queue_jobs ADD COLUMN progress integer NOT NULL DEFAULT 0;
 
+-- name: migrate_4
+-- A claim in one statement: queue_claim takes the destination's claim lock, releases expired
+-- leases, chooses and leases, all in the database, and the statement's end (its own transaction)
+-- lets the lock go. Claims of a destination take turns under that lock, each seeing the leases
+-- the one before took (per-profile order across processes); a claim made of several round trips
+-- held the lock while its process's event loop was busy elsewhere (planning a batch), and every
+-- other process's claim waited for it.
+-- What it does, in order: (1) in-flight jobs whose lease ran out by p_now (their worker died) go
+-- back to pending, as they were; (2) the ordering keys that hold back later jobs: each with its
+-- first job in flight or waiting for a retry, unless hot (more than p_hot active jobs, counted in
+-- queue_keys: order is given up for it), as a map key -> that first id; (3) due pending jobs in id
+-- order, those of a blocked key after its first blocking job left out, p_window at most, read from
+-- the pending index in id order (bitmap scans are off: the planner would read every pending job
+-- into a bitmap and sort, which it prefers while the table's statistics still describe it nearly
+-- empty, as they do after a burst); (4) whole keys of those, in the order of their first job (a
+-- job without a key is a key of its own), p_limit at most (router.queue.key_major); (5) lease
+-- them, locking them with SKIP LOCKED: a job another transaction holds (an operator's dead-letter
+-- call) is left, and so are the chosen jobs after it of its ordering key. Returns the leased jobs
+-- in no order.
+CREATE FUNCTION queue_claim(
+    p_destination text, p_now double precision, p_hot bigint, p_window integer, p_limit integer,
+    p_lease_until double precision
+) RETURNS SETOF queue_jobs
+LANGUAGE plpgsql SET enable_bitmapscan = off AS $$
+DECLARE
+    blocked jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || p_destination, 0));
+    UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = p_now
+    WHERE state = 'in_flight' AND destination = p_destination AND lease_expires_at <= p_now;
+    SELECT coalesce(jsonb_object_agg(blocking.ordering_key, blocking.first_id), '{}') INTO blocked
+    FROM (
+        SELECT blocker.ordering_key, min(blocker.id) AS first_id FROM (
+            SELECT ordering_key, id FROM queue_jobs
+            WHERE state = 'in_flight' AND destination = p_destination AND ordering_key IS NOT NULL
+            UNION ALL
+            SELECT ordering_key, id FROM queue_jobs
+            WHERE state = 'pending' AND attempts > 0 AND destination = p_destination
+                AND next_attempt_at > p_now AND ordering_key IS NOT NULL
+        ) AS blocker
+        GROUP BY blocker.ordering_key
+    ) AS blocking
+    LEFT JOIN queue_keys AS counted
+        ON counted.destination = p_destination AND counted.ordering_key = blocking.ordering_key
+    WHERE coalesce(counted.active, 0) <= p_hot;
+    RETURN QUERY
+    WITH eligible AS (
+        SELECT job.id, job.ordering_key FROM queue_jobs AS job
+        WHERE job.destination = p_destination AND job.state = 'pending' AND job.next_attempt_at <= p_now
+            AND coalesce((blocked ->> job.ordering_key)::bigint > job.id, true)
+        ORDER BY job.id
+        LIMIT p_window
+    ),
+    chosen AS (
+        SELECT eligible.id, eligible.ordering_key FROM eligible
+        ORDER BY min(eligible.id) OVER (
+            PARTITION BY eligible.ordering_key, CASE WHEN eligible.ordering_key IS NULL THEN eligible.id END
+        ), eligible.id
+        LIMIT p_limit
+    ),
+    locked AS (
+        SELECT job.id FROM queue_jobs AS job JOIN chosen ON chosen.id = job.id
+        WHERE job.state = 'pending'
+        ORDER BY job.id
+        FOR UPDATE OF job SKIP LOCKED
+    ),
+    skipped AS (
+        SELECT chosen.ordering_key, min(chosen.id) AS first_id FROM chosen
+        WHERE chosen.ordering_key IS NOT NULL AND chosen.id NOT IN (SELECT locked.id FROM locked)
+        GROUP BY chosen.ordering_key
+    )
+    UPDATE queue_jobs AS job
+    SET state = 'in_flight', lease_expires_at = p_lease_until, updated_at = p_now
+    FROM locked
+    WHERE job.id = locked.id
+        AND NOT EXISTS (
+            SELECT FROM skipped WHERE skipped.ordering_key = job.ordering_key AND skipped.first_id < job.id
+        )
+    RETURNING job.*;
+END
+$$;
+
 -- name: schema_table
 -- The schema version of each component sharing the database (this queue is 'queue').
 CREATE TABLE IF NOT EXISTS schema_versions (component text PRIMARY KEY, version integer NOT NULL);
@@ -245,75 +327,12 @@ FROM unnest(
     $7::double precision[], $8::text[]
 ) AS job (source, destination, message_id, ordering_key, payload, state, at, error);
 
--- name: claim_lock
--- Held until the claiming transaction ends: claims of destination $1 take turns across the
--- cluster, each seeing the jobs the one before leased (per-profile order across processes). The
--- claim's scan of pending jobs must walk their index in id order and stop at its limit: the
--- planner is told not to read them all into a bitmap and sort (which it prefers while the
--- table's statistics still describe it nearly empty, as they do after a burst).
-SELECT pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || $1, 0)),
-    set_config('enable_bitmapscan', 'off', true);
-
--- name: release_expired_leases
--- In-flight jobs of a destination ($1) whose lease ran out by $2 (their worker died) go back to
--- pending, as they were; run by a claim just before it looks for jobs, in the same transaction.
-UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = $2
-WHERE state = 'in_flight' AND destination = $1 AND lease_expires_at <= $2;
-
--- name: claim_blocking
--- The ordering keys of destination $1 that hold back later jobs at time $2: each with its first
--- job in flight or waiting for a retry, and whether it is hot (more than $3 jobs active).
-WITH blockers AS (
-    SELECT ordering_key, id FROM queue_jobs
-    WHERE state = 'in_flight' AND destination = $1 AND ordering_key IS NOT NULL
-    UNION ALL
-    SELECT ordering_key, id FROM queue_jobs
-    WHERE state = 'pending' AND attempts > 0 AND destination = $1 AND next_attempt_at > $2
-        AND ordering_key IS NOT NULL
-),
-blocking AS (
-    SELECT ordering_key, min(id) AS first_id FROM blockers GROUP BY ordering_key
-)
-SELECT blocking.ordering_key, blocking.first_id, coalesce(counted.active, 0) > $3 AS hot
-FROM blocking
-LEFT JOIN queue_keys AS counted
-    ON counted.destination = $1 AND counted.ordering_key = blocking.ordering_key;
-
--- name: claim_candidates
--- Due pending jobs of destination $1 at time $2 with ids above $3, by id, $4 at most.
-SELECT id, ordering_key FROM queue_jobs
-WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2 AND id > $3
-ORDER BY id
-LIMIT $4;
-
--- name: lease_jobs
--- Lease the chosen jobs ($1 ids, $2 their ordering keys) at $3 until $4, locking them with SKIP
--- LOCKED: a job another transaction holds is left, and so are the chosen jobs after it of its
--- ordering key. Returns the leased jobs, columns in the order of Job's fields, in no order.
-WITH chosen AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[]) AS chosen (id, ordering_key)
-),
-locked AS (
-    SELECT job.id FROM queue_jobs AS job
-    WHERE job.id = ANY($1::bigint[]) AND job.state = 'pending'
-    ORDER BY job.id
-    FOR UPDATE SKIP LOCKED
-),
-skipped AS (
-    SELECT ordering_key, min(id) AS first_id FROM chosen
-    WHERE ordering_key IS NOT NULL AND id NOT IN (SELECT id FROM locked)
-    GROUP BY ordering_key
-)
-UPDATE queue_jobs AS job
-SET state = 'in_flight', lease_expires_at = $4, updated_at = $3
-FROM locked
-WHERE job.id = locked.id
-    AND NOT EXISTS (
-        SELECT FROM skipped WHERE skipped.ordering_key = job.ordering_key AND skipped.first_id < job.id
-    )
-RETURNING job.id, job.source, job.destination, job.message_id, job.ordering_key, job.payload,
-    job.state, job.attempts, job.next_attempt_at, job.lease_expires_at, job.last_error,
-    job.created_at, job.updated_at, job.progress;
+-- name: claim
+-- Claim up to $5 due jobs of destination $1 at time $2, leased until $6, from the oldest $4
+-- eligible ones (keys with more than $3 active jobs are hot); see queue_claim (migrate_4).
+SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
+    lease_expires_at, last_error, created_at, updated_at, progress
+FROM queue_claim($1, $2, $3, $4, $5, $6);
 
 -- name: ack_jobs
 -- Mark in-flight jobs ($1) done at $2.
