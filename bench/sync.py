@@ -8,7 +8,7 @@ subprocess (its own core) that enforces Klaviyo's documented burst/steady limits
 validates every body without keeping it (``--no-store``). The sync runs in this process, with its
 state in a SQLite file as ``klaviyo-router sync`` keeps it. Then PERCENT of the rows (default 1)
 change and the sync runs again (it must send exactly those). Printed for each run: elapsed time,
-rows/s, profiles sent, requests, CPU seconds (the sync, its conversion process, the fake) and this
+rows/s, profiles sent, requests, CPU seconds (the sync, its conversion processes, the fake) and this
 process's peak RSS so far; for the first run also the time Klaviyo's limits
 imply for the import jobs alone (the bound) and for the one-by-one Update Profile path.
 """
@@ -98,7 +98,7 @@ def write_rows(path: Path, rows: int, changed: set[int]) -> None:
 
 
 def cpu() -> tuple[float, float]:
-    """CPU seconds of this process, and of its children that have ended (the conversion process)."""
+    """CPU seconds of this process, and of its children that have ended (the conversion processes)."""
     own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime, ended.ru_utime + ended.ru_stime
 
@@ -116,14 +116,14 @@ async def sync(path: Path, state: SqliteSyncState, destination: Destination, fak
         client = KlaviyoClient(session, destination, limits=RateLimits())
         summary = await run_sync(config, destination, state, Klaviyo(client), RunOptions(progress=False))
     seconds = time.perf_counter() - started
-    await asyncio.sleep(0.5)  # the conversion process ends and is counted
+    await asyncio.sleep(0.5)  # the conversion processes end and are counted
     after = cpu()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figures = (
         f"{seconds:.1f} s, {summary.rows / seconds:,.0f} rows/s, {summary.sent:,} sent, "
         f"{summary.unchanged:,} unchanged, {summary.invalid} invalid, {summary.failed} failed, "
         f"{summary.requests} requests ({summary.status}); CPU: sync {after[0] - before[0]:.1f} s "
-        f"+ conversion process {after[1] - before[1]:.1f} s, fake Klaviyo {cpu_seconds(fake) - fake_before:.1f} s; "
+        f"+ conversion processes {after[1] - before[1]:.1f} s, fake Klaviyo {cpu_seconds(fake) - fake_before:.1f} s; "
         f"peak RSS so far {peak:.0f} MB"
     )
     return figures, summary.sent

@@ -47,14 +47,14 @@ from router.events import NO_DEFAULTS, BatchDefaults
 #: decompressing was most of the reading thread's time), else the standard library's.
 _GZIP_FILE: Callable[..., Any] = gzip.GzipFile
 #: What reading a file that is not all there (or not gzip after all) raises.
-_CUT_SHORT: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+READ_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
 try:
     from isal import igzip, isal_zlib
 except ImportError:  # pragma: no cover - a platform without a wheel of it
     pass
 else:
     _GZIP_FILE = igzip.IGzipFile
-    _CUT_SHORT += (cast(type[Exception], isal_zlib.error),)
+    READ_ERRORS += (cast(type[Exception], isal_zlib.error),)
 
 #: Bytes read at a time.
 BLOCK: Final = 1 << 20
@@ -241,10 +241,27 @@ class CaptureFile:
                 yield from _document_records(self._seekable(text), start)
             else:
                 yield from _ndjson_records(self._read_ahead(text), max_line, start)
-        except _CUT_SHORT as exc:
-            raise Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}") from None
+        except READ_ERRORS as exc:
+            raise self.unreadable(exc) from None
         except ijson.JSONError as exc:
             raise Unreadable(f"{self.name}: not valid JSON: {_one_line(exc)}") from None
+
+    def lines(self, *, max_line: int = MAX_LINE) -> Iterator[Record]:
+        """The file read as NDJSON whatever its first bytes: each non-blank line as it is
+        (:attr:`Record.text`, not decoded), a line over ``max_line`` bytes as a problem."""
+        try:
+            yield from _ndjson_records(self._read_ahead(self._text()), max_line, START)
+        except READ_ERRORS as exc:
+            raise self.unreadable(exc) from None
+
+    def binary(self) -> io.BufferedReader[Any]:
+        """The file's bytes, decompressed when it is gzip; what reading it raises is one of
+        :data:`READ_ERRORS` (:meth:`unreadable` says it)."""
+        return self._text()
+
+    def unreadable(self, exc: BaseException) -> Unreadable:
+        """The error saying the file cannot be read to its end, and why."""
+        return Unreadable(f"{self.name}: cannot be read to its end: {_one_line(exc)}")
 
     def _text(self) -> io.BufferedReader[Any]:
         """The file's text, decompressed when it starts as gzip does (several members allowed)."""

@@ -41,13 +41,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import orjson
-from tqdm import tqdm
 
+from router import progress
 from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadable, expand
 from router.capture_intake import Preparer, Selection, Workers, worker_processes
 from router.destination import Destination
@@ -65,8 +65,6 @@ GROUP_EVENTS: Final = 10_000
 GROUP_BYTES: Final = 4 << 20
 #: Dead-letter reasons of events refused by replay start with this (then the file and line).
 REASON_PREFIX: Final = "rejected at replay: "
-#: Seconds between progress lines when the output is not a terminal.
-PLAIN_PROGRESS_EVERY: Final = 5.0
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -199,55 +197,27 @@ def file_identity(name: str) -> str:
 # ---------------------------------------------------------------- progress
 
 
-class Progress:
+class Progress(progress.Progress):
     """Events read, accepted, rejected and duplicates, the rate and an ETA by bytes read: a bar on
-    a terminal (tqdm), otherwise a plain line every few seconds. Rejections are written as lines."""
+    a terminal, otherwise a plain line every few seconds. Rejections are written as lines."""
 
     def __init__(self, total_bytes: int | None, stream: TextIO, *, enabled: bool = True) -> None:
-        self.stream = stream
-        self.started = time.monotonic()
-        self.total = total_bytes
-        self.enabled = enabled
-        self._bar: tqdm[Any] | None = None
-        if enabled and stream.isatty():
-            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=stream, dynamic_ncols=True)
-        self._last_line = self.started
-        self._bytes = 0
+        super().__init__(
+            stream,
+            label="replay",
+            total=total_bytes,
+            unit="B",
+            units="bytes",
+            unit_scale=True,
+            enabled=enabled,
+        )
 
     def update(self, tally: Tally, done_bytes: int, *, note: str = "") -> None:
-        if not self.enabled:
-            return
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = tally.read / elapsed
         counts = (
             f"{tally.read:,} read, {tally.accepted:,} accepted, {tally.rejected:,} rejected, "
-            f"{tally.duplicates:,} duplicates, {rate:,.0f} events/s"
+            f"{tally.duplicates:,} duplicates, {self.rate(tally.read):,.0f} events/s"
         )
-        if self._bar is not None:
-            self._bar.update(done_bytes - self._bytes)
-            self._bytes = done_bytes
-            self._bar.set_postfix_str(f"{counts}{'; ' + note if note else ''}", refresh=True)
-            return
-        now = time.monotonic()
-        if now - self._last_line < PLAIN_PROGRESS_EVERY and not note:
-            return
-        self._last_line = now
-        share = ""
-        if self.total:
-            fraction = min(done_bytes / self.total, 1.0)
-            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-            share = f" ({fraction:.0%} of {self.total:,} bytes{f', ETA {timedelta(seconds=round(eta))}' if eta is not None else ''})"
-        print(f"replay: {counts}{share}{'; ' + note if note else ''}", file=self.stream, flush=True)
-
-    def write(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self.show(done_bytes, counts, note=note)
 
 
 # ---------------------------------------------------------------- replay into the queue

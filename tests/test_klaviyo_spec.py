@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import fastjsonschema
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -484,3 +485,60 @@ def test_trim_keeps_recursive_refs_in_defs_and_converts_nullable() -> None:
     validator = Draft202012Validator(document)
     assert validator.is_valid({"child": {"child": None, "leaf": None}})
     assert not validator.is_valid({"child": {"child": {"leaf": "b"}}})
+
+
+def test_one_of_plain_types_is_folded_and_other_one_of_kept() -> None:
+    folded = spec.fold_one_of(
+        {
+            "properties": {
+                "lat": {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}]},
+                "unset": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                "overlapping": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+                "shared": {"oneOf": [{"type": "string", "enum": ["a"]}, {"type": "null"}]},
+            }
+        }
+    )["properties"]
+    assert folded["lat"] == {"type": ["string", "number", "null"]}
+    assert folded["unset"] == {"type": ["string", "array"], "items": {"type": "string"}}
+    assert "oneOf" in folded["overlapping"] and "oneOf" in folded["shared"]
+
+
+LATITUDE = "latitude"
+UNSET = "unset"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "valid"),
+    [
+        (LATITUDE, "42.36", True),
+        (LATITUDE, 42.36, True),
+        (LATITUDE, None, True),
+        (LATITUDE, True, False),
+        (LATITUDE, {"deg": 42}, False),
+        (LATITUDE, [42.36], False),
+        (UNSET, "tier", True),
+        (UNSET, ["tier", "score"], True),
+        (UNSET, [1], False),
+        (UNSET, 1, False),
+    ],
+)
+def test_the_compiled_check_of_a_folded_schema_judges_as_jsonschema_does(
+    path: str, value: object, valid: bool
+) -> None:
+    """The fake's quick check (folded ``oneOf``) passes and refuses exactly what the full validator does."""
+    endpoint = endpoint_by_operation("bulk_import_profiles")
+    profile: dict[str, Any] = {"type": "profile", "attributes": {"email": "a@example.com"}}
+    if path == LATITUDE:
+        profile["attributes"]["location"] = {"latitude": value}
+    else:
+        profile["meta"] = {"patch_properties": {"unset": value}}
+    body = _broken(BULK_IMPORT, ["data", "attributes", "profiles", "data", 0], profile)
+    full = Draft202012Validator(dict(endpoint.request_schema or {}))
+    assert full.is_valid(body) is valid
+    if valid:
+        spec._fast_check(endpoint)(body)
+        assert validate_body(endpoint, body) == []
+    else:
+        with pytest.raises(fastjsonschema.JsonSchemaException):
+            spec._fast_check(endpoint)(body)
+        assert validate_body(endpoint, body) != []

@@ -8,6 +8,9 @@ import csv
 import gzip
 import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -215,14 +218,18 @@ class TestMirror:
         assert second.removed == 1 and "person9@example.com" not in rig.member_emails()
 
     async def test_rows_converted_in_a_process_of_their_own(self, rig: Rig) -> None:
-        """Big runs convert in a spawned process: the same profiles, report and state."""
+        """Big runs convert in spawned processes: the same profiles, report and state."""
         rows = people(30)
         rows[4]["timezone"] = "Nowhere/Land"
-        options = RunOptions(progress=False, process_from_rows=0)
+        rows[7]["email"] = rows[7]["phone_number"] = ""  # no key
+        report = rig.folder / "report.csv"
+        options = RunOptions(progress=False, process_from_rows=0, report=report)
         summary = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
-        assert (summary.sent, summary.invalid, summary.added) == (29, 1, 29)
+        assert (summary.sent, summary.invalid, summary.added) == (28, 2, 28)
+        lines = list(csv.DictReader(report.read_text().splitlines()))
+        assert sorted((line["row"], line["column"]) for line in lines) == [("5", "timezone"), ("8", "email")]
         again = await rig.sync(write_csv(rig.folder / "a.csv", rows), full_profile=True, options=options)
-        assert (again.sent, again.unchanged, again.invalid) == (0, 29, 1)  # the bad row is reported again
+        assert (again.sent, again.unchanged, again.invalid) == (0, 28, 2)  # the bad rows are reported again
 
     async def test_subscribe_uses_bulk_subscribe_jobs_with_explicit_consent(self, rig: Rig) -> None:
         rows = people(3)
@@ -320,6 +327,47 @@ class TestRows:
         rig.fake.import_refusals.clear()
         again = await rig.sync(source, full_profile=True)
         assert (again.sent, again.unchanged, again.added) == (1, 4, 1)
+
+    async def test_a_cell_not_utf8_or_too_long_is_a_bad_row_and_the_run_goes_on(self, rig: Rig) -> None:
+        rows = people(7)
+        rows[2]["city"] = "Bo__ston"
+        rows[4]["tier"] = "x" * 5_000_000  # one line, unquoted
+        rows[5]["tier"] = "line\n" * 40_000  # quoted, over many lines
+        path = write_csv(rig.folder / "a.csv", rows)
+        path.write_bytes(path.read_bytes().replace(b"Bo__ston", b"Bo\xffston"))
+        report = rig.folder / "report.csv"
+        summary = await rig.sync(path, full_profile=True, options=RunOptions(progress=False, report=report))
+        assert (summary.status, summary.rows, summary.invalid, summary.sent) == ("done", 7, 3, 4)
+        lines = list(csv.DictReader(report.read_text().splitlines()))
+        assert [(line["row"], line["column"]) for line in lines] == [
+            ("3", "city"),
+            ("5", "tier"),
+            ("6", "tier"),
+        ]
+        assert lines[0]["reason"] == "not UTF-8 text: byte 0xff at character 3"
+        assert "a cell of more than 131072 characters" in lines[1]["reason"]
+        assert lines[1]["reason"] == lines[2]["reason"]
+        assert rig.member_emails() == {f"person{n}@example.com" for n in (0, 1, 3, 6)}
+
+    async def test_bad_ndjson_lines_are_bad_rows_and_the_run_goes_on(self, rig: Rig) -> None:
+        path = rig.folder / "rows.ndjson"
+        lines = [orjson.dumps(row) for row in people(3)]
+        lines[1:1] = [
+            b'{"email": "bad\xff@example.com"}',
+            b"[1, 2]",
+            b'{"email": "big@example.com", "note": "' + b"x" * 2_000_000 + b'"}',
+            b"{not json",
+        ]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        report = rig.folder / "report.csv"
+        summary = await rig.sync(path, full_profile=True, options=RunOptions(progress=False, report=report))
+        assert (summary.status, summary.rows, summary.invalid, summary.sent) == ("done", 7, 4, 3)
+        found = [(line["row"], line["reason"]) for line in csv.DictReader(report.read_text().splitlines())]
+        assert [row for row, _ in found] == ["2", "3", "4", "5"]
+        assert "line 2: not valid JSON" in found[0][1] and "UTF-8" in found[0][1]
+        assert found[1][1] == "line 3: expected a JSON object, got list"
+        assert "line 4: the line is over 1048576 bytes long" in found[2][1]
+        assert "line 5: not valid JSON" in found[3][1]
 
     async def test_email_only_sends_identity_only_and_needs_an_email(self, rig: Rig) -> None:
         rows = people(3)
@@ -496,6 +544,24 @@ class TestSources:
         assert profile is not None and profile.attributes["first_name"] == "S3"
         assert str(profile.attributes["properties"]["score"]) == "3"
 
+    @pytest.mark.parametrize("kind", ["csv.gz", "ndjson.gz"])
+    async def test_a_gzip_file_cut_short_is_a_clear_error_before_any_change(
+        self, rig: Rig, kind: str
+    ) -> None:
+        path = rig.folder / f"big.{kind}"
+        rows = people(20_000)  # more than the first block read
+        if kind == "csv.gz":
+            text = write_csv(rig.folder / "big.csv", rows).read_bytes()
+        else:
+            text = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+        whole = gzip.compress(text)
+        path.write_bytes(whole[: len(whole) // 2])
+        summary = await rig.sync(path, full_profile=True)
+        assert (summary.status, summary.sent) == ("failed", 0)
+        assert summary.message is not None
+        assert f"big.{kind}: cannot be read to its end: Compressed file ended before the" in summary.message
+        assert rig.fake.lists == {}
+
     async def test_sqlite_query(self, rig: Rig) -> None:
         database = rig.folder / "crm.db"
         with sqlite3.connect(database) as db:
@@ -566,6 +632,15 @@ class TestPostgresState:
 # -- killed midway, and serve's schedule (child processes) --------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, which only waits to be reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _config(folder: Path, fake_url: str, extra: str = "") -> Path:
     path = folder / "router.toml"
     path.write_text(
@@ -589,7 +664,43 @@ base_url = "{fake_url}"
     return path
 
 
+CONVERTING_PARENT = """
+import asyncio, os, sys
+from router.destination import Destination
+from router.fields import Context
+from router.mapping import load_mappings
+from router.sync.columns import column_table
+from router.sync.convert import Converter
+from router.sync.rows import RowReader
+
+async def main():
+    reader = RowReader(["email"], column_table(load_mappings(Destination().mappings_dir)), renames={},
+                       full_profile=True, clear_empty=False, fingerprint="", ctx=Context())
+    converter = Converter(reader, csv=False, identifiers=False, in_process=False)
+    rows = [reader.read(n, {"email": f"p{n}@example.com"}) for n in range(1, 9)]
+    await asyncio.gather(*(converter.convert(rows[n::2]) for n in range(2)))
+    print(" ".join(str(pid) for pid in converter._pool._processes), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
 class TestChildProcesses:
+    def test_converting_processes_exit_when_their_parent_is_killed(self) -> None:
+        with subprocess.Popen(
+            [sys.executable, "-c", CONVERTING_PARENT], stdout=subprocess.PIPE, cwd=ROOT
+        ) as parent:
+            assert parent.stdout is not None
+            workers = [int(pid) for pid in parent.stdout.readline().split()]
+            assert workers and all(_alive(pid) for pid in workers)
+            parent.kill()
+            parent.wait()
+        deadline = time.monotonic() + 30
+        while left := [pid for pid in workers if _alive(pid)]:
+            assert time.monotonic() < deadline, f"converting processes {left} outlived their parent"
+            time.sleep(0.01)
+
     @pytest.mark.timeout(150)
     async def test_a_run_killed_midway_resumes_without_resending(
         self, aiohttp_server: AiohttpServer, tmp_path: Path
@@ -673,6 +784,29 @@ class TestSandbox:
 
 
 class TestCommand:
+    def test_sync_runs_counts_its_runs(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        from router.cli import main
+        from router.settings import Settings
+        from router.sync.state import open_state
+
+        config = _config(tmp_path, "http://127.0.0.1:9")
+        counted = []
+        for _ in range(3):
+            assert main(["sync-runs", "--config", str(config)]) == 0
+            counted.append(capsys.readouterr().out.splitlines()[-1])
+
+            async def one_run() -> None:
+                settings = Settings.load(config)
+                state = open_state(settings.resolved_queue_url)
+                await state.open()
+                try:
+                    await state.finish_run(await state.start_run("vip", {}), "done", {"rows": 1})
+                finally:
+                    await state.close()
+
+            asyncio.run(one_run())
+        assert counted == ["0 runs", "1 run", "2 runs"]
+
     @pytest.mark.parametrize(
         ("args", "reason"),
         [
@@ -778,7 +912,10 @@ class TestPureParts:
             ),
             ({"name": "x", "source": "a.csv", "list": "L", "schedule": "hourly"}, "every <n><s|m|h|d>"),
             ({"name": "x", "source": "a.csv", "lsit": "L"}, "sync.lsit: unknown key"),
-            ({"name": "x", "source": "a.csv", "destination": "nope"}, "no [[destinations]] named 'nope'"),
+            (
+                {"name": "x", "source": "a.csv", "destination": "nope"},
+                "no [[destinations]] named 'nope' (known: klaviyo)",
+            ),
         ],
     )
     def test_config_errors_name_the_key(self, table: dict[str, Any], error: str) -> None:

@@ -257,5 +257,5 @@ async def _print_runs(settings: Settings, name: str | None, limit: int, as_json:
             )
             + f" {summary.get('seconds', ''):>8}"
         )
-    print(f"{len(runs)} runs")
+    print(f"{len(runs)} run" + ("" if len(runs) == 1 else "s"))
     return 0

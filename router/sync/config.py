@@ -127,7 +127,8 @@ def parse_sync(table: Mapping[str, Any], where: str, destinations: tuple[str, ..
         raise ConfigError(f"{where}.name: expected a name of letters, digits, '_', '-' or '.' (at most 64)")
     destination = _optional_text(table, "destination", where)
     if destination is not None and destination not in destinations:
-        raise ConfigError(f"{where}.destination: no [[destinations]] named {destination!r}")
+        known = ", ".join(destinations) or "none"
+        raise ConfigError(f"{where}.destination: no [[destinations]] named {destination!r} (known: {known})")
     source, query, database = (_optional_text(table, key, where) for key in ("source", "query", "database"))
     if (source is None) == (query is None):
         raise ConfigError(f"{where}: give either source (a file) or query (with database)")

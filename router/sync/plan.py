@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from router.klaviyo.spec import endpoint_by_operation
-from router.sync.state import Known
 
 Change = Literal["create", "update", "unchanged"]
 
@@ -19,17 +18,6 @@ MAX_LIST_IDS: Final = 1000
 MAX_FILTER_VALUES: Final = 100
 #: Profiles per bulk subscribe job.
 MAX_SUBSCRIBE: Final = 1000
-
-
-def change(known: Known | None, checksum: str, *, needs_membership: bool) -> Change:
-    """Whether a row is new, changed (or not yet a member, or failed before), or unchanged."""
-    if known is None:
-        return "create"
-    if known.status != "sent" or known.checksum != checksum:
-        return "update"
-    if needs_membership and not known.member:
-        return "update"
-    return "unchanged"
 
 
 def removal_refusal(removing: int, members: int, max_percent: float) -> str | None:

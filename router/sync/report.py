@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from tqdm import tqdm
 
+from router import progress
 from router.errors import TransformError
 from router.fields import CONVERTERS, Context
 from router.sync.columns import CSV_NAMES
@@ -76,47 +75,26 @@ def _text(value: Any) -> str:
         return orjson.dumps(value).decode()
 
 
-class Progress:
+class Progress(progress.Progress):
     """Rows read / sent / failed while a run goes: a bar on a terminal, a line every few seconds else."""
 
     def __init__(self, name: str, total: int | None, *, enabled: bool, stream: IO[str] | None = None) -> None:
-        self.stream = stream or sys.stderr
+        super().__init__(
+            stream or sys.stderr, label=f"sync {name}", total=total, unit="row", units="rows", enabled=enabled
+        )
         self.read = self.sent = self.failed = 0
-        self._name = name
-        self._total = total
-        self._started = self._last = time.monotonic()
-        self._enabled = enabled
-        self._bar: tqdm[Any] | None = None
-        if enabled and self.stream.isatty():
-            self._bar = tqdm(
-                total=total, unit="row", desc=f"sync {name}", file=self.stream, dynamic_ncols=True
-            )
 
     def update(self, *, read: int = 0, sent: int = 0, failed: int = 0) -> None:
         self.read += read
         self.sent += sent
         self.failed += failed
-        if self._bar is not None:
-            self._bar.update(read)
-            self._bar.set_postfix(sent=self.sent, failed=self.failed, refresh=False)
-        elif self._enabled and time.monotonic() - self._last >= 5.0:
-            self._last = time.monotonic()
-            print(self.line(), file=self.stream, flush=True)
+        self.show(self.read, self.counts())
 
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        rate = self.read / elapsed
-        of = f"/{self._total}" if self._total else ""
-        eta = ""
-        if self._total and rate > 0 and self.read < self._total:
-            eta = f", ETA {(self._total - self.read) / rate:.0f} s"
+    def counts(self) -> str:
         return (
-            f"sync {self._name}: {self.read}{of} rows read, {self.sent} sent, {self.failed} failed, "
-            f"{rate:.0f} rows/s{eta}"
+            f"{self.read:,} rows read, {self.sent:,} sent, {self.failed:,} failed, "
+            f"{self.rate(self.read):,.0f} rows/s"
         )
 
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self._enabled:
-            print(self.line(), file=self.stream, flush=True)
+    def close(self, counts: str | None = None) -> None:
+        super().close(self.counts() if counts is None else counts)

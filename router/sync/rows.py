@@ -38,9 +38,10 @@ class Invalid:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Row:
-    """A readable row, before conversion: the source's cells as they came."""
+    """A readable row, before conversion: the source's cells as they came (not frozen: a run
+    builds one a row, and a frozen dataclass takes three times as long to build)."""
 
     number: int
     #: ``email:ada@example.com``, ``phone:+1617...``, ``external_id:42``.
@@ -95,7 +96,6 @@ class RowReader:
         ctx: Context,
     ) -> None:
         self._table = table
-        self._renames = renames
         self._full = full_profile
         self._clear_empty = clear_empty and full_profile
         self._fingerprint = fingerprint.encode()
@@ -129,13 +129,17 @@ class RowReader:
 
     def read(self, number: int, raw: Mapping[str, Any]) -> Row | Invalid:
         """The row's key and checksum, or why it has none (cheap: nothing is converted here)."""
-        if raw.keys() - self._names.keys():
+        if not self._names.keys() >= raw.keys():
             for source in raw:
                 self._resolve(source)
+        try:
+            cells = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a byte that is not UTF-8 (kept as a surrogate by the reader)
+            return _not_utf8(number, raw)
         key = self._key(raw)
         if isinstance(key, str):
             digest = hashlib.blake2b(self._fingerprint, digest_size=16)
-            digest.update(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS))
+            digest.update(cells)
             return Row(number, key, digest.hexdigest(), raw)
         return Invalid(number, *key)
 
@@ -170,14 +174,14 @@ class RowReader:
             ]
         return self._id_sources
 
-    def profile(self, row: Row) -> dict[str, Any] | Invalid:
-        """The profile resource of a row (``{"type": "profile", "attributes", "meta"?}``), or why not."""
+    def profile(self, number: int, raw: Mapping[str, Any]) -> dict[str, Any] | Invalid:
+        """The profile resource of row ``number`` (``{"type": "profile", "attributes", "meta"?}``), or why not."""
         attributes: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         empty: list[str] = []
         plans = self._plans
         ctx = self._ctx
-        for source, value in row.raw.items():
+        for source, value in raw.items():
             plan = plans.get(source) or self._plan(source)
             if value is None or (value.__class__ is str and not value.strip()):
                 if plan.kind is _CUSTOM:
@@ -187,7 +191,7 @@ class RowReader:
                 try:
                     converted = plan.convert(value, source, ctx)
                 except TransformError as exc:
-                    return Invalid(row.number, source, _reason(exc.message, source))
+                    return Invalid(number, source, _reason(exc.message, source))
                 if converted is MISSING:
                     continue
                 if len(plan.target) == 1:
@@ -199,7 +203,7 @@ class RowReader:
             elif plan.kind is _PROPERTIES:
                 merged = _properties(value)
                 if merged is None:
-                    return Invalid(row.number, source, "expected an object of custom properties (JSON)")
+                    return Invalid(number, source, "expected an object of custom properties (JSON)")
                 custom.update(merged)
         if custom:
             attributes["properties"] = {**custom, **(attributes.get("properties") or {})}
@@ -235,6 +239,20 @@ class RowReader:
             elif name != PROPERTIES:
                 values[name] = (attributes.get("properties") or {}).get(name)
         return values
+
+
+def _not_utf8(number: int, raw: Mapping[str, Any]) -> Invalid:
+    """The row whose cell holds a byte that is not UTF-8: the column, and which byte where."""
+    for source, value in raw.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(value[exc.start]) & 0xFF
+                return Invalid(
+                    number, source, f"not UTF-8 text: byte 0x{byte:02x} at character {exc.start + 1}"
+                )
+    return Invalid(number, "", "a value JSON cannot hold")
 
 
 def _properties(value: Any) -> dict[str, Any] | None:

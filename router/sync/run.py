@@ -29,8 +29,8 @@ import hashlib
 import re
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -52,15 +52,14 @@ from router.sync.plan import (
     MAX_LIST_IDS,
     MAX_SUBSCRIBE,
     Change,
-    change,
     estimate,
     removal_refusal,
 )
 from router.sync.report import CsvOut, Progress, Report
 from router.sync.rows import Invalid, Row, RowReader, key_identifier
 from router.sync.send import Klaviyo, Refused
-from router.sync.sources import Source, SourceError, open_source
-from router.sync.state import AlreadyRunning, SyncState
+from router.sync.sources import BadRow, Rows, Source, SourceError, open_source
+from router.sync.state import AlreadyRunning, Changed, SyncState
 
 log = structlog.get_logger("router.sync")
 
@@ -338,28 +337,30 @@ class Runner:
         number = 0
         beat = time.monotonic()
         job = _Job()
-        converting: asyncio.Future[list[Converted | Invalid]] | None = None
-        waiting: list[_Pending] = []
+        # a batch is looked up in the state while the next one is read (the database works without
+        # the GIL), and converted while the ones after it are; the jobs filled are sent meanwhile
+        looking: tuple[asyncio.Future[tuple[dict[str, Changed], set[str]]], list[Row]] | None = None
+        converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]] = deque()
         try:
             async with asyncio.TaskGroup() as group:
                 async for batch in source.batches():
                     rows = self._read(reader, batch, number)
                     number += len(batch)
-                    pending = await self._compare(rows)
-                    # this batch converts while the last one's profiles go into jobs
-                    following = asyncio.ensure_future(converter.convert([p.row for p in pending]))
-                    if converting is not None:
-                        job = await self._fill(group, job, waiting, await converting)
-                    converting, waiting = following, pending
+                    if looking is not None:
+                        job = await self._convert(group, job, looking, converting, converter)
+                    looking = (asyncio.ensure_future(self._look_up(rows)), rows)
                     self.summary.rows = number
                     if self._progress is not None:
                         self._progress.update(read=len(batch))
                     if time.monotonic() - beat > HEARTBEAT_SECONDS:
                         beat = time.monotonic()
                         await self.state.heartbeat(self.summary.run_id or 0)
-                if converting is not None:
-                    job = await self._fill(group, job, waiting, await converting)
-                    converting = None
+                if looking is not None:
+                    job = await self._convert(group, job, looking, converting, converter)
+                    looking = None
+                while converting:
+                    done, waiting = converting.popleft()
+                    job = await self._fill(group, job, waiting, await done)
                 if job.entries:
                     await self._dispatch(group, job)
         except BaseExceptionGroup as group:  # one failure (a broken source, a refusal) is raised as itself
@@ -368,44 +369,85 @@ class Runner:
                 raise leaves[0] from None
             raise
         finally:
-            if converting is not None:
-                converting.cancel()
+            if looking is not None:
+                looking[0].cancel()
+            for unfinished, _ in converting:
+                unfinished.cancel()
             converter.close()
 
-    def _read(self, reader: RowReader, batch: Sequence[Mapping[str, Any]], before: int) -> list[Row]:
+    async def _convert(
+        self,
+        group: asyncio.TaskGroup,
+        job: _Job,
+        looking: tuple[asyncio.Future[tuple[dict[str, Changed], set[str]]], list[Row]],
+        converting: deque[tuple[asyncio.Future[list[Converted | Invalid]], list[_Pending]]],
+        converter: Converter,
+    ) -> _Job:
+        """A batch looked up: its rows to send handed to conversion; conversions beyond the
+        converter's depth put into jobs. The job being filled."""
+        found, rows = looking
+        pending = self._compare(rows, *(await found))
+        converting.append((asyncio.ensure_future(converter.convert([p.row for p in pending])), pending))
+        while len(converting) > converter.depth:
+            done, waiting = converting.popleft()
+            job = await self._fill(group, job, waiting, await done)
+        return job
+
+    def _read(self, reader: RowReader, batch: Rows, before: int) -> list[Row]:
         """The batch's readable rows (numbered from ``before + 1``); the others are reported."""
         rows: list[Row] = []
         for number, raw in enumerate(batch, start=before + 1):
-            read = reader.read(number, raw)
+            read = (
+                Invalid(number, raw.column, raw.reason)
+                if isinstance(raw, BadRow)
+                else reader.read(number, raw)
+            )
             if isinstance(read, Invalid):
                 self._invalid(read)
             else:
                 rows.append(read)
         return rows
 
-    async def _compare(self, rows: Sequence[Row]) -> list[_Pending]:
-        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted.
-
+    async def _look_up(self, rows: Sequence[Row]) -> tuple[dict[str, Changed], set[str]]:
+        """The rows the state says must be sent, and keys seen before (:meth:`SyncState.see`).
         Every key is marked seen, so it is kept out of this run's removals, even when a bad value
-        keeps its row from being sent (it is reported).
-        """
-        known, before = await self.state.see(self.config.name, [row.key for row in rows])
-        seen: dict[str, int] = {}
+        keeps its row from being sent (it is reported)."""
+        return await self.state.see(
+            self.config.name, [(row.key, row.checksum) for row in rows], membership=self.config.uses_list
+        )
+
+    def _compare(self, rows: Sequence[Row], changed: dict[str, Changed], before: set[str]) -> list[_Pending]:
+        """Rows to convert (new, changed, or for the CSV output); duplicates reported, the rest counted
+        (the state left the unchanged rows out in bulk)."""
+        if not before and len({row.key for row in rows}) == len(rows):  # no duplicates: the usual
+            unique: Sequence[Row] = rows
+        else:
+            unique = self._unique(rows, before)
         pending: list[_Pending] = []
+        unchanged = 0
+        for row in unique:
+            found = changed.get(row.key)
+            if found is not None:
+                pending.append(_Pending(row, "update" if found.known else "create", found.member))
+                continue
+            unchanged += 1
+            if self._csv is not None:  # its line of the CSV output
+                pending.append(_Pending(row, "unchanged", True))
+        self.summary.unchanged += unchanged
+        return pending
+
+    def _unique(self, rows: Sequence[Row], before: set[str]) -> list[Row]:
+        """The rows whose key no row before them had (the others are reported)."""
+        seen: dict[str, int] = {}
+        unique: list[Row] = []
         for row in rows:
-            entry = known.get(row.key)
             if row.key in seen or row.key in before:
                 where = f"row {seen[row.key]}" if row.key in seen else "an earlier row"
                 self._invalid(Invalid(row.number, "", f"the same {row.key} as {where}: left out"), row.key)
                 continue
             seen[row.key] = row.number
-            kind = change(entry, row.checksum, needs_membership=self.config.uses_list)
-            if kind == "unchanged":
-                self.summary.unchanged += 1
-                if self._csv is None:
-                    continue
-            pending.append(_Pending(row, kind, entry is not None and entry.member))
-        return pending
+            unique.append(row)
+        return unique
 
     async def _fill(
         self,
@@ -425,35 +467,28 @@ class Runner:
                 self._csv.add(result.csv_values)
             if item.kind == "unchanged":
                 continue
-            self._count_change(item.kind, item.row.key)
-            if not self.options.dry_run:
-                job = await self._add(group, job, item, result)
+            if item.kind == "create":
+                self.summary.creates += 1
+            else:
+                self.summary.updates += 1
+            row = item.row
+            if self.options.dry_run:
+                sample = self.summary.sample.setdefault(item.kind, [])
+                if len(sample) < SAMPLE:
+                    sample.append(row.key)
+                continue
+            size = len(result.encoded)
+            if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + size + 1 > MAX_JOB_BYTES):
+                await self._dispatch(group, job)  # full: sent, and a new one filled
+                job = _Job()
+            job.entries.append(_Entry(row.number, row.key, row.checksum, item.was_member, result.identifiers))
+            job.items.append(result.encoded)
+            job.size += size + 1
         return job
 
     def _invalid(self, problem: Invalid, key: str = "") -> None:
         self.summary.invalid += 1
         self._report.add(problem.row, problem.column, problem.reason, key)
-
-    def _count_change(self, kind: str, key: str) -> None:
-        if kind == "create":
-            self.summary.creates += 1
-        else:
-            self.summary.updates += 1
-        sample = self.summary.sample.setdefault(kind, [])
-        if self.options.dry_run and len(sample) < SAMPLE:
-            sample.append(key)
-
-    async def _add(self, group: asyncio.TaskGroup, job: _Job, item: _Pending, converted: Converted) -> _Job:
-        """Put a profile in the job being filled; a full job is sent and a new one returned."""
-        size = len(converted.encoded)
-        if job.entries and (len(job.items) >= MAX_JOB_PROFILES or job.size + size + 1 > MAX_JOB_BYTES):
-            await self._dispatch(group, job)
-            job = _Job()
-        row = item.row
-        job.entries.append(_Entry(row.number, row.key, row.checksum, item.was_member, converted.identifiers))
-        job.items.append(converted.encoded)
-        job.size += size + 1
-        return job
 
     async def _dispatch(self, group: asyncio.TaskGroup, job: _Job) -> None:
         await self._slots.acquire()

@@ -17,26 +17,39 @@ import asyncio
 import csv
 import datetime as dt
 import decimal
-import gzip
 import importlib
 import io
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 import orjson
 
+from router.capture import READ_ERRORS, CaptureFile, Record, Unreadable
 from router.errors import ConfigError
 
 #: Rows per batch a source yields.
 BATCH_ROWS: Final = 5000
-_GZIP_MAGIC: Final = b"\x1f\x8b"
 _PARQUET_MAGIC: Final = b"PAR1"
 
-Rows = list[dict[str, Any]]
+#: Longest NDJSON line read (longer ones are bad rows): a profile of Klaviyo's 100 KB is far shorter.
+MAX_LINE_BYTES: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row a file source could not read (it keeps its place, so its row number): the column, when
+    known, and why."""
+
+    column: str
+    reason: str
+
+
+Rows = list[dict[str, Any] | BadRow]
 
 
 class SourceError(Exception):
@@ -103,21 +116,32 @@ def _file_source(path: Path) -> Source:
     name = path.name.lower().removesuffix(".gz")
     if head == _PARQUET_MAGIC or name.endswith(".parquet"):
         return ThreadedSource(str(path), _ParquetFile(path))
-    gzipped = head[:2] == _GZIP_MAGIC
     if name.endswith((".ndjson", ".jsonl", ".json")):
-        return ThreadedSource(str(path), _NdjsonFile(path, gzipped))
-    if name.endswith((".csv", ".tsv", ".txt")) or not _looks_like_json(path, gzipped):
-        return ThreadedSource(str(path), _CsvFile(path, gzipped))
-    return ThreadedSource(str(path), _NdjsonFile(path, gzipped))
+        return ThreadedSource(str(path), _NdjsonFile(path))
+    if name.endswith((".csv", ".tsv", ".txt")) or not _looks_like_json(path):
+        return ThreadedSource(str(path), _CsvFile(path))
+    return ThreadedSource(str(path), _NdjsonFile(path))
 
 
-def _looks_like_json(path: Path, gzipped: bool) -> bool:
-    with _open_binary(path, gzipped) as handle:
-        return handle.read(64).lstrip()[:1] == b"{"
+def _looks_like_json(path: Path) -> bool:
+    with _open(path) as file:
+        try:
+            return file.binary().read(64).lstrip()[:1] == b"{"
+        except READ_ERRORS as exc:
+            raise _unreadable(file, exc) from None
 
 
-def _open_binary(path: Path, gzipped: bool) -> IO[bytes]:
-    return cast(IO[bytes], gzip.open(path, "rb")) if gzipped else path.open("rb")
+def _open(path: Path) -> CaptureFile:
+    """A source file, its bytes decompressed when it is gzip (told by its first bytes)."""
+    try:
+        return CaptureFile(str(path))
+    except Unreadable as exc:
+        raise SourceError(str(exc)) from None
+
+
+def _unreadable(file: CaptureFile, exc: BaseException) -> SourceError:
+    """A file cut short or damaged (a truncated gzip file): what and where."""
+    return SourceError(str(file.unreadable(exc)))
 
 
 class _Reader(Protocol):
@@ -153,10 +177,16 @@ class ThreadedSource:
         return counted
 
     async def batches(self) -> AsyncIterator[Rows]:
+        """The batches, each read while the one before is handled (one batch ahead)."""
         iterator = await self._call(self._reader.batches)
-        done = object()
-        while (batch := await self._call(next, iterator, done)) is not done:
-            yield batch
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Future[Rows | None] = loop.run_in_executor(self._thread, next, iterator, None)
+        try:
+            while (batch := await ahead) is not None:
+                ahead = loop.run_in_executor(self._thread, next, iterator, None)
+                yield batch
+        finally:  # left early: what the batch read ahead raises is of no interest any more
+            ahead.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     async def close(self) -> None:
         await self._call(self._reader.close)
@@ -164,109 +194,204 @@ class ThreadedSource:
 
 
 class _CsvFile:
-    def __init__(self, path: Path, gzipped: bool) -> None:
+    """A CSV file: invalid UTF-8 and cells too long for a profile are bad rows, not the end of the run.
+
+    Text is decoded with ``surrogateescape``, so a byte that is not UTF-8 reaches its cell (the row
+    is refused by :meth:`~router.sync.rows.RowReader.read`, which names the column); a cell longer
+    than the csv module's field limit (128 Ki characters, more than the 100 KB Klaviyo takes for a
+    whole profile) makes its row a :class:`BadRow` naming the column, and reading goes on.
+    """
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._gzipped = gzipped
+        self._file: CaptureFile | None = None
         self._text: io.TextIOWrapper | None = None
-        self._reader: Iterator[list[str]] | None = None
+        self._reader: Any = None
         self._header: list[str] | None = None
+        self._dialect = csv.excel_tab if path.name.lower().removesuffix(".gz").endswith(".tsv") else csv.excel
+        #: The lines of the record being read (a quoted cell may span lines).
+        self._record: list[str] = []
+
+    def _lines(self, text: Iterator[str]) -> Iterator[str]:
+        record = self._record
+        for line in text:
+            record.append(line)
+            yield line
 
     def columns(self) -> list[str]:
         if self._header is None:
+            self._file = _open(self._path)
             self._text = io.TextIOWrapper(
-                _open_binary(self._path, self._gzipped), encoding="utf-8-sig", newline=""
+                self._file.binary(), encoding="utf-8-sig", errors="surrogateescape", newline=""
             )
-            tabs = self._path.name.lower().removesuffix(".gz").endswith(".tsv")
-            self._reader = csv.reader(self._text, csv.excel_tab if tabs else csv.excel)
+            self._reader = csv.reader(self._lines(self._text), self._dialect)
             try:
                 self._header = [name.strip() for name in next(self._reader)]
             except StopIteration:
                 raise SourceError(f"{self._path}: empty file, expected a header row") from None
-            except (csv.Error, UnicodeDecodeError) as exc:
+            except csv.Error as exc:
                 raise SourceError(f"{self._path}: line 1: {exc}") from None
+            except READ_ERRORS as exc:
+                raise _unreadable(self._file, exc) from None
             if not any(self._header):
                 raise SourceError(f"{self._path}: line 1: expected a header row of column names")
+            for name in self._header:
+                if not _utf8(name):
+                    raise SourceError(f"{self._path}: line 1: column name {name!r} is not UTF-8 text")
         return self._header
 
     def count(self) -> int | None:
         lines = 0
         last = b""
-        with _open_binary(self._path, self._gzipped) as handle:
-            while chunk := handle.read(1 << 20):
-                lines += chunk.count(b"\n")
-                last = chunk
+        with _open(self._path) as file:
+            try:
+                stream = file.binary()
+                while chunk := stream.read(1 << 20):
+                    lines += chunk.count(b"\n")
+                    last = chunk
+            except READ_ERRORS as exc:
+                raise _unreadable(file, exc) from None
         if lines and not last.endswith(b"\n"):
             lines += 1
         return max(0, lines - 1)
 
     def batches(self) -> Iterator[Rows]:
         header = self.columns()
-        assert self._reader is not None
+        reader, record = self._reader, self._record
+        record.clear()
         width = len(header)
         batch: Rows = []
-        try:
-            for fields in self._reader:
-                if not fields:
-                    continue
-                if len(fields) > width:
-                    raise SourceError(
-                        f"{self._path}: line {self._reader_line()}: {len(fields)} fields, the header has {width}"
-                    )
-                if len(fields) < width:  # trailing empty cells left out
-                    fields += [""] * (width - len(fields))
-                batch.append(dict(zip(header, fields, strict=True)))
-                if len(batch) >= BATCH_ROWS:
-                    yield batch
-                    batch = []
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise SourceError(f"{self._path}: line {self._reader_line()}: {exc}") from None
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                if "field limit" not in str(exc):
+                    raise SourceError(f"{self._path}: line {reader.line_num}: {exc}") from None
+                batch.append(self._too_long(header))
+                continue
+            except READ_ERRORS as exc:
+                assert self._file is not None
+                raise _unreadable(self._file, exc) from None
+            finally:
+                record.clear()
+            if not fields:
+                continue
+            if len(fields) > width:
+                raise SourceError(
+                    f"{self._path}: line {reader.line_num}: {len(fields)} fields, the header has {width}"
+                )
+            if len(fields) < width:  # trailing empty cells left out
+                fields += [""] * (width - len(fields))
+            batch.append(dict(zip(header, fields, strict=True)))
+            if len(batch) >= BATCH_ROWS:
+                yield batch
+                batch = []
         if batch:
             yield batch
 
-    def _reader_line(self) -> int:
-        return int(getattr(self._reader, "line_num", 0))
+    def _too_long(self, header: Sequence[str]) -> BadRow:
+        """The row whose cell went over the field limit; the rest of its record is skipped."""
+        text = "".join(self._record)
+        limit = csv.field_size_limit()
+        index = _long_cell(text, str(self._dialect.delimiter), limit)
+        quotes = text.count('"')
+        if quotes % 2:  # the long cell is quoted and goes on over the next lines: skip to its end
+            assert self._text is not None
+            for line in self._text:
+                quotes += line.count('"')
+                if not quotes % 2:
+                    break
+        column = header[index] if index is not None and index < len(header) else ""
+        return BadRow(
+            column,
+            f"a cell of more than {limit} characters (Klaviyo takes at most 100 KB a profile)",
+        )
 
     def close(self) -> None:
         if self._text is not None:
             self._text.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` holds no byte that was not UTF-8 (``surrogateescape`` keeps those as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _long_cell(text: str, delimiter: str, limit: int) -> int | None:
+    """The index of the first cell of a CSV record longer than ``limit`` characters, if any."""
+    index, position, end = 0, 0, len(text)
+    while position <= end:
+        if text.startswith('"', position):
+            close = position + 1
+            while (close := text.find('"', close)) >= 0 and text.startswith('"', close + 1):
+                close += 2
+            after = end if close < 0 else close + 1
+        else:
+            after = position
+        stop = text.find(delimiter, after)
+        stop = end if stop < 0 else stop
+        if stop - position > limit:
+            return index
+        index, position = index + 1, stop + 1
+    return None
 
 
 class _NdjsonFile:
-    def __init__(self, path: Path, gzipped: bool) -> None:
+    """One JSON object a line (read by :meth:`~router.capture.CaptureFile.lines`): a line that is
+    not JSON, not UTF-8, not an object, or longer than :data:`MAX_LINE_BYTES` is a :class:`BadRow`."""
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._gzipped = gzipped
         self._first: dict[str, Any] | None = None
 
     def columns(self) -> list[str]:
         """The first object's keys (a later object's other keys are custom properties too)."""
         if self._first is None:
-            for _, row in self._objects():
-                self._first = row
-                break
-            else:
-                self._first = {}
+            self._first = {}
+            for row in self._rows():
+                if isinstance(row, dict):
+                    self._first = row
+                    break
         return list(self._first)
 
     def count(self) -> int | None:
-        with _open_binary(self._path, self._gzipped) as handle:
-            return sum(1 for line in handle if line.strip())
+        return sum(1 for _ in self._lines())
 
-    def _objects(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        with _open_binary(self._path, self._gzipped) as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise SourceError(f"{self._path}: line {number}: not valid JSON: {exc}") from None
-                if not isinstance(row, dict):
-                    raise SourceError(f"{self._path}: line {number}: expected a JSON object")
-                yield number, row
+    def _lines(self) -> Iterator[Record]:
+        with _open(self._path) as file:
+            try:
+                yield from file.lines(max_line=MAX_LINE_BYTES)
+            except Unreadable as exc:
+                raise SourceError(str(exc)) from None
+
+    def _rows(self) -> Iterator[dict[str, Any] | BadRow]:
+        for record in self._lines():
+            if record.problem is not None:
+                yield BadRow(
+                    "", f"line {record.line}: {record.problem} (Klaviyo takes at most 100 KB a profile)"
+                )
+                continue
+            try:
+                row = orjson.loads(record.text or b"")
+            except orjson.JSONDecodeError as exc:
+                yield BadRow("", f"line {record.line}: not valid JSON: {exc}")
+                continue
+            if isinstance(row, dict):
+                yield row
+            else:
+                yield BadRow("", f"line {record.line}: expected a JSON object, got {type(row).__name__}")
 
     def batches(self) -> Iterator[Rows]:
         batch: Rows = []
-        for _, row in self._objects():
+        for row in self._rows():
             batch.append(row)
             if len(batch) >= BATCH_ROWS:
                 yield batch

@@ -34,7 +34,7 @@ from router.queue import sqlite_path
 PARAMS: Final[Mapping[str, tuple[str, ...]]] = {
     "seen_table": (),
     "seen_clear": (),
-    "lookup": ("sync", "keys"),
+    "changed": ("sync", "rows", "membership"),
     "seen_before": ("keys",),
     "mark_seen": ("keys",),
     "record_sent": ("sync", "run", "job", "now", "entries"),
@@ -65,13 +65,12 @@ STALE_SECONDS: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
-class Known:
-    """What the state holds for one key."""
+class Changed:
+    """A row to send: whether the state knows its key (an update, else a create), and whether it is
+    a member of the sync's list already."""
 
-    checksum: str | None
-    status: str
+    known: bool
     member: bool
-    profile_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,20 +134,25 @@ class SyncState:
 
     # -- keys ------------------------------------------------------------------------------------------
 
-    async def see(self, sync: str, keys: Sequence[str]) -> tuple[dict[str, Known], set[str]]:
-        """What the state knows of a batch of keys, and which of them this run saw before (duplicates).
+    async def see(
+        self, sync: str, rows: Sequence[tuple[str, str]], *, membership: bool
+    ) -> tuple[dict[str, Changed], set[str]]:
+        """Which of a batch of rows (key, checksum) must be sent, and which keys this run saw before
+        (duplicates).
 
-        The keys are remembered as seen for the rest of the run (in a temporary table of the state's
-        connection: nothing is written for the keys that did not change), which keeps them out of
-        the run's removals.
+        A row must be sent when its key is new, its checksum differs from what was sent, it failed
+        before, or (``membership``: the sync has a list) it is not a member yet; the unchanged rows
+        are left out by the database, in one statement. The keys are remembered as seen for the rest
+        of the run (in a temporary table of the state's connection: nothing is written for the keys
+        that did not change), which keeps them out of the run's removals.
         """
-        if not keys:
+        if not rows:
             return {}, set()
-        encoded = _json(list(keys))
-        before = {row[0] for row in await self._rows("seen_before", {"keys": encoded})}
-        rows = await self._rows("lookup", {"sync": sync, "keys": encoded})
-        await self._run("mark_seen", {"keys": encoded})
-        return {row[0]: Known(row[1], row[2], bool(row[3]), row[4]) for row in rows}, before
+        keys = _json([key for key, _ in rows])
+        before = {row[0] for row in await self._rows("seen_before", {"keys": keys})}
+        found = await self._rows("changed", {"sync": sync, "rows": _json(rows), "membership": membership})
+        await self._run("mark_seen", {"keys": keys})
+        return {row[0]: Changed(bool(row[1]), bool(row[2])) for row in found}, before
 
     async def record_sent(
         self, sync: str, run: int, job: str, entries: Sequence[tuple[str, str, int]]

@@ -57,10 +57,14 @@ CREATE TEMP TABLE IF NOT EXISTS sync_seen (key TEXT PRIMARY KEY);
 -- A new run starts with no key seen.
 TRUNCATE sync_seen;
 
--- name: lookup
--- What the state knows of a batch of keys.
-SELECT key, checksum, status, member::int AS member, profile_id FROM sync_keys
-WHERE sync = $1 AND key IN (SELECT jsonb_array_elements_text($2::jsonb));
+-- name: changed
+-- Of a batch of rows ([[key, checksum], ...]), those to send: new, changed since they were sent,
+-- failed, or not members yet when the sync has a list; as [key, known, member]. The unchanged
+-- rows (most of a re-run's) are left out here, one statement a batch.
+SELECT b.value ->> 0, k.key IS NOT NULL, coalesce(k.member, false)
+FROM jsonb_array_elements($2::jsonb) AS b (value)
+LEFT JOIN sync_keys AS k ON k.sync = $1 AND k.key = b.value ->> 0
+WHERE k.key IS NULL OR k.status <> 'sent' OR k.checksum IS DISTINCT FROM b.value ->> 1 OR ($3 AND NOT k.member);
 
 -- name: seen_before
 -- Keys of a batch the run has seen already (duplicates in the query's result).
@@ -128,10 +132,12 @@ WHERE k.sync = $1 AND k.member AND k.absent_runs >= $2 AND k.key > $3
 ORDER BY k.key LIMIT $4;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs); those it saw none.
+-- Members the run did not see count one more absence (grace_runs); those it saw none (only the
+-- rows whose count changes are written).
 UPDATE sync_keys AS k SET absent_runs =
     CASE WHEN EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key) THEN 0 ELSE k.absent_runs + 1 END
-WHERE k.sync = $1 AND k.member;
+WHERE k.sync = $1 AND k.member
+    AND (k.absent_runs > 0 OR NOT EXISTS (SELECT 1 FROM sync_seen AS s WHERE s.key = k.key));
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].

@@ -59,10 +59,14 @@ CREATE TEMP TABLE IF NOT EXISTS sync_seen (key TEXT PRIMARY KEY) WITHOUT ROWID;
 -- A new run starts with no key seen.
 DELETE FROM temp.sync_seen;
 
--- name: lookup
--- What the state knows of a batch of keys.
-SELECT key, checksum, status, member, profile_id FROM sync_keys
-WHERE sync = :sync AND key IN (SELECT value FROM json_each(:keys));
+-- name: changed
+-- Of a batch of rows ([[key, checksum], ...]), those to send: new, changed since they were sent,
+-- failed, or not members yet when the sync has a list; as [key, known, member]. The unchanged
+-- rows (most of a re-run's) are left out here, one statement a batch.
+SELECT b.value ->> 0, k.key IS NOT NULL, coalesce(k.member, 0)
+FROM json_each(:rows) AS b
+LEFT JOIN sync_keys AS k ON k.sync = :sync AND k.key = b.value ->> 0
+WHERE k.key IS NULL OR k.status != 'sent' OR k.checksum IS NOT b.value ->> 1 OR (:membership AND k.member = 0);
 
 -- name: seen_before
 -- Keys of a batch the run has seen already (duplicates in the query's result).
@@ -130,9 +134,10 @@ WHERE sync = :sync AND member = 1 AND absent_runs >= :grace AND key > :after
 ORDER BY key LIMIT :limit;
 
 -- name: note_absent
--- Members the run did not see count one more absence (grace_runs); those it saw none.
+-- Members the run did not see count one more absence (grace_runs); those it saw none (only the
+-- rows whose count changes are written).
 UPDATE sync_keys SET absent_runs = CASE WHEN key IN (SELECT key FROM temp.sync_seen) THEN 0 ELSE absent_runs + 1 END
-WHERE sync = :sync AND member = 1;
+WHERE sync = :sync AND member = 1 AND (absent_runs > 0 OR key NOT IN (SELECT key FROM temp.sync_seen));
 
 -- name: set_profile_ids
 -- Klaviyo profile ids learnt for keys: [[key, id], ...].
