@@ -55,7 +55,8 @@ class Estimate:
 
     def lines(self) -> list[str]:
         return [
-            f"{self.rows} rows: at most {self.import_jobs} bulk import jobs of up to {MAX_JOB_PROFILES} profiles, "
+            f"{self.rows} row{_s(self.rows)}: at most {self.import_jobs} bulk import job{_s(self.import_jobs)} "
+            f"of up to {MAX_JOB_PROFILES} profiles, "
             f"about {_duration(self.seconds)} at Klaviyo's rate limits "
             f"(one by one through Update Profile: {_duration(self.one_by_one_seconds)})",
         ]
@@ -72,6 +73,10 @@ def estimate(rows: int) -> Estimate:
         seconds=paced_seconds(jobs, bulk.burst_per_second, bulk.steady_per_minute),
         one_by_one_seconds=paced_seconds(rows, one.burst_per_second, one.steady_per_minute),
     )
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
 
 
 def _duration(seconds: float) -> str:
