@@ -153,12 +153,7 @@ class Backpressure:
             return (
                 f"the queue holds {self.depth} jobs, at its limit of {self.max_queue_depth} (max_queue_depth)"
             )
-        if self.disk_free is not None and self.disk_free < self.min_free_disk_bytes:
-            return (
-                f"{self.disk_free} bytes free on the data disk, under {self.min_free_disk_bytes} "
-                "(min_free_disk_bytes)"
-            )
-        return None
+        return _disk_short(self.disk_free, self.min_free_disk_bytes)
 
     def note_enqueued(self, jobs: int) -> None:
         """Count jobs enqueued since the last sample, so a burst cannot overshoot the limit by much."""
@@ -246,6 +241,17 @@ async def sample_every(
         else:
             outage.succeeded()
         await asyncio.sleep(interval)
+
+
+def disk_short(data_dir: Path, min_free_disk_bytes: int) -> str | None:
+    """Why the data folder's disk cannot take more now (free space under the limit), or None."""
+    return _disk_short(_free_bytes(data_dir), min_free_disk_bytes)
+
+
+def _disk_short(free: int | None, limit: int) -> str | None:
+    if free is not None and free < limit:
+        return f"{free} bytes free on the data disk, under {limit} (min_free_disk_bytes)"
+    return None
 
 
 def _free_bytes(path: Path) -> int | None:

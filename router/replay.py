@@ -36,7 +36,6 @@ import asyncio
 import hashlib
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from router.capture import START, STDIN, CaptureFile, Position, Record, Unreadab
 from router.capture_intake import Preparer, Selection, Workers, worker_processes
 from router.destination import Destination
 from router.events import TYPES, parse_timestamp
+from router.health import disk_short
 from router.intake import Accepted, Rejected, dead_jobs
 from router.mapping import load_mappings
 from router.preview import PLANNING_PROCESSES, BatchPreview
@@ -385,16 +385,8 @@ class Replayer:
 
     async def _wait_for_disk(self) -> None:
         """Wait while the data disk is nearly full (ingest would answer 503)."""
-        while True:
-            limit = self.settings.min_free_disk_bytes
-            try:
-                free = shutil.disk_usage(self.settings.data_dir).free
-            except OSError:
-                return
-            if free >= limit:
-                return
-            note = f"waiting: {free} bytes free on the data disk, under {limit} (min_free_disk_bytes)"
-            self.progress.update(self.tally, self._done_bytes, note=note)
+        while (short := disk_short(self.settings.data_dir, self.settings.min_free_disk_bytes)) is not None:
+            self.progress.update(self.tally, self._done_bytes, note=f"waiting: {short}")
             await asyncio.sleep(self.settings.retry_after)
 
 

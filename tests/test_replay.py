@@ -399,6 +399,19 @@ class TestFlowControl:
         assert "waiting: the queue holds" in err
         assert "(max_queue_depth)" in err
 
+    async def test_waits_while_the_data_disk_is_nearly_full(self, tmp_path: Path) -> None:
+        """Under min_free_disk_bytes, replay waits (it does not end), saying how much is free."""
+        config = write_config(tmp_path)
+        config.write_text(
+            config.read_text().replace("min_free_disk_bytes = 0", f"min_free_disk_bytes = {2**62}")
+        )
+        path = tmp_path / "events.ndjson"
+        path.write_bytes(ndjson(EVENTS[1]))
+        async with child("replay", ["replay", "--config", str(config), str(path)], tmp_path) as process:
+            await process.until(lambda: "bytes free on the data disk, under" in process.tail())
+            assert f"under {2**62} (min_free_disk_bytes)" in process.tail()
+            assert process.process.returncode is None
+
     def test_rate(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = write_config(tmp_path)
         path = tmp_path / "events.ndjson"
