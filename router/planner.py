@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,11 +35,9 @@ from router.destination import Destination
 from router.mapping import MappingFiles, Mappings, MappingSets, compile_mappings
 from router.plan import NOTHING_LEFT, Leftover, Plan, Planned, plan_payloads, prepare_payloads
 from router.queue import Job
-from router.runtime import collect_garbage_less
+from router.runtime import collect_garbage_less, exit_with_parent
 
 log = structlog.get_logger("router.planner")
-#: Seconds between a planning process's checks that the router that started it is still there.
-PARENT_POLL = 0.5
 
 
 class Planner:
@@ -208,13 +204,7 @@ def _start_planning_process(parent: int, files: dict[Path | None, MappingFiles])
     lingering with its pipes open."""
     collect_garbage_less()
     _mappings.update((folder, compile_mappings(read)) for folder, read in files.items())
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="planner-parent-watch", daemon=True).start()
+    exit_with_parent(parent)
 
 
 def _ready() -> None:
