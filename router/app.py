@@ -47,7 +47,7 @@ from router.middleware import PROTOCOL_LOG, middleware
 from router.queue import Queue, open_queue
 from router.retention import retention_kept
 from router.runtime import tune_runtime
-from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo
+from router.sandbox import JOURNAL_FILE, add_sandbox_routes, sandbox_klaviyo, sandbox_url
 from router.settings import PRIVATE_KEY_ENV, Settings
 from router.sockets import BACKLOG, listen
 from router.sync.schedule import sync_contexts
@@ -318,9 +318,9 @@ async def _work(settings: Settings, mappings: MappingSets) -> int:
     queue = open_queue(settings.resolved_queue_url, settings.queue_options())
     await queue.open()
     try:
-        async with sandbox_klaviyo(settings) as (settings, sandbox):
+        async with sandbox_url(settings) as (settings, sandbox):
             if sandbox is not None:
-                print(f"sandbox Klaviyo at {sandbox.url}: nothing leaves this machine", flush=True)
+                print(f"sandbox Klaviyo at {sandbox}: nothing leaves this machine", flush=True)
             stop = asyncio.Event()
             task = asyncio.create_task(
                 deliver_all(

@@ -7,6 +7,11 @@ destinations name (``list_id``) exist there from the start; any other list id is
 Klaviyo refuses it, so a mistyped id does not "work" in the sandbox only to fail for real (create
 more with ``POST /__fake__/lists``, or let ``klaviyo-router sync`` create its list by name).
 
+One data folder has one sandbox: the process that runs it writes its URL to
+``<data_dir>/sandbox.url`` meanwhile, and ``sync`` and ``work`` started beside a running ``serve``
+send to that sandbox (:func:`sandbox_url`) rather than start a second one on the same journal,
+whose writes the running router would not see until it restarts.
+
 What the sandbox holds outlives a restart: every write it accepts (a ``/api/...`` request answered
 2xx, a list created over ``/__fake__/lists``) is appended to ``<data_dir>/sandbox.ndjson``, and a new
 sandbox replays that journal into itself before delivery starts. ``POST /__fake__/reset`` empties
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +42,10 @@ log = structlog.get_logger("router.sandbox")
 
 #: The sandbox's journal, in the data folder.
 JOURNAL_FILE: Final = "sandbox.ndjson"
+#: The URL of the sandbox running for the data folder, while it runs.
+URL_FILE: Final = "sandbox.url"
+#: Seconds a process waits for the sandbox named in ``URL_FILE`` to answer before starting its own.
+JOIN_TIMEOUT: Final = 2.0
 #: Control-API writes that change what the account holds (journaled like ``/api/...`` writes).
 JOURNALED_CONTROL: Final = frozenset({"/__fake__/lists"})
 RESET_PATH: Final = "/__fake__/reset"
@@ -152,29 +161,86 @@ async def running_sandbox(journal: Journal) -> AsyncIterator[Sandbox]:
 
 @contextlib.asynccontextmanager
 async def sandbox_klaviyo(settings: Settings) -> AsyncIterator[tuple[Settings, Sandbox | None]]:
-    """Yield the settings (sandbox destinations pointed at the fake Klaviyo) and the sandbox.
+    """Yield the settings (sandbox destinations pointed at the fake Klaviyo) and the sandbox, which
+    this process runs (``serve``: it shows what it holds on the router's port).
 
     Settings without a sandbox come back unchanged with None.
     """
     if not settings.sandbox:
         yield settings, None
         return
-    async with running_sandbox(Journal(settings.data_dir / JOURNAL_FILE)) as sandbox:
-        await _create_lists(sandbox, settings)
-        for destination in settings.destinations:
-            settings = settings.with_destination(replace(destination, base_url=sandbox.url))
-        yield settings, sandbox
+    async with _own_sandbox(settings.data_dir) as sandbox:
+        await _create_lists(sandbox.url, settings, known=sandbox.fake.lists.keys())
+        yield _pointed_at(settings, sandbox.url), sandbox
 
 
-async def _create_lists(sandbox: Sandbox, settings: Settings) -> None:
-    """The lists the destinations name, through the control API (so the journal has them too)."""
-    missing = sorted(
-        {d.list_id for d in settings.destinations if d.list_id and d.list_id not in sandbox.fake.lists}
-    )
+@contextlib.asynccontextmanager
+async def sandbox_url(settings: Settings) -> AsyncIterator[tuple[Settings, str | None]]:
+    """:func:`sandbox_klaviyo` for ``work`` and ``sync``, which only send: the sandbox another process
+    runs for the same data folder (its ``URL_FILE``) when it answers, else one of their own; yields
+    the settings pointed at it and its URL (None without a sandbox)."""
+    if not settings.sandbox:
+        yield settings, None
+        return
+    running = await _answering(_recorded_url(settings.data_dir / URL_FILE))
+    if running is not None:
+        log.info("sandbox_joined", base_url=running)
+        await _create_lists(running, settings, known=())
+        yield _pointed_at(settings, running), running
+        return
+    async with sandbox_klaviyo(settings) as (pointed, sandbox):
+        yield pointed, sandbox.url if sandbox is not None else None
+
+
+def _pointed_at(settings: Settings, url: str) -> Settings:
+    for destination in settings.destinations:
+        settings = settings.with_destination(replace(destination, base_url=url))
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def _own_sandbox(data_dir: Path) -> AsyncIterator[Sandbox]:
+    """:func:`running_sandbox` on the data folder's journal, its URL in ``URL_FILE`` while it runs."""
+    url_file = data_dir / URL_FILE
+    async with running_sandbox(Journal(data_dir / JOURNAL_FILE)) as sandbox:
+        with contextlib.suppress(OSError):
+            url_file.write_text(sandbox.url + "\n")
+        try:
+            yield sandbox
+        finally:
+            if _recorded_url(url_file) == sandbox.url:
+                url_file.unlink(missing_ok=True)
+
+
+def _recorded_url(url_file: Path) -> str | None:
+    try:
+        return url_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
+async def _answering(url: str | None) -> str | None:
+    """``url`` when a fake Klaviyo answers there, else None."""
+    if url is None:
+        return None
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_TIMEOUT)) as session,
+            session.get(f"{url}/__fake__/faults") as response,
+        ):
+            return url if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+
+
+async def _create_lists(url: str, settings: Settings, *, known: Collection[str]) -> None:
+    """The lists the destinations name and ``known`` lacks, through the control API of the sandbox at
+    ``url`` (so its journal has them too; lists it has already are left as they are)."""
+    missing = sorted({d.list_id for d in settings.destinations if d.list_id and d.list_id not in known})
     if missing:
         async with aiohttp.ClientSession() as session:
             body = {"lists": [{"id": list_id, "name": list_id} for list_id in missing]}
-            async with session.post(f"{sandbox.url}/__fake__/lists", json=body) as response:
+            async with session.post(f"{url}/__fake__/lists", json=body) as response:
                 response.raise_for_status()
 
 

@@ -24,7 +24,7 @@ from test_serve import running_server
 
 from router.cli import main
 from router.klaviyo.spec import SPEC_REVISION
-from router.sandbox import JOURNAL_FILE, Journal, read_sandbox, sandbox_klaviyo
+from router.sandbox import JOURNAL_FILE, URL_FILE, Journal, read_sandbox, sandbox_klaviyo, sandbox_url
 from router.settings import Settings
 
 HEADERS = {
@@ -54,6 +54,36 @@ async def post(url: str, body: Any, headers: dict[str, str] = HEADERS) -> int:
     ):
         await response.read()
         return response.status
+
+
+class TestOneSandboxPerDataFolder:
+    """``sync`` and ``work`` send to the sandbox a running ``serve`` has for the same data folder."""
+
+    async def test_a_running_sandbox_is_joined(self, tmp_path: Path) -> None:
+        settings = Settings.embedded_default(tmp_path, env={})
+        async with sandbox_klaviyo(settings) as (_, own):
+            assert own is not None
+            assert (tmp_path / URL_FILE).read_text().strip() == own.url
+            async with sandbox_url(settings) as (pointed, url):
+                assert url == own.url
+                assert {d.base_url for d in pointed.destinations} == {own.url}
+                assert await post(url + "/api/profile-import", PROFILE) == 201
+            assert own.fake.find_profile(email="ada@example.com") is not None  # the running one has it
+        assert not (tmp_path / URL_FILE).exists()
+
+    @pytest.mark.parametrize("recorded", [None, "http://127.0.0.1:9", "not a url"])
+    async def test_without_one_running_a_sender_runs_its_own(
+        self, tmp_path: Path, recorded: str | None
+    ) -> None:
+        """No URL recorded, or one nothing answers at: its own sandbox, on the same journal."""
+        settings = Settings.embedded_default(tmp_path, env={})
+        if recorded is not None:
+            (tmp_path / URL_FILE).write_text(recorded)
+        async with sandbox_url(settings) as (_, url):
+            assert url is not None and url != recorded
+            assert (tmp_path / URL_FILE).read_text().strip() == url
+            assert await post(url + "/api/profile-import", PROFILE) == 201
+        assert len(Journal(tmp_path / JOURNAL_FILE).entries()) == 1
 
 
 class TestJournal:
@@ -116,7 +146,7 @@ class TestCommand:
         )
 
 
-async def sandbox_url(server: Any) -> str:
+async def banner_sandbox_url(server: Any) -> str:
     """The sandbox's own address, from the rest of the start-up banner."""
     assert server.process.stdout is not None
     for line in server.banner:
@@ -162,7 +192,7 @@ async def test_serve_shows_its_sandbox_and_keeps_it(
         async with aiohttp.ClientSession() as session:
             # the seed's list exists in the sandbox as in an account (an unknown list id is refused)
             lists = {"lists": [{"id": "XUepkK", "name": "Newsletter"}]}
-            async with session.post(f"{await sandbox_url(server)}/__fake__/lists", json=lists) as response:
+            async with session.post(f"{await banner_sandbox_url(server)}/__fake__/lists", json=lists) as response:
                 assert response.status == 200
             for message in (identify, viewed):
                 async with session.post(

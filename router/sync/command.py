@@ -23,7 +23,7 @@ from router.errors import ConfigError
 from router.klaviyo.client import KlaviyoClient
 from router.klaviyo.ratelimit import RateLimits
 from router.logs import configure_logging
-from router.sandbox import sandbox_klaviyo
+from router.sandbox import sandbox_url
 from router.settings import CONFIG_HELP, Settings
 from router.sync.config import SyncConfig, parse_renames, parse_sync
 from router.sync.run import RunOptions, Summary, run_sync
@@ -200,9 +200,9 @@ async def sync_once(
     await state.open()
     try:
         resolved = settings if sandbox else replace(settings, sandbox=False)
-        async with sandbox_klaviyo(resolved) as (settings, running):
+        async with sandbox_url(resolved) as (settings, running):
             if running is not None:
-                print(f"sandbox Klaviyo at {running.url}: nothing leaves this machine", file=sys.stderr)
+                print(f"sandbox Klaviyo at {running}: nothing leaves this machine", file=sys.stderr)
             destination = settings.destination(
                 config.destination or settings.destinations[0].name, where="--destination"
             )
