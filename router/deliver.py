@@ -277,6 +277,9 @@ class Deliverer:
         """
         deadline = time.monotonic() + self.settings.fill_wait
         while True:
+            # a batch settling from here on wakes the wait below, even while this claim or its
+            # release is still under way (the event is replaced by a new one at each settle)
+            settled = self._settled
             claimed = await self._claim_and_plan_sized()
             left = deadline - time.monotonic()
             if claimed is None or left <= 0 or not self._short_of_events(claimed):
@@ -285,7 +288,7 @@ class Deliverer:
             await self.queue.release(claimed.leased)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
-                    await self._settled.wait()
+                    await settled.wait()
 
     def _short_of_events(self, claimed: _Claimed) -> bool:
         """Whether ``claimed`` would send a partial event job only because the queue ran short,
