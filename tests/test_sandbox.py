@@ -192,7 +192,9 @@ async def test_serve_shows_its_sandbox_and_keeps_it(
         async with aiohttp.ClientSession() as session:
             # the seed's list exists in the sandbox as in an account (an unknown list id is refused)
             lists = {"lists": [{"id": "XUepkK", "name": "Newsletter"}]}
-            async with session.post(f"{await banner_sandbox_url(server)}/__fake__/lists", json=lists) as response:
+            async with session.post(
+                f"{await banner_sandbox_url(server)}/__fake__/lists", json=lists
+            ) as response:
                 assert response.status == 200
             for message in (identify, viewed):
                 async with session.post(
