@@ -346,6 +346,7 @@ class Replayer:
         await self._settle()
         await self._wait_for_disk()
         self._in_flight = (asyncio.ensure_future(self._commit(group)), group, checkpoint, name)
+        await asyncio.sleep(0)  # the commit starts now: it goes to the queue's writer, then waits
         self.progress.update(self.tally, self._done_bytes + consumed)
         if self.rate is not None:
             ahead = self.tally.read / self.rate - (time.monotonic() - self._started)
