@@ -5,6 +5,8 @@
   each in a savepoint) and commits once, without syncing.
 - :class:`Syncer`: fsyncs the WAL after each commit and only then resolves the callers' futures,
   so a returned write is durable while the writer already runs the next group.
+- :class:`Checkpointer`: copies the WAL into the database file after syncs, beside the writer,
+  which never checkpoints itself.
 - :class:`Reader`: a read-only connection on a thread of its own, so reads never wait behind
   either.
 
@@ -22,9 +24,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
+
+import structlog
 
 from router.queue import sql
+
+log = structlog.get_logger("router.queue")
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], T]
@@ -34,6 +40,9 @@ Outcome = tuple[Any, BaseException | None]
 BatchRunner = Callable[[sqlite3.Connection, "list[Submitted]"], "list[Outcome]"]
 
 QUERIES = sql.load("sqlite")
+#: Frames the WAL may hold before a checkpoint makes the writer start it over (32 MiB of 4 KiB
+#: pages). Below it, passive checkpoints let the writer start over whenever it finds them caught up.
+RESTART_FRAMES: Final = 8192
 
 
 def execute_script(conn: sqlite3.Connection, script: str) -> None:
@@ -88,8 +97,9 @@ class Syncer:
     follows its commit, so it survives a power cut, as with ``synchronous = FULL``.
     """
 
-    def __init__(self, wal_path: str) -> None:
+    def __init__(self, wal_path: str, checkpointer: Checkpointer) -> None:
         self._wal_path = wal_path
+        self._checkpointer = checkpointer
         self._inbox: queue.SimpleQueue[tuple[list[Submitted], list[Outcome]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="queue-sync", daemon=True)
         self._thread.start()
@@ -115,6 +125,51 @@ class Syncer:
                 _settle_all(batch, exc)
                 continue
             _settle_batch(batch, [outcome for _, outcomes in groups for outcome in outcomes])
+            self._checkpointer.wake()
+
+
+class Checkpointer:
+    """The checkpoint thread: after the syncer reports a group, copies what the WAL holds into the
+    database file (a passive checkpoint, beside the writer, which never checkpoints itself).
+
+    The writer starts the WAL over when it begins a transaction and finds every frame copied. A
+    writer that never pauses may never find that; once the WAL holds :data:`RESTART_FRAMES`, a
+    restarting checkpoint copies the rest while holding the writer back, so the WAL stays bounded.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, args=(conn,), name="queue-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _main(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                try:
+                    _checkpoint(conn)
+                except sqlite3.Error as exc:  # the next wake-up tries again; the data is safe in the WAL
+                    log.warning("queue_checkpoint_failed", error=str(exc))
+        finally:
+            conn.close()
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    _, frames, _ = conn.execute(QUERIES["checkpoint"]).fetchone().values()
+    if frames >= RESTART_FRAMES:
+        conn.execute(QUERIES["checkpoint_restart"]).fetchall()
 
 
 _Item = TypeVar("_Item")
@@ -161,6 +216,7 @@ class Writer:
         self._inbox: queue.SimpleQueue[Submitted | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._syncer: Syncer | None = None
+        self._checkpointer: Checkpointer | None = None
         self._closing = False
         self.commits = 0
         self.writes = 0
@@ -171,7 +227,15 @@ class Writer:
 
     async def start(self) -> None:
         conn = await asyncio.to_thread(connect, self._path, self._busy_timeout, "configure_writer")
-        self._syncer = Syncer(self._path + "-wal")
+        try:
+            checkpoints = await asyncio.to_thread(
+                connect, self._path, self._busy_timeout, "configure_checkpointer"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._checkpointer = Checkpointer(checkpoints)
+        self._syncer = Syncer(self._path + "-wal", self._checkpointer)
         self._thread = threading.Thread(target=self._main, args=(conn,), name="queue-writer", daemon=True)
         self._thread.start()
 
@@ -185,6 +249,9 @@ class Writer:
         if self._syncer is not None:
             await asyncio.to_thread(self._syncer.stop)
             self._syncer = None
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
         self._thread = None
         self._closing = False
 
