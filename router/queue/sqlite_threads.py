@@ -21,6 +21,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ QUERIES = sql.load("sqlite")
 #: Frames the WAL may hold before a checkpoint makes the writer start it over (32 MiB of 4 KiB
 #: pages). Below it, passive checkpoints let the writer start over whenever it finds them caught up.
 RESTART_FRAMES: Final = 8192
+#: Seconds between checkpoints at least: under a stream of small commits (ingest at concurrency
+#: one), a checkpoint, and its sync of the database file, after every group would double the syncs.
+CHECKPOINT_PAUSE: Final = 0.1
 
 
 def execute_script(conn: sqlite3.Connection, script: str) -> None:
@@ -132,6 +136,7 @@ class Checkpointer:
     """The checkpoint thread: after the syncer reports a group, copies what the WAL holds into the
     database file (a passive checkpoint, beside the writer, which never checkpoints itself).
 
+    One checkpoint copies every group synced before it, at most one per :data:`CHECKPOINT_PAUSE`.
     The writer starts the WAL over when it begins a transaction and finds every frame copied. A
     writer that never pauses may never find that; once the WAL holds :data:`RESTART_FRAMES`, a
     restarting checkpoint copies the rest while holding the writer back, so the WAL stays bounded.
@@ -162,6 +167,7 @@ class Checkpointer:
                     _checkpoint(conn)
                 except sqlite3.Error as exc:  # the next wake-up tries again; the data is safe in the WAL
                     log.warning("queue_checkpoint_failed", error=str(exc))
+                time.sleep(CHECKPOINT_PAUSE)
         finally:
             conn.close()
 
