@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,15 @@ from pytest_aiohttp import AiohttpServer
 from test_end_to_end import ROOT, Expected, Observed, load_mix
 
 from router import replay as replay_module
-from router.capture_intake import content_message_id
+from router.capture_intake import Selection, content_message_id
 from router.cli import main
 from router.destination import Destination
 from router.events import NO_DEFAULTS
 from router.fake_klaviyo import FakeKlaviyo, build_fake_app, fake_of
-from router.queue import Job, JobState, open_queue
+from router.queue import EnqueueResult, Job, JobState, NewJob, open_queue
+from router.queue.memory import MemoryQueue
 from router.replay import REASON_PREFIX, parse_moment
+from router.settings import Settings
 
 WRITE_KEY = "wk_replay_secret_0123456789"
 PRIVATE_KEY = "pk_replay_0123456789"
@@ -398,6 +401,34 @@ class TestFlowControl:
         assert (status, summary(out)["queued"]) == (0, 400)
         assert "waiting: the queue holds" in err
         assert "(max_queue_depth)" in err
+
+    async def test_a_group_is_committed_while_the_next_is_read(self, tmp_path: Path) -> None:
+        """A full group goes to the queue at once, and the next group is read while it commits:
+        the queue is called when the group fills, not when the next one does."""
+        config = write_config(tmp_path)
+        path = tmp_path / "events.ndjson"
+        path.write_bytes(ndjson(*({**EVENTS[1], "messageId": f"o{i}"} for i in range(30))))
+        settings = Settings.load(config)
+        read_when_called: list[int] = []
+
+        class Watched(MemoryQueue):
+            async def enqueue(self, jobs: Sequence[NewJob], **options: Any) -> EnqueueResult:
+                read_when_called.append(replayer.tally.read)
+                return await super().enqueue(jobs, **options)
+
+        queue = Watched()
+        await queue.open()
+        progress = replay_module.Progress(None, io.StringIO(), enabled=False)
+        checkpoints = replay_module.Checkpoints(tmp_path / "checkpoints", "key")
+        replayer = replay_module.Replayer(
+            settings, queue, settings.sources[0], Selection(), checkpoints, progress
+        )
+        replayer.group_limit = 10
+        try:
+            tally = await replayer.run([str(path)])
+        finally:
+            await queue.close()
+        assert (tally.queued, read_when_called) == (30, [10, 20, 30])
 
     async def test_waits_while_the_data_disk_is_nearly_full(self, tmp_path: Path) -> None:
         """Under min_free_disk_bytes, replay waits (it does not end), saying how much is free."""
