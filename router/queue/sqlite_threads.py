@@ -6,7 +6,7 @@
 - :class:`Syncer`: fsyncs the WAL after each commit and only then resolves the callers' futures,
   so a returned write is durable while the writer already runs the next group.
 - :class:`Checkpointer`: copies the WAL into the database file after syncs, beside the writer,
-  which never checkpoints itself.
+  which does so itself only when the checkpointer cannot catch up with it.
 - :class:`Reader`: a read-only connection on a thread of its own, so reads never wait behind
   either.
 
@@ -41,8 +41,8 @@ Outcome = tuple[Any, BaseException | None]
 BatchRunner = Callable[[sqlite3.Connection, "list[Submitted]"], "list[Outcome]"]
 
 QUERIES = sql.load("sqlite")
-#: Frames the WAL may hold before a checkpoint makes the writer start it over (32 MiB of 4 KiB
-#: pages). Below it, passive checkpoints let the writer start over whenever it finds them caught up.
+#: Frames the WAL may hold (32 MiB of 4 KiB pages) before the writer catches up with the
+#: checkpointer itself, so as to start the WAL over (:class:`Checkpointer`).
 RESTART_FRAMES: Final = 8192
 #: Seconds between checkpoints at least: under a stream of small commits (ingest at concurrency
 #: one), a checkpoint, and its sync of the database file, after every group would double the syncs.
@@ -134,15 +134,18 @@ class Syncer:
 
 class Checkpointer:
     """The checkpoint thread: after the syncer reports a group, copies what the WAL holds into the
-    database file (a passive checkpoint, beside the writer, which never checkpoints itself).
+    database file (a passive checkpoint, beside the writer, which does not checkpoint after its
+    commits), at most once per :data:`CHECKPOINT_PAUSE`.
 
-    One checkpoint copies every group synced before it, at most one per :data:`CHECKPOINT_PAUSE`.
     The writer starts the WAL over when it begins a transaction and finds every frame copied. A
-    writer that never pauses may never find that; once the WAL holds :data:`RESTART_FRAMES`, a
-    restarting checkpoint copies the rest while holding the writer back, so the WAL stays bounded.
+    writer that never pauses may never find that: once the WAL holds :data:`RESTART_FRAMES`, the
+    checkpointer says it is :attr:`behind`, and the writer copies the rest itself between two
+    transactions (where no write can slip in), so that its next one starts the WAL over.
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
+        #: The WAL has grown past RESTART_FRAMES: the writer catches up (:func:`checkpoint`).
+        self.behind = False
         self._wanted = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, args=(conn,), name="queue-checkpoint", daemon=True)
@@ -164,18 +167,18 @@ class Checkpointer:
                 if self._stopping:
                     return
                 try:
-                    _checkpoint(conn)
-                except sqlite3.Error as exc:  # the next wake-up tries again; the data is safe in the WAL
-                    log.warning("queue_checkpoint_failed", error=str(exc))
+                    self.behind = checkpoint(conn) >= RESTART_FRAMES
+                except Exception as exc:  # the next wake-up tries again; the data is safe in the WAL
+                    log.warning("queue_checkpoint_failed", error_type=type(exc).__name__, error=str(exc))
                 time.sleep(CHECKPOINT_PAUSE)
         finally:
             conn.close()
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
+def checkpoint(conn: sqlite3.Connection) -> int:
+    """A passive checkpoint on ``conn``; the frames the WAL held."""
     _, frames, _ = conn.execute(QUERIES["checkpoint"]).fetchone().values()
-    if frames >= RESTART_FRAMES:
-        conn.execute(QUERIES["checkpoint_restart"]).fetchall()
+    return int(frames)
 
 
 _Item = TypeVar("_Item")
@@ -303,8 +306,12 @@ class Writer:
             return
         self.commits += 1
         self.writes += len(batch)
-        assert self._syncer is not None
+        assert self._syncer is not None and self._checkpointer is not None
         self._syncer.submit(batch, outcomes)  # reported once the WAL is synced
+        if self._checkpointer.behind:
+            self._checkpointer.behind = False
+            with contextlib.suppress(sqlite3.Error):  # the checkpointer will say so again
+                checkpoint(conn)
 
     def _fail_leftovers(self) -> None:
         while True:

@@ -149,8 +149,9 @@ PRAGMA user_version = 7;
 -- Write-ahead log. The WAL is not synced inside COMMIT (NORMAL): the writer's sync thread fsyncs
 -- it after each commit and only then reports the group's writes done, so a returned write still
 -- survives a power cut, and the next group's statements run while the disk syncs the last one's.
--- The writer never checkpoints (copying the WAL into the database file and syncing that, a
--- quarter of a large group's time): the checkpoint thread does, beside it. A cache of 16 MiB
+-- The writer does not checkpoint after its commits (copying the WAL into the database file and
+-- syncing that, a quarter of a large group's time): the checkpoint thread does, beside it
+-- (router/queue/sqlite_threads.py, Checkpointer). A cache of 16 MiB
 -- holds a whole group's changed pages (a 4 MB group and its index pages), which the default
 -- 2 MiB spilled into the WAL before the commit.
 PRAGMA journal_mode = WAL;
@@ -164,14 +165,9 @@ PRAGMA cache_size = -16384;
 PRAGMA synchronous = NORMAL;
 
 -- name: checkpoint
--- Copy what the WAL holds into the database file, beside the writer (PASSIVE: no waiting, no
--- blocking); returns (busy, frames in the WAL, frames copied).
+-- Copy what the WAL holds into the database file (PASSIVE: it neither waits for nor blocks
+-- anyone); returns (busy, frames in the WAL, frames copied).
 PRAGMA wal_checkpoint(PASSIVE);
-
--- name: checkpoint_restart
--- Copy the rest and make the writer start the WAL over: waits for the writer to commit and blocks
--- it meanwhile (only when passive checkpoints never caught up with a writer that never paused).
-PRAGMA wal_checkpoint(RESTART);
 
 -- name: configure_reader
 -- The read connection never writes.
