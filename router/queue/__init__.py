@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
 
 from router.errors import ConfigError
@@ -33,9 +34,9 @@ class JobState(enum.StrEnum):
     DEAD = "dead"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NewJob:
-    """An event to enqueue for one destination."""
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """An event to enqueue for one destination (a struct: ingest and replay make one per accepted
+    event and destination, ten times faster than a frozen dataclass)."""
 
     #: Name of the source (write key owner) the event came from.
     source: str
