@@ -188,6 +188,11 @@ class Deliverer:
         self._settled = asyncio.Event()
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
+        #: When a worker's claim last found nothing due, and an event set when jobs may be due again
+        #: (a batch settled, a claim found jobs); None while claims find jobs (see _while_nothing_due).
+        self._nothing_due: tuple[float, asyncio.Event] | None = None
+        #: Batches settled so far (a claim that found nothing while one settled proves nothing).
+        self._settles = 0
         self.log = log.bind(destination=destination.name)
 
     # ------------------------------------------------------------ running
@@ -210,10 +215,17 @@ class Deliverer:
             if self.paused.is_paused(self.destination.name):
                 await self._probe_paused(stop, number)
                 continue
+            await self._while_nothing_due()
+            settles = self._settles
             try:
                 done = await self.deliver_once()
                 unreachable = 0
                 self._outage.succeeded()
+                if done:
+                    self._jobs_may_be_due()
+                elif settles == self._settles:
+                    gate = self._nothing_due
+                    self._nothing_due = (time.monotonic(), gate[1] if gate else asyncio.Event())
             except QueueUnavailable as exc:  # back off, doubling up to QUEUE_BACKOFF, until it answers
                 unreachable += 1
                 self._outage.failed(exc)
@@ -224,6 +236,28 @@ class Deliverer:
                 done = 0
             if not done:
                 await _sleep_unless(stop, self.settings.idle_poll)
+
+    async def _while_nothing_due(self) -> None:
+        """Wait while the last claim of a worker found nothing due, less than ``idle_poll`` ago, and
+        no batch has settled since: one claim per ``idle_poll`` asks the queue for every idle worker
+        (the first worker after that time), not one per worker. A claim that finds nothing costs
+        the database about what one that finds a batch does, under the destination's claim lock
+        that the claims of every process take in turn."""
+        while (gate := self._nothing_due) is not None:
+            at, due = gate
+            left = at + self.settings.idle_poll - time.monotonic()
+            if left <= 0:
+                self._nothing_due = (time.monotonic(), due)  # this worker's claim asks for the others
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await due.wait()
+
+    def _jobs_may_be_due(self) -> None:
+        """A batch settled or a claim found jobs: workers waiting in :meth:`_while_nothing_due` go."""
+        if self._nothing_due is not None:
+            self._nothing_due[1].set()
+            self._nothing_due = None
 
     async def _probe_paused(self, stop: asyncio.Event, number: int) -> None:
         """While paused, one batch per probe interval (by whichever worker gets there first)."""
@@ -263,8 +297,10 @@ class Deliverer:
             await self._settle(work)
         finally:
             self._out -= 1
+            self._settles += 1
             self._settled.set()
             self._settled = asyncio.Event()
+            self._jobs_may_be_due()
         return len(work.verdicts)
 
     async def _claim_filled(self) -> _Claimed | None:
