@@ -1145,6 +1145,31 @@ async def test_a_batch_the_queue_left_short_waits_for_the_jobs_another_frees(
     assert rig.settled == {"delivered": 200}
 
 
+async def test_idle_workers_ask_the_queue_once_per_idle_poll_between_them(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing due, a deliverer's four workers claim about once per idle_poll between them
+    (each alone: four times as often); a job queued meanwhile is still delivered."""
+    claims = 0
+    claim = rig.queue.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> list[Job]:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(rig.queue, "claim", counted)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer(replace(SETTINGS, workers=4, idle_poll=0.1)).run(stop))
+    await asyncio.sleep(1.0)
+    idle = claims
+    await rig.enqueue(track("a", "Viewed", "a0"))
+    await eventually(lambda: rig.settled, {"delivered": 1}, within=5.0)
+    stop.set()
+    await task
+    assert 4 <= idle <= 20  # the four first claims, then ~10; each worker on its own: ~40
+
+
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:
     """A batch outliving its lease (here: two requests to an endpoint allowed one per second) is
     renewed while it is delivered, so no other worker takes its jobs meanwhile."""
