@@ -106,7 +106,8 @@ class DeliverySettings:
     batch_size: int = _DEFAULTS.delivery_batch_size
     #: How long a claimed job stays leased before another worker may take it (renewed while sent).
     lease_seconds: float = _DEFAULTS.delivery_lease
-    #: Pause between claims when the queue is empty.
+    #: Pause between claims when nothing is due: the deliverer's idle workers claim once per
+    #: ``idle_poll`` between them (a batch settling lets them claim at once).
     idle_poll: float = 0.2
     #: While a destination is paused, how often one worker tries again.
     pause_probe: float = _DEFAULTS.delivery_pause_probe
