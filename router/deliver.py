@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,7 +106,8 @@ class DeliverySettings:
     batch_size: int = _DEFAULTS.delivery_batch_size
     #: How long a claimed job stays leased before another worker may take it (renewed while sent).
     lease_seconds: float = _DEFAULTS.delivery_lease
-    #: Pause between claims when the queue is empty.
+    #: Pause between claims when nothing is due: the deliverer's idle workers claim once per
+    #: ``idle_poll`` between them (a batch settling lets them claim at once).
     idle_poll: float = 0.2
     #: While a destination is paused, how often one worker tries again.
     pause_probe: float = _DEFAULTS.delivery_pause_probe
@@ -187,6 +189,11 @@ class Deliverer:
         self._settled = asyncio.Event()
         self._probe = asyncio.Lock()
         self._last_probe = 0.0
+        #: When a worker's claim last found nothing due, and an event set when jobs may be due again
+        #: (a batch settled, a claim found jobs); None while claims find jobs (see _while_nothing_due).
+        self._nothing_due: tuple[float, asyncio.Event] | None = None
+        #: Batches settled so far (a claim that found nothing while one settled proves nothing).
+        self._settles = 0
         self.log = log.bind(destination=destination.name)
 
     # ------------------------------------------------------------ running
@@ -209,10 +216,17 @@ class Deliverer:
             if self.paused.is_paused(self.destination.name):
                 await self._probe_paused(stop, number)
                 continue
+            await self._while_nothing_due()
+            settles = self._settles
             try:
                 done = await self.deliver_once()
                 unreachable = 0
                 self._outage.succeeded()
+                if done:
+                    self._jobs_may_be_due()
+                elif settles == self._settles:
+                    gate = self._nothing_due
+                    self._nothing_due = (time.monotonic(), gate[1] if gate else asyncio.Event())
             except QueueUnavailable as exc:  # back off, doubling up to QUEUE_BACKOFF, until it answers
                 unreachable += 1
                 self._outage.failed(exc)
@@ -223,6 +237,28 @@ class Deliverer:
                 done = 0
             if not done:
                 await _sleep_unless(stop, self.settings.idle_poll)
+
+    async def _while_nothing_due(self) -> None:
+        """Wait while the last claim of a worker found nothing due, less than ``idle_poll`` ago, and
+        no batch has settled since: one claim per ``idle_poll`` asks the queue for every idle worker
+        (the first worker after that time), not one per worker. A claim that finds nothing costs
+        the database about what one that finds a batch does, under the destination's claim lock
+        that the claims of every process take in turn."""
+        while (gate := self._nothing_due) is not None:
+            at, due = gate
+            left = at + self.settings.idle_poll - time.monotonic()
+            if left <= 0:
+                self._nothing_due = (time.monotonic(), due)  # this worker's claim asks for the others
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await due.wait()
+
+    def _jobs_may_be_due(self) -> None:
+        """A batch settled or a claim found jobs: workers waiting in :meth:`_while_nothing_due` go."""
+        if self._nothing_due is not None:
+            self._nothing_due[1].set()
+            self._nothing_due = None
 
     async def _probe_paused(self, stop: asyncio.Event, number: int) -> None:
         """While paused, one batch per probe interval (by whichever worker gets there first)."""
@@ -262,8 +298,10 @@ class Deliverer:
             await self._settle(work)
         finally:
             self._out -= 1
+            self._settles += 1
             self._settled.set()
             self._settled = asyncio.Event()
+            self._jobs_may_be_due()
         return len(work.verdicts)
 
     async def _claim_filled(self) -> _Claimed | None:
@@ -274,20 +312,23 @@ class Deliverer:
         At the end of a backlog most jobs left wait behind a profile's jobs in those batches; a
         partial event job sent now would take one of the ten requests a second that Klaviyo allows.
         The jobs are released, not held, as held jobs would keep their profiles' later ones waiting.
+        A claim that is short by the events per job so far is given back before it is planned;
+        one found short only once planned, after.
         """
         deadline = time.monotonic() + self.settings.fill_wait
         while True:
             # a batch settling from here on wakes the wait below, even while this claim or its
             # release is still under way (the event is replaced by a new one at each settle)
             settled = self._settled
-            claimed = await self._claim_and_plan_sized()
+            claimed = await self._claim_and_plan_sized(may_wait=time.monotonic() < deadline)
             left = deadline - time.monotonic()
-            if claimed is None or left <= 0 or not self._short_of_events(claimed):
-                return claimed
-            await _stop(claimed.heartbeat)
-            await self.queue.release(claimed.leased)
+            if claimed is not _GAVE_BACK:
+                if claimed is None or left <= 0 or not self._short_of_events(claimed):
+                    return claimed
+                await _stop(claimed.heartbeat)
+                await self.queue.release(claimed.leased)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(max(left, 0.0)):
                     await settled.wait()
 
     def _short_of_events(self, claimed: _Claimed) -> bool:
@@ -300,22 +341,24 @@ class Deliverer:
             and self._out > 0
         )
 
-    async def _claim_and_plan_sized(self) -> _Claimed | None:
+    async def _claim_and_plan_sized(self, *, may_wait: bool = False) -> _Claimed | _GaveBack | None:
         """:meth:`_claim_and_plan`, one worker at a time until a batch has been planned: the first
         goes out sooner without the others' claims and plans before it, and its events per job
         size theirs."""
         if self._events_per_job is None:
             async with self._first:
                 if self._events_per_job is None:
-                    return await self._claim_and_plan()
-        return await self._claim_and_plan()
+                    return await self._claim_and_plan(may_wait=may_wait)
+        return await self._claim_and_plan(may_wait=may_wait)
 
-    async def _claim_and_plan(self) -> _Claimed | None:
+    async def _claim_and_plan(self, *, may_wait: bool = False) -> _Claimed | _GaveBack | None:
         """Claim a batch sized to fill event jobs, plan it after the jobs held over from the last
         batches, and hold over what it leaves out.
 
-        Returns the planned batch, or None when nothing is due. On failure the claimed and the
-        held-over jobs are released.
+        Returns the planned batch, or None when nothing is due. With ``may_wait``, a claim too
+        short to fill an event job while other batches are out (:meth:`_too_short_to_plan`) is
+        released with the held-over jobs, unplanned: :data:`_GAVE_BACK`. On failure the claimed
+        and the held-over jobs are released.
         """
         held, carried = await self._take_held()
         size = self.settings.batch_size
@@ -333,6 +376,9 @@ class Deliverer:
         if not jobs:
             return None
         leased = [job.id for job in jobs]
+        if may_wait and self._too_short_to_plan(len(fresh), size, carried):
+            await self.queue.release(leased)
+            return _GAVE_BACK
         heartbeat = asyncio.create_task(self._keep_leased(leased))
         try:
             work = await self._plan(jobs, carried)
@@ -348,6 +394,16 @@ class Deliverer:
         if work.verdicts:
             self._events_per_job = work.events / len(work.verdicts)
         return _Claimed(work, leased, heartbeat, short=len(fresh) < size)
+
+    def _too_short_to_plan(self, claimed: int, asked: int, carried: Leftover) -> bool:
+        """Whether a claim of ``claimed`` jobs (``asked`` for) after the held-over ``carried`` would,
+        by the events per job of the last batch, make only a partial event job because the queue
+        ran short, while another batch is out whose settling may free more (as
+        :meth:`_short_of_events` finds once it is planned): planning it would be work thrown away."""
+        per_job = self._events_per_job
+        if per_job is None or not self.settings.fill_event_jobs or claimed >= asked or self._out <= 0:
+            return False
+        return 0 < carried.events + claimed * per_job < MAX_EVENTS
 
     def _hold(self, jobs: list[Job], leftover: Leftover) -> None:
         """Keep jobs planned but not sent, leased, for the next batch to send first."""
@@ -648,6 +704,15 @@ class _Stoppable:
 
     async def get(self, path: str) -> Outcome:
         return await self._client.get(path, give_up=self._stopping)
+
+
+class _GaveBack(enum.Enum):
+    """What a claim given back unplanned, to wait for more jobs, returns (:meth:`Deliverer._claim_and_plan`)."""
+
+    SHORT = enum.auto()
+
+
+_GAVE_BACK: Final = _GaveBack.SHORT
 
 
 class _Claimed(NamedTuple):

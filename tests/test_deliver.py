@@ -1103,17 +1103,31 @@ async def test_the_first_batch_sizes_the_claims_of_every_worker(rig: Rig) -> Non
 
 # a fill_wait far longer than the first batch takes (the wait ends when it settles): a loaded
 # machine cannot turn the first case into the second
+class RecordingPlanner(Planner):
+    """Plans as usual, and records how many payloads each call planned."""
+
+    def __init__(self, mappings: MappingSets) -> None:
+        super().__init__(mappings)
+        self.planned: list[int] = []
+
+    async def plan_payloads(self, payloads: Sequence[bytes], destination: Destination, **options: Any) -> Any:
+        self.planned.append(len(payloads))
+        return await super().plan_payloads(payloads, destination, **options)
+
+
 @pytest.mark.parametrize(("fill_wait", "sizes"), [(30.0, [100, 100]), (0.0, [100, 50, 50])])
 async def test_a_batch_the_queue_left_short_waits_for_the_jobs_another_frees(
     rig: Rig, fill_wait: float, sizes: list[int]
 ) -> None:
     """The end of a backlog: profile a's first 100 jobs are out in one batch, its last 50 wait
     behind them, and the next claim finds only b's 50 jobs. Rather than send a partial event job,
-    that batch gives its jobs back, waits for the first to settle, and claims a's and b's together."""
+    that batch gives its jobs back, unplanned (short by the events per job so far), waits for the
+    first to settle, and claims a's and b's together."""
     a = await rig.enqueue(*(track("a", "Viewed", f"a{n}") for n in range(150)))
     b = await rig.enqueue(*(track("b", "Viewed", f"b{n}") for n in range(50)))
     # the first claim takes twice batch_size: a's first 100 jobs (a key's jobs go together)
-    deliverer = rig.deliverer(replace(SETTINGS, batch_size=50, fill_wait=fill_wait))
+    planner = RecordingPlanner(MappingSets([None]))
+    deliverer = rig.deliverer(replace(SETTINGS, batch_size=50, fill_wait=fill_wait), planner=planner)
     started = time.monotonic()
     first, second = await asyncio.gather(deliverer.deliver_once(), deliverer.deliver_once())
     # the wait ended when the first batch settled, not at fill_wait (a settle during the short
@@ -1122,12 +1136,38 @@ async def test_a_batch_the_queue_left_short_waits_for_the_jobs_another_frees(
     while await deliverer.deliver_once():
         pass
     assert rig.event_job_sizes() == sizes
+    assert planner.planned == sizes  # b's 50 given back were not planned first
     assert first == 100 and second == sizes[1]
     uniques = [event.unique_id for event in rig.fake.events]
     assert [u for u in uniques if u.startswith("a")] == [f"a{n}" for n in range(150)]
     assert set(await rig.states(a + b)) == {DONE}
     assert all(job.attempts == 0 for job in [await rig.job(job_id) for job_id in a + b])
     assert rig.settled == {"delivered": 200}
+
+
+async def test_idle_workers_ask_the_queue_once_per_idle_poll_between_them(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing due, a deliverer's four workers claim about once per idle_poll between them
+    (each alone: four times as often); a job queued meanwhile is still delivered."""
+    claims = 0
+    claim = rig.queue.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> list[Job]:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(rig.queue, "claim", counted)
+    stop = asyncio.Event()
+    task = asyncio.create_task(rig.deliverer(replace(SETTINGS, workers=4, idle_poll=0.1)).run(stop))
+    await asyncio.sleep(1.0)
+    idle = claims
+    await rig.enqueue(track("a", "Viewed", "a0"))
+    await eventually(lambda: rig.settled, {"delivered": 1}, within=5.0)
+    stop.set()
+    await task
+    assert 4 <= idle <= 20  # the four first claims, then ~10; each worker on its own: ~40
 
 
 async def test_a_batch_held_up_by_pacing_stays_leased(rig: Rig) -> None:

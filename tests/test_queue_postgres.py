@@ -102,7 +102,7 @@ async def test_processes_starting_at_once_migrate_once(fresh_postgres_url: str) 
     conn = await asyncpg.connect(fresh_postgres_url)
     try:
         version = await conn.fetchval("SELECT version FROM schema_versions WHERE component = $1", COMPONENT)
-        assert version == 4
+        assert version == 5
         await conn.execute("UPDATE schema_versions SET version = 99 WHERE component = $1", COMPONENT)
     finally:
         await conn.close()

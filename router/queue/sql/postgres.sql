@@ -273,6 +273,129 @@ BEGIN
 END
 $$;
 
+-- name: migrate_5
+-- Less work for a claim, all of it done under the destination's claim lock, which every claim of
+-- the cluster waits for (in a busy cluster most workers are queued at it):
+-- (1) the keys that hold back later jobs (step 2 of queue_claim) are read by queue_blockers, which
+-- groups the in-flight jobs by hashing: with every worker's batch in flight (some 20 000 jobs) the
+-- sort by key that PostgreSQL chose from the table's statistics (stale after each burst) cost
+-- about as much as reading those jobs;
+-- (2) the chosen jobs are found again by their row address (ctid), not by a descent of the primary
+-- key each to lock them and another to lease them;
+-- (3) keys are compared byte by byte (COLLATE "C") where only equality and a fixed order matter;
+-- (4) queue_keys_moved returns at once from updates that change no job's activity (a claim, a
+-- release, a retry, a lease extension: active before and after; no statement changes a job's
+-- destination or ordering key), and for an ack (active before, inactive after) reads only the
+-- jobs as they were.
+CREATE FUNCTION queue_blockers(p_destination text, p_now double precision, p_hot bigint) RETURNS jsonb
+LANGUAGE sql STABLE SET enable_sort = off SET enable_bitmapscan = off AS $$
+    SELECT coalesce(jsonb_object_agg(blocking.ordering_key, blocking.first_id), '{}')
+    FROM (
+        SELECT blocker.ordering_key, min(blocker.id) AS first_id FROM (
+            SELECT ordering_key, id FROM queue_jobs
+            WHERE state = 'in_flight' AND destination = p_destination AND ordering_key IS NOT NULL
+            UNION ALL
+            SELECT ordering_key, id FROM queue_jobs
+            WHERE state = 'pending' AND attempts > 0 AND destination = p_destination
+                AND next_attempt_at > p_now AND ordering_key IS NOT NULL
+        ) AS blocker
+        GROUP BY blocker.ordering_key
+    ) AS blocking
+    LEFT JOIN queue_keys AS counted
+        ON counted.destination = p_destination AND counted.ordering_key = blocking.ordering_key
+    WHERE coalesce(counted.active, 0) <= p_hot
+$$;
+CREATE OR REPLACE FUNCTION queue_claim(
+    p_destination text, p_now double precision, p_hot bigint, p_window integer, p_limit integer,
+    p_lease_until double precision
+) RETURNS SETOF queue_jobs
+LANGUAGE plpgsql SET enable_bitmapscan = off AS $$
+DECLARE
+    blocked jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('klaviyo-router:claim:' || p_destination, 0));
+    UPDATE queue_jobs SET state = 'pending', lease_expires_at = NULL, updated_at = p_now
+    WHERE state = 'in_flight' AND destination = p_destination AND lease_expires_at <= p_now;
+    blocked := queue_blockers(p_destination, p_now, p_hot);
+    RETURN QUERY
+    WITH eligible AS (
+        SELECT job.ctid AS address, job.id, job.ordering_key COLLATE "C" AS ordering_key
+        FROM queue_jobs AS job
+        WHERE job.destination = p_destination AND job.state = 'pending' AND job.next_attempt_at <= p_now
+            AND coalesce((blocked ->> job.ordering_key)::bigint > job.id, true)
+        ORDER BY job.id
+        LIMIT p_window
+    ),
+    chosen AS (
+        SELECT eligible.address, eligible.id, eligible.ordering_key FROM eligible
+        ORDER BY min(eligible.id) OVER (
+            PARTITION BY eligible.ordering_key, CASE WHEN eligible.ordering_key IS NULL THEN eligible.id END
+        ), eligible.id
+        LIMIT p_limit
+    ),
+    locked AS (
+        SELECT job.ctid AS address, job.id FROM queue_jobs AS job JOIN chosen ON job.ctid = chosen.address
+        WHERE job.state = 'pending' AND job.id = chosen.id
+        ORDER BY job.id
+        FOR UPDATE OF job SKIP LOCKED
+    ),
+    skipped AS (
+        SELECT chosen.ordering_key, min(chosen.id) AS first_id FROM chosen
+        WHERE chosen.ordering_key IS NOT NULL AND chosen.id NOT IN (SELECT locked.id FROM locked)
+        GROUP BY chosen.ordering_key
+    )
+    UPDATE queue_jobs AS job
+    SET state = 'in_flight', lease_expires_at = p_lease_until, updated_at = p_now
+    FROM locked
+    WHERE job.ctid = locked.address AND job.id = locked.id
+        AND NOT EXISTS (
+            SELECT FROM skipped
+            WHERE skipped.ordering_key = job.ordering_key COLLATE "C" AND skipped.first_id < job.id
+        )
+    RETURNING job.*;
+END
+$$;
+CREATE OR REPLACE FUNCTION queue_keys_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    moved bigint;
+    active_before bigint;
+    active_after bigint;
+BEGIN
+    SELECT count(*), count(*) FILTER (WHERE state IN ('pending', 'in_flight')) INTO moved, active_after
+    FROM moved_to;
+    SELECT count(*) FILTER (WHERE state IN ('pending', 'in_flight')) INTO active_before FROM moved_from;
+    IF (active_before = moved AND active_after = moved) OR (active_before = 0 AND active_after = 0) THEN
+        RETURN NULL;  -- no job changed between active and inactive (the statement changes no key)
+    END IF;
+    IF active_after = 0 THEN
+        INSERT INTO queue_keys (destination, ordering_key, active)
+        SELECT destination, ordering_key, -count(*) FROM moved_from
+        WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+        GROUP BY destination, ordering_key
+        ORDER BY destination, ordering_key
+        ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    ELSE
+        -- +1 per changed job active after, -1 per changed job active before: a job that stays
+        -- active or inactive cancels out, with no join of the two transition tables
+        INSERT INTO queue_keys (destination, ordering_key, active)
+        SELECT destination, ordering_key, sum(change) FROM (
+            SELECT destination, ordering_key, 1 AS change FROM moved_to
+            WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+            UNION ALL
+            SELECT destination, ordering_key, -1 AS change FROM moved_from
+            WHERE state IN ('pending', 'in_flight') AND ordering_key IS NOT NULL
+        ) AS changes
+        GROUP BY destination, ordering_key
+        HAVING sum(change) <> 0
+        ORDER BY destination, ordering_key
+        ON CONFLICT (destination, ordering_key) DO UPDATE SET active = queue_keys.active + excluded.active;
+    END IF;
+    UPDATE queue_depth SET active = queue_depth.active + active_after - active_before
+    WHERE shard = pg_backend_pid() % 16 AND active_after <> active_before;
+    RETURN NULL;
+END
+$$;
+
 -- name: schema_table
 -- The schema version of each component sharing the database (this queue is 'queue').
 CREATE TABLE IF NOT EXISTS schema_versions (component text PRIMARY KEY, version integer NOT NULL);
@@ -329,7 +452,7 @@ FROM unnest(
 
 -- name: claim
 -- Claim up to $5 due jobs of destination $1 at time $2, leased until $6, from the oldest $4
--- eligible ones (keys with more than $3 active jobs are hot); see queue_claim (migrate_4).
+-- eligible ones (keys with more than $3 active jobs are hot); see queue_claim (migrate_4, migrate_5).
 SELECT id, source, destination, message_id, ordering_key, payload, state, attempts, next_attempt_at,
     lease_expires_at, last_error, created_at, updated_at, progress
 FROM queue_claim($1, $2, $3, $4, $5, $6);
