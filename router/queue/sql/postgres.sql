@@ -21,9 +21,10 @@ CREATE TABLE queue_jobs (
     created_at double precision NOT NULL,
     updated_at double precision NOT NULL
 );
--- Payloads out of line (uncompressed; orjson's bytes are short and dense), from a row of 128 bytes
--- on: a claim, an ack or a retry rewrites the job's row, and the payload (a couple of KB, under the
--- 2 KB at which PostgreSQL would move it by itself) would be copied with it every time.
+-- Payloads out of line (uncompressed; orjson's bytes are short and dense): a claim, an ack or a
+-- retry rewrites the job's row, and the payload would be copied with it every time. PostgreSQL
+-- moves values out only from a row of ~2 KB on (toast_tuple_target sets how far such a row is
+-- shrunk, not where moving starts): shorter payloads stay in the row.
 ALTER TABLE queue_jobs ALTER COLUMN payload SET STORAGE EXTERNAL;
 ALTER TABLE queue_jobs SET (toast_tuple_target = 128);
 -- What a claim scans, in id order.
