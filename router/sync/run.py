@@ -349,6 +349,8 @@ class Runner:
                     if looking is not None:
                         job = await self._convert(group, job, looking, converting, converter)
                     looking = (asyncio.ensure_future(self._look_up(rows)), rows)
+                    # start the look-up now: a batch read ahead is awaited without a pause
+                    await asyncio.sleep(0)
                     self.summary.rows = number
                     if self._progress is not None:
                         self._progress.update(read=len(batch))
