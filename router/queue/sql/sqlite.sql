@@ -151,9 +151,9 @@ PRAGMA user_version = 7;
 -- survives a power cut, and the next group's statements run while the disk syncs the last one's.
 -- The writer does not checkpoint after its commits (copying the WAL into the database file and
 -- syncing that, a quarter of a large group's time): the checkpoint thread does, beside it
--- (router/queue/sqlite_threads.py, Checkpointer). A cache of 16 MiB
--- holds a whole group's changed pages (a 4 MB group and its index pages), which the default
--- 2 MiB spilled into the WAL before the commit.
+-- (router/queue/sqlite_threads.py, Checkpointer). A cache of 16 MiB holds a whole group's changed
+-- pages (a 4 MB group and its index pages), which the default 2 MiB spilled into the WAL before
+-- the commit.
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
 PRAGMA wal_autocheckpoint = 0;
